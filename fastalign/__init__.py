@@ -1,0 +1,6 @@
+"""fastalign: fused Triton kernels for aligning large language models."""
+
+from fastalign.logprobs import TokenStats, token_logprobs, token_stats
+
+__all__ = ["TokenStats", "token_logprobs", "token_stats"]
+__version__ = "0.1.0"

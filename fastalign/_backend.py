@@ -1,0 +1,119 @@
+"""The one place that decides how an op runs, plus the argument checks every op shares.
+
+- CUDA tensors run the compiled Triton kernels.
+- CPU tensors run the same Triton kernels in Triton's interpreter when TRITON_INTERPRET=1 was set
+  before fastalign was imported (that is how the tests exercise the kernels).
+- Any other tensor runs a chunked torch path that never builds a float32 [tokens, vocab] temporary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+
+from fastalign.kernels import INTERPRET
+
+Backend = Literal["triton", "interpret", "torch"]
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Working-set budget of one chunk on the torch path. Chosen so a chunk's float32 temporaries
+# stay in the tens of MB whatever the vocabulary size.
+TORCH_CHUNK_BYTES = 32 * 2**20
+
+
+_forced: Backend | None = None
+
+
+@contextmanager
+def forced_backend(backend: Backend) -> Iterator[None]:
+    """Run every op in this block on `backend` whatever the device: tests and benchmarks use it
+    to reach the torch path under the interpreter, or on a GPU."""
+    global _forced
+    previous, _forced = _forced, backend
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def backend_for(tensor: torch.Tensor) -> Backend:
+    if _forced is not None:
+        return _forced
+    if tensor.device.type == "cuda":
+        return "triton"
+    if tensor.device.type == "cpu" and INTERPRET:
+        return "interpret"
+    return "torch"
+
+
+def check_float(name: str, tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16; got {tensor.dtype}")
+
+
+def check_labels(name: str, labels: torch.Tensor, shape: torch.Size, device: torch.device, what: str) -> None:
+    """labels must be an integer tensor of `shape` on `device`; `what` names where the shape comes from."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int64); got {labels.dtype}")
+    if labels.shape != shape:
+        raise ValueError(f"{name} must have shape {what} = {tuple(shape)}; got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{name} must be on the same device as the logits ({device}); got {labels.device}")
+
+
+def check_label_range(name: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Raises on a label outside [0, vocab) that is not ignore_index. Syncs with the device."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(f"{name} holds {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0 < float(value) < float("inf")):
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+
+
+def as_btv(x: torch.Tensor) -> torch.Tensor:
+    """A [B, T, V] view of an [..., V] tensor, copying only when no such view exists.
+
+    Kernels address row r at (r // T) * stride(0) + (r % T) * stride(1), so a sliced
+    `logits[:, :-1]` (not viewable as [N, V]) still needs no copy.
+    """
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    V = x.shape[-1]
+    # Merge adjacent leading dims whose strides line up; size-1 dims merge with anything.
+    dims: list[list[int]] = []  # [size, stride]
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1]):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == stride * size:
+            dims[-1] = [dims[-1][0] * size, stride]
+        else:
+            dims.append([size, stride])
+    if not dims:
+        dims = [[1, V]]
+    if len(dims) > 2:
+        return x.contiguous().view(1, -1, V)
+    if len(dims) == 1:
+        dims.insert(0, [1, dims[0][0] * dims[0][1]])
+    (B, stride_b), (T, stride_t) = dims
+    return x.as_strided((B, T, V), (stride_b, stride_t, 1))
+
+
+def row_chunks(x: torch.Tensor, bytes_per_row: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yields (first row, [rows, V] view) over the rows of a [B, T, V] view, each chunk within budget."""
+    B, T, _ = x.shape
+    rows = max(1, TORCH_CHUNK_BYTES // max(1, bytes_per_row))
+    for b in range(B):
+        for t0 in range(0, T, rows):
+            yield b * T + t0, x[b, t0 : t0 + rows]

@@ -1,0 +1,297 @@
+"""Per-token log-probabilities from logits: one online log-sum-exp pass forward, one pass backward.
+
+Logits arrive as a [B, T, V] view (any [..., V] tensor whose leading dims collapse to two), so
+row r lives at (r // T) * stride_b + (r % T) * stride_t and a sliced `logits[:, :-1]` needs no copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import TRITON_DTYPE, CompileSpec
+
+# Bytes per loop iteration of the forward pass. 16 KiB keeps 4 x 16-byte loads in flight per
+# thread at 8 warps, which is enough to saturate HBM with two programs per SM.
+_FWD_BLOCK_BYTES = 16384
+_BWD_BLOCK_BYTES = 8192
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    p_logits,  # [B, T, V] any dtype, unit stride over V
+    p_labels,  # [N] int64, N = B * T
+    p_logp,  # [N] fp32 out
+    p_lse,  # [N] fp32 out: logsumexp(logits / temperature)
+    p_entropy,  # [N] fp32 out, if RETURN_ENTROPY
+    p_argmax,  # [N] int64 out, if RETURN_ARGMAX
+    T,
+    stride_b,
+    stride_t,
+    V,
+    ignore_index,
+    inv_temperature,
+    BLOCK_V: tl.constexpr,
+    RETURN_ENTROPY: tl.constexpr,
+    RETURN_ARGMAX: tl.constexpr,
+):
+    i_n = tl.program_id(0).to(tl.int64)
+    p_row = p_logits + (i_n // T) * stride_b + (i_n % T) * stride_t
+    label = tl.load(p_labels + i_n)
+    ignored = label == ignore_index
+    in_range = (label >= 0) & (label < V)
+    readable = in_range & (label != ignore_index)
+
+    # Rows with an ignored label cost nothing unless the caller wants their entropy or argmax.
+    if RETURN_ENTROPY or RETURN_ARGMAX:
+        v_end = V
+    else:
+        v_end = tl.where(ignored, 0, V)
+
+    m = tl.full((), float("-inf"), tl.float32)  # running max of z = logits / temperature
+    s = tl.zeros((), tl.float32)  # running sum of exp(z - m)
+    t = tl.zeros((), tl.float32)  # running sum of exp(z - m) * z, for the entropy
+    best = tl.full((), float("-inf"), tl.float32)
+    best_idx = tl.zeros((), tl.int64)
+    for v0 in range(0, v_end, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_z = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
+        b_max = tl.max(b_z, 0)
+        m_new = tl.maximum(m, b_max)
+        # m_new is -inf only if every logit so far is -inf; keep the scale finite then.
+        scale = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
+        b_e = tl.exp(b_z - m_new)
+        s = s * scale + tl.sum(b_e, 0)
+        if RETURN_ENTROPY:
+            # exp(z - m) * z is 0 * -inf = NaN for -inf logits; they contribute nothing.
+            t = t * scale + tl.sum(tl.where(b_e > 0, b_e * b_z, 0.0), 0)
+        if RETURN_ARGMAX:
+            # Strict > keeps the first maximum, as torch.argmax does.
+            b_idx = tl.argmax(b_z, 0).to(tl.int64)
+            best_idx = tl.where(b_max > best, v0 + b_idx, best_idx)
+            best = tl.maximum(best, b_max)
+        m = m_new
+
+    lse = tl.where(v_end > 0, m + tl.log(s), 0.0)
+    # The label is read only when it is inside [0, V): a bad label can never read out of bounds.
+    z_label = tl.load(p_row + label, mask=readable, other=0.0).to(tl.float32) * inv_temperature
+    logp = tl.where(ignored, 0.0, tl.where(in_range, z_label - lse, float("nan")))
+    tl.store(p_logp + i_n, logp)
+    tl.store(p_lse + i_n, lse)
+    if RETURN_ENTROPY:
+        tl.store(p_entropy + i_n, lse - t / s)
+    if RETURN_ARGMAX:
+        tl.store(p_argmax + i_n, best_idx)
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(
+    p_logits,  # [B, T, V] input logits, unit stride over V
+    p_dlogits,  # [B, T, V] out, may alias p_logits (then the strides are equal)
+    p_labels,  # [N] int64
+    p_lse,  # [N] fp32
+    p_dlogp,  # [N] fp32: upstream gradient of the log-probs
+    p_entropy,  # [N] fp32, if HAS_ENTROPY_GRAD
+    p_dentropy,  # [N] fp32, if HAS_ENTROPY_GRAD
+    T,
+    stride_b,
+    stride_t,
+    stride_db,
+    stride_dt,
+    V,
+    ignore_index,
+    inv_temperature,
+    BLOCK_V: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr,
+):
+    i_n = tl.program_id(0).to(tl.int64)
+    i_v = tl.program_id(1)
+    i_b = i_n // T
+    i_t = i_n % T
+    label = tl.load(p_labels + i_n)
+    ignored = label == ignore_index
+    in_range = (label >= 0) & (label < V)
+    lse = tl.load(p_lse + i_n)
+    g = tl.where(ignored, 0.0, tl.load(p_dlogp + i_n))
+
+    o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_v = o_v < V
+    # An ignored row reads nothing; its gradient is zero (plus the entropy term, if any).
+    if HAS_ENTROPY_GRAD:
+        m_read = m_v
+    else:
+        m_read = o_v < tl.where(ignored, 0, V)
+    b_z = tl.load(p_logits + i_b * stride_b + i_t * stride_t + o_v, mask=m_read, other=0.0).to(tl.float32)
+    b_z = b_z * inv_temperature
+    b_p = tl.where(m_read, tl.exp(b_z - lse), 0.0)
+    # d logp / dz = onehot - p
+    b_dz = g * (tl.where(o_v == label, 1.0, 0.0) - b_p)
+    if HAS_ENTROPY_GRAD:
+        # d H / dz = -p * (log p + H) = -p * (z - lse + H)
+        entropy = tl.load(p_entropy + i_n)
+        gh = tl.load(p_dentropy + i_n)
+        b_dz += tl.where(b_p > 0, -gh * b_p * (b_z - lse + entropy), 0.0)  # p = 0 at -inf logits
+    # A label outside [0, V) made a NaN log-prob; its gradient is NaN too, never a silent wrong value.
+    b_dz = tl.where(in_range | ignored, b_dz, float("nan"))
+    b_dx = b_dz * inv_temperature
+    tl.store(p_dlogits + i_b * stride_db + i_t * stride_dt + o_v, b_dx.to(p_dlogits.dtype.element_ty), mask=m_v)
+
+
+def _block_v(V: int, elem_size: int, block_bytes: int) -> int:
+    return min(triton.next_power_of_2(V), block_bytes // elem_size)
+
+
+def _fwd_config(V: int, dtype: torch.dtype) -> tuple[int, int]:
+    block_v = _block_v(V, dtype.itemsize, _FWD_BLOCK_BYTES)
+    return block_v, 8 if block_v >= 4096 else 4
+
+
+def _bwd_config(V: int, dtype: torch.dtype) -> tuple[int, int]:
+    block_v = _block_v(V, dtype.itemsize, _BWD_BLOCK_BYTES)
+    return block_v, 8 if block_v >= 4096 else 4
+
+
+def token_logprobs_fwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
+    return_entropy: bool,
+    return_argmax: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """logits: [B, T, V] with stride 1 over V; labels: [B * T] int64 contiguous.
+
+    Returns (logp [N] fp32, lse [N] fp32, entropy [N] fp32 or None, argmax [N] int64 or None).
+    """
+    B, T, V = logits.shape
+    N = B * T
+    logp = torch.empty(N, device=logits.device, dtype=torch.float32)
+    lse = torch.empty(N, device=logits.device, dtype=torch.float32)
+    entropy = torch.empty(N, device=logits.device, dtype=torch.float32) if return_entropy else None
+    argmax = torch.empty(N, device=logits.device, dtype=torch.int64) if return_argmax else None
+    if N == 0:
+        return logp, lse, entropy, argmax
+    block_v, num_warps = _fwd_config(V, logits.dtype)
+    _token_logprobs_fwd_kernel[(N,)](
+        logits,
+        labels,
+        logp,
+        lse,
+        entropy if return_entropy else lse,
+        argmax if return_argmax else labels,
+        T,
+        logits.stride(0),
+        logits.stride(1),
+        V,
+        ignore_index,
+        1.0 / temperature,
+        BLOCK_V=block_v,
+        RETURN_ENTROPY=return_entropy,
+        RETURN_ARGMAX=return_argmax,
+        num_warps=num_warps,
+    )
+    return logp, lse, entropy, argmax
+
+
+def token_logprobs_bwd(
+    logits: torch.Tensor,
+    dlogits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    dlogp: torch.Tensor,
+    entropy: torch.Tensor | None,
+    dentropy: torch.Tensor | None,
+    ignore_index: int,
+    temperature: float,
+) -> None:
+    """Writes d logits into dlogits ([B, T, V], stride 1 over V; it may be logits itself).
+
+    dlogp, lse, entropy, dentropy: [N] fp32 contiguous. The entropy term is added when dentropy is given.
+    """
+    B, T, V = logits.shape
+    N = B * T
+    if N == 0:
+        return
+    block_v, num_warps = _bwd_config(V, logits.dtype)
+    has_entropy_grad = dentropy is not None
+    _token_logprobs_bwd_kernel[(N, triton.cdiv(V, block_v))](
+        logits,
+        dlogits,
+        labels,
+        lse,
+        dlogp,
+        entropy if has_entropy_grad else lse,
+        dentropy if has_entropy_grad else lse,
+        T,
+        logits.stride(0),
+        logits.stride(1),
+        dlogits.stride(0),
+        dlogits.stride(1),
+        V,
+        ignore_index,
+        1.0 / temperature,
+        BLOCK_V=block_v,
+        HAS_ENTROPY_GRAD=has_entropy_grad,
+        num_warps=num_warps,
+    )
+
+
+def compile_specs() -> list[CompileSpec]:
+    specs = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        ty = TRITON_DTYPE[dtype]
+        for V in (32001, 128256):
+            block_v, num_warps = _fwd_config(V, dtype)
+            for extras in (False, True):
+                specs.append(
+                    CompileSpec(
+                        _token_logprobs_fwd_kernel,
+                        f"fwd {ty} V={V} extras={extras}",
+                        {
+                            "p_logits": f"*{ty}",
+                            "p_labels": "*i64",
+                            "p_logp": "*fp32",
+                            "p_lse": "*fp32",
+                            "p_entropy": "*fp32",
+                            "p_argmax": "*i64",
+                            "T": "i32",
+                            "stride_b": "i32",
+                            "stride_t": "i32",
+                            "V": "i32",
+                            "ignore_index": "i32",
+                            "inv_temperature": "fp32",
+                        },
+                        {"BLOCK_V": block_v, "RETURN_ENTROPY": extras, "RETURN_ARGMAX": extras},
+                        num_warps,
+                    )
+                )
+            block_v, num_warps = _bwd_config(V, dtype)
+            for entropy_grad in (False, True):
+                specs.append(
+                    CompileSpec(
+                        _token_logprobs_bwd_kernel,
+                        f"bwd {ty} V={V} entropy_grad={entropy_grad}",
+                        {
+                            "p_logits": f"*{ty}",
+                            "p_dlogits": f"*{ty}",
+                            "p_labels": "*i64",
+                            "p_lse": "*fp32",
+                            "p_dlogp": "*fp32",
+                            "p_entropy": "*fp32",
+                            "p_dentropy": "*fp32",
+                            "T": "i32",
+                            "stride_b": "i32",
+                            "stride_t": "i32",
+                            "stride_db": "i32",
+                            "stride_dt": "i32",
+                            "V": "i32",
+                            "ignore_index": "i32",
+                            "inv_temperature": "fp32",
+                        },
+                        {"BLOCK_V": block_v, "HAS_ENTROPY_GRAD": entropy_grad},
+                        num_warps,
+                    )
+                )
+    return specs

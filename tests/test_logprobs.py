@@ -1,0 +1,237 @@
+"""token_logprobs / token_stats against a float64 eager reference, on the kernels and the torch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastalign.kernels.logprobs import token_logprobs_bwd, token_logprobs_fwd
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from utils import GRAD_RTOL, VALUE_RTOL, rel_err
+
+import fastalign
+from fastalign._backend import as_btv
+from fastalign.reference import logprobs as ref
+
+IGNORE = -100
+
+
+def make_inputs(shape, V, dtype, device, ignore_frac=0.25, scale=3.0):
+    logits = (torch.randn(*shape, V, device=device) * scale).to(dtype)
+    labels = torch.randint(0, V, shape, device=device)
+    labels[torch.rand(shape, device=device) < ignore_frac] = IGNORE
+    return logits, labels
+
+
+def check_against_reference(logits, labels, temperature=1.0, grad_scale=None, entropy_grad=True):
+    """Forward and backward of token_stats vs float64, with random upstream gradients."""
+    x = logits.detach().clone().requires_grad_(True)
+    stats = fastalign.token_stats(x, labels, temperature=temperature)
+    g = torch.randn(labels.shape, device=labels.device) if grad_scale is None else grad_scale
+    ge = torch.randn(labels.shape, device=labels.device) if entropy_grad else torch.zeros(labels.shape)
+    (stats.logprobs * g + stats.entropy * ge).sum().backward()
+
+    x64 = logits.detach().double().requires_grad_(True)
+    logp64 = ref.token_logprobs(x64, labels, IGNORE, temperature)
+    ent64 = ref.token_entropy(x64, temperature)
+    (logp64 * g + ent64 * ge).sum().backward()
+
+    dtype = logits.dtype
+    assert stats.logprobs.dtype == torch.float32 and stats.logprobs.shape == labels.shape
+    assert rel_err(stats.logprobs, logp64) < VALUE_RTOL[dtype]
+    assert rel_err(stats.entropy, ent64) < VALUE_RTOL[dtype] * 10
+    assert torch.equal(stats.argmax, x64.detach().argmax(-1))
+    assert (stats.logprobs[labels == IGNORE] == 0).all()
+    assert x.grad.dtype == dtype and x.grad.shape == logits.shape
+    assert torch.isfinite(x.grad).all()
+    assert rel_err(x.grad, x64.grad) < GRAD_RTOL[dtype]
+
+
+@pytest.mark.parametrize(
+    "shape, V",
+    [
+        pytest.param((3,), 32001, id="N3-V32001"),
+        pytest.param((2, 2), 50257, id="B2-T2-V50257"),
+        pytest.param((2,), 128256, id="N2-V128256"),
+        pytest.param((4, 1), 1000, id="B4-T1-V1000"),
+        pytest.param((1, 257), 515, id="B1-T257-V515"),
+        pytest.param((1,), 7, id="N1-V7"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_matches_float64_reference(shape, V, dtype, backend, device):
+    logits, labels = make_inputs(shape, V, dtype, device)
+    check_against_reference(logits, labels)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 2.0])
+def test_temperature_and_grad_output(temperature, backend, device):
+    logits, labels = make_inputs((3, 5), 333, torch.float32, device)
+    check_against_reference(logits, labels, temperature=temperature)
+    check_against_reference(logits, labels, temperature=temperature, grad_scale=2.5, entropy_grad=False)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["shifted-slice", "transposed", "vocab-stride-2", "three-leading-dims", "expanded"],
+)
+def test_non_contiguous_logits(layout, backend, device):
+    V = 300
+    if layout == "shifted-slice":  # logits[:, :-1]: row stride != V and not viewable as [N, V]
+        logits = torch.randn(2, 6, V, device=device)[:, :-1]
+    elif layout == "transposed":
+        logits = torch.randn(5, 2, V, device=device).transpose(0, 1)
+    elif layout == "vocab-stride-2":
+        logits = torch.randn(2, 5, 2 * V, device=device)[..., ::2]
+    elif layout == "three-leading-dims":
+        logits = torch.randn(2, 3, 5, V, device=device).permute(1, 0, 2, 3)
+    else:
+        logits = torch.randn(1, 1, V, device=device).expand(2, 5, V)
+    labels = torch.randint(0, V, logits.shape[:-1], device=device)
+    labels[0, 0] = IGNORE
+    assert not logits.is_contiguous()
+    check_against_reference(logits, labels)
+
+
+def test_fully_ignored_rows_are_zero(backend, device):
+    logits, labels = make_inputs((3, 4), 129, torch.bfloat16, device)
+    labels[1] = IGNORE
+    x = logits.clone().requires_grad_(True)
+    out = fastalign.token_logprobs(x, labels)
+    out.backward(torch.randn_like(out))
+    assert (out[1] == 0).all() and (x.grad[1] == 0).all()
+    all_ignored = torch.full_like(labels, IGNORE)
+    x.grad = None
+    out = fastalign.token_logprobs(x, all_ignored)
+    out.sum().backward()
+    assert (out == 0).all() and (x.grad == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_inplace_backward_overwrites_logits_with_the_gradient(dtype, backend, device):
+    base, labels = make_inputs((2, 7), 500, dtype, device)
+    labels = labels[:, :-1]
+    g = torch.randn(labels.shape, device=device)
+    x = base[:, :-1].clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(fastalign.token_logprobs(x, labels), x, g)
+
+    leaf = base.clone().requires_grad_(True)
+    logits = (leaf * 1)[:, :-1]  # a strided non-leaf, as a shifted lm_head output is
+    out = fastalign.token_logprobs(logits, labels, inplace_backward=True)
+    out.backward(g)
+    assert torch.equal(logits.detach(), expected)  # the buffer now holds the gradient
+    assert torch.equal(leaf.grad[:, :-1], expected) and (leaf.grad[:, -1] == 0).all()
+
+
+def test_argmax_takes_the_first_maximum(backend, device):
+    logits = torch.zeros(2, 9000, device=device)
+    logits[0, [17, 8500]] = 5.0  # a tie across two blocks
+    logits[1, [4000, 4001]] = 5.0  # a tie inside one block
+    stats = fastalign.token_stats(logits, torch.zeros(2, dtype=torch.int64, device=device))
+    assert stats.argmax.tolist() == [17, 4000]
+
+
+def test_neg_inf_logits(backend, device):
+    logits = torch.randn(3, 64, device=device)
+    logits[:, 10:20] = float("-inf")  # a banned-token mask, as logits processors write
+    labels = torch.tensor([0, 5, IGNORE], device=device)
+    check_against_reference(logits, labels, entropy_grad=False)
+    assert torch.isfinite(fastalign.token_stats(logits, labels).entropy).all()
+
+
+def test_empty_input(backend, device):
+    x = torch.randn(0, 5, 11, device=device, requires_grad=True)
+    out = fastalign.token_logprobs(x, torch.zeros(0, 5, dtype=torch.int64, device=device))
+    out.sum().backward()
+    assert out.shape == (0, 5) and x.grad.shape == x.shape
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 9),
+    V=st.integers(1, 4100),
+    temperature=st.sampled_from([0.5, 1.0, 3.0]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+)
+def test_random_shapes(B, T, V, temperature, dtype, device):
+    logits, labels = make_inputs((B, T), V, dtype, device)
+    check_against_reference(logits, labels, temperature=temperature)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_shapes_dtypes_devices(device):
+    logits = torch.randn(2, 3, 11, device=device)
+    labels = torch.zeros(2, 3, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        fastalign.token_logprobs(logits, labels[:, :2])
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        fastalign.token_logprobs(logits, labels.float())
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        fastalign.token_logprobs(logits, labels.bool())
+    with pytest.raises(TypeError, match="logits must be float32"):
+        fastalign.token_logprobs(logits.double(), labels)
+    with pytest.raises(TypeError, match="logits must be float32"):
+        fastalign.token_logprobs(labels, labels)
+    with pytest.raises(ValueError, match="labels must be on the same device"):
+        fastalign.token_logprobs(logits, labels.to("meta"))
+    with pytest.raises(ValueError, match="temperature"):
+        fastalign.token_logprobs(logits, labels, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        fastalign.token_logprobs(logits, labels, temperature=float("inf"))
+
+
+@pytest.mark.parametrize("bad", [11, 12345, -1, -101])
+def test_out_of_range_label_raises_on_cpu(bad, backend):
+    logits = torch.randn(2, 3, 11)
+    labels = torch.zeros(2, 3, dtype=torch.int64)
+    labels[1, 2] = bad
+    with pytest.raises(ValueError, match=f"labels holds {bad}, outside \\[0, 11\\)"):
+        fastalign.token_logprobs(logits, labels)
+
+
+@pytest.mark.parametrize("bad", [11, 10**12, -1, -(10**12)])
+def test_kernel_gives_nan_for_out_of_range_label_without_reading_out_of_bounds(bad, device):
+    """What CUDA callers get without strict=True: NaN for that token, its gradient NaN, others exact.
+
+    A label of 10**12 would read a terabyte past the buffer if it were not masked; the interpreter
+    would fault or return garbage instead of NaN.
+    """
+    x = torch.randn(1, 4, 11, device=device)
+    labels = torch.tensor([3, bad, IGNORE, 0], device=device)
+    logp, lse, _, _ = token_logprobs_fwd(x, labels, IGNORE, 1.0, False, False)
+    assert torch.isnan(logp[1])
+    assert logp[2] == 0
+    expected = ref.token_logprobs(x[0].double(), labels.masked_fill(labels != 3, 0))
+    torch.testing.assert_close(logp[[0, 3]].double(), expected[[0, 3]])
+    dx = torch.empty_like(x)
+    token_logprobs_bwd(x, dx, labels, lse, torch.ones(4, device=device), None, None, IGNORE, 1.0)
+    assert torch.isnan(dx[0, 1]).all() and (dx[0, 2] == 0).all() and torch.isfinite(dx[0, [0, 3]]).all()
+
+
+def test_strict_raises(device):
+    logits = torch.randn(3, 11, device=device)
+    with pytest.raises(ValueError, match="outside"):
+        fastalign.token_logprobs(logits, torch.tensor([0, 11, 2], device=device), strict=True)
+
+
+# ----------------------------------------------------------------------------- layout helper
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(4, 7),
+        lambda: torch.randn(3, 5, 7)[:, 1:],
+        lambda: torch.randn(3, 1, 5, 7)[:, :, ::2],
+        lambda: torch.randn(7),
+        lambda: torch.randn(2, 3, 4, 7).transpose(1, 2),
+    ],
+)
+def test_as_btv_is_a_view_of_the_same_rows(make):
+    x = make()
+    v = as_btv(x)
+    assert v.dim() == 3 and v.stride(-1) == 1
+    assert torch.equal(v.reshape(-1, x.shape[-1]), x.reshape(-1, x.shape[-1]))
