@@ -304,7 +304,7 @@ def plot(records: list[dict], path: str, meta: dict) -> None:
         xs = [i + k * width for i, g in enumerate(groups) if g in by_group]
         axes[0].bar(xs, [by_group[g]["ms"] for g in groups if g in by_group], width, label=impl)
         axes[1].bar(xs, [by_group[g]["peak_mem_mb"] or 0 for g in groups if g in by_group], width, label=impl)
-    labels = [f"{op}\n{mode}\n{dtype}" for op, mode, _, dtype in groups]
+    labels = [f"{op}\n{mode} {dtype}\n{shape}" for op, mode, shape, dtype in groups]
     for ax, title in zip(axes, ("time (ms, lower is better)", "peak extra memory (MB)")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], labels, fontsize=7)
         ax.set_title(title)
