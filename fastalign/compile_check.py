@@ -2,7 +2,9 @@
 
 The interpreter never compiles, so this is what catches a kernel that only fails on hardware, and
 the register spills that quietly halve its speed. Each kernel module lists the specializations its
-launchers use in `compile_specs()`; a @triton.jit kernel that no spec covers is an error.
+launchers use in `compile_specs()`; a @triton.jit kernel that no spec covers is an error. Kernels are
+the @triton.jit functions named `*_kernel` (the house convention); other @triton.jit functions are
+device helpers (e.g. a `tl.associative_scan` combine function), compiled inside the kernels that call them.
 """
 
 from __future__ import annotations
@@ -98,7 +100,9 @@ def run(archs=ARCHS, out=sys.stdout) -> int:
         kernels = {
             name
             for name, obj in vars(module).items()
-            if isinstance(obj, triton.runtime.JITFunction) and obj.fn.__module__ == module.__name__
+            if isinstance(obj, triton.runtime.JITFunction)
+            and obj.fn.__module__ == module.__name__
+            and name.endswith("_kernel")
         }
         specs = module.compile_specs() if hasattr(module, "compile_specs") else []
         uncovered += sorted(f"{module.__name__}.{k}" for k in kernels - {s.kernel.__name__ for s in specs})
