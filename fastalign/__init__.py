@@ -3,6 +3,18 @@
 from fastalign.dpo import dpo_loss, kto_loss
 from fastalign.ift import ift_inputs_embeds, ift_loss
 from fastalign.logprobs import TokenStats, token_logprobs, token_stats
+from fastalign.losses import DPOLoss, IFTLoss, KTOLoss
 
-__all__ = ["TokenStats", "dpo_loss", "ift_inputs_embeds", "ift_loss", "kto_loss", "token_logprobs", "token_stats"]
+__all__ = [
+    "DPOLoss",
+    "IFTLoss",
+    "KTOLoss",
+    "TokenStats",
+    "dpo_loss",
+    "ift_inputs_embeds",
+    "ift_loss",
+    "kto_loss",
+    "token_logprobs",
+    "token_stats",
+]
 __version__ = "0.1.0"

@@ -201,30 +201,37 @@ def _check_lengths(name: str, lengths: torch.Tensor, like: torch.Tensor) -> torc
     return lengths.to(like.dtype)
 
 
-def _loss_types_and_weights(
-    loss_type: str | Sequence[str], loss_weights: Sequence[float] | None, valid: Sequence[str]
+def check_dpo_options(
+    beta: float, loss_type: str | Sequence[str], loss_weights: Sequence[float] | None, label_smoothing: float
 ) -> list[tuple[str, float]]:
+    """Validates dpo_loss's hyper-parameters (DPOLoss calls it at construction); returns [(loss type, weight)]."""
+    check_positive("beta", beta)
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if not types:
-        raise ValueError(f"loss_type must name at least one of {list(valid)}")
+        raise ValueError(f"loss_type must name at least one of {list(DPO_LOSS_TYPES)}")
     for t in types:
-        if t not in valid:
-            raise ValueError(f"loss_type {t!r} is not one of {list(valid)}")
-    if loss_weights is None:
-        return [(t, 1.0) for t in types]
-    weights = list(loss_weights)
+        if t not in DPO_LOSS_TYPES:
+            raise ValueError(f"loss_type {t!r} is not one of {list(DPO_LOSS_TYPES)}")
+    weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
     if len(weights) != len(types):
         raise ValueError(f"loss_weights must have one weight per loss_type ({len(types)}); got {len(weights)}")
-    return list(zip(types, (float(w) for w in weights)))
-
-
-def _check_label_smoothing(label_smoothing: float, types: Sequence[str]) -> None:
     if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1):
         raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
     if "robust" in types and not label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5) for loss_type 'robust'; got {label_smoothing}")
     if "exo_pair" in types and label_smoothing == 0:
         raise ValueError("label_smoothing must be > 0 for loss_type 'exo_pair' (the EXO paper uses 1e-3)")
+    return list(zip(types, (float(w) for w in weights)))
+
+
+def check_kto_options(beta: float, desirable_weight: float, undesirable_weight: float, loss_type: str) -> None:
+    """Validates kto_loss's hyper-parameters (KTOLoss calls it at construction)."""
+    check_positive("beta", beta)
+    for name, w in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+        if not (isinstance(w, (int, float)) and 0 <= w < math.inf):
+            raise ValueError(f"{name} must be a finite number >= 0; got {w!r}")
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r} is not one of {list(KTO_LOSS_TYPES)}")
 
 
 # ---------------------------------------------------------------------------------------------- DPO
@@ -270,10 +277,8 @@ def dpo_loss(
             "ref_rejected_logps": ref_rejected_logps,
         }
     )
-    check_positive("beta", beta)
-    terms = _loss_types_and_weights(loss_type, loss_weights, DPO_LOSS_TYPES)
+    terms = check_dpo_options(beta, loss_type, loss_weights, label_smoothing)
     types = [t for t, _ in terms]
-    _check_label_smoothing(label_smoothing, types)
     dtype = torch.promote_types(first.dtype, torch.float32)
     chosen, rejected = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
     if any(t in NEEDS_LENGTHS for t in types):
@@ -440,12 +445,7 @@ def kto_loss(
             f"desirable must have shape {tuple(first.shape)} on {first.device}; "
             f"got {tuple(desirable.shape)} on {desirable.device}"
         )
-    check_positive("beta", beta)
-    for name, w in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
-        if not (isinstance(w, (int, float)) and 0 <= w < math.inf):
-            raise ValueError(f"{name} must be a finite number >= 0; got {w!r}")
-    if loss_type not in KTO_LOSS_TYPES:
-        raise ValueError(f"loss_type {loss_type!r} is not one of {list(KTO_LOSS_TYPES)}")
+    check_kto_options(beta, desirable_weight, undesirable_weight, loss_type)
     dtype = torch.promote_types(first.dtype, torch.float32)
     if kl is None:
         if loss_type == "kto":

@@ -66,7 +66,8 @@ def _ift_loss_torch(token_logps: torch.Tensor, mask: torch.Tensor, gamma: float)
     return torch.where(nonzero_s, a / torch.where(nonzero_s, s, 1.0), x.sum(-1) / n.clamp(min=1))
 
 
-def _check_gamma(gamma: float) -> float:
+def check_gamma(gamma: float) -> float:
+    """Validates IFT's discount (IFTLoss calls it at construction)."""
     if not (isinstance(gamma, (int, float)) and 0 <= gamma <= 1):
         raise ValueError(f"gamma must be a number in [0, 1]; got {gamma!r}")
     return float(gamma)
@@ -98,7 +99,7 @@ def ift_loss(token_logps: torch.Tensor, mask: torch.Tensor, *, gamma: float = 0.
         raise ValueError(f"mask must have shape {tuple(token_logps.shape)} like token_logps; got {tuple(mask.shape)}")
     if mask.device != token_logps.device:
         raise ValueError(f"mask must be on token_logps' device ({token_logps.device}); got {mask.device}")
-    gamma = _check_gamma(gamma)
+    gamma = check_gamma(gamma)
     mask = (mask != 0).contiguous()
     if gamma == 0:  # the official code's special case: weights of 1, plain SFT
         nll = torch.where(mask, -token_logps.float(), 0.0).sum(-1)
@@ -125,7 +126,7 @@ def ift_loss_from_logits(
     """
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape [B, T, V]; got {tuple(logits.shape)}")
-    gamma = _check_gamma(gamma)
+    gamma = check_gamma(gamma)
     token_logps = token_logprobs(logits, labels, ignore_index=ignore_index, inplace_backward=inplace_backward)
     return ift_loss(token_logps, labels != ignore_index, gamma=gamma)
 

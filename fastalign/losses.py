@@ -1,0 +1,90 @@
+"""nn.Module wrappers of the fused losses: each holds its hyper-parameters and calls the functional API."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fastalign.dpo import check_dpo_options, check_kto_options, dpo_loss_from_logits, kto_loss_from_logits
+from fastalign.ift import check_gamma, ift_loss_from_logits
+
+
+class DPOLoss(nn.Module):
+    """A DPO-family loss from policy logits [2B, T, V] (chosen rows first) and labels [2B, T] in one fused pass.
+
+    Called as `(logits, labels, ref_chosen_logps, ref_rejected_logps)` or `(logits, labels, ref_logits=...)`;
+    returns (loss, metrics). See `fastalign.dpo.dpo_loss_from_logits` and `fastalign.dpo_loss`.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str | Sequence[str] = "sigmoid",
+        loss_weights: Sequence[float] | None = None,
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
+        inplace_backward: bool = False,
+    ):
+        super().__init__()
+        check_dpo_options(beta, loss_type, loss_weights, label_smoothing)
+        self.kwargs = dict(
+            beta=beta,
+            loss_type=loss_type,
+            loss_weights=loss_weights,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
+            inplace_backward=inplace_backward,
+        )
+
+    def forward(self, logits, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, ref_logits=None):
+        return dpo_loss_from_logits(
+            logits, labels, ref_chosen_logps, ref_rejected_logps, ref_logits=ref_logits, **self.kwargs
+        )
+
+
+class KTOLoss(nn.Module):
+    """TRL's KTO loss from policy logits [B, T, V], labels [B, T] and the desirable flags [B] in one fused pass.
+
+    Called as `(logits, labels, desirable, ref_logps, kl)` or with `ref_logits=...` instead of ref_logps;
+    returns (loss, metrics). See `fastalign.kto_loss`.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        loss_type: str = "kto",
+        ignore_index: int = -100,
+        inplace_backward: bool = False,
+    ):
+        super().__init__()
+        check_kto_options(beta, desirable_weight, undesirable_weight, loss_type)
+        self.kwargs = dict(
+            beta=beta,
+            desirable_weight=desirable_weight,
+            undesirable_weight=undesirable_weight,
+            loss_type=loss_type,
+            ignore_index=ignore_index,
+            inplace_backward=inplace_backward,
+        )
+
+    def forward(self, logits, labels, desirable, ref_logps=None, kl=None, *, ref_logits=None):
+        return kto_loss_from_logits(logits, labels, desirable, ref_logps, kl, ref_logits=ref_logits, **self.kwargs)
+
+
+class IFTLoss(nn.Module):
+    """The IFT loss from logits [B, T, V] and labels [B, T] (aligned; the caller shifts) in one fused pass.
+
+    See `fastalign.ift_loss`.
+    """
+
+    def __init__(self, gamma: float = 0.95, ignore_index: int = -100, inplace_backward: bool = False):
+        super().__init__()
+        check_gamma(gamma)
+        self.kwargs = dict(gamma=gamma, ignore_index=ignore_index, inplace_backward=inplace_backward)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return ift_loss_from_logits(logits, labels, **self.kwargs)
