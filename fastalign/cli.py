@@ -1,4 +1,4 @@
-"""The `fastalign` command: bench, compile-check."""
+"""The `fastalign` command: bench, compile-check, demo."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("compile-check", help="compile every kernel for sm_80 and sm_90 without a GPU")
     check.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (repeatable)")
 
+    demo = sub.add_parser("demo", help="IFT then DPO + OnDARE on a tiny Llama, with progress, summary and a plot")
+    demo.add_argument("--plot", metavar="PATH", default="fastalign-demo.png", help="PNG of the training curves")
+    demo.add_argument("--size", choices=["small", "large"], help="default: large on a GPU, small on a CPU")
+
     args = parser.parse_args(argv)
     if args.command == "compile-check":
         from fastalign import compile_check
@@ -28,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastalign import bench
 
         return bench.main(json_path=args.json, plot_path=args.plot, size=args.size, only=args.only)
+    if args.command == "demo":
+        from fastalign import demo
+
+        return demo.main(plot_path=args.plot, size=args.size)
     return 2
 
 

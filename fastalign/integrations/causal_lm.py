@@ -1,0 +1,274 @@
+"""Patch a transformers causal LM so that `model(..., labels=...)` returns per-token log-probs from
+fastalign's fused linear head instead of logits.
+
+The patched forward runs the backbone, then `fastalign.linear_token_stats` on the last hidden states
+and the lm_head weight: the [tokens, vocab] logits never exist. Without labels it is the model's own
+forward, so generation is unchanged. The backbone and the head are looked up on every call, so the
+patch survives PEFT wrapping and FSDP2 sharding applied after it.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.utils import ModelOutput
+
+import fastalign
+from fastalign._backend import TORCH_CHUNK_BYTES, check_positive
+
+IGNORE_INDEX = -100
+
+# Where the config of each model family keeps its logit scaling. Each entry multiplies the logits
+# by the value (Cohere `logit_scale`, Falcon-H1 `lm_head_multiplier`, Muse Glimmer
+# `output_multiplier`), except Granite and MiniCPM3, which divide them by `logits_scaling`
+# (HyperCLOVA X multiplies by it).
+_MULTIPLIER_ATTRS = ("logit_scale", "output_multiplier", "lm_head_multiplier")
+_LOGITS_SCALING_MULTIPLIES = {"hyperclovax"}
+
+
+@dataclass
+class FusedCausalLMOutput(ModelOutput):
+    """Output of a patched model called with labels. Per-token fields are float32 and 0 where the
+    label is ignored; each is `[B, T - 1]` (labels are shifted inside, as for the model's own loss),
+    or `[B, T]` when pre-shifted `shift_labels` were passed.
+
+    - loss: summed negative log-likelihood of the labelled tokens divided by `num_items_in_batch`
+      (their count when not passed), plus the MoE load-balancing loss when router logits were
+      requested: the loss the model's own forward returns, at temperature 1.
+    - logprobs: log-prob of each next-token label; differentiable.
+    - entropy: entropy of the next-token distribution (with `return_entropy=True`); differentiable.
+    - argmax: greedy next token, int64 (with `return_argmax=True`).
+    - mean_logits: mean of the scaled logits over the vocabulary, no gradient (with
+      `return_mean_logits=True`; TRL's `logits/chosen` metric).
+    - label_mask: where the label is not ignored.
+    """
+
+    loss: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    argmax: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def logit_transform(config: Any) -> tuple[float, float | None]:
+    """(logit_scale, softcap) that a model's own forward applies to its logits, read from its config:
+    logits = softcap * tanh(logit_scale * (h W^T + b) / softcap)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = None
+    for attr in _MULTIPLIER_ATTRS:
+        scale = getattr(text_config, attr, None)
+        if scale is not None:
+            break
+    scaling = getattr(text_config, "logits_scaling", None)
+    if scale is None and scaling is not None:
+        scale = scaling if text_config.model_type in _LOGITS_SCALING_MULTIPLIES else 1.0 / scaling
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    return float(1.0 if scale is None else scale), (None if softcap is None else float(softcap))
+
+
+def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+
+
+def _check_lm_head(lm_head: torch.nn.Module) -> None:
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(lm_head, peft.tuners.tuners_utils.BaseTunerLayer):
+        raise ValueError(
+            "lm_head carries a PEFT adapter, which the fused head cannot apply: it reads lm_head.weight directly. "
+            "Remove 'lm_head' from target_modules (modules_to_save=['lm_head'] is supported)."
+        )
+
+
+@torch.no_grad()
+def _mean_logits(hidden, weight, bias, labels, logit_scale, softcap, temperature) -> torch.Tensor:
+    """Mean over the vocabulary of the scaled logits at the labelled positions, without the logits.
+
+    Without softcapping the mean is linear in the weight, so it is h . mean(W) + mean(b); with it,
+    the labelled rows are scored a bounded chunk at a time. float32 throughout, autocast or not.
+    """
+    mask = labels != IGNORE_INDEX
+    out = torch.zeros(labels.shape, device=hidden.device, dtype=torch.float32)
+    h, weight = hidden[mask].float(), weight.float()
+    bias = None if bias is None else bias.float()
+    with torch.autocast(hidden.device.type, enabled=False):
+        if softcap is None:
+            out[mask] = (h @ weight.mean(0) + (0.0 if bias is None else bias.mean())) * (logit_scale / temperature)
+            return out
+        means = h.new_empty(h.shape[0])
+        rows = max(1, TORCH_CHUNK_BYTES // (4 * weight.shape[0]))
+        for r0 in range(0, h.shape[0], rows):
+            z = torch.nn.functional.linear(h[r0 : r0 + rows], weight, bias) * logit_scale
+            means[r0 : r0 + rows] = (softcap * torch.tanh(z / softcap)).mean(-1) / temperature
+        out[mask] = means
+    return out
+
+
+def _moe_aux_loss(model, backbone_outputs, attention_mask) -> torch.Tensor | None:
+    router_logits = getattr(backbone_outputs, "router_logits", None)
+    if router_logits is None or not hasattr(model, "num_experts"):
+        return None
+    # transformers' MoE families share Mixtral's load-balancing loss.
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    return load_balancing_loss_func(router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
+
+
+def _call_head(lm_head, hidden, labels, head, entropy, argmax, mean_logits):
+    """(TokenStats, mean logits or None) of the head on `hidden`, computed inside lm_head's own call.
+
+    Calling the module rather than reading its weight lets FSDP2 gather a separately sharded head
+    for this call and reduce-scatter its gradient, as for any other layer.
+    """
+    scale, softcap, temperature = head["logit_scale"], head["softcap"], head["temperature"]
+
+    def head_forward(hidden, labels):
+        stats = fastalign.linear_token_stats(
+            hidden,
+            lm_head.weight,
+            labels,
+            lm_head.bias,
+            ignore_index=IGNORE_INDEX,
+            temperature=temperature,
+            softcap=softcap,
+            logit_scale=scale,
+            entropy=entropy,
+            argmax=argmax,
+        )
+        if not mean_logits:
+            return stats, None
+        return stats, _mean_logits(hidden, lm_head.weight, lm_head.bias, labels, scale, softcap, temperature)
+
+    previous = lm_head.__dict__.get("forward")
+    lm_head.forward = head_forward
+    try:
+        return lm_head(hidden, labels)
+    finally:
+        if previous is None:
+            del lm_head.forward
+        else:
+            lm_head.forward = previous
+
+
+def _fused_forward(
+    self,
+    *args,
+    labels: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    return_entropy: bool = False,
+    return_argmax: bool = False,
+    return_mean_logits: bool = False,
+    **kwargs,
+):
+    head = self._fastalign_head
+    original = types.MethodType(head["original_forward"], self)
+    if labels is None and shift_labels is None:
+        if return_entropy or return_argmax or return_mean_logits:
+            raise ValueError("return_entropy/return_argmax/return_mean_logits need labels (or shift_labels)")
+        return original(*args, **kwargs)
+
+    kwargs["use_cache"] = False
+    kwargs.pop("logits_to_keep", None)
+    text_config = self.config.get_text_config()
+    if getattr(text_config, "output_router_logits", False):
+        kwargs.setdefault("output_router_logits", True)
+    backbone_outputs = self.base_model(*args, **kwargs)
+    hidden = backbone_outputs.last_hidden_state
+    if shift_labels is None:
+        hidden, labels = hidden[:, :-1], labels[:, 1:]
+    else:
+        labels = shift_labels
+
+    lm_head = self.get_output_embeddings()
+    _check_lm_head(lm_head)
+    # With the model split across devices (device_map), the backbone may end on another device.
+    hidden, labels = hidden.to(lm_head.weight.device), labels.to(lm_head.weight.device)
+    stats, mean_logits = _call_head(lm_head, hidden, labels, head, return_entropy, return_argmax, return_mean_logits)
+    mask = labels != IGNORE_INDEX
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    loss = -stats.logprobs.sum() / count
+    aux_loss = _moe_aux_loss(self, backbone_outputs, kwargs.get("attention_mask"))
+    if aux_loss is not None:
+        loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss.to(loss.device)
+    return FusedCausalLMOutput(
+        loss=loss,
+        logprobs=stats.logprobs,
+        entropy=stats.entropy,
+        argmax=stats.argmax,
+        mean_logits=mean_logits,
+        label_mask=mask,
+        aux_loss=aux_loss,
+    )
+
+
+def patch_causal_lm(
+    model: torch.nn.Module,
+    *,
+    temperature: float = 1.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.nn.Module:
+    """Make `model(..., labels=labels)` return a `FusedCausalLMOutput` from the fused linear head.
+
+    Args:
+        model: a transformers causal LM (`*ForCausalLM`, or a vision-language model with a language
+            head), or a PEFT model wrapping one. Patching the PEFT model patches the model inside.
+        temperature: the logits are divided by it (default 1.0).
+        logit_scale: multiplier of the logits before softcapping; default: read from the config
+            (`logit_scale`, `logits_scaling`, `lm_head_multiplier`, `output_multiplier`), else 1.0.
+        softcap: `final_logit_softcapping`; default: read from the config, else none.
+
+    The patched forward takes, besides the model's own arguments, `labels` (aligned with input_ids,
+    shifted inside, -100 ignored) or pre-shifted `shift_labels`, `num_items_in_batch`, and the
+    flags `return_entropy`, `return_argmax`, `return_mean_logits`. Called without labels it is the
+    model's own forward. Patching again replaces the settings; `unpatch_causal_lm` undoes it.
+
+    Returns the model, patched in place.
+    """
+    target = _unwrap_peft(model)
+    if not hasattr(target, "get_output_embeddings") or target.get_output_embeddings() is None:
+        raise TypeError(f"model must be a transformers causal LM with an lm_head; got {type(target).__name__}")
+    check_positive("temperature", temperature)
+    config_scale, config_softcap = logit_transform(target.config)
+    head = getattr(target, "_fastalign_head", None)
+    if head is None:
+        # An instance-level forward installed before us (e.g. TRL's fused head) is kept for unpatching.
+        head = {"previous_forward": target.__dict__.get("forward"), "original_forward": type(target).forward}
+    head.update(
+        temperature=float(temperature),
+        logit_scale=config_scale if logit_scale is None else float(logit_scale),
+        softcap=config_softcap if softcap is None else float(softcap),
+    )
+    target._fastalign_head = head
+
+    # wraps() keeps the model's own signature: generate() and Trainer inspect it.
+    @functools.wraps(head["original_forward"])
+    def forward(self, *args, **kwargs):
+        return _fused_forward(self, *args, **kwargs)
+
+    target.forward = types.MethodType(forward, target)
+    return model
+
+
+def unpatch_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """Restore the forward that `patch_causal_lm` replaced. Returns the model."""
+    target = _unwrap_peft(model)
+    head = target.__dict__.pop("_fastalign_head", None)
+    if head is None:
+        return model
+    if head["previous_forward"] is None:
+        del target.forward
+    else:
+        target.forward = head["previous_forward"]
+    return model
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    return "_fastalign_head" in _unwrap_peft(model).__dict__

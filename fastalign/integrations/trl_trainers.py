@@ -1,0 +1,345 @@
+"""TRL's DPOTrainer and KTOTrainer on fastalign's fused log-prob head, losses and optimizer.
+
+TRL computes its losses inline in `_compute_loss`, so a clean patch is impossible: these thin
+subclasses replace that one method (and the reference forward) and keep everything else of TRL's:
+datasets, collators, PEFT set-up, precomputed reference log-probs, evaluation, and the metric names.
+Tested against TRL 1.16 (the pin in the `hf` extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any
+
+import torch
+import trl
+from trl.models.utils import disable_gradient_checkpointing
+
+import fastalign
+from fastalign.integrations.adapters import is_peft_model, reference_adapter
+from fastalign.integrations.causal_lm import IGNORE_INDEX, is_patched, patch_causal_lm
+
+_DPO_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+_KTO_NON_MODEL_KEYS = {
+    "completion_mask",
+    "KL_input_ids",
+    "KL_attention_mask",
+    "KL_completion_mask",
+    "KL_token_type_ids",
+    "KL_mm_token_type_ids",
+    "label",
+    "ref_logps",
+    "ref_KL_logps",
+}
+DISCOPOP_TAU = 0.05  # fastalign.dpo_loss fixes DiscoPOP's tau at the paper's value
+
+
+def _sequence_logps(outputs, seq_len: int) -> torch.Tensor:
+    # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens.
+    return outputs.logprobs[:, -seq_len:].sum(-1)
+
+
+class _FastalignMixin:
+    """What DPOTrainer and KTOTrainer share: the fused head, the reference forward (a reference
+    model, a PEFT reference adapter, or the base with adapters disabled) and OnlineMergeAdamW."""
+
+    _non_model_keys: set[str]
+
+    def _fastalign_init(self, trainer_cls, args, kwargs, ref_adapter_name, online_merge) -> None:
+        # Set before TRL's __init__, which may precompute reference log-probs through our forward.
+        self.ref_adapter_name = ref_adapter_name
+        self.online_merge = dict(online_merge) if online_merge is not None else None
+        if self.online_merge is not None and "base" not in self.online_merge:
+            raise ValueError("online_merge needs 'base': the base (pretrained) model, its state dict or a file")
+        bound = inspect.signature(trainer_cls.__init__).bind_partial(self, *args, **kwargs).arguments
+        if bound.get("args") is not None:
+            self._check_supported(bound["args"])
+
+    def _check_supported(self, args) -> None:
+        pass
+
+    def _fastalign_post_init(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(model):
+            if self.online_merge is not None:
+                raise ValueError("online_merge merges full weights; it cannot train a PEFT adapter")
+            name = self.ref_adapter_name
+            if name is not None and name != "ref" and "ref" in model.peft_config:
+                # TRL copies the trained adapter to "ref" for its own reference; the named one replaces it.
+                model.delete_adapter("ref")
+        for m in (self.model, self.ref_model):
+            self._fused(m)
+
+    def _fused(self, model):
+        """The model, with fastalign's head installed (TRL's __init__ installs its own)."""
+        if model is not None and not is_patched(self.accelerator.unwrap_model(model)):
+            patch_causal_lm(self.accelerator.unwrap_model(model))
+        return model
+
+    def _reference(self):
+        """(model, context) that computes reference log-probs."""
+        if self.ref_model is not None:
+            return self.ref_model, contextlib.nullcontext()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if not is_peft_model(unwrapped):  # precomputing, before any training step
+            return self.model, contextlib.nullcontext()
+        name = self.ref_adapter_name
+        if name is None and "ref" in unwrapped.peft_config:
+            name = "ref"
+        return self.model, reference_adapter(unwrapped, name)
+
+    def _reference_logps(self, model, model_kwargs: dict, labels: torch.Tensor) -> torch.Tensor:
+        """[B] reference log-probs, from `model` (None: the trainer's reference)."""
+        reference, context = self._reference()
+        if model is not None and model is not reference:
+            reference, context = model, contextlib.nullcontext()
+        kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            context,
+            self.accelerator.autocast(),
+        ):
+            outputs = self._fused(reference)(**kwargs, labels=labels)
+        return _sequence_logps(outputs, labels.size(1) - 1)
+
+    def _model_kwargs(self, inputs: dict) -> dict:
+        kwargs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
+        kwargs["use_cache"] = False
+        if self.aux_loss_enabled:
+            kwargs["output_router_logits"] = True
+        return kwargs
+
+    def _logits_for_metrics(self, model, model_kwargs, loss):
+        # compute_metrics wants logits, which the fused head never builds: one more forward, as TRL does.
+        with torch.no_grad():
+            return loss, model(**model_kwargs)
+
+    # ------------------------------------------------------------------ metrics shared with TRL
+
+    def _gather_sum(self, value: torch.Tensor) -> float:
+        return self.accelerator.gather_for_metrics(value.detach().reshape(1)).sum().item()
+
+    def _log_token_metrics(self, mode, inputs, outputs, shift_mask, chosen_rows, rejected_rows) -> None:
+        seq_len = shift_mask.size(1)
+        entropy = outputs.entropy[:, -seq_len:].detach()
+        tokens = self._gather_sum(shift_mask.sum())
+        entropy_sum = self._gather_sum((entropy * shift_mask).sum())
+        self._metrics[mode]["entropy"].append(entropy_sum / tokens if tokens else 0.0)
+        if mode == "train":
+            self._total_train_tokens += int(self._gather_sum(inputs["attention_mask"].sum())) // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        mean_logits = outputs.mean_logits[:, -seq_len:]
+        for name, rows in (("chosen", chosen_rows), ("rejected", rejected_rows)):
+            mask = shift_mask[rows].bool()
+            total, count = self._gather_sum(mean_logits[rows][mask].sum()), self._gather_sum(mask.sum())
+            if count > 0 or self._always_log_logits:
+                self._metrics[mode][f"logits/{name}"].append(total / count if count else 0.0)
+        if outputs.aux_loss is not None and self.aux_loss_enabled:
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+
+    # ------------------------------------------------------------------ OnlineMergeAdamW
+
+    def create_optimizer(self, model=None):
+        if self.online_merge is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from fastalign.optim import OnlineMergeAdamW, reference_delta
+
+        settings = dict(self.online_merge)
+        base = settings.pop("base")
+        reference = settings.pop("reference", None)
+        if reference is None:
+            if self.ref_model is None:
+                raise ValueError("online_merge needs 'reference' (the SFT model) when the trainer has no ref_model")
+            reference = self.accelerator.unwrap_model(self.ref_model)
+        delta = reference_delta(reference, base)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: list[dict[str, Any]] = [
+            {"params": [], "weight_decay": self.args.weight_decay},
+            {"params": [], "weight_decay": 0.0},
+        ]
+        ref_delta = {}
+        for name, param in opt_model.named_parameters():
+            if param.requires_grad:
+                groups[0 if name in decay else 1]["params"].append(param)
+                if name not in delta:
+                    raise ValueError(f"online_merge: the reference and base have no tensor for parameter {name!r}")
+                ref_delta[param] = delta[name]
+        self.optimizer = OnlineMergeAdamW(
+            [g for g in groups if g["params"]],
+            lr=self.args.learning_rate,
+            betas=(self.args.adam_beta1, self.args.adam_beta2),
+            eps=self.args.adam_epsilon,
+            ref_delta=ref_delta,
+            **settings,
+        )
+        return self.optimizer
+
+
+class DPOTrainer(_FastalignMixin, trl.DPOTrainer):
+    """`trl.DPOTrainer` with fastalign's fused log-prob head, `fastalign.dpo_loss` and, optionally,
+    `fastalign.optim.OnlineMergeAdamW`. Takes TRL's arguments plus:
+
+    - ref_adapter_name: with a PEFT model and no ref_model, the adapter that holds the reference
+      (e.g. loaded with `model.load_adapter(sft_adapter, adapter_name="reference")`). Default: TRL's
+      "ref" copy when TRL made one, else the base model with adapters disabled.
+    - online_merge: train with OnlineMergeAdamW. A dict with "base" (the pretrained model, its state
+      dict or a safetensors file), optionally "reference" (the SFT model; default: ref_model), and any
+      other OnlineMergeAdamW keyword (method, reserve_p, alpha, ...). lr, betas, eps and weight decay
+      come from the DPOConfig. tau = reference - base is built once, at optimizer creation.
+
+    Every DPOConfig.loss_type is supported, with loss_weights and label_smoothing; ld_alpha,
+    use_weighting, a non-default f_divergence_type and a discopop_tau other than 0.05 raise.
+    Logs TRL's metrics under TRL's names.
+    """
+
+    _non_model_keys = _DPO_NON_MODEL_KEYS
+    _always_log_logits = True
+
+    def __init__(self, *args, ref_adapter_name: str | None = None, online_merge: dict | None = None, **kwargs):
+        self._fastalign_init(trl.DPOTrainer, args, kwargs, ref_adapter_name, online_merge)
+        super().__init__(*args, **kwargs)
+        self._check_supported(self.args)
+        self._fastalign_post_init()
+
+    def _check_supported(self, args) -> None:
+        unsupported = {
+            "ld_alpha": args.ld_alpha is not None,
+            "use_weighting": args.use_weighting,
+            "f_divergence_type": args.f_divergence_type != "reverse_kl",
+            "discopop_tau": "discopop" in args.loss_type and args.discopop_tau != DISCOPOP_TAU,
+        }
+        bad = [name for name, flag in unsupported.items() if flag]
+        if bad:
+            raise ValueError(
+                f"fastalign's DPOTrainer does not support DPOConfig {bad} (f_divergence_type must be 'reverse_kl', "
+                f"discopop_tau {DISCOPOP_TAU}); use trl.DPOTrainer for these"
+            )
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs of one padded batch: ([B] chosen, [B] rejected)."""
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
+        return self._reference_logps(model, self._model_kwargs(inputs), labels).chunk(2, dim=0)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = self._model_kwargs(inputs)
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, IGNORE_INDEX)
+        outputs = self._fused(model)(
+            **model_kwargs, labels=labels, return_entropy=True, return_argmax=True, return_mean_logits=True
+        )
+        shift_mask = completion_mask[:, 1:]
+        chosen_logps, rejected_logps = _sequence_logps(outputs, shift_mask.size(1)).chunk(2, dim=0)
+        if self.precompute_ref_logps:
+            ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(None, inputs)
+        chosen_lengths, rejected_lengths = completion_mask.sum(1).chunk(2, dim=0)
+        loss, metrics = fastalign.dpo_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            beta=self.beta,
+            loss_type=self.loss_types,
+            loss_weights=self.loss_weights,
+            label_smoothing=self.label_smoothing,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+        )
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+
+        half = shift_mask.size(0) // 2
+        self._log_token_metrics(mode, inputs, outputs, shift_mask, slice(0, half), slice(half, None))
+        chosen_mask = shift_mask[:half].bool()
+        seq_len = shift_mask.size(1)
+        correct = outputs.argmax[:half, -seq_len:] == labels[:half, 1:]
+        tokens = self._gather_sum(chosen_mask.sum())
+        accuracy = self._gather_sum((correct & chosen_mask).sum()) / tokens if tokens else 0.0
+        self._metrics[mode]["mean_token_accuracy"].append(accuracy)
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.reshape(1)).mean().item())
+        return self._logits_for_metrics(model, model_kwargs, loss) if return_outputs else loss
+
+
+class KTOTrainer(_FastalignMixin, trl.KTOTrainer):
+    """`trl.KTOTrainer` with fastalign's fused log-prob head, `fastalign.kto_loss` and, optionally,
+    `fastalign.optim.OnlineMergeAdamW`. Takes TRL's arguments plus `ref_adapter_name` and
+    `online_merge`, as `fastalign.integrations.DPOTrainer`. Logs TRL's metrics under TRL's names."""
+
+    _non_model_keys = _KTO_NON_MODEL_KEYS
+    _always_log_logits = False
+
+    def __init__(self, *args, ref_adapter_name: str | None = None, online_merge: dict | None = None, **kwargs):
+        self._fastalign_init(trl.KTOTrainer, args, kwargs, ref_adapter_name, online_merge)
+        super().__init__(*args, **kwargs)
+        self._fastalign_post_init()
+
+    def _kl_inputs(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        """Model kwargs and labels of the mismatched (prompt, completion) pairs of the KL estimate."""
+        kwargs = {k: v for k, v in batch.items() if k not in self._non_model_keys | {"input_ids", "attention_mask"}}
+        kwargs.update(input_ids=batch["KL_input_ids"], attention_mask=batch["KL_attention_mask"], use_cache=False)
+        for key in ("token_type_ids", "mm_token_type_ids"):
+            if f"KL_{key}" in batch:
+                kwargs[key] = batch[f"KL_{key}"]
+        return kwargs, batch["KL_input_ids"].masked_fill(batch["KL_completion_mask"] == 0, IGNORE_INDEX)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs of one padded batch: ([B] completions, [B] KL completions or None)."""
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
+        logps = self._reference_logps(model, self._model_kwargs(inputs), labels)
+        kl_logps = self._reference_logps(model, *self._kl_inputs(inputs)) if self.calculate_KL else None
+        return logps, kl_logps
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        batch = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        model_kwargs = self._model_kwargs(batch)
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+        outputs = self._fused(model)(**model_kwargs, labels=labels, return_entropy=True, return_mean_logits=True)
+        shift_mask = batch["completion_mask"][:, 1:]
+        logps = _sequence_logps(outputs, shift_mask.size(1))
+        desirable = torch.as_tensor(batch["label"], dtype=torch.bool, device=logps.device)
+
+        if self.precompute_ref_logps:
+            ref_logps, ref_kl_logps = batch["ref_logps"], batch.get("ref_KL_logps")
+        else:
+            ref_logps, ref_kl_logps = self.compute_ref_log_probs(None, batch)
+        kl = None
+        if self.calculate_KL:
+            kl_kwargs, kl_labels = self._kl_inputs(batch)
+            with torch.no_grad():
+                kl_outputs = self._fused(model)(**kl_kwargs, labels=kl_labels)
+            kl = (_sequence_logps(kl_outputs, kl_labels.size(1) - 1) - ref_kl_logps).mean()
+            kl = self.accelerator.gather_for_metrics(kl.detach().reshape(1)).mean()
+        loss, metrics = fastalign.kto_loss(
+            logps,
+            ref_logps,
+            desirable,
+            kl,
+            beta=self.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+            loss_type=self.loss_type,
+        )
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+
+        self._metrics[mode]["kl"].append(metrics["kl"].item())
+        self._log_token_metrics(mode, batch, outputs, shift_mask, desirable, ~desirable)
+        # Batch means over each kind of example, weighted by its count on every rank, as TRL does.
+        counts = {"chosen": self._gather_sum(desirable.sum()), "rejected": self._gather_sum((~desirable).sum())}
+        for kind in ("chosen", "rejected"):
+            if counts[kind] > 0:
+                n = desirable.sum() if kind == "chosen" else (~desirable).sum()
+                for what in ("rewards", "logps"):
+                    total = self._gather_sum(metrics[f"{what}/{kind}"].nan_to_num(0.0) * n)
+                    self._metrics[mode][f"{what}/{kind}"].append(total / counts[kind])
+        if counts["chosen"] > 0 and counts["rejected"] > 0:
+            margin = self._metrics[mode]["rewards/chosen"][-1] - self._metrics[mode]["rewards/rejected"][-1]
+            self._metrics[mode]["rewards/margins"].append(margin)
+        return self._logits_for_metrics(model, model_kwargs, loss) if return_outputs else loss
