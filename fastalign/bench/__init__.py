@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-SUITES = ["logprobs"]
+SUITES = ["logprobs", "losses"]
 
 
 @dataclass
