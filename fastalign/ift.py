@@ -39,6 +39,8 @@ def _reverse_discounted_cumsum(x: torch.Tensor, gamma: float) -> torch.Tensor:
     """C_t = sum_{k >= t} gamma^(k - t) x_k along the last dim, differentiable: blocks of a triangular matmul,
     with the carry from the block to the right decayed into each position."""
     T = x.shape[-1]
+    if T == 0:
+        return x.clone()
     block = min(T, _TORCH_SCAN_BLOCK)
     k = torch.arange(block, device=x.device)
     distance = k.unsqueeze(1) - k.unsqueeze(0)  # [k, t] = k - t

@@ -110,6 +110,18 @@ def test_sequences_without_completion_tokens(backend, device):
     check_ift_against_reference(certain, torch.ones(2, 5, dtype=torch.bool, device=device), 0.95)
 
 
+def test_empty_input(backend, device):
+    for B, T in ((0, 4), (2, 0)):
+        x = torch.zeros(B, T, device=device, requires_grad=True)
+        loss = fastalign.ift_loss(x, torch.ones(B, T, dtype=torch.bool, device=device))
+        loss.backward()
+        assert x.grad.shape == (B, T)
+        assert loss.item() == 0 if B else torch.isnan(loss)  # the mean over no sequences is NaN, as torch's
+    weight = torch.randn(5, 3, device=device)
+    ids = torch.zeros(2, 0, dtype=torch.long, device=device)
+    assert fastalign.ift_inputs_embeds(weight, ids, ids, ids).shape == (2, 0, 3)
+
+
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(B=st.integers(1, 4), T=st.integers(1, 1100), gamma=st.floats(0.0, 1.0))
 def test_random_shapes(B, T, gamma, device):
