@@ -1,0 +1,383 @@
+"""OnlineMergeAdamW: AdamW whose every update is sparsified and merged with a reference task
+vector τ = θ_ref − θ_base, as OnDARE or OnTIES (Lu et al. 2024, "Online Merging Optimizers for
+Boosting Rewards and Mitigating Tax in Alignment"), with the official implementation's semantics
+and its step-K bug fixed. See README.md, "Online-merging optimizer".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from fastalign._backend import backend_for
+from fastalign.optim import _torch_path
+from fastalign.optim._launch import Launch, Slot, kernel_nonfinite, kernel_step, step_sizes
+from fastalign.optim._layout import FlatShard, Layout, layout_of, like_param, local_part, local_tensor
+from fastalign.optim._select import topk_count
+
+METHODS = ("ondare", "onties")
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+REF_DELTA_DTYPES = (torch.bfloat16, torch.float32)
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "cached_delta")
+
+# A launch covers at most this many elements of whole parameters (more only for one larger
+# parameter): it bounds OnTIES's fp32 Δ buffer. Whole-parameter sizes, so every process of a
+# sharded run cuts the same launches and their collectives line up.
+_LAUNCH_NUMEL = 1 << 28
+
+
+def _check_group(group: Mapping[str, Any]) -> None:
+    def real(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+        x = group[name]
+        ok = isinstance(x, (int, float)) and not isinstance(x, bool)
+        ok = ok and (lo < x if lo_open else lo <= x) and (x < hi if hi_open else x <= hi)
+        if not ok:
+            lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+            raise ValueError(f"{name} must be a number in {lb}{lo}, {hi}{rb}; got {x!r}")
+
+    inf = float("inf")
+    real("lr", 0.0, inf, hi_open=True)
+    real("eps", 0.0, inf, hi_open=True)
+    real("weight_decay", 0.0, inf, hi_open=True)
+    real("reserve_p", 0.0, 1.0, lo_open=True)
+    real("alpha", 0.0, 1.0)
+    real("clip", 0.0, inf, lo_open=True)
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"betas must be two numbers in [0, 1); got {betas!r}")
+    if group["method"] not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {group['method']!r}")
+    if group["rescale"] and group["method"] != "ondare":
+        raise ValueError("rescale is defined for method='ondare' only (OnTIES keeps the top-k Δ as it is)")
+    step = group["online_step"]
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 1):
+        raise ValueError(f"online_step must be an int >= 1; got {step!r}")
+    seed = group["seed"]
+    if not (isinstance(seed, int) and 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an int in [0, 2**63); got {seed!r}")
+
+
+class OnlineMergeAdamW(torch.optim.Optimizer):
+    """AdamW (HF's eps convention) with OnDARE or OnTIES online merging, one fused step per launch.
+
+    Each step, per parameter: m, v ← Adam moments; Δ = −lr·√(1−β2^t)/(1−β1^t) · m/(√v + eps);
+    Δ is sparsified (ondare: Bernoulli(reserve_p) keep, scaled by 1/reserve_p; onties: top
+    int(reserve_p·numel) by magnitude, then sign election against τ) and merged:
+    θ += alpha·τ + (1 − alpha)·Δ; then θ −= lr·weight_decay·θ. τ is sparsified once, here.
+
+    Args:
+        params: parameters or param groups, as for torch.optim (named parameters work too);
+            fp32/bf16/fp16, plain tensors or FSDP2 DTensors (Shard(0)).
+        lr, betas, eps, weight_decay: AdamW's (defaults 1e-3, (0.9, 0.999), 1e-8, 0.0).
+        method: "ondare" or "onties" (default "ondare").
+        reserve_p: fraction of entries kept, in (0, 1] (default 1.0).
+        alpha: weight of τ in the merge, in [0, 1] (default 0.0).
+        rescale: ondare only: scale the kept Δ back to its L1 norm before the drop, then clamp
+            it to ±clip (default False).
+        clip: bound of the sparsified τ (and of the rescaled Δ) for ondare (default 1.0).
+        online_step: merge every K steps; the steps between apply and accumulate the plain Δ,
+            and the K-th rolls it back and merges the sum (default 1).
+        ref_delta: τ per parameter: a dict keyed by parameter (or by name, if params were
+            named), or a list aligned with the parameters; entries are whole-parameter tensors
+            (the optimizer keeps its shard) or DTensors laid out like the parameter, on the
+            parameter's device. Parameters without an entry merge with τ = 0. Default None.
+        seed: key of the DARE random keeps, with the step, parameter index and element index.
+        ref_delta_dtype: how τ is stored: torch.bfloat16 (default) or torch.float32.
+        skip_nonfinite: skip the whole step (moments and step counters included) when any
+            gradient holds NaN or ±inf, decided on the device without a host sync (default False).
+        flat_shards: {tensor: FlatShard(offset, numel, group)} for parameters that are flat
+            partitions of a larger flattened parameter (ZeRO-style).
+
+    GradScaler works as with torch's fused optimizers: it sets `grad_scale` and `found_inf`, the
+    gradients are unscaled inside the kernels and an inf/NaN step is skipped on the device.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        method: str = "ondare",
+        reserve_p: float = 1.0,
+        alpha: float = 0.0,
+        rescale: bool = False,
+        clip: float = 1.0,
+        online_step: int = 1,
+        ref_delta: Mapping | Sequence | None = None,
+        seed: int = 0,
+        ref_delta_dtype: torch.dtype = torch.bfloat16,
+        skip_nonfinite: bool = False,
+        flat_shards: Mapping[torch.Tensor, FlatShard] | None = None,
+    ):
+        if ref_delta_dtype not in REF_DELTA_DTYPES:
+            raise ValueError(f"ref_delta_dtype must be torch.bfloat16 or torch.float32; got {ref_delta_dtype}")
+        self.ref_delta_dtype = ref_delta_dtype
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self._flat_shards = dict(flat_shards or {})
+        self._index: dict[torch.Tensor, int] = {}
+        self._names: dict[torch.Tensor, str] = {}
+        self._layouts: dict[torch.Tensor, Layout] = {}
+        self._tables: dict = {}  # kernel tables per layout of local sizes
+        self._constructed = False
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            method=method,
+            reserve_p=reserve_p,
+            alpha=alpha,
+            rescale=bool(rescale),
+            clip=clip,
+            online_step=online_step,
+            seed=seed,
+        )
+        super().__init__(params, defaults)
+        unknown = [p for p in self._flat_shards if p not in self._index]
+        if unknown:
+            raise ValueError(f"flat_shards holds {len(unknown)} tensor(s) that are not parameters of this optimizer")
+        entries = self._ref_delta_entries(ref_delta)
+        if ref_delta is None and any(g["alpha"] > 0 for g in self.param_groups):
+            raise ValueError("alpha > 0 merges τ into every update, so ref_delta is required")
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(p, group, entries.get(p))
+        self._constructed = True
+
+    # ------------------------------------------------------------------------- construction
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        names = group.get("param_names", [None] * len(group["params"]))
+        for p, name in zip(group["params"], names):
+            self._register(p, name)
+        if self._constructed:  # a group added later starts without τ
+            for p in group["params"]:
+                self._init_state(p, group, None)
+
+    def _register(self, p: torch.Tensor, name: str | None) -> None:
+        index = len(self._index)
+        self._index[p] = index
+        self._names[p] = name or f"parameter {index} (shape {tuple(p.shape)})"
+        name = self._names[p]
+        if p.dtype not in PARAM_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16; got {p.dtype}")
+        self._layouts[p] = layout_of(p, self._flat_shards.get(p), name)
+        if not local_tensor(p).is_contiguous():
+            raise ValueError(f"{name} must be contiguous (its local shard, for a DTensor)")
+
+    def _ref_delta_entries(self, ref_delta) -> dict[torch.Tensor, torch.Tensor]:
+        params = [p for g in self.param_groups for p in g["params"]]
+        if ref_delta is None:
+            return {}
+        if isinstance(ref_delta, Mapping):
+            by_name = {name: p for p, name in self._names.items()}
+            entries = {}
+            for key, value in ref_delta.items():
+                if isinstance(key, str):
+                    if key not in by_name:
+                        raise ValueError(
+                            f"ref_delta has the name {key!r}, which no parameter has; name the parameters by "
+                            "passing model.named_parameters(), or key ref_delta by parameter"
+                        )
+                    key = by_name[key]
+                elif not isinstance(key, torch.Tensor) or key not in self._index:
+                    raise ValueError("ref_delta has a key that is not a parameter of this optimizer")
+                entries[key] = value
+            return {p: v for p, v in entries.items() if v is not None}
+        if isinstance(ref_delta, Sequence):
+            if len(ref_delta) != len(params):
+                raise ValueError(f"ref_delta must have one entry per parameter ({len(params)}); got {len(ref_delta)}")
+            return {p: v for p, v in zip(params, ref_delta) if v is not None}
+        raise TypeError(f"ref_delta must be a dict, a list or None; got {type(ref_delta).__name__}")
+
+    def _local_ref_delta(self, p: torch.Tensor, entry) -> torch.Tensor:
+        """This process's part of τ for p, as float32, after checking its shape and device."""
+        name, layout, local = self._names[p], self._layouts[p], local_tensor(p)
+        if not isinstance(entry, torch.Tensor) or not entry.is_floating_point():
+            raise TypeError(f"ref_delta for {name} must be a floating-point tensor; got {type(entry).__name__}")
+        if isinstance(entry, DTensor):
+            same = (
+                isinstance(p, DTensor)
+                and entry.shape == p.shape
+                and entry.device_mesh == p.device_mesh
+                and entry.placements == p.placements
+            )
+            if not same:
+                raise ValueError(
+                    f"ref_delta for {name} is a DTensor {tuple(entry.shape)} {getattr(entry, 'placements', '')} "
+                    "not laid out like the parameter"
+                )
+            part = entry.to_local()
+        else:
+            if tuple(entry.shape) != layout.shape and not (len(layout.shape) == 1 and entry.numel() == layout.numel):
+                raise ValueError(f"ref_delta for {name} must have shape {layout.shape}; got {tuple(entry.shape)}")
+            part = local_part(entry, layout, local)
+        if part.device != local.device:
+            raise ValueError(f"ref_delta for {name} must be on {local.device}, like the parameter; got {part.device}")
+        return part.float().contiguous()
+
+    def _init_state(self, p: torch.Tensor, group: dict, entry) -> None:
+        """Creates the whole state now, so torch.distributed.checkpoint never needs a dummy step."""
+        local = local_tensor(p)
+        zeros = lambda: like_param(torch.zeros_like(local, dtype=torch.float32), p)  # noqa: E731
+        state = self.state[p]
+        state["step"] = torch.zeros((), dtype=torch.float32, device=local.device)
+        state["exp_avg"] = zeros()
+        state["exp_avg_sq"] = zeros()
+        if group["online_step"] > 1:
+            state["cached_delta"] = zeros()
+        if entry is not None:
+            tau = self._sparsify_ref_delta(p, group, self._local_ref_delta(p, entry))
+            state["ref_delta"] = like_param(tau.to(self.ref_delta_dtype), p)
+
+    def _sparsify_ref_delta(self, p: torch.Tensor, group: dict, tau: torch.Tensor) -> torch.Tensor:
+        """τ's one-time sparsification (the same on every backend): ondare keeps each entry with
+        probability reserve_p (Philox at step 0), scales by 1/reserve_p, clamps to ±clip;
+        onties keeps the top int(reserve_p·numel) magnitudes."""
+        layout, reserve_p = self._layouts[p], group["reserve_p"]
+        flat = tau.view(-1)
+        if group["method"] == "ondare":
+            if reserve_p < 1.0:
+                keep = _torch_path.dare_keep(
+                    group["seed"], 0, self._index[p], layout.offset, flat.numel(), reserve_p, flat.device
+                )
+                flat = torch.where(keep, flat * torch.tensor(1.0 / reserve_p, dtype=torch.float32).item(), 0.0)
+            return flat.clamp(-group["clip"], group["clip"]).view(tau.shape)
+        k = topk_count(reserve_p, layout.numel)
+        (mask,) = _torch_path.topk_masks([flat], [k], [k < layout.numel], [layout.offset], layout.group)
+        return (flat if mask is None else torch.where(mask, flat, 0.0)).view(tau.shape)
+
+    # ------------------------------------------------------------------------- step
+
+    def _launches(self) -> list[Launch]:
+        launches = []
+        for group in self.param_groups:
+            buckets: dict[tuple, list[Slot]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{self._names[p]} has a sparse gradient; OnlineMergeAdamW needs dense ones")
+                state, layout, local = self.state[p], self._layouts[p], local_tensor(p)
+                if group["online_step"] > 1 and "cached_delta" not in state:
+                    state["cached_delta"] = like_param(torch.zeros_like(local, dtype=torch.float32), p)
+                tau = state.get("ref_delta")
+                slot = Slot(
+                    param=local,
+                    grad=local_tensor(p.grad).contiguous(),
+                    exp_avg=local_tensor(state["exp_avg"]),
+                    exp_avg_sq=local_tensor(state["exp_avg_sq"]),
+                    ref_delta=None if tau is None else local_tensor(tau),
+                    cached_delta=local_tensor(state["cached_delta"]) if group["online_step"] > 1 else None,
+                    step=state["step"],
+                    offset=layout.offset,
+                    numel=layout.numel,
+                    index=self._index[p],
+                )
+                key = (local.device, local.dtype, None if tau is None else tau.dtype, layout.group)
+                buckets.setdefault(key, []).append(slot)
+            for (device, dtype, tau_dtype, pg), slots in buckets.items():
+                size = 0
+                for slot in slots:
+                    if size == 0 or size + slot.numel > _LAUNCH_NUMEL:
+                        launches.append(Launch(group, [], pg, device, dtype, tau_dtype))
+                        size = 0
+                    launches[-1].slots.append(slot)
+                    size += slot.numel
+        return launches
+
+    def _skip_flags(self, launches: list[Launch]) -> dict[torch.device, torch.Tensor | None]:
+        """Per device, a [] fp32 flag that is nonzero when this step must be skipped: GradScaler's
+        found_inf, or (skip_nonfinite) a NaN/inf gradient anywhere, across every process that
+        holds a shard. None when nothing can skip the step."""
+        devices = {launch.device for launch in launches}
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None and not self.skip_nonfinite:
+            return dict.fromkeys(devices)
+        flags = {}
+        for d in devices:
+            flags[d] = torch.zeros((), dtype=torch.float32, device=d)
+            if found_inf is not None:
+                flags[d] += found_inf.to(d, torch.float32)
+        if self.skip_nonfinite:
+            for launch in launches:
+                if backend_for(launch.slots[0].param) == "torch":
+                    _torch_path.nonfinite(launch, flags[launch.device])
+                else:
+                    kernel_nonfinite(launch, flags[launch.device], self._tables)
+        if len(flags) > 1:
+            total = sum(f.to(next(iter(flags))) for f in flags.values())
+            flags = {d: total.to(d) for d in flags}
+        for pg in {launch.group for launch in launches if launch.group is not None}:
+            flag = flags[next(launch.device for launch in launches if launch.group is pg)]
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
+        return flags
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step over every parameter with a gradient; returns closure()'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        launches = self._launches()
+        skip = self._skip_flags(launches)
+        grad_scale = getattr(self, "grad_scale", None)
+        for launch in launches:
+            flag = skip[launch.device]
+            scale = None if grad_scale is None else grad_scale.to(launch.device, torch.float32)
+            t, step_size = step_sizes(launch)
+            if backend_for(launch.slots[0].param) == "torch":
+                _torch_path.torch_step(launch, t, step_size, flag, scale)
+            else:
+                kernel_step(
+                    launch,
+                    t,
+                    step_size,
+                    flag if flag is not None else torch.zeros((), device=launch.device),
+                    scale if scale is not None else torch.ones((), device=launch.device),
+                    self._tables,
+                )
+            steps = [s.step for s in launch.slots]
+            torch._foreach_add_(steps, 1.0 if flag is None else 1.0 - flag)
+        return loss
+
+    # ------------------------------------------------------------------------- state dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads hyperparameters and state without casting the state to the parameters' dtype:
+        moments stay fp32 and τ keeps its stored dtype (torch.optim would cast both to the
+        parameter's dtype). Values are copied to the parameter's device and layout."""
+        saved = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        params = [p for g in self.param_groups for p in g["params"]]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for i, p in zip(ids, params):
+            if i not in saved or not {"step", "exp_avg", "exp_avg_sq"} <= set(saved[i]):
+                raise ValueError(f"the state dict has no step, exp_avg and exp_avg_sq for {self._names[p]}")
+            self.state[p] = {key: self._loaded(p, key, value) for key, value in saved[i].items()}
+
+    def _loaded(self, p: torch.Tensor, key: str, value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        local = local_tensor(p)
+        if key == "step":
+            return local_tensor(value).detach().to(local.device, torch.float32).reshape(()).clone()
+        dtype = torch.float32 if key in _MOMENT_KEYS else value.dtype
+        if isinstance(value, DTensor):
+            value = value.to_local()
+        elif isinstance(p, DTensor) or tuple(value.shape) != tuple(local.shape):
+            value = local_part(value, self._layouts[p], local)  # a whole-parameter tensor
+        return like_param(value.detach().to(local.device, dtype).contiguous().clone(), p)

@@ -1,0 +1,736 @@
+"""Online-merging AdamW steps (OnDARE, OnTIES) over many parameter shards per launch.
+
+Each launch covers many parameters of one dtype. A parameter's local shard is a "slot": one row
+of the int64 table `slots` [S, N_FIELDS] holding the addresses of its tensors (parameter,
+gradient, moments, τ, accumulated Δ) and where it sits: its offset in the launch's flat index
+space and the global element index of its first local element. The flat space concatenates the
+slots, each starting on a TILE boundary, and is cut into tiles `tiles` [n_tiles, 3] int64 rows
+(slot, begin, end) that never straddle two slots: one program per tile, so a bias of 4096
+elements costs one program of a launch, not a launch.
+
+- OnDARE is one pass (`_ondare_step_kernel`): moments, Δ, the random keep, the merge with τ,
+  the update and the weight decay. The keep is Philox keyed on (seed, step, parameter index,
+  global element index), so it is the same however the parameter is sharded or tiled.
+- OnTIES writes Δ to a flat fp32 buffer while histogramming the top digit of |Δ|
+  (`_ties_delta_kernel`); radix_select.py finishes the exact top-k threshold; then one apply
+  pass (`_ties_apply_kernel`) keeps the top k, elects signs against τ and updates.
+
+Per-slot values that change every step (t, the bias-corrected step size) come in small device
+arrays; a device flag `skip` (found_inf, or a non-finite gradient) turns every kernel into a
+no-op without a host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET, TRITON_DTYPE, CompileSpec
+from .radix_select import RADIX_DIGITS
+
+# Columns of the slot table.
+SLOT_FIELDS = (
+    "param",  # address of the local shard of the parameter
+    "grad",
+    "exp_avg",  # fp32
+    "exp_avg_sq",  # fp32
+    "ref_delta",  # τ, bf16 or fp32 (0 without τ)
+    "cached_delta",  # fp32 Δ accumulated between merges (0 when online_step == 1)
+    "flat_offset",  # where the slot starts in the launch's flat index space (a multiple of TILE)
+    "global_offset",  # global element index of the shard's first element
+    "param_index",  # the parameter's index in the optimizer, part of the random key
+)
+N_FIELDS = tl.constexpr(len(SLOT_FIELDS))
+_PARAM, _GRAD, _EXP_AVG, _EXP_AVG_SQ, _REF_DELTA, _CACHED, _FLAT_OFFSET, _GLOBAL_OFFSET, _PARAM_INDEX = (
+    tl.constexpr(i) for i in range(len(SLOT_FIELDS))
+)
+
+# Elements per loop iteration and per tile. A DARE tile is short, for load balance; a TIES tile
+# is long, because each of its programs adds a 2048-bin histogram into global memory with
+# atomics. Under the interpreter both are small so that tests cross tile and block boundaries.
+BLOCK = 128 if INTERPRET else 1024
+DARE_TILE = 4 * BLOCK if INTERPRET else 16 * BLOCK
+TIES_TILE = 4 * BLOCK if INTERPRET else 256 * BLOCK
+_NUM_WARPS = 4
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _ptr(p_slot, FIELD: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    p = tl.load(p_slot + FIELD).to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # the host checked every address: lets full blocks use 16-byte loads
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _ld(p, o, m, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(p + o, mask=m, other=0.0).to(tl.float32)
+    else:
+        return tl.load(p + o).to(tl.float32)
+
+
+# Triton's interpreter truncates float32 -> bfloat16 where GPUs round to nearest even; under the
+# interpreter the kernels round by hand, so that tests see the bits a GPU writes.
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _bf16_round_nearest_even(x):
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a NaN
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _st(p, o, x, m, MASKED: tl.constexpr):
+    if _ROUND_BF16_BY_HAND and p.dtype.element_ty == tl.bfloat16:
+        y = _bf16_round_nearest_even(x)
+    else:
+        y = x.to(p.dtype.element_ty)
+    if MASKED:
+        tl.store(p + o, y, mask=m)
+    else:
+        tl.store(p + o, y)
+
+
+@triton.jit
+def _tile(p_tiles, p_slots, i_t, BLOCK: tl.constexpr):
+    """(slot row pointer, flat offset, local begin, local end of full blocks, local end)."""
+    slot = tl.load(p_tiles + i_t * 3)
+    p_slot = p_slots + slot * N_FIELDS
+    flat_offset = tl.load(p_slot + _FLAT_OFFSET)
+    begin = tl.multiple_of(tl.load(p_tiles + i_t * 3 + 1) - flat_offset, BLOCK)
+    end = tl.load(p_tiles + i_t * 3 + 2) - flat_offset
+    return slot, p_slot, flat_offset, begin, begin + (end - begin) // BLOCK * BLOCK, end
+
+
+@triton.jit
+def _adam_delta(p_grad, p_m, p_v, o, m, inv_scale, step_size, beta1, beta2, eps, STORE: tl.constexpr, MASKED):
+    """Updates the moments (stored if STORE) and returns Δ = -step_size · m / (√v + eps)."""
+    g = _ld(p_grad, o, m, MASKED) * inv_scale
+    b_m = beta1 * _ld(p_m, o, m, MASKED) + (1.0 - beta1) * g
+    b_v = beta2 * _ld(p_v, o, m, MASKED) + (1.0 - beta2) * g * g
+    if STORE:
+        _st(p_m, o, b_m, m, MASKED)
+        _st(p_v, o, b_v, m, MASKED)
+    return -step_size * tl.div_rn(b_m, tl.sqrt_rn(b_v) + eps)
+
+
+@triton.jit
+def _dare_keep(seed, idx, t, param_index, keep31):
+    """Bernoulli keep with P = keep31 / 2**31, from Philox-4x32-10 with key = seed and counter
+    = (idx low 32 bits, idx high 32 bits, t, param_index). fastalign.optim mirrors it in torch."""
+    c0 = (idx & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (idx >> 32).to(tl.uint32)
+    zero = c0 * 0
+    r, _, _, _ = tl.philox(seed, c0, c1, zero + t.to(tl.uint32), zero + param_index.to(tl.uint32))
+    return (r >> 1).to(tl.int32, bitcast=True) < keep31
+
+
+# ----------------------------------------------------------------------------- OnDARE
+
+
+@triton.jit
+def _ondare_block(
+    p_param, p_grad, p_m, p_v, p_tau, p_c, o, end, global_offset, t, param_index, merge,
+    step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha, inv_p, keep31, seed,
+    HAS_TAU: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, SUMS_ONLY: tl.constexpr,
+    ACCUMULATE: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    m = o < end
+    d = _adam_delta(p_grad, p_m, p_v, o, m, inv_scale, step_size, beta1, beta2, eps, not SUMS_ONLY, MASKED)
+    d_plain = d
+    if ACCUMULATE:
+        # An ordinary step applies and accumulates the plain Δ; a merge step rolls the
+        # accumulated Δ back and sparsifies and merges it together with this step's Δ.
+        c = _ld(p_c, o, m, MASKED)
+        if not SUMS_ONLY:
+            _st(p_c, o, tl.where(merge, 0.0, c + d), m, MASKED)
+        d = d + c
+    if DROP:
+        kept = tl.where(_dare_keep(seed, global_offset + o, t, param_index, keep31), d * inv_p, 0.0)
+    else:
+        kept = d
+    s_abs = tl.zeros((), tl.float32)
+    s_kept = tl.zeros((), tl.float32)
+    if SUMS_ONLY:  # the L1 norms before and after the drop, for `rescale`
+        s_abs = tl.sum(tl.abs(d), 0)
+        s_kept = tl.sum(tl.abs(kept), 0)
+    else:
+        if RESCALE:
+            kept = tl.minimum(tl.maximum(kept * factor, -bound), bound)
+        upd = (1.0 - alpha) * kept
+        if HAS_TAU:
+            upd += alpha * _ld(p_tau, o, m, MASKED)
+        theta = _ld(p_param, o, m, MASKED)
+        if ACCUMULATE:
+            theta = tl.where(merge, theta - c + upd, theta + d_plain)
+        else:
+            theta = theta + upd
+        _st(p_param, o, theta - lr_wd * theta, m, MASKED)
+    return s_abs, s_kept
+
+
+@triton.jit
+def _ondare_step_kernel(
+    p_slots,  # [S, N_FIELDS] int64
+    p_tiles,  # [n_tiles, 3] int64: (slot, flat begin, flat end)
+    p_step_size,  # [S] fp32: lr · sqrt(1 - beta2^t) / (1 - beta1^t)
+    p_t,  # [S] int64: the step number t being taken
+    p_rescale,  # [S, 2] fp32: (L1 factor, clip bound) applied to the kept Δ, if RESCALE
+    p_sums,  # [n_tiles, 2] fp32 out: (sum |Δ|, sum |kept Δ / p|) over merging tiles, if SUMS_ONLY
+    p_skip,  # [] fp32: nonzero makes the launch a no-op
+    p_grad_scale,  # [] fp32: gradients are divided by it
+    beta1,
+    beta2,
+    eps,
+    lr_wd,  # lr · weight_decay
+    alpha,
+    inv_p,  # 1 / reserve_p
+    keep31,  # round(reserve_p · 2**31)
+    seed,
+    online_step,
+    PARAM_DTYPE: tl.constexpr,
+    TAU_DTYPE: tl.constexpr,
+    HAS_TAU: tl.constexpr,
+    DROP: tl.constexpr,
+    RESCALE: tl.constexpr,
+    SUMS_ONLY: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    ORDINARY_ONLY: tl.constexpr,  # only the slots on an ordinary (non-merge) step run
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    slot, p_slot, flat_offset, begin, full_end, end = _tile(p_tiles, p_slots, i_t, BLOCK)
+    t = tl.load(p_t + slot)
+    merge = (t % online_step) == 0
+    run = tl.load(p_skip) == 0
+    if ORDINARY_ONLY:
+        run = run & (t % online_step != 0)
+    if SUMS_ONLY:
+        run = run & merge
+    s_abs = tl.zeros((), tl.float32)
+    s_kept = tl.zeros((), tl.float32)
+    if run:
+        p_param = _ptr(p_slot, _PARAM, PARAM_DTYPE, ALIGNED)
+        p_grad = _ptr(p_slot, _GRAD, PARAM_DTYPE, ALIGNED)
+        p_m = _ptr(p_slot, _EXP_AVG, tl.float32, ALIGNED)
+        p_v = _ptr(p_slot, _EXP_AVG_SQ, tl.float32, ALIGNED)
+        p_tau = p_m
+        if HAS_TAU:
+            p_tau = _ptr(p_slot, _REF_DELTA, TAU_DTYPE, ALIGNED)
+        p_c = p_m
+        if ACCUMULATE:
+            p_c = _ptr(p_slot, _CACHED, tl.float32, ALIGNED)
+        global_offset = tl.load(p_slot + _GLOBAL_OFFSET)
+        param_index = tl.load(p_slot + _PARAM_INDEX)
+        step_size = tl.load(p_step_size + slot)
+        inv_scale = 1.0 / tl.load(p_grad_scale)
+        factor = 1.0
+        bound = float("inf")
+        if RESCALE and not SUMS_ONLY:
+            factor = tl.load(p_rescale + slot * 2)
+            bound = tl.load(p_rescale + slot * 2 + 1)
+        for b0 in range(begin, full_end, BLOCK):
+            a, k = _ondare_block(
+                p_param, p_grad, p_m, p_v, p_tau, p_c, b0 + tl.arange(0, BLOCK), end, global_offset, t,
+                param_index, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha,
+                inv_p, keep31, seed, HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, False,
+            )  # fmt: skip
+            s_abs += a
+            s_kept += k
+        if full_end < end:
+            a, k = _ondare_block(
+                p_param, p_grad, p_m, p_v, p_tau, p_c, full_end + tl.arange(0, BLOCK), end, global_offset, t,
+                param_index, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha,
+                inv_p, keep31, seed, HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, True,
+            )  # fmt: skip
+            s_abs += a
+            s_kept += k
+    if SUMS_ONLY:
+        tl.store(p_sums + i_t * 2, s_abs)
+        tl.store(p_sums + i_t * 2 + 1, s_kept)
+
+
+# ----------------------------------------------------------------------------- OnTIES
+
+
+@triton.jit
+def _ties_delta_block(
+    p_grad, p_m, p_v, p_c, p_delta, o, end, step_size, inv_scale, beta1, beta2, eps,
+    ACCUMULATE: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    m = o < end
+    d = _adam_delta(p_grad, p_m, p_v, o, m, inv_scale, step_size, beta1, beta2, eps, True, MASKED)
+    if ACCUMULATE:
+        d += _ld(p_c, o, m, MASKED)
+    _st(p_delta, o, d, m, MASKED)
+    key = d.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    if MASKED:
+        return tl.histogram(key >> SHIFT, 2**BITS, mask=m)
+    else:
+        return tl.histogram(key >> SHIFT, 2**BITS)
+
+
+@triton.jit
+def _ties_delta_kernel(
+    p_slots,  # [S, N_FIELDS] int64
+    p_tiles,  # [n_tiles, 3] int64: (slot, flat begin, flat end)
+    p_step_size,  # [S] fp32
+    p_t,  # [S] int64
+    p_delta,  # [flat] fp32 out: Δ (plus the accumulated Δ) of merging slots
+    p_hist,  # [S, 2**BITS] int64, accumulated into: the top digit of |Δ|
+    p_skip,  # [] fp32
+    p_grad_scale,  # [] fp32
+    beta1,
+    beta2,
+    eps,
+    online_step,
+    PARAM_DTYPE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    SHIFT: tl.constexpr,
+    BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    slot, p_slot, flat_offset, begin, full_end, end = _tile(p_tiles, p_slots, i_t, BLOCK)
+    t = tl.load(p_t + slot)
+    if (tl.load(p_skip) == 0) & (t % online_step == 0):
+        p_grad = _ptr(p_slot, _GRAD, PARAM_DTYPE, ALIGNED)
+        p_m = _ptr(p_slot, _EXP_AVG, tl.float32, ALIGNED)
+        p_v = _ptr(p_slot, _EXP_AVG_SQ, tl.float32, ALIGNED)
+        p_c = p_m
+        if ACCUMULATE:
+            p_c = _ptr(p_slot, _CACHED, tl.float32, ALIGNED)
+        p_d = p_delta + flat_offset
+        step_size = tl.load(p_step_size + slot)
+        inv_scale = 1.0 / tl.load(p_grad_scale)
+        b_hist = tl.zeros([2**BITS], dtype=tl.int32)
+        for b0 in range(begin, full_end, BLOCK):
+            b_hist += _ties_delta_block(
+                p_grad, p_m, p_v, p_c, p_d, b0 + tl.arange(0, BLOCK), end, step_size, inv_scale, beta1, beta2,
+                eps, ACCUMULATE, SHIFT, BITS, False,
+            )  # fmt: skip
+        if full_end < end:
+            b_hist += _ties_delta_block(
+                p_grad, p_m, p_v, p_c, p_d, full_end + tl.arange(0, BLOCK), end, step_size, inv_scale, beta1,
+                beta2, eps, ACCUMULATE, SHIFT, BITS, True,
+            )  # fmt: skip
+        tl.atomic_add(p_hist + slot * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64), sem="relaxed")
+
+
+@triton.jit
+def _ties_apply_block(
+    p_param, p_tau, p_c, p_delta, o, end, threshold, budget, taken, lr_wd, alpha,
+    HAS_TAU: tl.constexpr, ACCUMULATE: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    m = o < end
+    d = _ld(p_delta, o, m, MASKED)
+    key = (d.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
+    # Top k: keys above the threshold, and the first `budget` copies of it in index order.
+    tie = m & (key == threshold)
+    rank = taken + tl.cumsum(tie.to(tl.int64), 0) - 1
+    d = tl.where((key > threshold) | (tie & (rank < budget)), d, 0.0)
+    if HAS_TAU:
+        # Elect the sign of τ + Δ (≥ 0 counts as +) and zero what disagrees with it.
+        tau = _ld(p_tau, o, m, MASKED)
+        positive = tau + d >= 0
+        tau = tl.where(tl.where(positive, tau > 0, tau < 0), tau, 0.0)
+        d = tl.where(tl.where(positive, d > 0, d < 0), d, 0.0)
+        upd = alpha * tau + (1.0 - alpha) * d
+    else:
+        upd = (1.0 - alpha) * d
+    theta = _ld(p_param, o, m, MASKED)
+    if ACCUMULATE:  # roll back the Δ applied since the last merge: it is part of d
+        theta -= _ld(p_c, o, m, MASKED)
+        _st(p_c, o, tl.zeros_like(d), m, MASKED)
+    theta = theta + upd
+    _st(p_param, o, theta - lr_wd * theta, m, MASKED)
+    return taken + tl.sum(tie.to(tl.int64), 0)
+
+
+@triton.jit
+def _ties_apply_kernel(
+    p_slots,  # [S, N_FIELDS] int64
+    p_tiles,  # [n_tiles, 3] int64: (slot, flat begin, flat end)
+    p_delta,  # [flat] fp32: from _ties_delta_kernel
+    p_threshold,  # [S] int64: key of the k-th largest |Δ|; < 0 skips the slot (an ordinary step)
+    p_budget,  # [n_tiles] int64: how many copies of the threshold key this tile keeps
+    p_skip,  # [] fp32
+    lr_wd,
+    alpha,
+    PARAM_DTYPE: tl.constexpr,
+    TAU_DTYPE: tl.constexpr,
+    HAS_TAU: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    slot, p_slot, flat_offset, begin, full_end, end = _tile(p_tiles, p_slots, i_t, BLOCK)
+    threshold = tl.load(p_threshold + slot)
+    if (tl.load(p_skip) == 0) & (threshold >= 0):
+        p_param = _ptr(p_slot, _PARAM, PARAM_DTYPE, ALIGNED)
+        p_tau = p_param
+        if HAS_TAU:
+            p_tau = _ptr(p_slot, _REF_DELTA, TAU_DTYPE, ALIGNED)
+        p_c = p_param
+        if ACCUMULATE:
+            p_c = _ptr(p_slot, _CACHED, tl.float32, ALIGNED)
+        p_d = p_delta + flat_offset
+        budget = tl.load(p_budget + i_t)
+        taken = tl.zeros((), tl.int64)
+        for b0 in range(begin, full_end, BLOCK):
+            taken = _ties_apply_block(
+                p_param, p_tau, p_c, p_d, b0 + tl.arange(0, BLOCK), end, threshold, budget, taken, lr_wd, alpha,
+                HAS_TAU, ACCUMULATE, False,
+            )  # fmt: skip
+        if full_end < end:
+            taken = _ties_apply_block(
+                p_param, p_tau, p_c, p_d, full_end + tl.arange(0, BLOCK), end, threshold, budget, taken, lr_wd,
+                alpha, HAS_TAU, ACCUMULATE, True,
+            )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- gradient check
+
+
+@triton.jit
+def _nonfinite_block(p_grad, o, end, MASKED: tl.constexpr):
+    g = _ld(p_grad, o, o < end, MASKED)  # masked lanes read 0
+    return tl.sum(tl.where(tl.abs(g) < float("inf"), 0, 1), 0)  # NaN fails the comparison too
+
+
+@triton.jit
+def _nonfinite_kernel(
+    p_slots,  # [S, N_FIELDS] int64
+    p_tiles,  # [n_tiles, 3] int64
+    p_flag,  # [] fp32: set to 1 if any gradient element is NaN or ±inf
+    PARAM_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    slot, p_slot, flat_offset, begin, full_end, end = _tile(p_tiles, p_slots, i_t, BLOCK)
+    p_grad = _ptr(p_slot, _GRAD, PARAM_DTYPE, ALIGNED)
+    n_bad = tl.zeros((), tl.int32)
+    for b0 in range(begin, full_end, BLOCK):
+        n_bad += _nonfinite_block(p_grad, b0 + tl.arange(0, BLOCK), end, False)
+    if full_end < end:
+        n_bad += _nonfinite_block(p_grad, full_end + tl.arange(0, BLOCK), end, True)
+    if n_bad > 0:
+        tl.store(p_flag, 1.0)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def keep_threshold(reserve_p: float) -> int:
+    """Philox outputs r keep an element when (r >> 1) < this: P(keep) = reserve_p to 2**-31."""
+    return min(max(round(reserve_p * 2**31), 1), 2**31 - 1)
+
+
+def ondare_step(
+    slots: torch.Tensor,
+    tiles: torch.Tensor,
+    step_size: torch.Tensor,
+    t: torch.Tensor,
+    skip: torch.Tensor,
+    grad_scale: torch.Tensor,
+    *,
+    param_dtype: torch.dtype,
+    tau_dtype: torch.dtype | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    lr_wd: float,
+    alpha: float,
+    reserve_p: float,
+    seed: int,
+    online_step: int,
+    rescale: torch.Tensor | None = None,
+    sums_only: bool = False,
+    ordinary_only: bool = False,
+    aligned: bool = True,
+) -> torch.Tensor | None:
+    """One OnDARE step over every tile, in place; see _ondare_step_kernel for the arguments.
+
+    With sums_only=True nothing is written and the [n_tiles, 2] fp32 L1 sums are returned.
+    """
+    n_tiles = tiles.shape[0]
+    sums = torch.empty(n_tiles, 2, device=tiles.device, dtype=torch.float32) if sums_only else None
+    if n_tiles == 0:
+        return sums
+    drop = reserve_p < 1.0
+    _ondare_step_kernel[(n_tiles,)](
+        slots,
+        tiles,
+        step_size,
+        t,
+        rescale if rescale is not None else step_size,
+        sums if sums_only else step_size,
+        skip,
+        grad_scale,
+        beta1,
+        beta2,
+        eps,
+        lr_wd,
+        alpha,
+        1.0 / reserve_p,
+        keep_threshold(reserve_p) if drop else 0,
+        seed,
+        online_step,
+        PARAM_DTYPE=_TL_DTYPE[param_dtype],
+        TAU_DTYPE=_TL_DTYPE[tau_dtype or torch.float32],
+        HAS_TAU=tau_dtype is not None,
+        DROP=drop,
+        RESCALE=rescale is not None,
+        SUMS_ONLY=sums_only,
+        ACCUMULATE=online_step > 1,
+        ORDINARY_ONLY=ordinary_only,
+        ALIGNED=aligned,
+        BLOCK=BLOCK,
+        num_warps=_NUM_WARPS,
+    )
+    return sums
+
+
+def ties_delta(
+    slots: torch.Tensor,
+    tiles: torch.Tensor,
+    step_size: torch.Tensor,
+    t: torch.Tensor,
+    skip: torch.Tensor,
+    grad_scale: torch.Tensor,
+    flat_numel: int,
+    *,
+    param_dtype: torch.dtype,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    online_step: int,
+    aligned: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Moments and Δ of the merging slots: returns (Δ [flat_numel] fp32, [S, 2048] int64 histogram
+    of the top radix digit of |Δ|). The ordinary-step slots of online_step > 1 are left alone."""
+    delta = torch.empty(flat_numel, device=tiles.device, dtype=torch.float32)
+    shift, bits = RADIX_DIGITS[0]
+    hist = torch.zeros(slots.shape[0], 2**bits, device=tiles.device, dtype=torch.int64)
+    if tiles.shape[0]:
+        _ties_delta_kernel[(tiles.shape[0],)](
+            slots,
+            tiles,
+            step_size,
+            t,
+            delta,
+            hist,
+            skip,
+            grad_scale,
+            beta1,
+            beta2,
+            eps,
+            online_step,
+            PARAM_DTYPE=_TL_DTYPE[param_dtype],
+            ACCUMULATE=online_step > 1,
+            ALIGNED=aligned,
+            SHIFT=shift,
+            BITS=bits,
+            BLOCK=BLOCK,
+            num_warps=_NUM_WARPS,
+        )
+    return delta, hist
+
+
+def ties_apply(
+    slots: torch.Tensor,
+    tiles: torch.Tensor,
+    delta: torch.Tensor,
+    threshold: torch.Tensor,
+    budget: torch.Tensor,
+    skip: torch.Tensor,
+    *,
+    param_dtype: torch.dtype,
+    tau_dtype: torch.dtype | None,
+    lr_wd: float,
+    alpha: float,
+    online_step: int,
+    aligned: bool = True,
+) -> None:
+    """Keeps the top k of Δ, elects signs against τ, merges and decays, in place."""
+    if tiles.shape[0] == 0:
+        return
+    _ties_apply_kernel[(tiles.shape[0],)](
+        slots,
+        tiles,
+        delta,
+        threshold,
+        budget,
+        skip,
+        lr_wd,
+        alpha,
+        PARAM_DTYPE=_TL_DTYPE[param_dtype],
+        TAU_DTYPE=_TL_DTYPE[tau_dtype or torch.float32],
+        HAS_TAU=tau_dtype is not None,
+        ACCUMULATE=online_step > 1,
+        ALIGNED=aligned,
+        BLOCK=BLOCK,
+        num_warps=_NUM_WARPS,
+    )
+
+
+def nonfinite(
+    slots: torch.Tensor, tiles: torch.Tensor, flag: torch.Tensor, *, param_dtype: torch.dtype, aligned: bool
+) -> None:
+    """Sets flag (a [] fp32 tensor) to 1 if any gradient element in the tiles is NaN or ±inf."""
+    if tiles.shape[0]:
+        _nonfinite_kernel[(tiles.shape[0],)](
+            slots, tiles, flag, PARAM_DTYPE=_TL_DTYPE[param_dtype], ALIGNED=aligned, BLOCK=BLOCK, num_warps=_NUM_WARPS
+        )
+
+
+# ----------------------------------------------------------------------------- compile check
+
+
+def compile_specs() -> list[CompileSpec]:
+    specs = []
+    table = {"p_slots": "*i64", "p_tiles": "*i64"}
+    dare_sig = {
+        **table,
+        "p_step_size": "*fp32",
+        "p_t": "*i64",
+        "p_rescale": "*fp32",
+        "p_sums": "*fp32",
+        "p_skip": "*fp32",
+        "p_grad_scale": "*fp32",
+        "beta1": "fp32",
+        "beta2": "fp32",
+        "eps": "fp32",
+        "lr_wd": "fp32",
+        "alpha": "fp32",
+        "inv_p": "fp32",
+        "keep31": "i32",
+        "seed": "i64",
+        "online_step": "i32",
+    }
+    shift, bits = RADIX_DIGITS[0]
+    for param_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        pty = TRITON_DTYPE[param_dtype]
+        for tau_dtype in (torch.bfloat16, torch.float32, None):
+            tty = TRITON_DTYPE[tau_dtype] if tau_dtype else "none"
+            # The plain step, everything on, and the L1-sum pass of `rescale`.
+            for drop, rescale, sums, accumulate in ((True, False, False, False), (True, True, False, True),
+                                                    (True, True, True, True)):  # fmt: skip
+                specs.append(
+                    CompileSpec(
+                        _ondare_step_kernel,
+                        f"ondare {pty} tau={tty} drop={drop} rescale={rescale} sums={sums} acc={accumulate}",
+                        dare_sig,
+                        {
+                            "PARAM_DTYPE": _TL_DTYPE[param_dtype],
+                            "TAU_DTYPE": _TL_DTYPE[tau_dtype or torch.float32],
+                            "HAS_TAU": tau_dtype is not None,
+                            "DROP": drop,
+                            "RESCALE": rescale,
+                            "SUMS_ONLY": sums,
+                            "ACCUMULATE": accumulate,
+                            "ORDINARY_ONLY": False,
+                            "ALIGNED": True,
+                            "BLOCK": BLOCK,
+                        },
+                        _NUM_WARPS,
+                    )
+                )
+            for accumulate in (False, True):
+                specs.append(
+                    CompileSpec(
+                        _ties_apply_kernel,
+                        f"ties apply {pty} tau={tty} acc={accumulate}",
+                        {
+                            **table,
+                            "p_delta": "*fp32",
+                            "p_threshold": "*i64",
+                            "p_budget": "*i64",
+                            "p_skip": "*fp32",
+                            "lr_wd": "fp32",
+                            "alpha": "fp32",
+                        },  # fmt: skip
+                        {
+                            "PARAM_DTYPE": _TL_DTYPE[param_dtype],
+                            "TAU_DTYPE": _TL_DTYPE[tau_dtype or torch.float32],
+                            "HAS_TAU": tau_dtype is not None,
+                            "ACCUMULATE": accumulate,
+                            "ALIGNED": True,
+                            "BLOCK": BLOCK,
+                        },
+                        _NUM_WARPS,
+                    )
+                )
+        specs.append(
+            CompileSpec(
+                _ondare_step_kernel,
+                f"ondare {pty} ordinary-only unaligned",
+                dare_sig,
+                {
+                    "PARAM_DTYPE": _TL_DTYPE[param_dtype],
+                    "TAU_DTYPE": tl.float32,
+                    "HAS_TAU": False,
+                    "DROP": False,
+                    "RESCALE": False,
+                    "SUMS_ONLY": False,
+                    "ACCUMULATE": True,
+                    "ORDINARY_ONLY": True,
+                    "ALIGNED": False,
+                    "BLOCK": BLOCK,
+                },
+                _NUM_WARPS,
+            )
+        )
+        for accumulate in (False, True):
+            specs.append(
+                CompileSpec(
+                    _ties_delta_kernel,
+                    f"ties delta {pty} acc={accumulate}",
+                    {
+                        **table,
+                        "p_step_size": "*fp32",
+                        "p_t": "*i64",
+                        "p_delta": "*fp32",
+                        "p_hist": "*i64",
+                        "p_skip": "*fp32",
+                        "p_grad_scale": "*fp32",
+                        "beta1": "fp32",
+                        "beta2": "fp32",
+                        "eps": "fp32",
+                        "online_step": "i32",
+                    },  # fmt: skip
+                    {
+                        "PARAM_DTYPE": _TL_DTYPE[param_dtype],
+                        "ACCUMULATE": accumulate,
+                        "ALIGNED": True,
+                        "SHIFT": shift,
+                        "BITS": bits,
+                        "BLOCK": BLOCK,
+                    },
+                    _NUM_WARPS,
+                )
+            )
+        specs.append(
+            CompileSpec(
+                _nonfinite_kernel,
+                f"nonfinite {pty}",
+                {**table, "p_flag": "*fp32"},
+                {"PARAM_DTYPE": _TL_DTYPE[param_dtype], "ALIGNED": True, "BLOCK": BLOCK},
+                _NUM_WARPS,
+            )
+        )
+    return specs

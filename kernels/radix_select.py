@@ -1,0 +1,151 @@
+"""Exact top-k thresholds by radix select over the bits of float32 magnitudes, without a sort.
+
+A float32's magnitude |x| orders exactly like the integer `bits(x) & 0x7fffffff` (its 31 low
+bits), so the k-th largest magnitude is found one digit at a time: histogram the top digit of
+every key, pick the bin that holds the k-th largest, then histogram the next digit of the keys
+that share the chosen prefix, and so on. Three digits (RADIX_DIGITS) cover the 31 bits.
+
+Keys live in one flat float32 buffer per launch, cut into tiles that never straddle two
+segments ("slots", one per parameter shard): `tiles` is [n_tiles, 3] int64 rows
+(slot, begin, end) of flat offsets. Each program histograms one tile and adds its counts into
+its slot's row with one vector of atomics, so the histograms are [n_slots, bins] and can be
+all-reduced across a device mesh before the host-side (but sync-free) selection picks the digit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET, CompileSpec
+
+# (shift, bits) of each digit of the 31-bit magnitude key, most significant first.
+RADIX_DIGITS = ((20, 11), (10, 10), (0, 10))
+
+# Elements per loop iteration. Tiles are long (see the optimizer's TIES_TILE) so that each
+# program pays its 2**bits histogram atomics once per many elements.
+_BLOCK = 128 if INTERPRET else 1024
+_NUM_WARPS = 4
+
+
+@triton.jit
+def _magnitude_key(x):
+    """Integer key that orders like |x| for float32 x: its 31 low bits."""
+    return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _load_keys(p_x, o_x, end, MASKED: tl.constexpr):
+    """Keys of one block: unmasked (vectorized) inside a tile, masked on its ragged tail."""
+    if MASKED:
+        return _magnitude_key(tl.load(p_x + o_x, mask=o_x < end, other=0.0)), o_x < end
+    else:
+        return _magnitude_key(tl.load(p_x + o_x)), o_x >= 0
+
+
+@triton.jit
+def _tile_bounds(p_tiles, i_t, BLOCK: tl.constexpr):
+    """(slot, begin, end of the unmasked blocks, end) of tile i_t; tiles begin on a block boundary."""
+    slot = tl.load(p_tiles + i_t * 3)
+    begin = tl.multiple_of(tl.load(p_tiles + i_t * 3 + 1), BLOCK)
+    end = tl.load(p_tiles + i_t * 3 + 2)
+    return slot, begin, begin + (end - begin) // BLOCK * BLOCK, end
+
+
+@triton.jit
+def _histogram_block(p_x, o_x, end, prefix, SHIFT: tl.constexpr, BITS: tl.constexpr, MASKED: tl.constexpr):
+    key, m_x = _load_keys(p_x, o_x, end, MASKED)
+    m_match = m_x & ((key >> (SHIFT + BITS)).to(tl.int64) == prefix)
+    return tl.histogram((key >> SHIFT) & (2**BITS - 1), 2**BITS, mask=m_match)
+
+
+@triton.jit
+def _radix_histogram_kernel(
+    p_x,  # [N] fp32: the values whose magnitudes are ranked
+    p_tiles,  # [n_tiles, 3] int64: (slot, begin, end) flat offsets, begin a multiple of BLOCK
+    p_prefix,  # [S] int64: the key bits above this digit chosen so far; < 0 skips the slot
+    p_hist,  # [S, 2**BITS] int64, accumulated into
+    SHIFT: tl.constexpr,
+    BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    slot, begin, full_end, end = _tile_bounds(p_tiles, i_t, BLOCK)
+    prefix = tl.load(p_prefix + slot)
+    if prefix >= 0:
+        b_hist = tl.zeros([2**BITS], dtype=tl.int32)
+        for b0 in range(begin, full_end, BLOCK):
+            b_hist += _histogram_block(p_x, b0 + tl.arange(0, BLOCK), end, prefix, SHIFT, BITS, False)
+        if full_end < end:
+            b_hist += _histogram_block(p_x, full_end + tl.arange(0, BLOCK), end, prefix, SHIFT, BITS, True)
+        tl.atomic_add(p_hist + slot * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64), sem="relaxed")
+
+
+@triton.jit
+def _tie_count_block(p_x, o_x, end, threshold, MASKED: tl.constexpr):
+    key, m_x = _load_keys(p_x, o_x, end, MASKED)
+    return tl.sum((m_x & (key.to(tl.int64) == threshold)).to(tl.int64), 0)
+
+
+@triton.jit
+def _radix_tie_count_kernel(
+    p_x,  # [N] fp32
+    p_tiles,  # [n_tiles, 3] int64: (slot, begin, end) flat offsets, begin a multiple of BLOCK
+    p_threshold,  # [S] int64: the key whose copies are counted; < 0 skips the slot
+    p_count,  # [n_tiles] int64 out: copies of the slot's threshold key in this tile
+    BLOCK: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    slot, begin, full_end, end = _tile_bounds(p_tiles, i_t, BLOCK)
+    threshold = tl.load(p_threshold + slot)
+    count = tl.zeros((), dtype=tl.int64)
+    if threshold >= 0:
+        for b0 in range(begin, full_end, BLOCK):
+            count += _tie_count_block(p_x, b0 + tl.arange(0, BLOCK), end, threshold, False)
+        if full_end < end:
+            count += _tie_count_block(p_x, full_end + tl.arange(0, BLOCK), end, threshold, True)
+    tl.store(p_count + i_t, count)
+
+
+def radix_histogram(x: torch.Tensor, tiles: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
+    """[S, 2**bits] int64 counts of digit (key >> shift) among each slot's keys whose bits above
+    the digit equal prefix[slot]. x: [N] fp32; tiles: [n_tiles, 3] int64; prefix: [S] int64."""
+    hist = torch.zeros(prefix.numel(), 2**bits, dtype=torch.int64, device=x.device)
+    if tiles.shape[0]:
+        _radix_histogram_kernel[(tiles.shape[0],)](
+            x, tiles, prefix, hist, SHIFT=shift, BITS=bits, BLOCK=_BLOCK, num_warps=_NUM_WARPS
+        )
+    return hist
+
+
+def radix_tie_count(x: torch.Tensor, tiles: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """[n_tiles] int64: how many keys in each tile equal their slot's threshold (0 where it is < 0)."""
+    count = torch.empty(tiles.shape[0], dtype=torch.int64, device=x.device)
+    if tiles.shape[0]:
+        _radix_tie_count_kernel[(tiles.shape[0],)](x, tiles, threshold, count, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    return count
+
+
+def compile_specs() -> list[CompileSpec]:
+    sig = {"p_x": "*fp32", "p_tiles": "*i64", "p_prefix": "*i64", "p_hist": "*i64"}
+    specs = [
+        CompileSpec(
+            _radix_histogram_kernel,
+            f"digit shift={shift} bits={bits}",
+            sig,
+            {"SHIFT": shift, "BITS": bits, "BLOCK": _BLOCK},
+            _NUM_WARPS,
+        )
+        for shift, bits in RADIX_DIGITS[1:]  # the first digit is histogrammed by the producer
+    ]
+    specs.append(
+        CompileSpec(
+            _radix_tie_count_kernel,
+            "ties",
+            {"p_x": "*fp32", "p_tiles": "*i64", "p_threshold": "*i64", "p_count": "*i64"},
+            {"BLOCK": _BLOCK},
+            _NUM_WARPS,
+        )
+    )
+    return specs

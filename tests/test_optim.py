@@ -1,0 +1,573 @@
+"""OnlineMergeAdamW against the float64 reference, on the kernels (interpreted) and the torch path.
+
+OnDARE has no selection, so whole trajectories are compared. OnTIES selects the top k of a
+float32 Δ, which the float64 reference computes a few ulps differently: its steps are compared
+one at a time from the optimizer's own state, and entries within 1e-5 of the selection
+threshold (where float32 rounding may legitimately reorder them) are left out of that
+comparison; exact-tie behaviour is tested separately with exactly representable values.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from fastalign.kernels import online_merge as kernels
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from utils import rel_err
+
+from fastalign._backend import forced_backend
+from fastalign.optim import OnlineMergeAdamW, reference_delta
+from fastalign.optim._torch_path import dare_keep
+from fastalign.reference import online_merge as ref
+
+SHAPES = [(1000,), (37, 3), (5,), (2, 700)]  # crosses tiles and blocks under the interpreter
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, clip=1.0, rescale=False, online_step=1)
+
+
+def make_params(shapes, dtype, device, scale=1.0):
+    return [torch.nn.Parameter((torch.randn(s, device=device) * scale).to(dtype)) for s in shapes]
+
+
+def make_taus(params, scale=0.02):
+    return [torch.randn(p.shape, device=p.device) * scale for p in params]
+
+
+def ulp_tolerance(expected: torch.Tensor, dtype: torch.dtype, ulps: float) -> torch.Tensor:
+    """ulps units in the last place of `expected` in `dtype` (at least of its smallest normal)."""
+    tiny = torch.finfo(dtype).tiny
+    exponent = torch.floor(torch.log2(expected.abs().clamp_min(tiny)))
+    return ulps * torch.finfo(dtype).eps * torch.exp2(exponent)
+
+
+def assert_close_ulps(actual, expected, dtype, ulps, where=None, what="", atol=1e-8):
+    """Within `ulps` units in the last place of `dtype`, or atol (the float32 error of an lr-sized
+    update) for entries near 0."""
+    actual, expected = actual.double(), expected.double()
+    bad = (actual - expected).abs() > ulp_tolerance(expected, dtype, ulps) + atol
+    if where is not None:
+        bad &= where
+    assert not bad.any(), f"{what}: {int(bad.sum())} entries off, e.g. {actual[bad][:3]} vs {expected[bad][:3]}"
+
+
+def build(params, method, reserve_p, alpha, taus, tau_dtype=torch.bfloat16, seed=0, **hp):
+    hp = {**HP, **hp}
+    opt = OnlineMergeAdamW(
+        params, method=method, reserve_p=reserve_p, alpha=alpha, ref_delta=taus, seed=seed,
+        ref_delta_dtype=tau_dtype, **hp,
+    )  # fmt: skip
+    # The reference starts from the τ the optimizer stored (sparsified once, rounded to its dtype).
+    stored = [opt.state[p]["ref_delta"].double() if "ref_delta" in opt.state[p] else None for p in params]
+    reference = ref.OnlineMergeReference(
+        [p.detach().double().clone() for p in params], method=method, reserve_p=reserve_p, alpha=alpha,
+        ref_delta=stored, **hp,
+    )  # fmt: skip
+    return opt, reference
+
+
+def sync(reference, opt, params):
+    """Starts the reference's next step from the optimizer's current state, in float64."""
+    for i, p in enumerate(params):
+        st = opt.state[p]
+        reference.params[i] = p.detach().double().clone()
+        reference.m[i], reference.v[i] = st["exp_avg"].double().clone(), st["exp_avg_sq"].double().clone()
+        if "cached_delta" in st:
+            reference.cached[i] = st["cached_delta"].double().clone()
+        reference.t[i] = int(st["step"])
+
+
+def random_grads(params, scale=1.0):
+    return [(torch.randn(p.shape, device=p.device) * scale).to(p.dtype) for p in params]
+
+
+def dare_keeps(opt, params, seed, reserve_p):
+    """The keep masks the optimizer's next step draws (checked against the kernels below)."""
+    return [
+        dare_keep(seed, int(opt.state[p]["step"]) + 1, i, 0, p.numel(), reserve_p, p.device).view(p.shape)
+        for i, p in enumerate(params)
+    ]
+
+
+# ----------------------------------------------------------------------------- the random keep
+
+
+@triton.jit
+def _keep_kernel(p_out, offset, n, t, param_index, keep31, seed, BLOCK: tl.constexpr):
+    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = kernels._dare_keep(seed, offset + o, t, param_index, keep31)
+    tl.store(p_out + o, keep.to(tl.int8), mask=o < n)
+
+
+@pytest.mark.parametrize(
+    "seed, t, param_index, offset, reserve_p",
+    [
+        pytest.param(0, 1, 0, 0, 0.5, id="seed0"),
+        pytest.param(2**40 + 7, 123456, 77, 2**32 - 300, 0.1, id="idx-crosses-2^32-seed-above-2^32"),
+        pytest.param(12345, 0, 3, 5 * 2**33, 0.9, id="t0-large-offset"),
+    ],
+)
+def test_torch_philox_matches_the_kernels_bit_for_bit(seed, t, param_index, offset, reserve_p, device):
+    n = 1000
+    out = torch.empty(n, dtype=torch.int8, device=device)
+    keep31 = kernels.keep_threshold(reserve_p)
+    _keep_kernel[(triton.cdiv(n, 256),)](out, offset, n, t, param_index, keep31, seed, BLOCK=256)
+    expected = dare_keep(seed, t, param_index, offset, n, reserve_p, device)
+    assert torch.equal(out.bool(), expected)
+
+
+def test_dare_keep_is_bernoulli_and_keyed():
+    n, p = 20000, 0.3
+    keep = dare_keep(7, 5, 2, 0, n, p, "cpu")
+    assert abs(int(keep.sum()) - n * p) < 5 * math.sqrt(n * p * (1 - p))
+    # Any slice of the global index range draws the same keeps: sharding cannot change them.
+    assert torch.equal(dare_keep(7, 5, 2, 1234, 999, p, "cpu"), keep[1234 : 1234 + 999])
+    for other in (
+        dare_keep(8, 5, 2, 0, n, p, "cpu"),
+        dare_keep(7, 6, 2, 0, n, p, "cpu"),
+        dare_keep(7, 5, 3, 0, n, p, "cpu"),
+    ):
+        agree = (other == keep).float().mean().item()
+        assert abs(agree - (p * p + (1 - p) ** 2)) < 0.02  # independent draws
+
+
+# ----------------------------------------------------------------------------- OnDARE
+
+
+ONDARE_CASES = [
+    pytest.param("fp32", torch.bfloat16, 1.0, 0.3, 1, False, id="fp32-taubf16-p1"),
+    pytest.param("fp32", torch.float32, 0.5, 0.2, 1, False, id="fp32-tau32-p0.5"),
+    pytest.param("bf16", torch.bfloat16, 0.7, 0.5, 3, True, id="bf16-p0.7-K3-rescale"),
+    pytest.param("fp16", torch.float32, 1.0, 0.0, 2, False, id="fp16-p1-K2"),
+    pytest.param("fp32", None, 0.6, 0.0, 1, True, id="fp32-no-tau-rescale"),
+]
+
+
+@pytest.mark.parametrize("dtype, tau_dtype, reserve_p, alpha, online_step, rescale", ONDARE_CASES)
+def test_ondare_matches_float64_reference(dtype, tau_dtype, reserve_p, alpha, online_step, rescale, backend, device):
+    dtype, seed = DTYPES[dtype], 1234
+    params = make_params(SHAPES, dtype, device)
+    taus = make_taus(params) if tau_dtype else None
+    opt, reference = build(
+        params, "ondare", reserve_p, alpha, taus, tau_dtype or torch.bfloat16, seed, online_step=online_step,
+        rescale=rescale,
+    )  # fmt: skip
+    if taus is not None:  # τ itself: dropped or τ / p, clamped to ±1
+        for i, (p, tau) in enumerate(zip(params, taus)):
+            keep = dare_keep(seed, 0, i, 0, p.numel(), reserve_p, device)
+            expected = ref.sparsify_ref_delta(tau.double(), "ondare", reserve_p, 1.0, keep.view(p.shape))
+            assert_close_ulps(opt.state[p]["ref_delta"], expected, tau_dtype, 1, what="τ")
+    for _ in range(4):
+        grads = random_grads(params)
+        keeps = dare_keeps(opt, params, seed, reserve_p)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        reference.step([g.double() for g in grads], keeps)
+        if dtype != torch.float32:  # the reference stores θ in its dtype too
+            reference.params = [x.to(dtype).double() for x in reference.params]
+    ulps = 8 if dtype == torch.float32 else 2  # fp32 drifts a few ulps over 4 steps
+    for p, expected, m in zip(params, reference.params, reference.m):
+        assert_close_ulps(p, expected, dtype, ulps, what="θ")
+        assert rel_err(opt.state[p]["exp_avg"], m) < 1e-6
+        assert opt.state[p]["exp_avg"].dtype == torch.float32 and int(opt.state[p]["step"]) == 4
+
+
+def test_ondare_drop_is_exactly_delta_over_p(backend, device):
+    """Every entry of the update is either 0 or Δ/p, and the kept fraction is p."""
+    n, p, seed = 6000, 0.3, 99
+    (param,) = params = [torch.nn.Parameter(torch.zeros(n, device=device))]
+    opt = OnlineMergeAdamW(params, lr=1e-2, method="ondare", reserve_p=p, seed=seed)
+    param.grad = torch.randn(n, device=device)
+    opt.step()
+    g = param.grad.double()
+    delta = -1e-2 * math.sqrt(1 - 0.999) / (1 - 0.9) * (0.1 * g) / ((0.001 * g * g).sqrt() + 1e-8)
+    kept = param.detach() != 0
+    assert_close_ulps(param[kept], delta[kept] / p, torch.float32, 4, what="kept")
+    assert abs(int(kept.sum()) - n * p) < 5 * math.sqrt(n * p * (1 - p))
+    assert torch.equal(kept, dare_keep(seed, 1, 0, 0, n, p, device))
+
+
+def test_backends_draw_the_same_keeps(device):
+    params = {}
+    for backend in ("kernel", "torch"):
+        torch.manual_seed(0)
+        ps = make_params(SHAPES, torch.float32, device)
+        opt = OnlineMergeAdamW(ps, lr=0.1, method="ondare", reserve_p=0.4, seed=5)
+        for step in range(2):
+            torch.manual_seed(step + 1)
+            for p in ps:
+                p.grad = torch.randn(p.shape, device=device)
+            if backend == "torch":
+                with forced_backend("torch"):
+                    opt.step()
+            else:
+                opt.step()
+        params[backend] = ps
+    for a, b in zip(params["kernel"], params["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- OnTIES
+
+
+def mid_training_state(opt, params, step=5):
+    """Random moments and a step count: Δ is then spread out, not ±lr at every entry as at step 1."""
+    state = opt.state_dict()
+    for i, p in enumerate(params):
+        state["state"][i]["exp_avg"] = torch.randn(p.shape, device=p.device) * 0.1
+        state["state"][i]["exp_avg_sq"] = torch.rand(p.shape, device=p.device) * 0.01 + 1e-4
+        state["state"][i]["step"] = torch.tensor(float(step))
+    opt.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "dtype, tau_dtype, reserve_p, alpha, online_step",
+    [
+        pytest.param("fp32", torch.bfloat16, 0.3, 0.4, 1, id="fp32-p0.3"),
+        pytest.param("bf16", torch.float32, 0.05, 0.2, 1, id="bf16-p0.05"),
+        pytest.param("fp16", torch.bfloat16, 0.5, 0.5, 2, id="fp16-p0.5-K2"),
+        pytest.param("fp32", torch.bfloat16, 1e-4, 0.3, 1, id="fp32-k-below-1-no-mask"),
+        pytest.param("fp32", None, 1.0, 0.0, 1, id="fp32-p1-no-tau-plain-adamw"),
+    ],
+)
+def test_onties_matches_float64_reference(dtype, tau_dtype, reserve_p, alpha, online_step, backend, device):
+    dtype = DTYPES[dtype]
+    params = make_params(SHAPES, dtype, device)
+    taus = make_taus(params) if tau_dtype else None
+    opt, reference = build(
+        params, "onties", reserve_p, alpha, taus, tau_dtype or torch.bfloat16, online_step=online_step
+    )
+    if taus is not None:
+        for p, tau in zip(params, taus):
+            expected = ref.sparsify_ref_delta(tau.double(), "onties", reserve_p, 1.0)
+            assert_close_ulps(opt.state[p]["ref_delta"], expected, tau_dtype, 1, what="τ")
+    mid_training_state(opt, params)
+    checked = 0
+    for _ in range(3):
+        sync(reference, opt, params)
+        grads = random_grads(params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        reference.step([g.double() for g in grads])
+        for i, p in enumerate(params):
+            certain = torch.ones(p.shape, dtype=torch.bool, device=device)
+            if i in reference.sparsified:
+                d = reference.sparsified[i]
+                k = int(reserve_p * d.numel())
+                if 1 <= k < d.numel():  # the k-th and (k+1)-th largest may swap if they are this close
+                    mag = d.abs()
+                    a, b = mag.reshape(-1).sort(descending=True).values[k - 1 : k + 1]
+                    if a - b <= 1e-5 * a:
+                        certain &= (mag < b * (1 - 1e-5)) | (mag > a * (1 + 1e-5))
+                if reference.ref_delta[i] is not None:
+                    tau = reference.ref_delta[i]
+                    certain &= (tau + d).abs() > 1e-5 * (tau.abs() + d.abs())
+            checked += int(certain.sum())
+            assert_close_ulps(p, reference.params[i], dtype, 4 if dtype == torch.float32 else 1, certain, "θ")
+    assert checked > 0.95 * 3 * sum(p.numel() for p in params)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sizes=st.lists(st.integers(1, 1500), min_size=1, max_size=3),
+    reserve_p=st.sampled_from([0.01, 0.3, 0.5, 0.77, 0.999]),
+    levels=st.integers(1, 6),
+    data=st.data(),
+)
+def test_onties_topk_with_exact_ties_keeps_the_lowest_indices(sizes, reserve_p, levels, data, device):
+    """|Δ| takes a few exactly representable levels, so the threshold level has many copies: the
+    optimizer must keep exactly what a stable descending sort keeps (lower index first)."""
+    params = [torch.nn.Parameter(torch.zeros(n, device=device)) for n in sizes]
+    opt = OnlineMergeAdamW(params, lr=1e-2, method="onties", reserve_p=reserve_p)
+    state = opt.state_dict()
+    ms = []
+    for i, n in enumerate(sizes):
+        level = torch.randint(
+            1, levels + 1, (n,), generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
+        )
+        m = level.float().to(device) * torch.where(torch.rand(n, device=device) < 0.5, -0.125, 0.125)
+        ms.append(m)
+        state["state"][i].update(exp_avg=m, exp_avg_sq=torch.ones(n, device=device))
+    opt.load_state_dict(state)
+    for p in params:
+        p.grad = torch.zeros_like(p)  # Δ ∝ 0.9 · m exactly: the levels stay distinct and tied
+    opt.step()
+    for p, m in zip(params, ms):
+        expected = ref.topk_mask(m, reserve_p)
+        assert torch.equal(p.detach() != 0, expected)
+
+
+def test_onties_ties_across_tiles_and_parameters(backend, device):
+    """Equal |Δ| everywhere (step 1 with |g| = 1): the kept entries are the first k by index."""
+    sizes = [1300, 7, 2000]
+    params = [torch.nn.Parameter(torch.zeros(n, device=device)) for n in sizes]
+    opt = OnlineMergeAdamW(params, lr=1e-2, method="onties", reserve_p=0.37)
+    for p in params:
+        p.grad = torch.where(torch.rand(p.shape, device=device) < 0.5, -1.0, 1.0)
+    opt.step()
+    for p in params:
+        k = int(0.37 * p.numel())
+        expected = torch.arange(p.numel(), device=device) < (k if k >= 1 else p.numel())
+        assert torch.equal(p.detach() != 0, expected)
+
+
+# ----------------------------------------------------------------------------- step K, groups, batching
+
+
+@pytest.mark.parametrize("method", ["ondare", "onties"])
+def test_step_k_updates_every_parameter(method, backend, device):
+    """The official code returns from its parameter loop on ordinary steps; here every parameter
+    moves on every step, and the K-th step merges."""
+    params = make_params(SHAPES, torch.float32, device)
+    opt, reference = build(params, method, 1.0 if method == "ondare" else 0.5, 0.3, make_taus(params), online_step=3)
+    for step in range(4):
+        before = [p.detach().clone() for p in params]
+        sync(reference, opt, params)
+        grads = random_grads(params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        reference.step([g.double() for g in grads])
+        assert all(not torch.equal(b, p) for b, p in zip(before, params))
+        if step < 2 or method == "ondare":  # the merge of onties selects: covered above
+            for p, expected in zip(params, reference.params):
+                assert_close_ulps(p, expected, torch.float32, 4, what=f"θ at step {step + 1}")
+        cached = [opt.state[p]["cached_delta"] for p in params]
+        assert all((c == 0).all() for c in cached) == (step == 2)
+
+
+def test_param_groups_and_named_ref_delta(backend, device):
+    model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.Linear(20, 5)).to(device)
+    named = dict(model.named_parameters())
+    taus = {name: torch.randn(p.shape, device=device) * 0.01 for name, p in named.items()}
+    groups = [
+        {"params": [(n, named[n]) for n in ("0.weight", "0.bias")], "lr": 0.01, "method": "ondare", "alpha": 0.5},
+        {"params": [(n, named[n]) for n in ("1.weight", "1.bias")], "weight_decay": 0.1, "method": "onties"},
+    ]
+    opt = OnlineMergeAdamW(groups, lr=0.003, reserve_p=1.0, alpha=0.2, ref_delta=taus)
+    refs = []
+    for group in opt.param_groups:
+        hp = {k: group[k] for k in ("lr", "betas", "eps", "weight_decay", "method", "reserve_p", "alpha")}
+        hp.update(rescale=False, clip=1.0, online_step=1)
+        stored = [opt.state[p]["ref_delta"].double() for p in group["params"]]
+        refs.append(
+            ref.OnlineMergeReference([p.detach().double().clone() for p in group["params"]], ref_delta=stored, **hp)
+        )
+    for _ in range(2):
+        model.zero_grad()
+        model(torch.randn(8, 30, device=device)).square().mean().backward()
+        opt.step()
+        for group, reference in zip(opt.param_groups, refs):
+            reference.step([p.grad.double() for p in group["params"]])
+    for group, reference in zip(opt.param_groups, refs):
+        for p, expected in zip(group["params"], reference.params):
+            assert_close_ulps(p, expected, torch.float32, 8, what=group["method"])
+    # A group added later starts without τ and steps with the rest.
+    extra = torch.nn.Parameter(torch.randn(4, device=device))
+    opt.add_param_group({"params": [("extra", extra)], "method": "onties", "reserve_p": 0.5})
+    extra.grad = torch.ones(4, device=device)
+    opt.step()
+    assert "ref_delta" not in opt.state[extra] and int(opt.state[extra]["step"]) == 1
+
+
+def test_many_small_parameters_share_one_launch(monkeypatch, device):
+    calls = []
+    real = kernels.ondare_step
+    monkeypatch.setattr(kernels, "ondare_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    params = [torch.nn.Parameter(torch.randn(n, device=device)) for n in [3, 64, 1, 200] * 10]
+    opt = OnlineMergeAdamW(params, lr=0.1, reserve_p=0.5)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert len(calls) == 1
+    assert all(int(opt.state[p]["step"]) == 1 for p in params)
+
+
+# ----------------------------------------------------------------------------- scaling and skipping
+
+
+@pytest.mark.parametrize("method", ["ondare", "onties"])
+def test_grad_scale_found_inf_and_skip_nonfinite(method, backend, device):
+    def run(grads, **attrs):
+        torch.manual_seed(0)
+        params = make_params(SHAPES, torch.bfloat16, device)
+        opt = OnlineMergeAdamW(params, lr=0.05, method=method, reserve_p=0.5, skip_nonfinite=True)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        for name, value in attrs.items():
+            setattr(opt, name, value)
+        before = copy.deepcopy(opt.state_dict()["state"])
+        opt.step()
+        return params, opt, before
+
+    torch.manual_seed(1)
+    grads = random_grads(make_params(SHAPES, torch.bfloat16, device))
+    plain, _, _ = run(grads)
+    scale = torch.tensor(1024.0, device=device)
+    scaled, _, _ = run([g * 1024 for g in grads], grad_scale=scale, found_inf=torch.tensor(0.0, device=device))
+    for a, b in zip(plain, scaled):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    for attrs, bad in (({"found_inf": torch.tensor(1.0, device=device)}, None), ({}, float("nan")), ({}, float("inf"))):
+        poisoned = [g.clone() for g in grads]
+        if bad is not None:
+            poisoned[2][1] = bad  # one entry of one small parameter skips every parameter
+        params, opt, before = run(poisoned, **attrs)
+        torch.manual_seed(0)
+        for p, p0 in zip(params, make_params(SHAPES, torch.bfloat16, device)):
+            assert torch.equal(p, p0)
+        for i, p in enumerate(params):
+            for key, value in opt.state[p].items():
+                assert torch.equal(value, before[i][key]), key  # the step counter included
+
+
+def test_torch_grad_scaler(device):
+    if device.type != "cpu":
+        pytest.skip("the CPU GradScaler path")
+    results = []
+    for use_scaler in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 4)
+        opt = OnlineMergeAdamW(model.parameters(), lr=0.01, method="onties", reserve_p=0.5)
+        scaler = torch.amp.GradScaler("cpu", init_scale=256.0, enabled=use_scaler)
+        for step in range(3):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 16)).square().mean()
+            if step == 1:
+                loss = loss * float("inf")  # an overflow step: skipped with the scaler
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        results.append((model, opt))
+    (plain, plain_opt), (scaled, scaled_opt) = results
+    assert int(scaled_opt.state[scaled.weight]["step"]) == 2
+    assert torch.isfinite(scaled.weight).all() and not torch.isfinite(plain.weight).all()
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@pytest.mark.parametrize("method, reserve_p", [("ondare", 0.5), ("onties", 0.3)])
+def test_state_dict_round_trip_and_resume(method, reserve_p, backend, device):
+    def fresh():
+        torch.manual_seed(0)
+        params = make_params(SHAPES, torch.bfloat16, device)
+        opt = OnlineMergeAdamW(
+            params, lr=0.05, method=method, reserve_p=reserve_p, alpha=0.3, ref_delta=make_taus(params),
+            online_step=3, seed=11,
+        )  # fmt: skip
+        return params, opt
+
+    def steps(params, opt, n, first):
+        for i in range(first, first + n):
+            gen = torch.Generator().manual_seed(100 + i)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(device, p.dtype)
+            opt.step()
+
+    params, opt = fresh()
+    steps(params, opt, 2, 0)
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buffer)
+    steps(params, opt, 3, 2)  # crosses a merge step
+
+    resumed_params, resumed = fresh()
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    with torch.no_grad():
+        for p, q in zip(resumed_params, saved["params"]):
+            p.copy_(q)
+    resumed.load_state_dict(saved["opt"])
+    for p in resumed_params:
+        state = resumed.state[p]
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == state["cached_delta"].dtype == torch.float32
+        assert state["ref_delta"].dtype == torch.bfloat16 and state["step"].dtype == torch.float32
+    steps(resumed_params, resumed, 3, 2)
+    for a, b in zip(params, resumed_params):
+        assert torch.equal(a, b)  # the same trajectory, random keeps included
+    for a, b in zip(opt.state.values(), resumed.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input(device):
+    p = torch.nn.Parameter(torch.randn(4, 3, device=device))
+    named = [("layer.weight", p)]
+    for kwargs, error, match in [
+        ({"reserve_p": 0.0}, ValueError, "reserve_p"),
+        ({"reserve_p": 1.5}, ValueError, "reserve_p"),
+        ({"alpha": -0.1, "ref_delta": [torch.zeros(4, 3, device=device)]}, ValueError, "alpha"),
+        ({"lr": -1e-3}, ValueError, "lr"),
+        ({"method": "dare"}, ValueError, "method"),
+        ({"method": "onties", "rescale": True}, ValueError, "rescale"),
+        ({"alpha": 0.5}, ValueError, "ref_delta is required"),
+        ({"online_step": 0}, ValueError, "online_step"),
+        ({"betas": (0.9, 1.0)}, ValueError, "betas"),
+        ({"ref_delta_dtype": torch.float16}, ValueError, "ref_delta_dtype"),
+        ({"ref_delta": {"layer.weight": torch.zeros(3, 4, device=device)}}, ValueError, "layer.weight must have shape"),
+        ({"ref_delta": {"layer.weight": torch.zeros(4, 3, device="meta")}}, ValueError, "layer.weight must be on"),
+        ({"ref_delta": {"other.weight": torch.zeros(4, 3)}}, ValueError, "no parameter has"),
+        ({"ref_delta": [torch.zeros(4, 3), torch.zeros(4, 3)]}, ValueError, "one entry per parameter"),
+        ({"ref_delta": {"layer.weight": [1.0]}}, TypeError, "layer.weight must be a floating-point tensor"),
+    ]:
+        with pytest.raises(error, match=match):
+            OnlineMergeAdamW(named, **kwargs)
+    with pytest.raises(ValueError, match=r"parameter 0 \(shape \(4, 3\)\) must have shape"):
+        OnlineMergeAdamW([p], ref_delta=[torch.zeros(12, device=device)])
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        OnlineMergeAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))])
+    with pytest.raises(ValueError, match="contiguous"):
+        OnlineMergeAdamW([torch.nn.Parameter(torch.zeros(3, 4, device=device).t())])
+
+
+# ----------------------------------------------------------------------------- reference_delta
+
+
+def test_reference_delta_sources(tmp_path, device):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    base, sft = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+    expected = {n: (sft.state_dict()[n] - base.state_dict()[n]) for n in ("weight", "bias")}
+    save_file(base.state_dict(), tmp_path / "base.safetensors")
+    sharded = tmp_path / "sft"
+    sharded.mkdir()
+    save_file({"weight": sft.weight.detach()}, sharded / "a.safetensors")
+    save_file({"bias": sft.bias.detach()}, sharded / "b.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"weight": "a.safetensors", "bias": "b.safetensors"}}'
+    )
+    for ref_src, base_src in (
+        (sft, base),
+        (sft.state_dict(), base.state_dict()),
+        (sharded, tmp_path / "base.safetensors"),
+    ):
+        tau = reference_delta(ref_src, base_src, dtype=torch.float32)
+        assert set(tau) == set(expected)
+        for name in expected:
+            torch.testing.assert_close(tau[name], expected[name])
+    policy = torch.nn.Linear(6, 4).to(device)
+    by_param = reference_delta(str(sharded), base, like=policy)
+    assert set(by_param) == {policy.weight, policy.bias}
+    assert by_param[policy.weight].dtype == torch.bfloat16 and by_param[policy.weight].device == policy.weight.device
+    torch.testing.assert_close(by_param[policy.bias].float(), expected["bias"].to(device), atol=1e-2, rtol=1e-2)
+    OnlineMergeAdamW(policy.parameters(), ref_delta=by_param, alpha=0.1)  # accepted as it is
+
+    with pytest.raises(ValueError, match="'bias' is missing from base"):
+        reference_delta(sft, {"weight": base.weight})
+    with pytest.raises(ValueError, match="base has 1 tensor"):
+        reference_delta({"weight": sft.weight}, base)
+    with pytest.raises(ValueError, match="'weight' has shape"):
+        reference_delta(sft, {"weight": torch.zeros(4, 5), "bias": base.bias})
+    with pytest.raises(ValueError, match="does not exist"):
+        reference_delta(tmp_path / "nope.safetensors", base)
