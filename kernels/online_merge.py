@@ -337,8 +337,8 @@ def _ties_apply_block(
     key = (d.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
     # Top k: keys above the threshold, and the first `budget` copies of it in index order.
     tie = m & (key == threshold)
-    rank = taken + tl.cumsum(tie.to(tl.int64), 0) - 1
-    d = tl.where((key > threshold) | (tie & (rank < budget)), d, 0.0)
+    rank = tl.cumsum(tie.to(tl.int32), 0) - 1  # among this block's copies; `taken` came before
+    d = tl.where((key > threshold) | (tie & (rank < budget - taken)), d, 0.0)
     if HAS_TAU:
         # Elect the sign of τ + Δ (≥ 0 counts as +) and zero what disagrees with it.
         tau = _ld(p_tau, o, m, MASKED)
@@ -354,7 +354,7 @@ def _ties_apply_block(
         _st(p_c, o, tl.zeros_like(d), m, MASKED)
     theta = theta + upd
     _st(p_param, o, theta - lr_wd * theta, m, MASKED)
-    return taken + tl.sum(tie.to(tl.int64), 0)
+    return taken + tl.sum(tie.to(tl.int32), 0)
 
 
 @triton.jit

@@ -260,16 +260,7 @@ def test_onties_matches_float64_reference(dtype, tau_dtype, reserve_p, alpha, on
         for i, p in enumerate(params):
             certain = torch.ones(p.shape, dtype=torch.bool, device=device)
             if i in reference.sparsified:
-                d = reference.sparsified[i]
-                k = int(reserve_p * d.numel())
-                if 1 <= k < d.numel():  # the k-th and (k+1)-th largest may swap if they are this close
-                    mag = d.abs()
-                    a, b = mag.reshape(-1).sort(descending=True).values[k - 1 : k + 1]
-                    if a - b <= 1e-5 * a:
-                        certain &= (mag < b * (1 - 1e-5)) | (mag > a * (1 + 1e-5))
-                if reference.ref_delta[i] is not None:
-                    tau = reference.ref_delta[i]
-                    certain &= (tau + d).abs() > 1e-5 * (tau.abs() + d.abs())
+                certain = ref.selection_is_certain(reference.sparsified[i], reserve_p, reference.ref_delta[i])
             checked += int(certain.sum())
             assert_close_ulps(p, reference.params[i], dtype, 4 if dtype == torch.float32 else 1, certain, "θ")
     assert checked > 0.95 * 3 * sum(p.numel() for p in params)

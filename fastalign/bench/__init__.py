@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-SUITES = ["logprobs", "losses"]
+SUITES = ["logprobs", "losses", "optim"]
 
 
 @dataclass

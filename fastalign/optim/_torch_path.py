@@ -17,15 +17,15 @@ from fastalign.optim._select import radix_select, tie_budget
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
-_CHUNK = 1 << 20  # elements per chunk of the int64 Philox temporaries
+_CHUNK = 1 << 14  # elements per chunk of the int64 Philox temporaries: small enough to stay in cache
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(high, low) 32 bits of a · b for a < 2**32 and int64 b < 2**32, without int64 overflow."""
-    p_lo = (b & 0xFFFF) * a  # < 2**48
-    p_hi = (b >> 16) * a  # < 2**48
-    s = ((p_hi & 0xFFFF) << 16) + p_lo
-    return ((p_hi >> 16) + (s >> 32)) & _M32, s & _M32
+    p_lo = (b & 0xFFFF).mul_(a)  # < 2**48
+    p_hi = (b >> 16).mul_(a)  # < 2**48
+    s = (p_hi & 0xFFFF).bitwise_left_shift_(16).add_(p_lo)
+    return p_hi.bitwise_right_shift_(16).add_(s >> 32).bitwise_and_(_M32), s.bitwise_and_(_M32)
 
 
 def philox(seed: int, c0, c1, c2, c3, rounds: int = 10):
@@ -34,7 +34,7 @@ def philox(seed: int, c0, c1, c2, c3, rounds: int = 10):
     for _ in range(rounds):
         hi_b, lo_b = _mulhilo(_ROUND_B, c2)
         hi_a, lo_a = _mulhilo(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        c0, c1, c2, c3 = hi_b.bitwise_xor_(c1).bitwise_xor_(k0), lo_b, hi_a.bitwise_xor_(c3).bitwise_xor_(k1), lo_a
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
     return c0, c1, c2, c3
 

@@ -29,6 +29,26 @@ def topk_mask(x: torch.Tensor, reserve_p: float) -> torch.Tensor:
     return mask.view(x.shape)
 
 
+def selection_is_certain(delta: torch.Tensor, reserve_p: float, tau: torch.Tensor | None, rel: float = 1e-5):
+    """Where a float32 run of OnTIES must agree with this float64 reference: everywhere except
+    entries within `rel` of the top-k threshold when the k-th and (k+1)-th magnitudes are that
+    close (float32 rounding may swap them), and where τ + Δ is within `rel` of 0 (the elected sign)."""
+    certain = torch.ones_like(delta, dtype=torch.bool)
+    k = int(reserve_p * delta.numel())
+    if 1 <= k < delta.numel():
+        mag = delta.abs()
+        n = delta.numel()
+        a, b = (
+            mag.reshape(-1).kthvalue(n - k + 1).values,
+            mag.reshape(-1).kthvalue(n - k).values,
+        )  # k-th, (k+1)-th largest
+        if a - b <= rel * a:
+            certain &= (mag < b * (1 - rel)) | (mag > a * (1 + rel))
+    if tau is not None:
+        certain &= (tau + delta).abs() > rel * (tau.abs() + delta.abs())
+    return certain
+
+
 def sparsify_ref_delta(
     tau: torch.Tensor, method: str, reserve_p: float, clip: float, keep: torch.Tensor | None = None
 ) -> torch.Tensor:

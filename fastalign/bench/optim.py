@@ -1,0 +1,132 @@
+"""OnlineMergeAdamW's step (OnDARE, OnTIES) against the official implementation's eager step and
+torch.optim.AdamW (fused where available, the speed of light for an AdamW step).
+
+Sizes are a decoder-shaped set of tensors: about 1B fp32 parameters on a GPU (τ in bf16), about
+0.4M on a CPU (a smoke run: the CPU runs the torch path). Bytes per step count what the step must
+move at least: read the gradient, θ, both moments and τ, write θ and both moments; the extra passes
+of OnTIES count against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastalign.bench import Case, Env
+from fastalign.optim import OnlineMergeAdamW
+from fastalign.optim._torch_path import dare_keep
+from fastalign.reference import online_merge as ref
+
+HP = dict(lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, reserve_p=0.3, alpha=0.2, clip=1.0)
+
+
+def _shapes(env: Env) -> list[tuple[int, ...]]:
+    """Embedding, then per layer 4 attention projections, 3 MLP matrices and 2 norms."""
+    vocab, hidden, ffn, layers = (32000, 2048, 8192, 14) if env.cuda else (1000, 96, 384, 2)
+    layer = [(hidden, hidden)] * 4 + [(ffn, hidden), (ffn, hidden), (hidden, ffn), (hidden,), (hidden,)]
+    return [(vocab, hidden)] + layer * layers + [(hidden,)]
+
+
+def _inputs(shapes, device, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device, generator=gen) * 1e-3
+    taus = [torch.randn(s, device=device, generator=gen) * 1e-3 for s in shapes]
+    return params, taus
+
+
+def _fastalign(method, shapes, device):
+    params, taus = _inputs(shapes, device)
+    opt = OnlineMergeAdamW(params, method=method, ref_delta=taus, **HP)
+    return opt.step
+
+
+def _official(method, shapes, device):
+    params, taus = _inputs(shapes, device)
+    step = ref.OfficialOnlineMergeStep(params, method=method, rescale=False, online_step=1, ref_delta=taus, **HP)
+    return step.step
+
+
+def _torch_adamw(shapes, device, fused):
+    params, _ = _inputs(shapes, device)
+    hp = {k: HP[k] for k in ("lr", "betas", "eps", "weight_decay")}
+    opt = torch.optim.AdamW(params, **hp, fused=fused, foreach=None if fused else True)
+    return opt.step
+
+
+def _torch_fused_works(device) -> bool:
+    try:
+        p = torch.nn.Parameter(torch.zeros(4, device=device))
+        p.grad = torch.zeros(4, device=device)
+        torch.optim.AdamW([p], fused=True).step()
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+def _make_check(method, shapes, device):
+    """One step from a mid-training state (spread-out moments) against the float64 reference,
+    one parameter at a time; OnDARE's keeps are the Philox draws, OnTIES's near-threshold
+    entries are left out where float32 may legitimately reorder them."""
+
+    def check():
+        params, taus = _inputs(shapes, device, seed=1)
+        opt = OnlineMergeAdamW(params, method=method, ref_delta=taus, **HP)
+        gen = torch.Generator(device=device).manual_seed(2)
+        before = []
+        for p in params:
+            state = opt.state[p]
+            state["exp_avg"].copy_(torch.randn(p.shape, device=device, generator=gen) * 1e-3)
+            state["exp_avg_sq"].copy_(torch.rand(p.shape, device=device, generator=gen) * 1e-6 + 1e-8)
+            state["step"].fill_(10)
+            before.append((p.detach().clone(), state["exp_avg"].clone(), state["exp_avg_sq"].clone()))
+        opt.step()
+        for i, (p, (theta, m, v)) in enumerate(zip(params, before)):
+            tau = opt.state[p]["ref_delta"].double()
+            one = ref.OnlineMergeReference(
+                [theta.double()], method=method, rescale=False, online_step=1, ref_delta=[tau], **HP
+            )
+            one.m, one.v, one.t = [m.double()], [v.double()], [10]
+            keeps = [dare_keep(0, 11, i, 0, p.numel(), HP["reserve_p"], device).view(p.shape)]
+            one.step([p.grad.double()], keeps if method == "ondare" else None)
+            certain = ref.selection_is_certain(one.sparsified[0], HP["reserve_p"], tau) if method == "onties" else None
+            err = (p.double() - one.params[0]).abs()
+            err = err[certain] if certain is not None else err
+            bound = 4 * torch.finfo(torch.float32).eps * one.params[0].abs().max().item() + 1e-9
+            if err.numel() and err.max().item() > bound:
+                raise AssertionError(f"parameter {i} {tuple(p.shape)}: max |θ - reference| = {err.max().item():.2e}")
+            if certain is not None and certain.float().mean().item() < 0.99:
+                raise AssertionError(f"parameter {i}: {1 - certain.float().mean().item():.1%} near-ties")
+
+    return check
+
+
+def cases(env: Env) -> list[Case]:
+    shapes = _shapes(env)
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    shape = f"params={numel / 1e9:.2f}B tensors={len(shapes)}" if env.cuda else f"params={numel / 1e6:.1f}M"
+    fused = _torch_fused_works(env.device)
+    torch_name = "torch-fused" if fused else "torch-foreach"
+    out = []
+    for method in ("ondare", "onties"):
+        check = _make_check(method, shapes, env.device)
+        impls = {
+            "fastalign": (lambda m=method: _fastalign(m, shapes, env.device), 4 + 4 + 4 + 16 + 2),
+            "eager": (lambda m=method: _official(m, shapes, env.device), 4 + 4 + 4 + 16 + 2),
+            torch_name: (lambda: _torch_adamw(shapes, env.device, fused), 4 + 4 + 4 + 16),
+        }
+        for impl, (setup, bytes_per_param) in impls.items():
+            out.append(
+                Case(
+                    op=f"{method}_step",
+                    impl=impl,
+                    mode="step",
+                    shape=shape,
+                    dtype="fp32",
+                    setup=setup,
+                    bytes=numel * bytes_per_param,
+                    check=check if impl == "fastalign" else None,
+                    extra={"ref_delta_dtype": "bf16" if impl == "fastalign" else "fp32"},
+                )
+            )
+    return out

@@ -1,0 +1,144 @@
+"""Worker of tests/test_optim_fsdp.py: one of two gloo processes on the CPU.
+
+Each case trains a small model for a few steps three ways and checks they agree bit for bit:
+the whole model in one process (computed on every rank, no collectives), the same model under
+FSDP2 (fully_shard, with uneven and empty shards), and flat ZeRO-style partitions (FlatShard).
+Then a torch.distributed.checkpoint save/load round trip must continue the same trajectory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+
+from fastalign._backend import forced_backend
+from fastalign.optim import FlatShard, OnlineMergeAdamW
+
+CASES = {
+    "ondare": dict(method="ondare", reserve_p=0.5, alpha=0.3, online_step=2, skip_nonfinite=True),
+    "onties": dict(method="onties", reserve_p=0.3, alpha=0.3, weight_decay=0.01),
+    "onties-K3-fp32tau": dict(method="onties", reserve_p=0.1, alpha=0.5, online_step=3, ref_delta_dtype=torch.float32),
+}
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    # Shard(0) over 2 ranks: 3 rows split 2/1, 1 row split 1/0 (an empty shard), 40 rows 20/20
+    # and more than a TIES tile under the interpreter.
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 40), torch.nn.Tanh(), torch.nn.Linear(40, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)
+    )
+
+
+def taus(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return {name: torch.randn(p.shape, generator=gen) * 0.02 for name, p in model.named_parameters()}
+
+
+def batches(n: int, first: int = 0):
+    for i in range(first, first + n):
+        gen = torch.Generator().manual_seed(100 + i)
+        yield torch.randn(16, 64, generator=gen)
+
+
+def train(model, opt, n, first=0):
+    for x in batches(n, first):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+def train_flat(source, slices, opt, n):
+    """ZeRO's loop: each rank steps its slices of the gradient, then the slices are gathered."""
+    for x in batches(n):
+        source.zero_grad()
+        source(x).square().mean().backward()
+        for local, (offset, p) in zip(opt.param_groups[0]["params"], slices):
+            local.grad = p.grad.reshape(-1)[offset : offset + local.numel()].clone()
+        opt.step()
+        with torch.no_grad():
+            for local, (offset, p) in zip(opt.param_groups[0]["params"], slices):
+                gathered = torch.zeros(p.numel())
+                gathered[offset : offset + local.numel()] = local
+                dist.all_reduce(gathered)
+                p.copy_(gathered.view(p.shape))
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def check_case(name: str, hp: dict, tmp: str) -> None:
+    rank = dist.get_rank()
+    whole = make_model()
+    whole_opt = OnlineMergeAdamW(whole.named_parameters(), lr=0.02, ref_delta=taus(whole), **hp)
+    train(whole, whole_opt, 3)
+
+    sharded = make_model()
+    for layer in sharded:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(sharded)
+    sharded_opt = OnlineMergeAdamW(sharded.named_parameters(), lr=0.02, ref_delta=taus(whole), **hp)
+    train(sharded, sharded_opt, 3)
+    for (n, p), q in zip(sharded.named_parameters(), whole.parameters()):
+        assert torch.equal(full(p), q), f"{name}: FSDP2 {n} differs from one process"
+        for key, value in whole_opt.state[q].items():
+            assert torch.equal(full(sharded_opt.state[p][key]), value), f"{name}: FSDP2 state {n}.{key}"
+
+    # ZeRO-style flat partitions, split unevenly (rank 0 holds 40% of every parameter).
+    source = make_model()
+    slices, flat_params, shards = [], [], {}
+    for p in source.parameters():
+        cut = (p.numel() * 2) // 5
+        offset, size = (0, cut) if rank == 0 else (cut, p.numel() - cut)
+        local = torch.nn.Parameter(p.detach().reshape(-1)[offset : offset + size].clone())
+        flat_params.append(local)
+        shards[local] = FlatShard(offset, p.numel())
+        slices.append((offset, p))
+    ref_delta = list(taus(whole).values())
+    flat_opt = OnlineMergeAdamW(flat_params, lr=0.02, ref_delta=ref_delta, flat_shards=shards, **hp)
+    train_flat(source, slices, flat_opt, 3)
+    for p, q in zip(source.parameters(), whole.parameters()):
+        assert torch.equal(p, q), f"{name}: flat shards differ from one process"
+
+    # Save with torch.distributed.checkpoint, load into a fresh model and optimizer, go on.
+    model_sd, optim_sd = get_state_dict(sharded, sharded_opt)
+    path = os.path.join(tmp, name)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    resumed = make_model()
+    for layer in resumed:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(resumed)
+    resumed_opt = OnlineMergeAdamW(resumed.named_parameters(), lr=0.02, ref_delta=taus(whole), seed=99, **hp)
+    model_sd, optim_sd = get_state_dict(resumed, resumed_opt)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=path)
+    set_state_dict(resumed, resumed_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    assert resumed_opt.param_groups[0]["seed"] == 0  # the checkpoint's seed replaces the new one
+    train(sharded, sharded_opt, 3, first=3)
+    train(resumed, resumed_opt, 3, first=3)
+    for p, q in zip(sharded.parameters(), resumed.parameters()):
+        assert torch.equal(full(p), full(q)), f"{name}: resumed run differs"
+    for p, q in zip(sharded.parameters(), resumed.parameters()):
+        for key, value in sharded_opt.state[p].items():
+            assert torch.equal(full(resumed_opt.state[q][key]), full(value)), f"{name}: resumed state {key}"
+            assert resumed_opt.state[q][key].dtype == value.dtype
+
+
+def main(rank: int, port: int, tmp: str, backend: str, names: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        with forced_backend("torch") if backend == "torch" else contextlib.nullcontext():
+            for name in names:
+                check_case(name, CASES[name], tmp)
+    finally:
+        dist.destroy_process_group()
