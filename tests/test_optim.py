@@ -83,6 +83,16 @@ def sync(reference, opt, params):
         reference.t[i] = int(st["step"])
 
 
+def synced_step(opt, reference, params):
+    """One step of the optimizer and, from the optimizer's state before it, of the reference."""
+    sync(reference, opt, params)
+    grads = random_grads(params)
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    reference.step([g.double() for g in grads])
+
+
 def random_grads(params, scale=1.0):
     return [(torch.randn(p.shape, device=p.device) * scale).to(p.dtype) for p in params]
 
@@ -251,12 +261,7 @@ def test_onties_matches_float64_reference(dtype, tau_dtype, reserve_p, alpha, on
     mid_training_state(opt, params)
     checked = 0
     for _ in range(3):
-        sync(reference, opt, params)
-        grads = random_grads(params)
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-        reference.step([g.double() for g in grads])
+        synced_step(opt, reference, params)
         for i, p in enumerate(params):
             certain = torch.ones(p.shape, dtype=torch.bool, device=device)
             if i in reference.sparsified:
@@ -321,12 +326,7 @@ def test_step_k_updates_every_parameter(method, backend, device):
     opt, reference = build(params, method, 1.0 if method == "ondare" else 0.5, 0.3, make_taus(params), online_step=3)
     for step in range(4):
         before = [p.detach().clone() for p in params]
-        sync(reference, opt, params)
-        grads = random_grads(params)
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-        reference.step([g.double() for g in grads])
+        synced_step(opt, reference, params)
         assert all(not torch.equal(b, p) for b, p in zip(before, params))
         if step < 2 or method == "ondare":  # the merge of onties selects: covered above
             for p, expected in zip(params, reference.params):

@@ -17,7 +17,9 @@ from fastalign.optim._select import radix_select, tie_budget
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
-_CHUNK = 1 << 14  # elements per chunk of the int64 Philox temporaries: small enough to stay in cache
+# Elements per chunk of the int64 Philox temporaries: on a CPU small enough to stay in cache, on a
+# GPU large enough that launches do not dominate.
+_CHUNK = {"cpu": 1 << 14, "cuda": 1 << 24}
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,8 +46,9 @@ def dare_keep(seed: int, t: int, param_index: int, offset: int, numel: int, rese
     (t = 0 for τ), as the kernels draw it."""
     keep31 = keep_threshold(reserve_p)
     out = torch.empty(numel, dtype=torch.bool, device=device)
-    for c in range(0, numel, _CHUNK):
-        idx = torch.arange(offset + c, offset + min(c + _CHUNK, numel), device=device)
+    chunk = _CHUNK.get(torch.device(device).type, 1 << 20)
+    for c in range(0, numel, chunk):
+        idx = torch.arange(offset + c, offset + min(c + chunk, numel), device=device)
         fill = torch.zeros_like(idx)
         r, _, _, _ = philox(seed, idx & _M32, idx >> 32, fill + (t & _M32), fill + (param_index & _M32))
         out[c : c + idx.numel()] = (r >> 1) < keep31
