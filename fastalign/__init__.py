@@ -2,11 +2,14 @@
 
 from fastalign.dpo import dpo_loss, kto_loss
 from fastalign.ift import ift_inputs_embeds, ift_loss
+from fastalign.linear_logprobs import linear_token_logprobs, linear_token_stats
 from fastalign.logprobs import TokenStats, token_logprobs, token_stats
-from fastalign.losses import DPOLoss, IFTLoss, KTOLoss
+from fastalign.losses import DPOLoss, FusedLinearDPOLoss, FusedLinearIFTLoss, IFTLoss, KTOLoss
 
 __all__ = [
     "DPOLoss",
+    "FusedLinearDPOLoss",
+    "FusedLinearIFTLoss",
     "IFTLoss",
     "KTOLoss",
     "TokenStats",
@@ -14,6 +17,8 @@ __all__ = [
     "ift_inputs_embeds",
     "ift_loss",
     "kto_loss",
+    "linear_token_logprobs",
+    "linear_token_stats",
     "token_logprobs",
     "token_stats",
 ]

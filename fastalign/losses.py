@@ -88,3 +88,53 @@ class IFTLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return ift_loss_from_logits(logits, labels, **self.kwargs)
+
+
+# Fused-linear forms (issue #4): the same losses from the last hidden states and the lm_head weight, through
+# fastalign.linear_token_logprobs, so not even a bf16 [tokens, vocab] logits tensor exists.
+from fastalign.linear_logprobs import dpo_loss_from_hidden, ift_loss_from_hidden  # noqa: E402
+
+
+class FusedLinearDPOLoss(nn.Module):
+    """A DPO-family loss from policy hidden states [2B, T, H] (chosen rows first), the lm_head weight [V, H]
+    and labels [2B, T]. Called as `(hidden, weight, labels, bias=None, *, ref_chosen_logps=..., ref_rejected_logps=...)`
+    or with `ref_hidden=` (and `ref_weight=`, `ref_bias=`) instead; returns (loss, metrics).
+    See `fastalign.linear_logprobs.dpo_loss_from_hidden` and `fastalign.dpo_loss`.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str | Sequence[str] = "sigmoid",
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        loss_weights: Sequence[float] | None = None,
+        memory_budget: int | None = None,
+    ):
+        super().__init__()
+        check_dpo_options(beta, loss_type, loss_weights, label_smoothing)
+        self.kwargs = dict(
+            beta=beta,
+            loss_type=loss_type,
+            loss_weights=loss_weights,
+            label_smoothing=label_smoothing,
+            ignore_index=ignore_index,
+            memory_budget=memory_budget,
+        )
+
+    def forward(self, hidden, weight, labels, bias=None, **reference):
+        return dpo_loss_from_hidden(hidden, weight, labels, bias, **reference, **self.kwargs)
+
+
+class FusedLinearIFTLoss(nn.Module):
+    """The IFT loss from hidden states [B, T, H], the lm_head weight [V, H] and labels [B, T] (aligned; the
+    caller shifts). Called as `(hidden, weight, labels, bias=None)`. See `fastalign.ift_loss`.
+    """
+
+    def __init__(self, gamma: float = 0.95, ignore_index: int = -100, memory_budget: int | None = None):
+        super().__init__()
+        check_gamma(gamma)
+        self.kwargs = dict(gamma=gamma, ignore_index=ignore_index, memory_budget=memory_budget)
+
+    def forward(self, hidden, weight, labels, bias=None):
+        return ift_loss_from_hidden(hidden, weight, labels, bias, **self.kwargs)

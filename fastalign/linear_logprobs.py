@@ -1,0 +1,511 @@
+"""Per-token log-probs straight from hidden states and the lm_head weight, never materializing the logits.
+
+Logits are z = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) / temperature (the softcap
+only when given); log-probs, entropy and argmax are those of softmax(z).
+
+- Forward: on CUDA (and in the interpreter) one Triton kernel computes logits tiles with tl.dot and folds them
+  into online log-sum-exp statistics: the logits exist only in registers. Only rows whose label counts are
+  scored (every row when entropy or argmax is asked for).
+- Backward: the vocabulary is cut into chunks within `memory_budget`. For each chunk a kernel recomputes the
+  logits tiles and writes d a = d loss / d (hidden @ weight.T + bias) into the chunk buffer; two GEMMs then add
+  d hidden += d a @ W[chunk] into an fp32 accumulator and write d W[chunk] = d a.T @ hidden with fp32
+  accumulation. Deterministic (no atomics), and bf16 rounding touches each gradient once, at the end.
+- The torch path (CPU outside the interpreter, other devices) runs the same chunk loop in fp32 torch ops.
+
+Costs of one call: 8 N H V FLOPs for forward + backward (the backward recomputes the logits), and one host
+sync, to count the rows that are scored and reject labels outside [0, V).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fastalign._backend import as_btv, backend_for, check_float, check_labels, check_positive
+from fastalign.dpo import dpo_loss
+from fastalign.ift import check_gamma, ift_loss
+from fastalign.kernels.linear_logprobs import linear_logprobs_bwd, linear_logprobs_fwd, tiles_for
+from fastalign.logprobs import TokenStats
+
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+"""Bytes for the logits-sized temporaries of one call (the backward's vocabulary chunk); see `linear_token_stats`."""
+
+# torch.mm(..., out_dtype=torch.float32) from bf16/fp16 operands: CUDA, torch >= 2.8.
+_MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
+@dataclass(frozen=True)
+class _Head:
+    """How logits are made from a = hidden @ weight.T + bias, and which label is ignored."""
+
+    ignore_index: int
+    temperature: float
+    softcap: float | None
+    logit_scale: float
+    memory_budget: int
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _scored_rows(labels: torch.Tensor, vocab: int, ignore_index: int, every_row: bool) -> torch.Tensor:
+    """[M] int64 indices of the rows to score: those whose label is not ignore_index, or every row.
+
+    The call's one host sync: it counts those rows and rejects a label outside [0, vocab)."""
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    n_valid, n_bad = torch.stack([valid.sum(), bad.sum()]).tolist()
+    if n_bad:
+        first = labels[bad][0].item()
+        raise ValueError(f"labels holds {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+    if every_row or n_valid == labels.numel():
+        return torch.arange(labels.numel(), device=labels.device)
+    # A stable sort puts the valid rows first, in order, without a second sync (nonzero() would sync).
+    return torch.argsort((~valid).to(torch.int8), stable=True)[:n_valid]
+
+
+def _rows_of(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[M, H] gather of `rows` from a [B, T, H] view, without copying the rest."""
+    T = x.shape[1]
+    return x[rows // T, rows % T]
+
+
+def _fast_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return _MM_OUT_DTYPE and a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as float32, accumulated in fp32 and rounded once."""
+    if _fast_mm(a, b):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for an fp32 acc, without rounding a @ b to the operands' dtype first."""
+    if _fast_mm(a, b):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _vocab_chunk(V: int, budget: int, bytes_per_column: int, multiple: int) -> int:
+    """Columns per vocabulary chunk: within budget, a multiple of `multiple` (at least one), at most V."""
+    columns = budget // max(1, bytes_per_column) // multiple * multiple
+    return min(V, max(multiple, columns))
+
+
+# ---------------------------------------------------------------------------------------------- torch path
+
+
+def _torch_logits(h32, weight, bias, v0, v1, head: _Head) -> torch.Tensor:
+    """z for vocabulary columns [v0, v1) of the fp32 rows h32, as fp32 [M, v1 - v0]."""
+    z = h32 @ weight[v0:v1].float().T
+    if bias is not None:
+        z += bias[v0:v1].float()
+    if head.logit_scale != 1.0:
+        z *= head.logit_scale
+    if head.softcap is not None:
+        z = torch.tanh(z / head.softcap).mul_(head.softcap)
+    if head.temperature != 1.0:
+        z /= head.temperature
+    return z
+
+
+def _torch_fwd(x, weight, bias, rows, labels, head: _Head, return_entropy, return_argmax):
+    """The forward kernel's contract (see `linear_logprobs_fwd`) in fp32 torch ops, a vocabulary chunk at a time."""
+    N, V, M = labels.numel(), weight.shape[0], rows.numel()
+    dev = x.device
+    h32 = _rows_of(x, rows).float()
+    lab = labels[rows]
+    m = torch.full((M,), float("-inf"), device=dev)
+    s = torch.zeros(M, device=dev)
+    t = torch.zeros(M, device=dev)
+    best = torch.zeros(M, device=dev, dtype=torch.int64)
+    z_label = torch.zeros(M, device=dev)
+    chunk = _vocab_chunk(V, head.memory_budget, 4 * (3 * M + x.shape[2]), 64)
+    for v0 in range(0, V, chunk):
+        z = _torch_logits(h32, weight, bias, v0, min(V, v0 + chunk), head)
+        z_max, i_max = z.max(1)
+        m_new = torch.maximum(m, z_max)
+        alpha = torch.exp(m - m_new)  # 0 on the first chunk, where m = -inf
+        e = torch.exp(z - m_new[:, None])
+        s = s * alpha + e.sum(1)
+        if return_entropy:
+            t = t * alpha + (e * z).sum(1)
+        if return_argmax:
+            best = torch.where(z_max > m, i_max + v0, best)  # strict >: the first maximum, as torch.argmax
+        local = lab - v0
+        here = (local >= 0) & (local < z.shape[1])
+        z_label = torch.where(here, z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), z_label)
+        m = m_new
+    lse = m + torch.log(s)
+    logp = torch.zeros(N, device=dev)
+    logp[rows] = torch.where(lab == head.ignore_index, 0.0, z_label - lse)
+    entropy = argmax = None
+    if return_entropy:
+        entropy = torch.zeros(N, device=dev)
+        entropy[rows] = lse - t / s
+    if return_argmax:
+        argmax = torch.zeros(N, device=dev, dtype=torch.int64)
+        argmax[rows] = best
+    return logp, lse, entropy, argmax
+
+
+def _torch_dlogits(h32, weight, bias, lab, lse, g, entropy, gh, da, v0, head: _Head) -> None:
+    """The backward kernel's contract in fp32 torch ops: d a for columns [v0, v0 + da.shape[1]) into da."""
+    z = _torch_logits(h32, weight, bias, v0, v0 + da.shape[1], head)
+    logp = z - lse[:, None]
+    # d logp / dz = onehot - p;  d H / dz = -p * (log p + H)
+    if gh is None:
+        dz = logp.exp().mul_(-g[:, None])
+    else:
+        dz = -logp.exp() * ((g + gh * entropy)[:, None] + gh[:, None] * logp)
+    local = lab - v0
+    here = (local >= 0) & (local < da.shape[1])
+    dz.scatter_add_(1, local.clamp(0, da.shape[1] - 1)[:, None], torch.where(here, g, 0.0)[:, None])
+    dz *= head.logit_scale / head.temperature
+    if head.softcap is not None:
+        th = z * (head.temperature / head.softcap)
+        dz *= 1 - th * th
+    da.copy_(dz)
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, head: _Head, return_entropy, return_argmax):
+        x = as_btv(hidden)
+        flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+        rows = _scored_rows(flat_labels, weight.shape[0], head.ignore_index, return_entropy or return_argmax)
+        use_kernels = backend_for(hidden) != "torch"
+        with torch.autocast(hidden.device.type, enabled=False):
+            if use_kernels:
+                args = (head.ignore_index, head.temperature, head.softcap, head.logit_scale)
+                logp, lse, entropy, argmax = linear_logprobs_fwd(
+                    x, weight, bias, rows, flat_labels, *args, return_entropy, return_argmax
+                )
+            else:
+                logp, lse, entropy, argmax = _torch_fwd(
+                    x, weight, bias, rows, flat_labels, head, return_entropy, return_argmax
+                )
+
+        ctx.save_for_backward(hidden, weight, bias, rows, flat_labels, lse, entropy)
+        ctx.head, ctx.use_kernels = head, use_kernels
+        ctx.set_materialize_grads(False)
+        shape = labels.shape
+        if argmax is not None:
+            ctx.mark_non_differentiable(argmax)
+            argmax = argmax.view(shape)
+        return logp.view(shape), None if entropy is None else entropy.view(shape), argmax
+
+    @staticmethod
+    def backward(ctx, dlogp, dentropy, _dargmax):
+        hidden, weight, bias, rows, labels, lse, entropy = ctx.saved_tensors
+        head: _Head = ctx.head
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        with torch.autocast(hidden.device.type, enabled=False):
+            dh, dw, db = _backward(
+                as_btv(hidden), weight, bias, rows, labels, lse, entropy, dlogp, dentropy, head, ctx.use_kernels,
+                need_h, need_w, need_b,
+            )  # fmt: skip
+        if dh is not None:
+            dh = dh.view(hidden.shape)
+        return dh, dw, db, None, None, None, None
+
+
+def _backward(x, weight, bias, rows, labels, lse, entropy, dlogp, dentropy, head, use_kernels, need_h, need_w, need_b):
+    """(d hidden [N, H] or None, d weight or None, d bias or None), a vocabulary chunk at a time."""
+    B, T, H = x.shape
+    V, M, dev = weight.shape[0], rows.numel(), x.device
+    lab = labels[rows]
+    # Ignored rows (scored only for the extras) get no log-prob gradient.
+    g = torch.zeros(M, device=dev) if dlogp is None else dlogp.reshape(-1)[rows].float()
+    g = torch.where(lab == head.ignore_index, 0.0, g)
+    gh = None if dentropy is None else dentropy.reshape(-1)[rows].float()
+    ent = None if gh is None else entropy[rows]
+
+    h_rows = _rows_of(x, rows)
+    if use_kernels:
+        da_dtype, multiple = x.dtype, tiles_for("bwd", x.dtype).block_v
+        fp32_copies = 0 if _fast_mm(h_rows, weight) else M + H  # the operands' fp32 upcasts, a chunk at a time
+        bytes_per_column = M * x.element_size() + 4 * (H + fp32_copies)
+    else:
+        h_rows = h_rows.float()
+        da_dtype, multiple = torch.float32, 64
+        bytes_per_column = 4 * (4 * M + 2 * H)
+    chunk = _vocab_chunk(V, head.memory_budget, bytes_per_column, multiple)
+
+    dh32 = torch.zeros(M, H, device=dev, dtype=torch.float32) if need_h else None
+    dw = torch.empty(weight.shape, device=dev, dtype=weight.dtype) if need_w else None
+    db = torch.empty(V, device=dev, dtype=torch.float32) if need_b else None
+    da_buffer = torch.empty(M, chunk, device=dev, dtype=da_dtype)
+    g, lse = g.contiguous(), lse.contiguous()
+    for v0 in range(0, V, chunk):
+        v1 = min(V, v0 + chunk)
+        da = da_buffer[:, : v1 - v0]
+        if use_kernels:
+            args = (head.ignore_index, head.temperature, head.softcap, head.logit_scale)
+            linear_logprobs_bwd(x, weight, bias, rows, labels, lse, g, ent, gh, da, v0, *args)
+        else:
+            _torch_dlogits(h_rows, weight, bias, lab, lse, g, ent, gh, da, v0, head)
+        if need_h:
+            _addmm_fp32(dh32, da, weight[v0:v1])
+        if need_w:
+            dw[v0:v1] = _mm_fp32(da.T, h_rows)
+        if need_b:
+            db[v0:v1] = da.sum(0, dtype=torch.float32)
+
+    dh = None
+    if need_h:
+        if M == B * T:  # rows is every row, in order
+            dh = dh32.to(x.dtype)
+        else:
+            dh = torch.zeros(B * T, H, device=dev, dtype=x.dtype)
+            dh[rows] = dh32.to(x.dtype)
+    return dh, dw, None if db is None else db.to(bias.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def _gathered(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The full tensor of an FSDP2 / DTensor parameter, gathered once; other tensors as they are.
+
+    Each rank's gradient of the full weight is a partial sum over its own tokens: it flows back as
+    Partial, so DTensor reduce-scatters it, averaged over the ranks as FSDP2 averages its gradients.
+    """
+    try:
+        from torch.distributed.tensor import DTensor, Partial
+    except ImportError:  # torch without distributed
+        return t
+    if not isinstance(t, DTensor):
+        return t
+    full = t.full_tensor(grad_placements=[Partial()] * t.device_mesh.ndim)
+    return _ScaleGrad.apply(full, 1.0 / t.device_mesh.size())
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _check_head_args(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget):
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if hidden.dim() < 1 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have shape [..., H] with H > 0; got {tuple(hidden.shape)}")
+    H = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != H:
+        raise ValueError(f"weight must have shape [V, H] = [V, {H}] with V > 0; got {tuple(weight.shape)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight must be on hidden's device ({hidden.device}); got {weight.device}")
+    if bias is not None:
+        check_float("bias", bias)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},); got {tuple(bias.shape)}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias must be on hidden's device ({hidden.device}); got {bias.device}")
+    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+    check_positive("temperature", temperature)
+    check_positive("logit_scale", logit_scale)
+    if softcap is not None:
+        check_positive("softcap", softcap)
+    if memory_budget is not None and not (isinstance(memory_budget, int) and memory_budget > 0):
+        raise ValueError(f"memory_budget must be a positive int (bytes) or None; got {memory_budget!r}")
+
+
+def linear_token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    entropy: bool = True,
+    argmax: bool = True,
+    memory_budget: int | None = None,
+) -> TokenStats:
+    """Per-token log-probs of `labels` under the lm_head `weight`, plus entropy and argmax, without the logits.
+
+    The logits are z = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) / temperature (Gemma's
+    final softcap when `softcap` is given; Cohere/Granite-style scaling with `logit_scale`).
+
+    Args:
+        hidden: [..., H] float32, bfloat16 or float16; any strides (a shifted `hidden[:, :-1]` is read in place).
+        weight: [V, H] (the lm_head, or the tied input embedding); a DTensor (FSDP2) is gathered once per call.
+        labels: [...] int64 aligned with hidden (the caller shifts), each in [0, V) or ignore_index.
+        bias: optional [V].
+        ignore_index: label whose log-prob is 0.0 and whose gradient is 0 (default -100).
+        temperature, logit_scale: > 0 (defaults 1.0); softcap: > 0 or None (default None).
+        entropy: return the entropy of softmax(z) at every position; differentiable (default True).
+        argmax: return the greedy token at every position (default True).
+        memory_budget: bytes for the backward's vocabulary chunk, the only logits-sized buffer of a call
+            (default DEFAULT_MEMORY_BUDGET, 256 MiB; a chunk holds at least one vocabulary tile). Besides it, the
+            backward holds an fp32 accumulator for d hidden (4 bytes per scored row and hidden unit).
+
+    Weight and bias are computed in hidden's dtype, or in the autocast dtype inside torch.autocast (cast like
+    F.linear does); gradients reach hidden, weight and bias. Only rows whose label is not ignore_index cost work,
+    unless entropy or argmax is asked for (they are returned at every position). A label outside [0, V) raises
+    ValueError: counting the scored rows syncs with the device once per call anyway.
+
+    Returns:
+        TokenStats(logprobs, entropy, argmax), each shaped like `labels`; logprobs and entropy float32.
+    """
+    weight, bias = _gathered(weight), _gathered(bias)
+    _check_head_args(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget)
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    head = _Head(
+        ignore_index,
+        float(temperature),
+        None if softcap is None else float(softcap),
+        float(logit_scale),
+        DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget,
+    )
+    logp, ent, amax = _LinearTokenLogprobs.apply(hidden, weight, bias, labels, head, entropy, argmax)
+    return TokenStats(logp, ent, amax)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    memory_budget: int | None = None,
+) -> torch.Tensor:
+    """float32 log-probs [...] of `labels` from hidden [..., H] and weight [V, H], 0.0 where ignored.
+
+    `linear_token_stats` without the extras: see it for the arguments.
+    """
+    return linear_token_stats(
+        hidden,
+        weight,
+        labels,
+        bias,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        entropy=False,
+        argmax=False,
+        memory_budget=memory_budget,
+    ).logprobs
+
+
+# ---------------------------------------------------------------------------------------------- fused-linear losses
+
+
+def _sequence_logps(hidden, weight, labels, bias, head_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of the label log-probs ([R] float32) and completion lengths ([R])."""
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape [batch, T, H]; got {tuple(hidden.shape)}")
+    token_logps = linear_token_logprobs(hidden, weight, labels, bias, **head_kwargs)
+    return token_logps.sum(-1), (labels != head_kwargs["ignore_index"]).sum(-1)
+
+
+def dpo_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    memory_budget: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`fastalign.dpo_loss` straight from the policy's last hidden states, through `linear_token_logprobs`.
+
+    Args:
+        hidden: [2B, T, H], the B chosen rows first, then the B rejected ones; weight: [V, H]; bias: [V] or None.
+        labels: [2B, T] int64 aligned with hidden (the caller shifts); ignore_index marks prompt and padding.
+        ref_chosen_logps, ref_rejected_logps: [B] reference sums over the completions; or instead
+        ref_hidden: [2B, T, H'] the reference model's hidden states, projected under no_grad by ref_weight
+            ([V, H'], default `weight`, as when the reference shares the policy's lm_head) and ref_bias.
+        The other arguments are `dpo_loss`'s; the completion lengths come from the labels.
+    """
+    if hidden.dim() >= 1 and hidden.shape[0] % 2:
+        raise ValueError(f"hidden must have an even batch [2B, T, H], the chosen rows first; got {hidden.shape[0]}")
+    head = {"ignore_index": ignore_index, "memory_budget": memory_budget}
+    if ref_hidden is None:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError("pass ref_chosen_logps and ref_rejected_logps, or ref_hidden (and ref_weight)")
+        if ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_weight and ref_bias need ref_hidden")
+    else:
+        if ref_chosen_logps is not None or ref_rejected_logps is not None:
+            raise ValueError("pass either ref_hidden or ref_chosen_logps and ref_rejected_logps, not both")
+        if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+            got = tuple(ref_hidden.shape)
+            raise ValueError(f"ref_hidden must have shape [*{tuple(hidden.shape[:-1])}, H] like hidden; got {got}")
+        with torch.no_grad():
+            ref_w = weight if ref_weight is None else ref_weight
+            ref, _ = _sequence_logps(ref_hidden.detach(), ref_w.detach(), labels, ref_bias, head)
+        ref_chosen_logps, ref_rejected_logps = ref.chunk(2)
+    logps, lengths = _sequence_logps(hidden, weight, labels, bias, head)
+    chosen, rejected = logps.chunk(2)
+    chosen_lengths, rejected_lengths = lengths.chunk(2)
+    return dpo_loss(
+        chosen,
+        rejected,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        beta=beta,
+        loss_type=loss_type,
+        loss_weights=loss_weights,
+        label_smoothing=label_smoothing,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+    )
+
+
+def ift_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    gamma: float = 0.95,
+    ignore_index: int = -100,
+    memory_budget: int | None = None,
+) -> torch.Tensor:
+    """`fastalign.ift_loss` straight from hidden [B, T, H], weight [V, H] and labels [B, T] (aligned; the caller
+    shifts), through `linear_token_logprobs`."""
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape [B, T, H]; got {tuple(hidden.shape)}")
+    gamma = check_gamma(gamma)
+    token_logps = linear_token_logprobs(
+        hidden, weight, labels, bias, ignore_index=ignore_index, memory_budget=memory_budget
+    )
+    return ift_loss(token_logps, labels != ignore_index, gamma=gamma)

@@ -1,0 +1,54 @@
+"""Eager log-probs from hidden states: the full [..., V] logits through F.linear, then log_softmax + gather.
+
+With float64 inputs everything runs in float64 (the test oracle). Otherwise the projection runs in the
+inputs' dtype, as a model's lm_head does, and the softmax in float32 (the "eager" benchmark baseline).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastalign.reference import logprobs as ref
+
+
+def linear_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+) -> torch.Tensor:
+    """softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) / temperature, in float32 or float64."""
+    z = torch.nn.functional.linear(hidden, weight, bias)
+    z = (z if z.dtype == torch.float64 else z.float()) * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+) -> torch.Tensor:
+    """hidden [..., H], weight [V, H], labels [...] -> log-probs [...]; 0.0 where label == ignore_index."""
+    z = linear_logits(hidden, weight, bias, temperature, softcap, logit_scale)
+    return ref.token_logprobs(z, labels, ignore_index)
+
+
+def linear_token_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+) -> torch.Tensor:
+    """Entropy of the softmax of the transformed logits at every position: [..., H] -> [...]."""
+    return ref.token_entropy(linear_logits(hidden, weight, bias, temperature, softcap, logit_scale))

@@ -1,0 +1,297 @@
+"""linear_token_logprobs / linear_token_stats against a float64 eager reference, on the kernels and the torch path.
+
+The Triton interpreter runs the real kernels with small tiles, so odd H and V (H=67, V=1031) span several tiles
+along every dimension, a masked last K block and a partial last vocabulary tile.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import linear_fsdp_worker
+import pytest
+import torch
+import torch.multiprocessing as mp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from utils import GRAD_RTOL, VALUE_RTOL, rel_err
+
+import fastalign
+import fastalign.linear_logprobs as linear_module
+from fastalign._backend import forced_backend
+from fastalign.reference import linear_logprobs as ref
+
+IGNORE = -100
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+DTYPES += [pytest.param(torch.float16, id="fp16")]
+
+
+def make_inputs(shape, H, V, dtype, device, ignore_frac=0.25, bias=True):
+    hidden = torch.randn(*shape, H, device=device).to(dtype)
+    weight = (torch.randn(V, H, device=device) * 2 / H**0.5).to(dtype)  # logits of std ~2
+    b = torch.randn(V, device=device).to(dtype) if bias else None
+    labels = torch.randint(0, V, shape, device=device)
+    labels[torch.rand(shape, device=device) < ignore_frac] = IGNORE
+    return hidden, weight, b, labels
+
+
+def check_against_reference(
+    hidden, weight, bias, labels, grad_scale=None, entropy_grad=True, memory_budget=None, **head
+):
+    """Forward and backward of linear_token_stats vs float64, with random upstream gradients."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight)]
+    leaves.append(None if bias is None else bias.detach().clone().requires_grad_(True))
+    stats = fastalign.linear_token_stats(*leaves[:2], labels, leaves[2], memory_budget=memory_budget, **head)
+    g = torch.randn(labels.shape, device=labels.device) if grad_scale is None else grad_scale
+    ge = torch.randn(labels.shape, device=labels.device) if entropy_grad else torch.zeros(labels.shape)
+    (stats.logprobs * g + stats.entropy * ge).sum().backward()
+
+    leaves64 = [None if t is None else t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
+    logp64 = ref.linear_token_logprobs(leaves64[0], leaves64[1], labels, leaves64[2], IGNORE, **head)
+    ent64 = ref.linear_token_entropy(leaves64[0], leaves64[1], leaves64[2], **head)
+    (logp64 * g + ent64 * ge).sum().backward()
+    z64 = ref.linear_logits(*[t.detach() if t is not None else None for t in leaves64], **head)
+
+    dtype = hidden.dtype
+    assert stats.logprobs.dtype == torch.float32 and stats.logprobs.shape == labels.shape
+    assert rel_err(stats.logprobs, logp64) < VALUE_RTOL[dtype] * 10
+    assert rel_err(stats.entropy, ent64) < VALUE_RTOL[dtype] * 10
+    # The greedy token is the first maximum; a near tie (closer than fp32 accumulation) may pick either.
+    picked = z64.gather(-1, stats.argmax.unsqueeze(-1)).squeeze(-1)
+    assert (picked >= z64.max(-1).values - 1e-5).all()
+    assert (stats.logprobs[labels == IGNORE] == 0).all()
+    for leaf, leaf64, name in zip(leaves, leaves64, ("hidden", "weight", "bias")):
+        if leaf is None:
+            continue
+        assert leaf.grad.dtype == leaf.dtype and leaf.grad.shape == leaf.shape, name
+        assert torch.isfinite(leaf.grad).all(), name
+        assert rel_err(leaf.grad, leaf64.grad) < GRAD_RTOL[dtype], name
+
+
+@pytest.mark.parametrize(
+    "shape, H, V",
+    [
+        pytest.param((3, 37), 67, 1031, id="B3-T37-H67-V1031"),
+        pytest.param((2, 5), 128, 300, id="B2-T5-H128-V300"),  # H % BLOCK_K == 0: the unmasked, aligned loads
+        pytest.param((1,), 16, 7, id="N1-H16-V7"),
+    ],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_float64_reference(shape, H, V, dtype, backend, device):
+    check_against_reference(*make_inputs(shape, H, V, dtype, device))
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param({"temperature": 0.7}, id="temperature"),
+        pytest.param({"softcap": 3.0, "logit_scale": 1.7}, id="softcap-logit_scale"),
+        pytest.param({"temperature": 2.0, "softcap": 30.0, "logit_scale": 0.25}, id="all"),
+    ],
+)
+def test_logit_chain_and_grad_output(head, backend, device):
+    hidden, weight, bias, labels = make_inputs((2, 9), 67, 515, torch.float32, device)
+    check_against_reference(hidden, weight, bias, labels, **head)
+    check_against_reference(hidden, weight, None, labels, grad_scale=2.5, entropy_grad=False, **head)
+
+
+def test_memory_budget_bounds_every_chunk(backend, device, monkeypatch):
+    """A small budget splits the vocabulary into many chunks, each within budget (which holds at least one
+    vocabulary tile here); the same result as one chunk."""
+    hidden, weight, bias, labels = make_inputs((4, 8), 64, 1031, torch.bfloat16, device)
+    chunks = []
+    real = linear_module._vocab_chunk
+
+    def spy(V, budget, bytes_per_column, multiple):
+        columns = real(V, budget, bytes_per_column, multiple)
+        chunks.append((columns, columns * bytes_per_column, budget))
+        return columns
+
+    monkeypatch.setattr(linear_module, "_vocab_chunk", spy)
+    budget = 128 * 1024
+    check_against_reference(hidden, weight, bias, labels, memory_budget=budget)
+    assert chunks and all(nbytes <= budget for _, nbytes, _ in chunks)
+    assert max(columns for columns, _, _ in chunks) < 1031 // 2  # several chunks
+    check_against_reference(hidden, weight, bias, labels, memory_budget=2**30)
+
+
+def test_only_valid_rows_are_scored(device, monkeypatch):
+    """The kernels see the rows whose label counts, and every row only when entropy or argmax is asked for."""
+    hidden, weight, _, labels = make_inputs((3, 11), 32, 200, torch.float32, device, ignore_frac=0.5)
+    seen = []
+    real = linear_module.linear_logprobs_fwd
+
+    def spy(x, w, b, rows, *args):
+        seen.append(rows.clone())
+        return real(x, w, b, rows, *args)
+
+    monkeypatch.setattr(linear_module, "linear_logprobs_fwd", spy)
+    fastalign.linear_token_logprobs(hidden, weight, labels)
+    valid = (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
+    assert torch.equal(seen[-1], valid)
+    fastalign.linear_token_stats(hidden, weight, labels, entropy=False, argmax=True)
+    assert seen[-1].numel() == labels.numel()
+
+
+@pytest.mark.parametrize("layout", ["shifted-slice", "transposed", "weight-transposed"])
+def test_non_contiguous_inputs(layout, backend, device):
+    H, V = 40, 333
+    hidden = torch.randn(2, 7, H, device=device)[:, :-1]  # hidden[:, :-1], as a causal LM shifts
+    weight = torch.randn(V, H, device=device) / H**0.5
+    if layout == "transposed":
+        hidden = torch.randn(6, 2, H, device=device).transpose(0, 1)
+    elif layout == "weight-transposed":
+        weight = (torch.randn(H, V, device=device) / H**0.5).T
+    labels = torch.randint(0, V, hidden.shape[:-1], device=device)
+    labels[0, 0] = IGNORE
+    assert not (hidden.is_contiguous() and weight.is_contiguous())
+    check_against_reference(hidden, weight, None, labels)
+
+
+def test_every_position_masked(backend, device):
+    hidden, weight, bias, labels = make_inputs((3, 4), 24, 129, torch.bfloat16, device)
+    labels[1] = IGNORE  # one fully masked sequence
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    out = fastalign.linear_token_logprobs(*leaves[:2], labels, leaves[2])
+    out.backward(torch.randn_like(out))
+    assert (out[1] == 0).all() and (leaves[0].grad[1] == 0).all()
+
+    for leaf in leaves:
+        leaf.grad = None
+    out = fastalign.linear_token_logprobs(*leaves[:2], torch.full_like(labels, IGNORE), leaves[2])
+    out.sum().backward()
+    assert (out == 0).all()
+    assert all(torch.equal(leaf.grad, torch.zeros_like(leaf)) for leaf in leaves)
+
+
+def test_tied_embeddings(backend, device):
+    """The lm_head is the input embedding: its gradient sums both uses."""
+    V, H = 211, 32
+    embedding = torch.randn(V, H, device=device, dtype=torch.float64)
+    ids = torch.randint(0, V, (2, 9), device=device)
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = IGNORE
+
+    def loss(weight, fused):
+        hidden = torch.tanh(torch.nn.functional.embedding(ids, weight))
+        if fused:
+            logp = fastalign.linear_token_logprobs(hidden.float(), weight.float(), labels)
+        else:
+            logp = ref.linear_token_logprobs(hidden, weight, labels, ignore_index=IGNORE)
+        return -logp.sum()
+
+    (expected,) = torch.autograd.grad(loss(embedding.requires_grad_(True), False), embedding)
+    weight = embedding.detach().float().requires_grad_(True)
+    loss(weight, True).backward()
+    assert rel_err(weight.grad, expected) < GRAD_RTOL[torch.float32]
+
+
+def test_autocast_computes_in_the_autocast_dtype(backend, device):
+    hidden, weight, bias, labels = make_inputs((2, 6), 32, 200, torch.float32, device)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = fastalign.linear_token_logprobs(*leaves[:2], labels, leaves[2])
+    out.sum().backward()
+    expected = fastalign.linear_token_logprobs(hidden.bfloat16(), weight.bfloat16(), labels, bias.bfloat16())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected)
+    assert all(leaf.grad.dtype == torch.float32 and torch.isfinite(leaf.grad).all() for leaf in leaves)
+
+
+def test_argmax_takes_the_first_maximum(backend, device):
+    V, H = 900, 16
+    hidden = torch.randn(2, H, device=device)
+    weight = torch.randn(V, H, device=device) * 0.01
+    weight[[17, 800]] = hidden[0] * 10  # a tie across tiles for row 0
+    weight[[300, 301]] = hidden[1] * 20  # a tie inside one tile for row 1
+    stats = fastalign.linear_token_stats(hidden, weight, torch.zeros(2, dtype=torch.int64, device=device))
+    assert stats.argmax.tolist() == [17, 300]
+
+
+def test_empty_input(backend, device):
+    hidden = torch.randn(0, 5, 8, device=device, requires_grad=True)
+    weight = torch.randn(11, 8, device=device, requires_grad=True)
+    out = fastalign.linear_token_logprobs(hidden, weight, torch.zeros(0, 5, dtype=torch.int64, device=device))
+    out.sum().backward()
+    assert out.shape == (0, 5) and hidden.grad.shape == hidden.shape and (weight.grad == 0).all()
+
+
+@pytest.mark.parametrize(
+    "backend_name, N, H, V",
+    [pytest.param("interpret", 2048, 64, 515, id="interpreter"), pytest.param("torch", 3000, 64, 1031, id="torch")],
+)
+def test_thousands_of_tokens_within_budget(backend_name, N, H, V, device):
+    if device.type != "cpu":
+        pytest.skip("the CPU backends")
+    hidden, weight, bias, labels = make_inputs((N,), H, V, torch.bfloat16, device)
+    with forced_backend(backend_name):
+        check_against_reference(hidden, weight, bias, labels, memory_budget=256 * 1024)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    T=st.integers(1, 40),
+    H=st.integers(1, 80),
+    V=st.integers(1, 700),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_random_shapes(T, H, V, bias, dtype, device):
+    check_against_reference(*make_inputs((T,), H, V, dtype, device, bias=bias), temperature=1.5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fsdp2(device):
+    """The lm_head weight as an FSDP2 DTensor (gathered once per call) and tied to the embedding under FSDP2,
+    on 2 gloo processes: see tests/linear_fsdp_worker.py."""
+    if device.type != "cpu":
+        pytest.skip("gloo on the CPU")
+    mp.spawn(linear_fsdp_worker.main, args=(_free_port(), "kernel"), nprocs=2)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_name_the_argument(device):
+    hidden = torch.randn(2, 3, 8, device=device)
+    weight = torch.randn(11, 8, device=device)
+    labels = torch.zeros(2, 3, dtype=torch.int64, device=device)
+    f = fastalign.linear_token_logprobs
+    with pytest.raises(ValueError, match="labels must have shape"):
+        f(hidden, weight, labels[:, :2])
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        f(hidden, weight, labels.float())
+    with pytest.raises(TypeError, match="hidden must be float32"):
+        f(hidden.double(), weight, labels)
+    with pytest.raises(TypeError, match="weight must be float32"):
+        f(hidden, weight.long(), labels)
+    with pytest.raises(ValueError, match=r"weight must have shape \[V, H\] = \[V, 8\]"):
+        f(hidden, weight[:, :7], labels)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        f(hidden, weight[0], labels)
+    with pytest.raises(ValueError, match="weight must be on hidden's device"):
+        f(hidden, weight.to("meta"), labels)
+    with pytest.raises(ValueError, match=r"bias must have shape \[V\]"):
+        f(hidden, weight, labels, torch.zeros(10, device=device))
+    with pytest.raises(TypeError, match="bias must be float32"):
+        f(hidden, weight, labels, torch.zeros(11, dtype=torch.int64, device=device))
+    for name, value in (("temperature", 0.0), ("softcap", -1.0), ("logit_scale", float("inf"))):
+        with pytest.raises(ValueError, match=name):
+            f(hidden, weight, labels, **{name: value})
+    with pytest.raises(ValueError, match="memory_budget"):
+        f(hidden, weight, labels, memory_budget=0)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        f(hidden, weight, labels, ignore_index=-100.0)
+
+
+@pytest.mark.parametrize("bad", [11, 12345, -1])
+def test_out_of_range_label_raises(bad, backend, device):
+    labels = torch.zeros(2, 3, dtype=torch.int64, device=device)
+    labels[1, 2] = bad
+    with pytest.raises(ValueError, match=f"labels holds {bad}, outside \\[0, 11\\)"):
+        fastalign.linear_token_logprobs(torch.randn(2, 3, 8, device=device), torch.randn(11, 8, device=device), labels)
