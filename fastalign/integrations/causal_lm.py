@@ -33,9 +33,9 @@ _LOGITS_SCALING_MULTIPLIES = {"hyperclovax"}
 
 @dataclass
 class FusedCausalLMOutput(ModelOutput):
-    """Output of a patched model called with labels. Per-token fields are float32 and 0 where the
-    label is ignored; each is `[B, T - 1]` (labels are shifted inside, as for the model's own loss),
-    or `[B, T]` when pre-shifted `shift_labels` were passed.
+    """Output of a patched model called with labels. Per-token fields are `[B, T - 1]` (labels are
+    shifted inside, as for the model's own loss), or `[B, T]` when pre-shifted `shift_labels` were
+    passed. Only labelled positions are scored: elsewhere the float fields are 0 and argmax is -100.
 
     - loss: summed negative log-likelihood of the labelled tokens divided by `num_items_in_batch`
       (their count when not passed), plus the MoE load-balancing loss when router logits were
@@ -200,8 +200,8 @@ def _fused_forward(
     return FusedCausalLMOutput(
         loss=loss,
         logprobs=stats.logprobs,
-        entropy=stats.entropy,
-        argmax=stats.argmax,
+        entropy=None if stats.entropy is None else torch.where(mask, stats.entropy, 0.0),
+        argmax=None if stats.argmax is None else torch.where(mask, stats.argmax, IGNORE_INDEX),
         mean_logits=mean_logits,
         label_mask=mask,
         aux_loss=aux_loss,

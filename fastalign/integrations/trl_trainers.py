@@ -125,7 +125,7 @@ class _FastalignMixin:
         seq_len = shift_mask.size(1)
         entropy = outputs.entropy[:, -seq_len:].detach()
         tokens = self._gather_sum(shift_mask.sum())
-        entropy_sum = self._gather_sum((entropy * shift_mask).sum())
+        entropy_sum = self._gather_sum(entropy[shift_mask.bool()].sum())  # unlabelled positions are unscored
         self._metrics[mode]["entropy"].append(entropy_sum / tokens if tokens else 0.0)
         if mode == "train":
             self._total_train_tokens += int(self._gather_sum(inputs["attention_mask"].sum())) // self._tp_size
@@ -153,20 +153,18 @@ class _FastalignMixin:
             if self.ref_model is None:
                 raise ValueError("online_merge needs 'reference' (the SFT model) when the trainer has no ref_model")
             reference = self.accelerator.unwrap_model(self.ref_model)
-        delta = reference_delta(reference, base)
         opt_model = self.model if model is None else model
+        # tau for this process's shard of each parameter, keyed by parameter, stored as the optimizer will keep it.
+        tau = reference_delta(reference, base, like=opt_model, dtype=settings.get("ref_delta_dtype", torch.bfloat16))
         decay = set(self.get_decay_parameter_names(opt_model))
         groups: list[dict[str, Any]] = [
             {"params": [], "weight_decay": self.args.weight_decay},
             {"params": [], "weight_decay": 0.0},
         ]
-        ref_delta = {}
         for name, param in opt_model.named_parameters():
             if param.requires_grad:
                 groups[0 if name in decay else 1]["params"].append(param)
-                if name not in delta:
-                    raise ValueError(f"online_merge: the reference and base have no tensor for parameter {name!r}")
-                ref_delta[param] = delta[name]
+        ref_delta = {p: t for p, t in tau.items() if p.requires_grad}
         self.optimizer = OnlineMergeAdamW(
             [g for g in groups if g["params"]],
             lr=self.args.learning_rate,
@@ -201,7 +199,6 @@ class DPOTrainer(_FastalignMixin, trl.DPOTrainer):
     def __init__(self, *args, ref_adapter_name: str | None = None, online_merge: dict | None = None, **kwargs):
         self._fastalign_init(trl.DPOTrainer, args, kwargs, ref_adapter_name, online_merge)
         super().__init__(*args, **kwargs)
-        self._check_supported(self.args)
         self._fastalign_post_init()
 
     def _check_supported(self, args) -> None:
