@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-SUITES = ["logprobs", "losses", "optim"]
+SUITES = ["logprobs", "losses", "optim", "linear"]
 
 
 @dataclass

@@ -1,0 +1,306 @@
+"""Log-probs and losses from hidden states (the fused-linear ops) against eager PyTorch, TRL and Liger.
+
+- linear_token_logprobs: fastalign against eager (hidden @ W.T in the inputs' dtype, then float32
+  log_softmax + gather) and TRL's chunked fused log-prob head (trl.kernels.ChunkedLogProbFunction, what
+  `add_fused_lm_head` runs), on N valid tokens.
+- FusedLinearDPOLoss: against eager and Liger's LigerFusedLinearDPOLoss on the same DPO batch, the reference
+  log-probs computed from reference hidden states and weight by every implementation.
+- FusedLinearIFTLoss: against eager.
+
+Throughput counts the FLOPs the op must do: 2 N H V forward, 8 N H V forward + backward (the logits are
+recomputed in backward, and both gradient GEMMs run), plus 2 N H V for a DPO reference pass. Correctness is
+checked against a float32 computation of the full logits, a chunk of rows at a time, gradients included.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import fastalign
+from fastalign.bench import Case, Env
+from fastalign.reference import dpo as ref_dpo
+from fastalign.reference import ift as ref_ift
+from fastalign.reference import linear_logprobs as ref
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+IGNORE = -100
+_CHECK_ROWS = 1024  # rows per chunk of the float32 check
+
+
+def _head(rows, T, H, V, dtype, device, prompt):
+    """hidden [rows, T, H], weight [V, H], labels [rows, T] with the first `prompt` positions ignored."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(rows, T, H, device=device, dtype=dtype, generator=gen)
+    weight = torch.randn(V, H, device=device, dtype=dtype, generator=gen).mul_(2 / H**0.5)  # logits of std ~2
+    labels = torch.randint(0, V, (rows, T), device=device, generator=gen)
+    labels[:, :prompt] = IGNORE
+    return hidden, weight, labels
+
+
+def _float32_reference(hidden, weight, labels, dlogp):
+    """(log-probs, d hidden, d weight) of sum(logp * dlogp) in float32, from the full logits a chunk of rows at a
+    time: the oracle for sizes where float64 logits would not fit."""
+    H = hidden.shape[-1]
+    h, lab, g = hidden.reshape(-1, H), labels.reshape(-1), dlogp.reshape(-1).float()
+    w = weight.float()
+    logp = torch.zeros(lab.shape, device=h.device)
+    dh = torch.zeros(h.shape, device=h.device)
+    dw = torch.zeros(w.shape, device=h.device)
+    for r0 in range(0, h.shape[0], _CHECK_ROWS):
+        r1 = min(r0 + _CHECK_ROWS, h.shape[0])
+        hc, lc = h[r0:r1].float(), lab[r0:r1]
+        valid = lc != IGNORE
+        ls = (hc @ w.T).log_softmax(-1)
+        logp[r0:r1] = torch.where(valid, ls.gather(-1, lc.clamp(min=0)[:, None]).squeeze(-1), 0.0)
+        gc = torch.where(valid, g[r0:r1], 0.0)
+        dz = ls.exp_().mul_(-gc[:, None])
+        dz.scatter_add_(-1, lc.clamp(min=0)[:, None], gc[:, None])
+        dh[r0:r1] = dz @ w
+        dw.addmm_(dz.T, hc)
+    return logp.view(labels.shape), dh.view(hidden.shape), dw
+
+
+def _assert_close(name, got, expected, tol):
+    err = ((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-30)).item()
+    if not err < tol:
+        raise AssertionError(f"{name}: relative error {err:.2e} > {tol:.0e}")
+
+
+def _check_against_float32(loss_of_logps, hidden, weight, labels, fused):
+    """fused(hidden, weight) -> loss; loss_of_logps(token logps [rows, T]) -> the same loss. Compares the loss and
+    both gradients with the float32 oracle, the loss's gradient w.r.t. the log-probs taken from the oracle."""
+    hidden, weight = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+    loss = fused(hidden, weight)
+    dh, dw = torch.autograd.grad(loss, (hidden, weight))
+    with torch.no_grad():
+        logp32, _, _ = _float32_reference(hidden, weight, labels, torch.zeros(labels.shape, device=labels.device))
+    logp32.requires_grad_(True)
+    loss32 = loss_of_logps(logp32)
+    (dlogp,) = torch.autograd.grad(loss32, logp32)
+    _, dh32, dw32 = _float32_reference(hidden.detach(), weight.detach(), labels, dlogp)
+    _assert_close("loss", loss.detach().reshape(1), loss32.detach().reshape(1), 1e-4)
+    _assert_close("d hidden", dh, dh32, 1e-2)
+    _assert_close("d weight", dw, dw32, 1e-2)
+
+
+# ----------------------------------------------------------------------------- peers
+
+
+def _trl_head():
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+    except Exception:
+        return None
+
+    def fn(hidden, weight, labels):
+        # What add_fused_lm_head does: score the valid positions only, then scatter back.
+        mask = labels != IGNORE
+        logp = ChunkedLogProbFunction.apply(
+            hidden[mask], weight, None, labels[mask], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs",)
+        )[0]
+        return logp.new_zeros(mask.shape).masked_scatter(mask, logp)
+
+    return fn
+
+
+def _liger_dpo(cuda: bool):
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+    except Exception:
+        return None
+    loss = LigerFusedLinearDPOLoss(ignore_index=IGNORE, beta=0.1, compiled=cuda, use_ref_model=True)
+
+    def fn(hidden, weight, labels, ref_hidden, ref_weight):
+        return loss(weight, hidden, labels, None, ref_hidden, ref_weight, None)[0]
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def _cases(env, op, shapes, impls, make_inputs, flops_of, check_for, per_token=False):
+    """make_inputs(shape, requires_grad) -> (hidden, weight, labels, ...); impls[name](*inputs) -> a scalar loss,
+    or per-token log-probs shaped like the labels (per_token), which get a random upstream gradient."""
+    out = []
+    for shape in shapes:
+        rows, T, H, V, dtype = shape
+        check = check_for(shape)
+        for mode in ("fwd", "fwd+bwd") if env.cuda else ("fwd+bwd",):  # the CPU run stays short
+            for impl, fn in impls.items():
+
+                def setup(fn=fn, shape=shape, mode=mode):
+                    inputs = make_inputs(shape, mode != "fwd")
+                    if mode == "fwd":
+                        return lambda: fn(*inputs)
+                    grad = _upstream_grad(inputs[2]) if per_token else None
+                    return lambda: torch.autograd.grad(fn(*inputs), inputs[:2], grad)
+
+                out.append(
+                    Case(
+                        op=op,
+                        impl=impl,
+                        mode=mode,
+                        shape=f"rows={rows} T={T} H={H} V={V}",
+                        dtype=DTYPE_NAMES[dtype],
+                        setup=setup,
+                        flops=flops_of(shape, mode),
+                        check=check if impl.startswith("fastalign") else None,
+                        # Peak memory includes the returned gradients; this is their size.
+                        extra={"grad_mb": round(_grad_bytes(shape, mode) / 2**20, 1)},
+                    )
+                )
+    return out
+
+
+def _upstream_grad(labels: torch.Tensor) -> torch.Tensor:
+    gen = torch.Generator(device=labels.device).manual_seed(2)
+    return torch.randn(labels.shape, device=labels.device, generator=gen)
+
+
+def _grad_bytes(shape, mode):
+    rows, T, H, V, dtype = shape
+    return 0 if mode == "fwd" else (rows * T + V) * H * dtype.itemsize
+
+
+def _logprobs_cases(env: Env) -> list[Case]:
+    if env.cuda:  # N = rows * T valid tokens
+        shapes = [(8, 2048, 4096, 128256, torch.bfloat16), (8, 2048, 4096, 32000, torch.bfloat16)]
+    elif env.size == "target":
+        shapes = [(4, 1024, 1024, 32000, torch.bfloat16)]
+    else:
+        shapes = [(2, 128, 128, 4000, torch.float32)]
+    impls = {"fastalign": fastalign.linear_token_logprobs, "eager": ref.linear_token_logprobs}
+    if (trl := _trl_head()) is not None:
+        impls["trl"] = trl
+
+    def make_inputs(shape, requires_grad):
+        rows, T, H, V, dtype = shape
+        hidden, weight, labels = _head(rows, T, H, V, dtype, env.device, prompt=0)
+        return hidden.requires_grad_(requires_grad), weight.requires_grad_(requires_grad), labels
+
+    def flops_of(shape, mode):
+        rows, T, H, V, _ = shape
+        return (2 if mode == "fwd" else 8) * rows * T * H * V
+
+    def check_for(shape):
+        def check():
+            hidden, weight, labels = make_inputs(shape, False)
+            g = _upstream_grad(labels)
+            _check_against_float32(
+                lambda logp: (logp * g).sum(),
+                hidden,
+                weight,
+                labels,
+                lambda h, w: (fastalign.linear_token_logprobs(h, w, labels) * g).sum(),
+            )
+
+        return check
+
+    return _cases(env, "linear_token_logprobs", shapes, impls, make_inputs, flops_of, check_for, per_token=True)
+
+
+def _dpo_cases(env: Env) -> list[Case]:
+    if env.cuda:  # 2B = 8 sequences of 2048 tokens, the first quarter prompt
+        shapes = [(8, 2048, 4096, 128256, torch.bfloat16)]
+    elif env.size == "target":
+        shapes = [(4, 1024, 1024, 32000, torch.bfloat16)]
+    else:
+        shapes = [(4, 64, 128, 4000, torch.float32)]
+    fused = fastalign.FusedLinearDPOLoss(beta=0.1)
+    impls = {
+        "fastalign": lambda h, w, y, rh, rw: fused(h, w, y, ref_hidden=rh, ref_weight=rw)[0],
+        "eager": _eager_dpo,
+    }
+    if (liger := _liger_dpo(env.cuda)) is not None:
+        impls["liger"] = liger
+
+    def make_inputs(shape, requires_grad):
+        rows, T, H, V, dtype = shape
+        hidden, weight, labels = _head(rows, T, H, V, dtype, env.device, prompt=T // 4)
+        gen = torch.Generator(device=env.device).manual_seed(3)
+        ref_hidden = (hidden + 0.1 * torch.randn(hidden.shape, device=env.device, generator=gen).to(dtype)).detach()
+        return hidden.requires_grad_(requires_grad), weight.requires_grad_(requires_grad), labels, ref_hidden, weight
+
+    def flops_of(shape, mode):
+        rows, T, H, V, _ = shape
+        return (4 if mode == "fwd" else 10) * rows * T * H * V  # the policy pass, plus a reference forward
+
+    def check_for(shape):
+        def check():
+            hidden, weight, labels, ref_hidden, ref_weight = make_inputs(shape, False)
+            lengths = (labels != IGNORE).sum(-1)
+            with torch.no_grad():
+                ref_logps = fastalign.linear_token_logprobs(ref_hidden, ref_weight, labels).sum(-1)
+
+            def loss_of_logps(logp):
+                seq = logp.sum(-1)
+                B = seq.shape[0] // 2
+                return ref_dpo.dpo_loss(
+                    seq[:B], seq[B:], ref_logps[:B], ref_logps[B:], beta=0.1,
+                    chosen_lengths=lengths[:B], rejected_lengths=lengths[B:],
+                )[0]  # fmt: skip
+
+            _check_against_float32(
+                loss_of_logps,
+                hidden,
+                weight,
+                labels,
+                lambda h, w: fused(h, w, labels, ref_chosen_logps=ref_logps[: len(ref_logps) // 2],
+                                   ref_rejected_logps=ref_logps[len(ref_logps) // 2 :])[0],
+            )  # fmt: skip
+
+        return check
+
+    return _cases(env, "FusedLinearDPOLoss", shapes, impls, make_inputs, flops_of, check_for)
+
+
+def _eager_dpo(hidden, weight, labels, ref_hidden, ref_weight):
+    with torch.no_grad():
+        ref_logps = ref.linear_token_logprobs(ref_hidden, ref_weight, labels).sum(-1)
+    rc, rr = ref_logps.chunk(2)
+    logits = torch.nn.functional.linear(hidden, weight)
+    return ref_dpo.dpo_loss_from_logits(logits, labels, rc, rr, beta=0.1)[0]
+
+
+def _ift_cases(env: Env) -> list[Case]:
+    if env.cuda:
+        shapes = [(8, 2048, 4096, 128256, torch.bfloat16)]
+    elif env.size == "target":
+        shapes = [(4, 1024, 1024, 32000, torch.bfloat16)]
+    else:
+        shapes = [(4, 64, 128, 4000, torch.float32)]
+    fused = fastalign.FusedLinearIFTLoss()
+    impls = {
+        "fastalign": fused,
+        "eager": lambda h, w, y: ref_ift.ift_loss_from_logits(torch.nn.functional.linear(h, w), y),
+    }
+
+    def make_inputs(shape, requires_grad):
+        rows, T, H, V, dtype = shape
+        hidden, weight, labels = _head(rows, T, H, V, dtype, env.device, prompt=T // 4)
+        return hidden.requires_grad_(requires_grad), weight.requires_grad_(requires_grad), labels
+
+    def flops_of(shape, mode):
+        rows, T, H, V, _ = shape
+        return (2 if mode == "fwd" else 8) * rows * T * H * V
+
+    def check_for(shape):
+        def check():
+            hidden, weight, labels = make_inputs(shape, False)
+            _check_against_float32(
+                lambda logp: ref_ift.ift_loss(logp, labels != IGNORE),
+                hidden,
+                weight,
+                labels,
+                lambda h, w: fused(h, w, labels),
+            )
+
+        return check
+
+    return _cases(env, "FusedLinearIFTLoss", shapes, impls, make_inputs, flops_of, check_for)
+
+
+def cases(env: Env) -> list[Case]:
+    return _logprobs_cases(env) + _dpo_cases(env) + _ift_cases(env)
