@@ -38,7 +38,7 @@ _MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8
 
 @dataclass(frozen=True)
 class _Head:
-    """How logits are made from a = hidden @ weight.T + bias, and which label is ignored."""
+    """One call's options: how logits are made from a = hidden @ weight.T + bias, the ignored label, the budget."""
 
     ignore_index: int
     temperature: float
@@ -67,8 +67,10 @@ def _scored_rows(labels: torch.Tensor, vocab: int, ignore_index: int, every_row:
 
 
 def _rows_of(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """[M, H] gather of `rows` from a [B, T, H] view, without copying the rest."""
-    T = x.shape[1]
+    """[M, H]: `rows` (from _scored_rows) of a [B, T, H] view; a view of it when rows is every row."""
+    B, T, H = x.shape
+    if rows.numel() == B * T:
+        return x.reshape(B * T, H)
     return x[rows // T, rows % T]
 
 
@@ -206,69 +208,61 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dlogp, dentropy, _dargmax):
+        """A vocabulary chunk at a time: d a for the chunk (kernel or torch), then the two fp32-accumulating GEMMs."""
         hidden, weight, bias, rows, labels, lse, entropy = ctx.saved_tensors
         head: _Head = ctx.head
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        x = as_btv(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
-            dh, dw, db = _backward(
-                as_btv(hidden), weight, bias, rows, labels, lse, entropy, dlogp, dentropy, head, ctx.use_kernels,
-                need_h, need_w, need_b,
-            )  # fmt: skip
-        if dh is not None:
-            dh = dh.view(hidden.shape)
-        return dh, dw, db, None, None, None, None
+            B, T, H = x.shape
+            V, M, dev = weight.shape[0], rows.numel(), x.device
+            lab = labels[rows]
+            # Ignored rows (scored only for the extras) get no log-prob gradient.
+            g = torch.zeros(M, device=dev) if dlogp is None else dlogp.reshape(-1)[rows].float()
+            g = torch.where(lab == head.ignore_index, 0.0, g)
+            gh = None if dentropy is None else dentropy.reshape(-1)[rows].float()
+            ent = None if gh is None else entropy[rows]
 
+            h_rows = _rows_of(x, rows)
+            if ctx.use_kernels:
+                da_dtype, multiple = x.dtype, tiles_for("bwd", x.dtype).block_v
+                fp32_copies = 0 if _fast_mm(h_rows, weight) else M + H  # the operands' fp32 upcasts, a chunk at a time
+                bytes_per_column = M * x.element_size() + 4 * (H + fp32_copies)
+            else:
+                h_rows = h_rows.float()
+                da_dtype, multiple = torch.float32, 64
+                bytes_per_column = 4 * (4 * M + 2 * H)
+            chunk = _vocab_chunk(V, head.memory_budget, bytes_per_column, multiple)
 
-def _backward(x, weight, bias, rows, labels, lse, entropy, dlogp, dentropy, head, use_kernels, need_h, need_w, need_b):
-    """(d hidden [N, H] or None, d weight or None, d bias or None), a vocabulary chunk at a time."""
-    B, T, H = x.shape
-    V, M, dev = weight.shape[0], rows.numel(), x.device
-    lab = labels[rows]
-    # Ignored rows (scored only for the extras) get no log-prob gradient.
-    g = torch.zeros(M, device=dev) if dlogp is None else dlogp.reshape(-1)[rows].float()
-    g = torch.where(lab == head.ignore_index, 0.0, g)
-    gh = None if dentropy is None else dentropy.reshape(-1)[rows].float()
-    ent = None if gh is None else entropy[rows]
+            dh32 = torch.zeros(M, H, device=dev, dtype=torch.float32) if need_h else None
+            dw = torch.empty(weight.shape, device=dev, dtype=weight.dtype) if need_w else None
+            db = torch.empty(V, device=dev, dtype=torch.float32) if need_b else None
+            da_buffer = torch.empty(M, chunk, device=dev, dtype=da_dtype)
+            g, lse = g.contiguous(), lse.contiguous()
+            for v0 in range(0, V, chunk):
+                v1 = min(V, v0 + chunk)
+                da = da_buffer[:, : v1 - v0]
+                if ctx.use_kernels:
+                    args = (head.ignore_index, head.temperature, head.softcap, head.logit_scale)
+                    linear_logprobs_bwd(x, weight, bias, rows, labels, lse, g, ent, gh, da, v0, *args)
+                else:
+                    _torch_dlogits(h_rows, weight, bias, lab, lse, g, ent, gh, da, v0, head)
+                if need_h:
+                    _addmm_fp32(dh32, da, weight[v0:v1])
+                if need_w:
+                    dw[v0:v1] = _mm_fp32(da.T, h_rows)
+                if need_b:
+                    db[v0:v1] = da.sum(0, dtype=torch.float32)
 
-    h_rows = _rows_of(x, rows)
-    if use_kernels:
-        da_dtype, multiple = x.dtype, tiles_for("bwd", x.dtype).block_v
-        fp32_copies = 0 if _fast_mm(h_rows, weight) else M + H  # the operands' fp32 upcasts, a chunk at a time
-        bytes_per_column = M * x.element_size() + 4 * (H + fp32_copies)
-    else:
-        h_rows = h_rows.float()
-        da_dtype, multiple = torch.float32, 64
-        bytes_per_column = 4 * (4 * M + 2 * H)
-    chunk = _vocab_chunk(V, head.memory_budget, bytes_per_column, multiple)
-
-    dh32 = torch.zeros(M, H, device=dev, dtype=torch.float32) if need_h else None
-    dw = torch.empty(weight.shape, device=dev, dtype=weight.dtype) if need_w else None
-    db = torch.empty(V, device=dev, dtype=torch.float32) if need_b else None
-    da_buffer = torch.empty(M, chunk, device=dev, dtype=da_dtype)
-    g, lse = g.contiguous(), lse.contiguous()
-    for v0 in range(0, V, chunk):
-        v1 = min(V, v0 + chunk)
-        da = da_buffer[:, : v1 - v0]
-        if use_kernels:
-            args = (head.ignore_index, head.temperature, head.softcap, head.logit_scale)
-            linear_logprobs_bwd(x, weight, bias, rows, labels, lse, g, ent, gh, da, v0, *args)
-        else:
-            _torch_dlogits(h_rows, weight, bias, lab, lse, g, ent, gh, da, v0, head)
-        if need_h:
-            _addmm_fp32(dh32, da, weight[v0:v1])
-        if need_w:
-            dw[v0:v1] = _mm_fp32(da.T, h_rows)
-        if need_b:
-            db[v0:v1] = da.sum(0, dtype=torch.float32)
-
-    dh = None
-    if need_h:
-        if M == B * T:  # rows is every row, in order
-            dh = dh32.to(x.dtype)
-        else:
-            dh = torch.zeros(B * T, H, device=dev, dtype=x.dtype)
-            dh[rows] = dh32.to(x.dtype)
-    return dh, dw, None if db is None else db.to(bias.dtype)
+            dh = None
+            if need_h:
+                if M == B * T:  # every row, in order
+                    dh = dh32.to(x.dtype).view(hidden.shape)
+                else:
+                    dh = torch.zeros(B * T, H, device=dev, dtype=x.dtype)
+                    dh[rows] = dh32.to(x.dtype)
+                    dh = dh.view(hidden.shape)
+            return dh, dw, None if db is None else db.to(bias.dtype), None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------- public API

@@ -50,6 +50,18 @@ def _grouped_tile(pid, n_m, n_v, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(p_rows, p_labels, i_m, M, T, stride_hb, stride_ht, BLOCK_M: tl.constexpr):
+    """(row ids in [0, M), their mask, their labels, the offsets of their hidden rows) of row tile i_m.
+
+    Rows past M point at the first row (every load stays in bounds) and get label -1, which matches nothing."""
+    o_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < M
+    rows = tl.load(p_rows + o_m, mask=m_m, other=0)
+    labels = tl.load(p_labels + rows, mask=m_m, other=-1)
+    return o_m, m_m, labels, (rows // T) * stride_hb + (rows % T) * stride_ht
+
+
+@triton.jit
 def _logits_tile(
     p_h,
     h_off,  # [BLOCK_M] int64 offsets of the rows in p_h, all inside p_h
@@ -140,11 +152,7 @@ def _linear_logprobs_fwd_kernel(
     n_m = tl.cdiv(M, BLOCK_M)
     n_s = tl.cdiv(tl.cdiv(V, BLOCK_V), tiles_per_split)
     i_m, i_s = _grouped_tile(tl.program_id(0), n_m, n_s, GROUP_M)
-    o_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < M
-    rows = tl.load(p_rows + o_m, mask=m_m, other=0)
-    labels = tl.load(p_labels + rows, mask=m_m, other=-1)
-    h_off = (rows // T) * (stride_hb * ALIGN) + (rows % T) * (stride_ht * ALIGN)
+    o_m, m_m, labels, h_off = _row_tile(p_rows, p_labels, i_m, M, T, stride_hb * ALIGN, stride_ht * ALIGN, BLOCK_M)
 
     v_begin = i_s * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
@@ -282,11 +290,7 @@ def _linear_logprobs_bwd_kernel(
     n_m = tl.cdiv(M, BLOCK_M)
     n_v = tl.cdiv(v_stop - v_start, BLOCK_V)
     i_m, i_v = _grouped_tile(tl.program_id(0), n_m, n_v, GROUP_M)
-    o_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < M
-    rows = tl.load(p_rows + o_m, mask=m_m, other=0)
-    labels = tl.load(p_labels + rows, mask=m_m, other=-1)
-    h_off = (rows // T) * (stride_hb * ALIGN) + (rows % T) * (stride_ht * ALIGN)
+    o_m, m_m, labels, h_off = _row_tile(p_rows, p_labels, i_m, M, T, stride_hb * ALIGN, stride_ht * ALIGN, BLOCK_M)
     o_c = i_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column in this chunk
     o_v = v_start + o_c
     m_v = o_v < v_stop

@@ -164,50 +164,52 @@ def _grad_bytes(shape, mode):
     return 0 if mode == "fwd" else (rows * T + V) * H * dtype.itemsize
 
 
+def _shapes(env: Env, gpu: list, cpu_small: tuple) -> list:
+    """(rows, T, H, V, dtype) shapes: the issue's targets on a GPU, bigger CPU ones for --size target."""
+    if env.cuda:
+        return gpu
+    return [cpu_small] if env.size == "small" else [(4, 1024, 1024, 32000, torch.bfloat16)]
+
+
+def _inputs(env: Env, shape, requires_grad: bool, prompt: bool):
+    """(hidden, weight, labels) of a shape; with `prompt`, the first quarter of each row is ignored."""
+    rows, T, H, V, dtype = shape
+    hidden, weight, labels = _head(rows, T, H, V, dtype, env.device, T // 4 if prompt else 0)
+    return hidden.requires_grad_(requires_grad), weight.requires_grad_(requires_grad), labels
+
+
+def _flops(shape, mode: str, reference_pass: bool = False) -> int:
+    """2 N H V forward, 8 N H V forward + backward, plus 2 N H V for a reference model's forward."""
+    rows, T, H, V, _ = shape
+    return ((2 if mode == "fwd" else 8) + (2 if reference_pass else 0)) * rows * T * H * V
+
+
+_TARGET = (8, 2048, 4096, 128256, torch.bfloat16)  # N = 16384 tokens, H = 4096, V = 128256
+
+
 def _logprobs_cases(env: Env) -> list[Case]:
-    if env.cuda:  # N = rows * T valid tokens
-        shapes = [(8, 2048, 4096, 128256, torch.bfloat16), (8, 2048, 4096, 32000, torch.bfloat16)]
-    elif env.size == "target":
-        shapes = [(4, 1024, 1024, 32000, torch.bfloat16)]
-    else:
-        shapes = [(2, 128, 128, 4000, torch.float32)]
+    shapes = _shapes(env, [_TARGET, (8, 2048, 4096, 32000, torch.bfloat16)], (2, 128, 128, 4000, torch.float32))
     impls = {"fastalign": fastalign.linear_token_logprobs, "eager": ref.linear_token_logprobs}
     if (trl := _trl_head()) is not None:
         impls["trl"] = trl
 
     def make_inputs(shape, requires_grad):
-        rows, T, H, V, dtype = shape
-        hidden, weight, labels = _head(rows, T, H, V, dtype, env.device, prompt=0)
-        return hidden.requires_grad_(requires_grad), weight.requires_grad_(requires_grad), labels
-
-    def flops_of(shape, mode):
-        rows, T, H, V, _ = shape
-        return (2 if mode == "fwd" else 8) * rows * T * H * V
+        return _inputs(env, shape, requires_grad, prompt=False)  # N valid tokens
 
     def check_for(shape):
         def check():
             hidden, weight, labels = make_inputs(shape, False)
             g = _upstream_grad(labels)
-            _check_against_float32(
-                lambda logp: (logp * g).sum(),
-                hidden,
-                weight,
-                labels,
-                lambda h, w: (fastalign.linear_token_logprobs(h, w, labels) * g).sum(),
-            )
+            fused = lambda h, w: (fastalign.linear_token_logprobs(h, w, labels) * g).sum()
+            _check_against_float32(lambda logp: (logp * g).sum(), hidden, weight, labels, fused)
 
         return check
 
-    return _cases(env, "linear_token_logprobs", shapes, impls, make_inputs, flops_of, check_for, per_token=True)
+    return _cases(env, "linear_token_logprobs", shapes, impls, make_inputs, _flops, check_for, per_token=True)
 
 
 def _dpo_cases(env: Env) -> list[Case]:
-    if env.cuda:  # 2B = 8 sequences of 2048 tokens, the first quarter prompt
-        shapes = [(8, 2048, 4096, 128256, torch.bfloat16)]
-    elif env.size == "target":
-        shapes = [(4, 1024, 1024, 32000, torch.bfloat16)]
-    else:
-        shapes = [(4, 64, 128, 4000, torch.float32)]
+    shapes = _shapes(env, [_TARGET], (4, 64, 128, 4000, torch.float32))  # 2B sequences, the chosen ones first
     fused = fastalign.FusedLinearDPOLoss(beta=0.1)
     impls = {
         "fastalign": lambda h, w, y, rh, rw: fused(h, w, y, ref_hidden=rh, ref_weight=rw)[0],
@@ -217,43 +219,35 @@ def _dpo_cases(env: Env) -> list[Case]:
         impls["liger"] = liger
 
     def make_inputs(shape, requires_grad):
-        rows, T, H, V, dtype = shape
-        hidden, weight, labels = _head(rows, T, H, V, dtype, env.device, prompt=T // 4)
+        hidden, weight, labels = _inputs(env, shape, requires_grad, prompt=True)
         gen = torch.Generator(device=env.device).manual_seed(3)
-        ref_hidden = (hidden + 0.1 * torch.randn(hidden.shape, device=env.device, generator=gen).to(dtype)).detach()
-        return hidden.requires_grad_(requires_grad), weight.requires_grad_(requires_grad), labels, ref_hidden, weight
-
-    def flops_of(shape, mode):
-        rows, T, H, V, _ = shape
-        return (4 if mode == "fwd" else 10) * rows * T * H * V  # the policy pass, plus a reference forward
+        noise = torch.randn(hidden.shape, device=env.device, generator=gen).to(hidden.dtype)
+        return hidden, weight, labels, (hidden + 0.1 * noise).detach(), weight.detach()
 
     def check_for(shape):
         def check():
             hidden, weight, labels, ref_hidden, ref_weight = make_inputs(shape, False)
             lengths = (labels != IGNORE).sum(-1)
             with torch.no_grad():
-                ref_logps = fastalign.linear_token_logprobs(ref_hidden, ref_weight, labels).sum(-1)
+                ref_chosen, ref_rejected = (
+                    fastalign.linear_token_logprobs(ref_hidden, ref_weight, labels).sum(-1).chunk(2)
+                )
 
             def loss_of_logps(logp):
-                seq = logp.sum(-1)
-                B = seq.shape[0] // 2
-                return ref_dpo.dpo_loss(
-                    seq[:B], seq[B:], ref_logps[:B], ref_logps[B:], beta=0.1,
-                    chosen_lengths=lengths[:B], rejected_lengths=lengths[B:],
-                )[0]  # fmt: skip
+                chosen, rejected = logp.sum(-1).chunk(2)
+                chosen_lengths, rejected_lengths = lengths.chunk(2)
+                kwargs = {"beta": 0.1, "chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
+                return ref_dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, **kwargs)[0]
 
+            reference = {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
             _check_against_float32(
-                loss_of_logps,
-                hidden,
-                weight,
-                labels,
-                lambda h, w: fused(h, w, labels, ref_chosen_logps=ref_logps[: len(ref_logps) // 2],
-                                   ref_rejected_logps=ref_logps[len(ref_logps) // 2 :])[0],
-            )  # fmt: skip
+                loss_of_logps, hidden, weight, labels, lambda h, w: fused(h, w, labels, **reference)[0]
+            )
 
         return check
 
-    return _cases(env, "FusedLinearDPOLoss", shapes, impls, make_inputs, flops_of, check_for)
+    flops = lambda shape, mode: _flops(shape, mode, reference_pass=True)
+    return _cases(env, "FusedLinearDPOLoss", shapes, impls, make_inputs, flops, check_for)
 
 
 def _eager_dpo(hidden, weight, labels, ref_hidden, ref_weight):
@@ -265,12 +259,7 @@ def _eager_dpo(hidden, weight, labels, ref_hidden, ref_weight):
 
 
 def _ift_cases(env: Env) -> list[Case]:
-    if env.cuda:
-        shapes = [(8, 2048, 4096, 128256, torch.bfloat16)]
-    elif env.size == "target":
-        shapes = [(4, 1024, 1024, 32000, torch.bfloat16)]
-    else:
-        shapes = [(4, 64, 128, 4000, torch.float32)]
+    shapes = _shapes(env, [_TARGET], (4, 64, 128, 4000, torch.float32))
     fused = fastalign.FusedLinearIFTLoss()
     impls = {
         "fastalign": fused,
@@ -278,28 +267,17 @@ def _ift_cases(env: Env) -> list[Case]:
     }
 
     def make_inputs(shape, requires_grad):
-        rows, T, H, V, dtype = shape
-        hidden, weight, labels = _head(rows, T, H, V, dtype, env.device, prompt=T // 4)
-        return hidden.requires_grad_(requires_grad), weight.requires_grad_(requires_grad), labels
-
-    def flops_of(shape, mode):
-        rows, T, H, V, _ = shape
-        return (2 if mode == "fwd" else 8) * rows * T * H * V
+        return _inputs(env, shape, requires_grad, prompt=True)
 
     def check_for(shape):
         def check():
             hidden, weight, labels = make_inputs(shape, False)
-            _check_against_float32(
-                lambda logp: ref_ift.ift_loss(logp, labels != IGNORE),
-                hidden,
-                weight,
-                labels,
-                lambda h, w: fused(h, w, labels),
-            )
+            eager = lambda logp: ref_ift.ift_loss(logp, labels != IGNORE)
+            _check_against_float32(eager, hidden, weight, labels, lambda h, w: fused(h, w, labels))
 
         return check
 
-    return _cases(env, "FusedLinearIFTLoss", shapes, impls, make_inputs, flops_of, check_for)
+    return _cases(env, "FusedLinearIFTLoss", shapes, impls, make_inputs, _flops, check_for)
 
 
 def cases(env: Env) -> list[Case]:
