@@ -87,6 +87,15 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def own_loss_and_grads(model, enc, labels):
+    """The model's own forward and backward (before patching); leaves the gradients cleared."""
+    own = model(**enc, labels=labels)
+    own.loss.backward()
+    expected = grads(model)
+    model.zero_grad()
+    return own, expected
+
+
 def assert_same_grads(actual, expected):
     assert actual.keys() == expected.keys()
     for name in expected:
@@ -148,12 +157,7 @@ def test_patched_forward_matches_the_models_own(arch, on_kernels, tok, rows):
         model = transformers.AutoModelForCausalLM.from_config(small_config(arch, len(tok)))
     model.eval()  # Mixtral's router jitter and dropout would differ between the two runs
     enc, labels = encode(tok, rows[:3])
-
-    own = model(**enc, labels=labels)
-    own.loss.backward()
-    expected = grads(model)
-    model.zero_grad()
-
+    own, expected = own_loss_and_grads(model, enc, labels)
     patch_causal_lm(model)
     with contextlib.nullcontext() if on_kernels else forced_backend("torch"):
         out = model(**enc, labels=labels, return_entropy=True, return_argmax=True, return_mean_logits=True)
@@ -203,10 +207,7 @@ def test_peft_model_is_patched_through_the_wrapper(tok, rows):
     config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     model = peft.get_peft_model(base, config)
     enc, labels = encode(tok, rows[:2])
-    own = model(**enc, labels=labels)
-    own.loss.backward()
-    expected = grads(model)
-    model.zero_grad()
+    own, expected = own_loss_and_grads(model, enc, labels)
     patch_causal_lm(model)
     with forced_backend("torch"):
         out = model(**enc, labels=labels)
@@ -346,18 +347,6 @@ def dpo_trainer(cls, tok, rows, tmp_path, policy, reference=None, steps=8, **kwa
     )
 
 
-def test_dpo_step_zero_equals_trl(tok, rows, tmp_path):
-    """Loss and every metric equal stock trl.DPOTrainer's on the same batch, on the kernels."""
-    reference = tiny_llama(tok, hidden_size=HIDDEN)
-    policy = perturbed(reference)
-    ours = dpo_trainer(DPOTrainer, tok, rows, tmp_path, copy.deepcopy(policy), copy.deepcopy(reference))
-    stock = dpo_trainer(trl.DPOTrainer, tok, rows, tmp_path, copy.deepcopy(policy), copy.deepcopy(reference))
-    batch = first_batch(ours)
-    loss, stock_loss = ours.compute_loss(ours.model, batch), stock.compute_loss(stock.model, batch)
-    assert rel_err(loss, stock_loss) < LOSS_RTOL
-    assert_same_metrics(ours, stock)
-
-
 @pytest.mark.parametrize(
     "config",
     [
@@ -379,19 +368,6 @@ def test_dpo_options_equal_trl(config, tok, rows, tmp_path):
         )
         batch = first_batch(ours)
         assert rel_err(ours.compute_loss(ours.model, batch), stock.compute_loss(stock.model, batch)) < LOSS_RTOL
-
-
-def test_dpo_training_lowers_the_loss_and_logs_trls_metrics(tok, rows, tmp_path):
-    reference = tiny_llama(tok, hidden_size=HIDDEN)
-    trainer = dpo_trainer(DPOTrainer, tok, rows, tmp_path, copy.deepcopy(reference), reference, beta=0.5)
-    batch = first_batch(trainer)
-    with forced_backend("torch"):
-        before = loss_on(trainer, batch)
-        trainer.train()
-        after = loss_on(trainer, batch)
-    assert before == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-5)
-    assert after < before - 0.05
-    assert DPO_METRICS <= logged(trainer)
 
 
 def test_dpo_unsupported_options_raise(tok, rows, tmp_path):
@@ -439,27 +415,38 @@ def kto_trainer(cls, tok, rows, tmp_path, policy, reference, steps=8, **config):
     )
 
 
-def test_kto_step_zero_equals_trl(tok, rows, tmp_path):
+PREFERENCE = {  # trainer factory, fastalign's trainer, TRL's, the metrics TRL logs, the least loss drop
+    "dpo": (dpo_trainer, DPOTrainer, trl.DPOTrainer, DPO_METRICS, 0.05),
+    "kto": (kto_trainer, KTOTrainer, trl.KTOTrainer, KTO_METRICS, 0.02),
+}
+
+
+@pytest.mark.parametrize("kind", PREFERENCE)
+def test_step_zero_equals_trl(kind, tok, rows, tmp_path):
+    """Loss and every metric equal stock TRL's trainer's on the same batch, on the kernels."""
+    make, ours_cls, stock_cls, _, _ = PREFERENCE[kind]
     reference = tiny_llama(tok, hidden_size=HIDDEN)
     policy = perturbed(reference)
-    ours = kto_trainer(KTOTrainer, tok, rows, tmp_path, copy.deepcopy(policy), copy.deepcopy(reference))
-    stock = kto_trainer(trl.KTOTrainer, tok, rows, tmp_path, copy.deepcopy(policy), copy.deepcopy(reference))
+    ours = make(ours_cls, tok, rows, tmp_path, copy.deepcopy(policy), copy.deepcopy(reference))
+    stock = make(stock_cls, tok, rows, tmp_path, copy.deepcopy(policy), copy.deepcopy(reference))
     batch = first_batch(ours)
     loss, stock_loss = ours.compute_loss(ours.model, batch), stock.compute_loss(stock.model, batch)
     assert rel_err(loss, stock_loss) < LOSS_RTOL
     assert_same_metrics(ours, stock)
 
 
-def test_kto_training_lowers_the_loss_and_logs_trls_metrics(tok, rows, tmp_path):
+@pytest.mark.parametrize("kind", PREFERENCE)
+def test_training_lowers_the_loss_and_logs_trls_metrics(kind, tok, rows, tmp_path):
+    make, ours_cls, _, metrics, least_drop = PREFERENCE[kind]
     reference = tiny_llama(tok, hidden_size=HIDDEN)
-    trainer = kto_trainer(KTOTrainer, tok, rows, tmp_path, copy.deepcopy(reference), reference, beta=0.5)
+    trainer = make(ours_cls, tok, rows, tmp_path, copy.deepcopy(reference), reference, beta=0.5)
     batch = first_batch(trainer)
     with forced_backend("torch"):
         before = loss_on(trainer, batch)
         trainer.train()
         after = loss_on(trainer, batch)
-    assert after < before - 0.02
-    assert KTO_METRICS <= logged(trainer)
+    assert after < before - least_drop
+    assert metrics <= logged(trainer)
 
 
 # PEFT -----------------------------------------------------------------------------------------

@@ -44,22 +44,19 @@ class _FastalignMixin:
     """What DPOTrainer and KTOTrainer share: the fused head, the reference forward (a reference
     model, a PEFT reference adapter, or the base with adapters disabled) and OnlineMergeAdamW."""
 
+    _trl_trainer: type  # the TRL class this one extends
     _non_model_keys: set[str]
 
-    def _fastalign_init(self, trainer_cls, args, kwargs, ref_adapter_name, online_merge) -> None:
+    def __init__(self, *args, ref_adapter_name: str | None = None, online_merge: dict | None = None, **kwargs):
         # Set before TRL's __init__, which may precompute reference log-probs through our forward.
         self.ref_adapter_name = ref_adapter_name
         self.online_merge = dict(online_merge) if online_merge is not None else None
         if self.online_merge is not None and "base" not in self.online_merge:
             raise ValueError("online_merge needs 'base': the base (pretrained) model, its state dict or a file")
-        bound = inspect.signature(trainer_cls.__init__).bind_partial(self, *args, **kwargs).arguments
+        bound = inspect.signature(self._trl_trainer.__init__).bind_partial(self, *args, **kwargs).arguments
         if bound.get("args") is not None:
             self._check_supported(bound["args"])
-
-    def _check_supported(self, args) -> None:
-        pass
-
-    def _fastalign_post_init(self) -> None:
+        super().__init__(*args, **kwargs)
         model = self.accelerator.unwrap_model(self.model)
         if is_peft_model(model):
             if self.online_merge is not None:
@@ -70,6 +67,9 @@ class _FastalignMixin:
                 model.delete_adapter("ref")
         for m in (self.model, self.ref_model):
             self._fused(m)
+
+    def _check_supported(self, args) -> None:
+        pass
 
     def _fused(self, model):
         """The model, with fastalign's head installed (TRL's __init__ installs its own)."""
@@ -193,13 +193,9 @@ class DPOTrainer(_FastalignMixin, trl.DPOTrainer):
     Logs TRL's metrics under TRL's names.
     """
 
+    _trl_trainer = trl.DPOTrainer
     _non_model_keys = _DPO_NON_MODEL_KEYS
     _always_log_logits = True
-
-    def __init__(self, *args, ref_adapter_name: str | None = None, online_merge: dict | None = None, **kwargs):
-        self._fastalign_init(trl.DPOTrainer, args, kwargs, ref_adapter_name, online_merge)
-        super().__init__(*args, **kwargs)
-        self._fastalign_post_init()
 
     def _check_supported(self, args) -> None:
         unsupported = {
@@ -268,13 +264,9 @@ class KTOTrainer(_FastalignMixin, trl.KTOTrainer):
     `fastalign.optim.OnlineMergeAdamW`. Takes TRL's arguments plus `ref_adapter_name` and
     `online_merge`, as `fastalign.integrations.DPOTrainer`. Logs TRL's metrics under TRL's names."""
 
+    _trl_trainer = trl.KTOTrainer
     _non_model_keys = _KTO_NON_MODEL_KEYS
     _always_log_logits = False
-
-    def __init__(self, *args, ref_adapter_name: str | None = None, online_merge: dict | None = None, **kwargs):
-        self._fastalign_init(trl.KTOTrainer, args, kwargs, ref_adapter_name, online_merge)
-        super().__init__(*args, **kwargs)
-        self._fastalign_post_init()
 
     def _kl_inputs(self, batch: dict) -> tuple[dict, torch.Tensor]:
         """Model kwargs and labels of the mismatched (prompt, completion) pairs of the KL estimate."""
