@@ -5,74 +5,61 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed import WORLD, run_on_two_processes
 
 pytest.importorskip("transformers")
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):
     pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6", allow_module_level=True)
 
-WORLD = 2
 GRAD_RTOL = 1e-4
 
 
-def _worker(rank: int, port: int, head_unit: bool) -> None:
+def _worker(rank: int, head_unit: bool) -> None:
     from fastalign.integrations import patch_causal_lm
     from fastalign.integrations.tiny import build_tokenizer, load_preferences, tiny_llama
 
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, init_method=f"tcp://127.0.0.1:{port}")
-    try:
-        rows = load_preferences()
-        tok = build_tokenizer(rows)
-        enc = tok([r["prompt"] + r["chosen"] for r in rows[: 2 * WORLD]], return_tensors="pt", padding=True)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        total = (labels[:, 1:] != -100).sum()
-        model = tiny_llama(tok, hidden_size=32, seed=0)
+    rows = load_preferences()
+    tok = build_tokenizer(rows)
+    enc = tok([r["prompt"] + r["chosen"] for r in rows[: 2 * WORLD]], return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    total = (labels[:, 1:] != -100).sum()
+    model = tiny_llama(tok, hidden_size=32, seed=0)
 
-        reference = patch_causal_lm(copy.deepcopy(model))  # one process, the whole batch
-        expected = reference(**enc, labels=labels, num_items_in_batch=total)
-        expected.loss.backward()
+    reference = patch_causal_lm(copy.deepcopy(model))  # one process, the whole batch
+    expected = reference(**enc, labels=labels, num_items_in_batch=total)
+    expected.loss.backward()
 
-        for layer in model.model.layers:
-            fsdp.fully_shard(layer)
-        if head_unit:  # the head is its own FSDP unit: sharded outside its own call
-            fsdp.fully_shard(model.lm_head)
-        fsdp.fully_shard(model)
-        patch_causal_lm(model)
-        mine = slice(2 * rank, 2 * rank + 2)
-        # FSDP averages gradients over ranks, so each rank's loss is scaled by WORLD / total.
-        out = model(
-            input_ids=enc["input_ids"][mine],
-            attention_mask=enc["attention_mask"][mine],
-            labels=labels[mine],
-            num_items_in_batch=total / WORLD,
-        )
-        out.loss.backward()
-        loss = out.loss.detach().clone()
-        dist.all_reduce(loss)
-        assert torch.allclose(loss / WORLD, expected.loss, rtol=1e-5), (loss / WORLD, expected.loss)
-        for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
-            grad = param.grad.full_tensor()
-            err = ((grad - ref.grad).norm() / ref.grad.norm()).item()
-            assert err < GRAD_RTOL, f"rank {rank}: {name} gradient off by {err:.2e}"
-        dist.barrier()  # no rank tears gloo down while another still has collectives in flight
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for layer in model.model.layers:
+        fsdp.fully_shard(layer)
+    if head_unit:  # the head is its own FSDP unit: sharded outside its own call
+        fsdp.fully_shard(model.lm_head)
+    fsdp.fully_shard(model)
+    patch_causal_lm(model)
+    mine = slice(2 * rank, 2 * rank + 2)
+    # FSDP averages gradients over ranks, so each rank's loss is scaled by WORLD / total.
+    out = model(
+        input_ids=enc["input_ids"][mine],
+        attention_mask=enc["attention_mask"][mine],
+        labels=labels[mine],
+        num_items_in_batch=total / WORLD,
+    )
+    out.loss.backward()
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    assert torch.allclose(loss / WORLD, expected.loss, rtol=1e-5), (loss / WORLD, expected.loss)
+    for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
+        grad = param.grad.full_tensor()
+        err = ((grad - ref.grad).norm() / ref.grad.norm()).item()
+        assert err < GRAD_RTOL, f"rank {rank}: {name} gradient off by {err:.2e}"
 
 
 @pytest.mark.parametrize("head_unit", [False, True], ids=["head-in-root-unit", "head-own-unit"])
 def test_fsdp2_sharded_model_matches_one_process(head_unit):
     # Children inherit TRITON_INTERPRET from conftest, so they run the interpreted kernels too.
     assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
-    mp.spawn(_worker, args=(_free_port(), head_unit), nprocs=WORLD, join=True)
+    run_on_two_processes(_worker, head_unit)

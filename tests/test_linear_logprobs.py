@@ -6,12 +6,10 @@ along every dimension, a masked last K block and a partial last vocabulary tile.
 
 from __future__ import annotations
 
-import socket
-
 import linear_fsdp_worker
 import pytest
 import torch
-import torch.multiprocessing as mp
+from distributed import run_on_two_processes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from utils import GRAD_RTOL, VALUE_RTOL, rel_err
@@ -240,18 +238,12 @@ def test_random_shapes(T, H, V, bias, dtype, device):
     check_against_reference(*make_inputs((T,), H, V, dtype, device, bias=bias), temperature=1.5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_fsdp2(device):
     """The lm_head weight as an FSDP2 DTensor (gathered once per call) and tied to the embedding under FSDP2,
     on 2 gloo processes: see tests/linear_fsdp_worker.py."""
     if device.type != "cpu":
         pytest.skip("gloo on the CPU")
-    mp.spawn(linear_fsdp_worker.main, args=(_free_port(), "kernel"), nprocs=2)
+    run_on_two_processes(linear_fsdp_worker.main, "kernel")
 
 
 # ----------------------------------------------------------------------------- bad input
