@@ -387,19 +387,37 @@ def dpo_loss_from_logits(
         labels,
         ignore_index,
     )
-    chosen, rejected = logps.chunk(2)
-    chosen_lengths, rejected_lengths = lengths.chunk(2)
-    return dpo_loss(
-        chosen,
-        rejected,
+    return paired_dpo_loss(
+        logps,
+        lengths,
         ref_chosen,
         ref_rejected,
         beta=beta,
         loss_type=loss_type,
         loss_weights=loss_weights,
         label_smoothing=label_smoothing,
+    )
+
+
+def paired_dpo_loss(
+    logps: torch.Tensor,
+    lengths: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    **options,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`dpo_loss` on per-sequence sums [2B] and completion lengths [2B], the B chosen rows first: the last step
+    of every fused DPO path (from logits, from hidden states)."""
+    chosen, rejected = logps.chunk(2)
+    chosen_lengths, rejected_lengths = lengths.chunk(2)
+    return dpo_loss(
+        chosen,
+        rejected,
+        ref_chosen_logps,
+        ref_rejected_logps,
         chosen_lengths=chosen_lengths,
         rejected_lengths=rejected_lengths,
+        **options,
     )
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from fastalign._backend import as_btv, backend_for, check_float, check_labels, check_positive
-from fastalign.dpo import dpo_loss
+from fastalign.dpo import paired_dpo_loss
 from fastalign.ift import check_gamma, ift_loss
 from fastalign.kernels.linear_logprobs import linear_logprobs_bwd, linear_logprobs_fwd, tiles_for
 from fastalign.logprobs import TokenStats
@@ -468,19 +468,15 @@ def dpo_loss_from_hidden(
             ref, _ = _sequence_logps(ref_hidden.detach(), ref_w.detach(), labels, ref_bias, head)
         ref_chosen_logps, ref_rejected_logps = ref.chunk(2)
     logps, lengths = _sequence_logps(hidden, weight, labels, bias, head)
-    chosen, rejected = logps.chunk(2)
-    chosen_lengths, rejected_lengths = lengths.chunk(2)
-    return dpo_loss(
-        chosen,
-        rejected,
+    return paired_dpo_loss(
+        logps,
+        lengths,
         ref_chosen_logps,
         ref_rejected_logps,
         beta=beta,
         loss_type=loss_type,
         loss_weights=loss_weights,
         label_smoothing=label_smoothing,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
     )
 
 
