@@ -26,7 +26,7 @@ import torch
 from fastalign._backend import as_btv, backend_for, check_float, check_labels, check_positive
 from fastalign.dpo import paired_dpo_loss
 from fastalign.ift import check_gamma, ift_loss
-from fastalign.kernels.linear_logprobs import linear_logprobs_bwd, linear_logprobs_fwd, tiles_for
+from fastalign.kernels.linear_logprobs import bwd_chunk_multiple, linear_logprobs_bwd, linear_logprobs_fwd
 from fastalign.logprobs import TokenStats
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -225,7 +225,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 
             h_rows = _rows_of(x, rows)
             if ctx.use_kernels:
-                da_dtype, multiple = x.dtype, tiles_for("bwd", x.dtype).block_v
+                da_dtype, multiple = x.dtype, bwd_chunk_multiple(x.dtype)
                 fp32_copies = 0 if _fast_mm(h_rows, weight) else M + H  # the operands' fp32 upcasts, a chunk at a time
                 bytes_per_column = M * x.element_size() + 4 * (H + fp32_copies)
             else:

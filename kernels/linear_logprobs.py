@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, TRITON_DTYPE, CompileSpec
+from . import INTERPRET, TRITON_DTYPE, CompileSpec, pick_fastest
 
 # Row tiles that sweep the vocabulary side by side, so the weight tiles they share are read from L2.
 _GROUP_M = 8
@@ -333,28 +333,36 @@ class Tiles(NamedTuple):
     num_stages: int
 
 
-# (kernel, dtype class, 16-byte aligned rows) -> tiles. Every entry must compile without spills for sm_80 and sm_90
-# (`fastalign compile-check`); the aligned half-precision ones are the shapes that matter for speed.
+# (kernel, dtype class, 16-byte aligned rows) -> candidate tiles, the default first. On the GPU the launchers time
+# the candidates once per shape bucket (`pick_fastest`). Every candidate must compile without spills, within the
+# shared memory of sm_80 and sm_90 (`fastalign compile-check`): wider tiles (128 x 256) spill on both. The aligned
+# half-precision entries are the shapes that matter for speed.
 _TILES = {
-    ("fwd", "half", True): Tiles(128, 128, 32, 8, 4),
-    ("bwd", "half", True): Tiles(64, 128, 64, 4, 3),
-    ("fwd", "fp32", True): Tiles(64, 64, 32, 4, 3),
-    ("bwd", "fp32", True): Tiles(64, 64, 32, 4, 3),
+    ("fwd", "half", True): (Tiles(128, 128, 32, 8, 4), Tiles(128, 128, 64, 8, 3), Tiles(64, 256, 64, 8, 3)),
+    ("bwd", "half", True): (Tiles(64, 128, 64, 4, 3), Tiles(128, 128, 32, 8, 4)),
+    ("fwd", "fp32", True): (Tiles(64, 64, 32, 4, 3),),
+    ("bwd", "fp32", True): (Tiles(64, 64, 32, 4, 3),),
     # Rows that are not 16-byte aligned (an odd H) load element by element, through registers: smaller tiles.
-    ("fwd", "half", False): Tiles(64, 64, 32, 4, 2),
-    ("bwd", "half", False): Tiles(32, 64, 32, 4, 2),
-    ("fwd", "fp32", False): Tiles(64, 64, 16, 4, 2),
-    ("bwd", "fp32", False): Tiles(64, 64, 16, 4, 2),
+    ("fwd", "half", False): (Tiles(64, 64, 32, 4, 2),),
+    ("bwd", "half", False): (Tiles(32, 64, 32, 4, 2),),
+    ("fwd", "fp32", False): (Tiles(64, 64, 16, 4, 2),),
+    ("bwd", "fp32", False): (Tiles(64, 64, 16, 4, 2),),
 }
 # The interpreter: small tiles, so small test shapes still span several tiles along every dimension.
 _INTERPRETED = Tiles(64, 128, 64, 4, 1)
 
 
-def tiles_for(kernel: str, dtype: torch.dtype, aligned: bool = True) -> Tiles:
-    """Launch tiles of the "fwd" or "bwd" kernel. Callers of the backward round chunks to its block_v."""
+def tile_candidates(kernel: str, dtype: torch.dtype, aligned: bool = True) -> tuple[Tiles, ...]:
+    """Candidate launch tiles of the "fwd" or "bwd" kernel, the default first."""
     if INTERPRET:
-        return _INTERPRETED
+        return (_INTERPRETED,)
     return _TILES[kernel, "fp32" if dtype == torch.float32 else "half", aligned]
+
+
+def bwd_chunk_multiple(dtype: torch.dtype) -> int:
+    """Callers cut the backward's vocabulary chunks to a multiple of this: every candidate's tile width (powers of
+    two) divides it, so only the last chunk has a partial tile."""
+    return max(t.block_v for aligned in (True, False) for t in tile_candidates("bwd", dtype, aligned))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -440,57 +448,63 @@ def linear_logprobs_fwd(
     if M == 0:
         return logp, lse, entropy, argmax
     align = _align(hidden, weight)
-    tiles = tiles_for("fwd", hidden.dtype, align > 1)
-    splits, tiles_per_split = _vocab_splits(M, V, tiles, dev)
-    stats = torch.empty(3, splits, M, device=dev, dtype=torch.float32)
-    split_argmax = torch.empty(splits, M, device=dev, dtype=torch.int32) if return_argmax else None
-    zlabel = torch.empty(M, device=dev, dtype=torch.float32)
-    _linear_logprobs_fwd_kernel[(triton.cdiv(M, tiles.block_m) * splits,)](
-        hidden,
-        weight,
-        weight if bias is None else bias,
-        rows,
-        labels,
-        stats,
-        stats if split_argmax is None else split_argmax,
-        zlabel,
-        M,
-        splits * M,
-        T,
-        hidden.stride(0) // align,
-        hidden.stride(1) // align,
-        weight.stride(0) // align,
-        V,
-        H,
-        tiles_per_split,
-        logit_scale,
-        1.0 if softcap is None else softcap,
-        1.0 / temperature,
-        HAS_BIAS=bias is not None,
-        HAS_SOFTCAP=softcap is not None,
-        RETURN_ENTROPY=return_entropy,
-        RETURN_ARGMAX=return_argmax,
-        **_gemm_args(hidden, weight, tiles, align),
-    )
-    _linear_logprobs_combine_kernel[(triton.cdiv(M, _COMBINE_BLOCK),)](
-        stats,
-        stats if split_argmax is None else split_argmax,
-        zlabel,
-        rows,
-        labels,
-        logp,
-        lse,
-        logp if entropy is None else entropy,
-        labels if argmax is None else argmax,
-        M,
-        splits,
-        splits * M,
-        V,
-        ignore_index,
-        BLOCK=_COMBINE_BLOCK,
-        RETURN_ENTROPY=return_entropy,
-        RETURN_ARGMAX=return_argmax,
-    )
+
+    def launch(tiles: Tiles) -> None:
+        splits, tiles_per_split = _vocab_splits(M, V, tiles, dev)
+        stats = torch.empty(3, splits, M, device=dev, dtype=torch.float32)
+        split_argmax = torch.empty(splits, M, device=dev, dtype=torch.int32) if return_argmax else None
+        zlabel = torch.empty(M, device=dev, dtype=torch.float32)
+        _linear_logprobs_fwd_kernel[(triton.cdiv(M, tiles.block_m) * splits,)](
+            hidden,
+            weight,
+            weight if bias is None else bias,
+            rows,
+            labels,
+            stats,
+            stats if split_argmax is None else split_argmax,
+            zlabel,
+            M,
+            splits * M,
+            T,
+            hidden.stride(0) // align,
+            hidden.stride(1) // align,
+            weight.stride(0) // align,
+            V,
+            H,
+            tiles_per_split,
+            logit_scale,
+            1.0 if softcap is None else softcap,
+            1.0 / temperature,
+            HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=softcap is not None,
+            RETURN_ENTROPY=return_entropy,
+            RETURN_ARGMAX=return_argmax,
+            **_gemm_args(hidden, weight, tiles, align),
+        )
+        _linear_logprobs_combine_kernel[(triton.cdiv(M, _COMBINE_BLOCK),)](
+            stats,
+            stats if split_argmax is None else split_argmax,
+            zlabel,
+            rows,
+            labels,
+            logp,
+            lse,
+            logp if entropy is None else entropy,
+            labels if argmax is None else argmax,
+            M,
+            splits,
+            splits * M,
+            V,
+            ignore_index,
+            BLOCK=_COMBINE_BLOCK,
+            RETURN_ENTROPY=return_entropy,
+            RETURN_ARGMAX=return_argmax,
+        )
+
+    candidates = tile_candidates("fwd", hidden.dtype, align > 1)
+    flags = (bias is not None, softcap is not None, return_entropy, return_argmax)
+    key = ("linear_logprobs_fwd", dev, hidden.dtype, align > 1, H, V, triton.next_power_of_2(M), *flags)
+    launch(pick_fastest(key, candidates, launch))
     return logp, lse, entropy, argmax
 
 
@@ -520,37 +534,43 @@ def linear_logprobs_bwd(
     if M == 0 or chunk == 0:
         return
     align = _align(hidden, weight)
-    tiles = tiles_for("bwd", hidden.dtype, align > 1)
     has_entropy_grad = dentropy is not None
-    _linear_logprobs_bwd_kernel[(triton.cdiv(M, tiles.block_m) * triton.cdiv(chunk, tiles.block_v),)](
-        hidden,
-        weight,
-        weight if bias is None else bias,
-        rows,
-        labels,
-        lse,
-        dlogp,
-        entropy if has_entropy_grad else lse,
-        dentropy if has_entropy_grad else lse,
-        da,
-        M,
-        T,
-        hidden.stride(0) // align,
-        hidden.stride(1) // align,
-        weight.stride(0) // align,
-        da.stride(0),
-        H,
-        v_start,
-        v_start + chunk,
-        ignore_index,
-        logit_scale,
-        1.0 if softcap is None else softcap,
-        1.0 / temperature,
-        HAS_BIAS=bias is not None,
-        HAS_SOFTCAP=softcap is not None,
-        HAS_ENTROPY_GRAD=has_entropy_grad,
-        **_gemm_args(hidden, weight, tiles, align),
-    )
+
+    def launch(tiles: Tiles) -> None:
+        _linear_logprobs_bwd_kernel[(triton.cdiv(M, tiles.block_m) * triton.cdiv(chunk, tiles.block_v),)](
+            hidden,
+            weight,
+            weight if bias is None else bias,
+            rows,
+            labels,
+            lse,
+            dlogp,
+            entropy if has_entropy_grad else lse,
+            dentropy if has_entropy_grad else lse,
+            da,
+            M,
+            T,
+            hidden.stride(0) // align,
+            hidden.stride(1) // align,
+            weight.stride(0) // align,
+            da.stride(0),
+            H,
+            v_start,
+            v_start + chunk,
+            ignore_index,
+            logit_scale,
+            1.0 if softcap is None else softcap,
+            1.0 / temperature,
+            HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=softcap is not None,
+            HAS_ENTROPY_GRAD=has_entropy_grad,
+            **_gemm_args(hidden, weight, tiles, align),
+        )
+
+    candidates = tile_candidates("bwd", hidden.dtype, align > 1)
+    flags = (bias is not None, softcap is not None, has_entropy_grad, da.dtype)
+    key = ("linear_logprobs_bwd", hidden.device, hidden.dtype, align > 1, H, triton.next_power_of_2(M), chunk, *flags)
+    launch(pick_fastest(key, candidates, launch))
 
 
 # ----------------------------------------------------------------------------- compile check
@@ -582,22 +602,23 @@ def compile_specs() -> list[CompileSpec]:
             # Every optional feature off, then on, with 16-byte aligned rows and H % BLOCK_K == 0 (the target
             # shapes); then all on with an odd H, whose rows load unaligned and whose last K block is masked.
             for features, aligned in ((False, True), (True, True), (True, False)):
-                tiles = tiles_for(name, dtype, aligned)
-                constexprs = {
-                    "BLOCK_M": tiles.block_m,
-                    "BLOCK_V": tiles.block_v,
-                    "BLOCK_K": tiles.block_k,
-                    "GROUP_M": _GROUP_M,
-                    "ALIGN": 16 // dtype.itemsize if aligned else 1,
-                    "EVEN_K": aligned,
-                    "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-                    "HAS_BIAS": features,
-                    "HAS_SOFTCAP": features,
-                    **dict.fromkeys(extras, features),
-                }
-                label = f"{name} {ty} features={features}" + ("" if aligned else " odd H")
-                sig = _signature(kernel, ty)
-                specs.append(CompileSpec(kernel, label, sig, constexprs, tiles.num_warps, tiles.num_stages))
+                for tiles in tile_candidates(name, dtype, aligned):
+                    constexprs = {
+                        "BLOCK_M": tiles.block_m,
+                        "BLOCK_V": tiles.block_v,
+                        "BLOCK_K": tiles.block_k,
+                        "GROUP_M": _GROUP_M,
+                        "ALIGN": 16 // dtype.itemsize if aligned else 1,
+                        "EVEN_K": aligned,
+                        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+                        "HAS_BIAS": features,
+                        "HAS_SOFTCAP": features,
+                        **dict.fromkeys(extras, features),
+                    }
+                    tile = "x".join(map(str, tiles[:3])) + f" w{tiles.num_warps} s{tiles.num_stages}"
+                    label = f"{name} {ty} features={features}" + ("" if aligned else " odd H") + f" {tile}"
+                    sig = _signature(kernel, ty)
+                    specs.append(CompileSpec(kernel, label, sig, constexprs, tiles.num_warps, tiles.num_stages))
     for extras in (False, True):
         specs.append(
             CompileSpec(

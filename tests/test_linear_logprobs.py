@@ -10,12 +10,14 @@ import linear_fsdp_worker
 import pytest
 import torch
 from distributed import run_on_two_processes
+from fastalign.kernels import linear_logprobs as linear_kernels
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from utils import GRAD_RTOL, VALUE_RTOL, rel_err
 
 import fastalign
 import fastalign.linear_logprobs as linear_module
+from fastalign import kernels as kernels_module
 from fastalign._backend import forced_backend
 from fastalign.reference import linear_logprobs as ref
 
@@ -91,6 +93,41 @@ def test_logit_chain_and_grad_output(head, backend, device):
     hidden, weight, bias, labels = make_inputs((2, 9), 67, 515, torch.float32, device)
     check_against_reference(hidden, weight, bias, labels, **head)
     check_against_reference(hidden, weight, None, labels, grad_scale=2.5, entropy_grad=False, **head)
+
+
+GPU_TILES = sorted({tiles for candidates in linear_kernels._TILES.values() for tiles in candidates})
+
+
+@pytest.mark.parametrize("tiles", GPU_TILES, ids=lambda t: "x".join(map(str, t[:3])) + f"-w{t[3]}-s{t[4]}")
+def test_every_gpu_tile_candidate_matches_reference(tiles, device, monkeypatch):
+    """Each launch tile the GPU tuner may pick, forced for both kernels: rows span two row tiles and the
+    vocabulary several column tiles, the last one ragged; H a multiple of every BLOCK_K (the aligned loads)."""
+    monkeypatch.setattr(linear_kernels, "tile_candidates", lambda kernel, dtype, aligned=True: (tiles,))
+    V = 2 * tiles.block_v + 77
+    check_against_reference(*make_inputs((2, tiles.block_m - 3), 128, V, torch.bfloat16, device))
+    check_against_reference(*make_inputs((1, 9), 128, V, torch.float32, device), memory_budget=2**16)
+
+
+def test_pick_fastest_times_each_candidate_once_per_key(monkeypatch):
+    timed = []
+    times = {"a": 3.0, "b": 1.0, "c": 2.0}
+    monkeypatch.setattr(kernels_module, "_can_time", lambda: True)
+    monkeypatch.setattr(kernels_module, "_time_ms", lambda launch, config: timed.append(config) or times[config])
+    monkeypatch.setattr(kernels_module, "_CHOSEN", {})
+    assert kernels_module.pick_fastest(("op", 1), ["a", "b", "c"], None) == "b"
+    assert kernels_module.pick_fastest(("op", 1), ["a", "b", "c"], None) == "b"
+    assert timed == ["a", "b", "c"]  # the second call reuses the choice
+    assert kernels_module.pick_fastest(("op", 2), ["a", "c"], None) == "c"
+    assert kernels_module.pick_fastest(("op", 3), ["a"], None) == "a" and len(timed) == 5
+    monkeypatch.setattr(kernels_module, "_can_time", lambda: False)
+    assert kernels_module.pick_fastest(("op", 4), ["c", "b"], None) == "c" and len(timed) == 5
+
+
+def test_a_candidate_over_the_devices_shared_memory_is_never_picked():
+    def launch(config):
+        raise kernels_module.triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
+
+    assert kernels_module._time_ms(launch, "too big") == float("inf")
 
 
 def test_memory_budget_bounds_every_chunk(backend, device, monkeypatch):
