@@ -327,28 +327,36 @@ def _sequence_logps(
     return token_logps.sum(-1), (labels != ignore_index).sum(-1)
 
 
-def _reference_logps(
-    ref_logits: torch.Tensor | None,
+def reference_logps(
     ref_logps: dict[str, torch.Tensor | None],
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int,
+    source_name: str,
+    source: torch.Tensor | None,
+    like: torch.Tensor,
+    like_name: str,
+    compute: Callable[[torch.Tensor], torch.Tensor],
 ) -> list[torch.Tensor]:
-    """The reference log-probs, one tensor per name in ref_logps: as given, or from ref_logits (no grad) split
-    into as many equal parts along the batch; never both."""
+    """The reference log-probs, one tensor per name in ref_logps: as given, or `compute(source)` ([R] per-sequence
+    sums, under no_grad) split into as many equal parts along the batch; never both. `source` (the reference
+    logits or hidden states) must have `like`'s shape but for the last dimension."""
     given = [name for name, value in ref_logps.items() if value is not None]
-    if ref_logits is None:
+    if source is None:
         if len(given) != len(ref_logps):
-            raise ValueError(f"pass {' and '.join(ref_logps)}, or ref_logits")
+            raise ValueError(f"pass {' and '.join(ref_logps)}, or {source_name}")
         return list(ref_logps.values())
     if given:
-        raise ValueError(f"pass either ref_logits or {' and '.join(ref_logps)}, not both")
-    if not isinstance(ref_logits, torch.Tensor) or ref_logits.shape[:-1] != logits.shape[:-1]:
-        got = tuple(ref_logits.shape) if isinstance(ref_logits, torch.Tensor) else type(ref_logits).__name__
-        raise ValueError(f"ref_logits must have shape [*{tuple(logits.shape[:-1])}, V] like the logits; got {got}")
+        raise ValueError(f"pass either {source_name} or {' and '.join(ref_logps)}, not both")
+    if not isinstance(source, torch.Tensor) or source.shape[:-1] != like.shape[:-1]:
+        got = tuple(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__
+        raise ValueError(f"{source_name} must have shape [*{tuple(like.shape[:-1])}, ...] like {like_name}; got {got}")
     with torch.no_grad():
-        ref = token_logprobs(ref_logits.detach(), labels, ignore_index=ignore_index).sum(-1)
+        ref = compute(source.detach())
     return list(ref.chunk(len(ref_logps)))
+
+
+def _reference_from_logits(ref_logps, ref_logits, logits, labels, ignore_index) -> list[torch.Tensor]:
+    """`reference_logps` with the reference logits as the source."""
+    compute = lambda z: token_logprobs(z, labels, ignore_index=ignore_index).sum(-1)
+    return reference_logps(ref_logps, "ref_logits", ref_logits, logits, "the logits", compute)
 
 
 def dpo_loss_from_logits(
@@ -380,9 +388,9 @@ def dpo_loss_from_logits(
             f"logits must have an even batch [2B, T, V], the B chosen rows first; got batch {logits.shape[0]}"
         )
     logps, lengths = _sequence_logps(logits, labels, ignore_index, inplace_backward)
-    ref_chosen, ref_rejected = _reference_logps(
-        ref_logits,
+    ref_chosen, ref_rejected = _reference_from_logits(
         {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps},
+        ref_logits,
         logits,
         labels,
         ignore_index,
@@ -520,7 +528,7 @@ def kto_loss_from_logits(
     The reference comes as ref_logps [B] or as ref_logits [B, T, V'] (read under no_grad).
     """
     logps, _ = _sequence_logps(logits, labels, ignore_index, inplace_backward)
-    (ref,) = _reference_logps(ref_logits, {"ref_logps": ref_logps}, logits, labels, ignore_index)
+    (ref,) = _reference_from_logits({"ref_logps": ref_logps}, ref_logits, logits, labels, ignore_index)
     return kto_loss(
         logps,
         ref,

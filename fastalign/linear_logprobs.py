@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from fastalign._backend import as_btv, backend_for, check_float, check_labels, check_positive
-from fastalign.dpo import paired_dpo_loss
+from fastalign.dpo import paired_dpo_loss, reference_logps
 from fastalign.ift import check_gamma, ift_loss
 from fastalign.kernels.linear_logprobs import bwd_chunk_multiple, linear_logprobs_bwd, linear_logprobs_fwd
 from fastalign.logprobs import TokenStats
@@ -452,21 +452,17 @@ def dpo_loss_from_hidden(
     if hidden.dim() >= 1 and hidden.shape[0] % 2:
         raise ValueError(f"hidden must have an even batch [2B, T, H], the chosen rows first; got {hidden.shape[0]}")
     head = {"ignore_index": ignore_index, "memory_budget": memory_budget}
-    if ref_hidden is None:
-        if ref_chosen_logps is None or ref_rejected_logps is None:
-            raise ValueError("pass ref_chosen_logps and ref_rejected_logps, or ref_hidden (and ref_weight)")
-        if ref_weight is not None or ref_bias is not None:
-            raise ValueError("ref_weight and ref_bias need ref_hidden")
-    else:
-        if ref_chosen_logps is not None or ref_rejected_logps is not None:
-            raise ValueError("pass either ref_hidden or ref_chosen_logps and ref_rejected_logps, not both")
-        if ref_hidden.shape[:-1] != hidden.shape[:-1]:
-            got = tuple(ref_hidden.shape)
-            raise ValueError(f"ref_hidden must have shape [*{tuple(hidden.shape[:-1])}, H] like hidden; got {got}")
-        with torch.no_grad():
-            ref_w = weight if ref_weight is None else ref_weight
-            ref, _ = _sequence_logps(ref_hidden.detach(), ref_w.detach(), labels, ref_bias, head)
-        ref_chosen_logps, ref_rejected_logps = ref.chunk(2)
+    if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
+        raise ValueError("ref_weight and ref_bias need ref_hidden")
+    ref_w = (weight if ref_weight is None else ref_weight).detach()
+    ref_chosen_logps, ref_rejected_logps = reference_logps(
+        {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps},
+        "ref_hidden",
+        ref_hidden,
+        hidden,
+        "hidden",
+        lambda h: _sequence_logps(h, ref_w, labels, ref_bias, head)[0],
+    )
     logps, lengths = _sequence_logps(hidden, weight, labels, bias, head)
     return paired_dpo_loss(
         logps,

@@ -9,6 +9,7 @@ from torch import nn
 
 from fastalign.dpo import check_dpo_options, check_kto_options, dpo_loss_from_logits, kto_loss_from_logits
 from fastalign.ift import check_gamma, ift_loss_from_logits
+from fastalign.linear_logprobs import dpo_loss_from_hidden, ift_loss_from_hidden
 
 
 class DPOLoss(nn.Module):
@@ -90,9 +91,8 @@ class IFTLoss(nn.Module):
         return ift_loss_from_logits(logits, labels, **self.kwargs)
 
 
-# Fused-linear forms (issue #4): the same losses from the last hidden states and the lm_head weight, through
+# Fused-linear forms: the same losses from the last hidden states and the lm_head weight, through
 # fastalign.linear_token_logprobs, so not even a bf16 [tokens, vocab] logits tensor exists.
-from fastalign.linear_logprobs import dpo_loss_from_hidden, ift_loss_from_hidden  # noqa: E402
 
 
 class FusedLinearDPOLoss(nn.Module):
