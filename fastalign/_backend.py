@@ -69,12 +69,16 @@ def check_labels(name: str, labels: torch.Tensor, shape: torch.Size, device: tor
         raise ValueError(f"{name} must be on the same device as the logits ({device}); got {labels.device}")
 
 
-def check_label_range(name: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Raises on a label outside [0, vocab) that is not ignore_index. Syncs with the device."""
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+def check_label_range(name: str, labels: torch.Tensor, vocab: int, ignore_index: int | None) -> None:
+    """Raises on a label outside [0, vocab) that is not ignore_index (None: every id counts). Syncs with the
+    device."""
+    bad = (labels < 0) | (labels >= vocab)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
     if bool(bad.any()):
         first = labels[bad][0].item()
-        raise ValueError(f"{name} holds {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+        allowed = "" if ignore_index is None else f" and not ignore_index={ignore_index}"
+        raise ValueError(f"{name} holds {first}, outside [0, {vocab}){allowed}")
 
 
 def check_positive(name: str, value: float) -> None:
