@@ -270,7 +270,7 @@ def test_kto_matches_float64_reference(loss_type, kl, device):
     assert rel_err(loss, loss64) < 1e-6 and rel_err(grad, grad64) < GRAD_RTOL[torch.float32]
     assert reference.grad is None
     for name, value in metrics.items():
-        torch.testing.assert_close(value.double(), metrics64[name].to(device), msg=name)
+        torch.testing.assert_close(value.double(), metrics64[name].to(device), rtol=1e-5, atol=1e-6, msg=name)
     assert metrics["kl"].item() == pytest.approx(max(kl, 0.0))  # clamped at 0, as TRL does
 
 
