@@ -205,7 +205,7 @@ def test_kernel_gives_nan_for_out_of_range_label_without_reading_out_of_bounds(b
     assert torch.isnan(logp[1])
     assert logp[2] == 0
     expected = ref.token_logprobs(x[0].double(), labels.masked_fill(labels != 3, 0))
-    torch.testing.assert_close(logp[[0, 3]].double(), expected[[0, 3]])
+    torch.testing.assert_close(logp[[0, 3]].double(), expected[[0, 3]], rtol=1e-5, atol=1e-6)
     dx = torch.empty_like(x)
     token_logprobs_bwd(x, dx, labels, lse, torch.ones(4, device=device), None, None, IGNORE, 1.0)
     assert torch.isnan(dx[0, 1]).all() and (dx[0, 2] == 0).all() and torch.isfinite(dx[0, [0, 3]]).all()
