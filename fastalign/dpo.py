@@ -39,6 +39,10 @@ KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 # The loss types that divide by the completion lengths (TRL reads them from the completion mask).
 NEEDS_LENGTHS = ("ipo", "sigmoid_norm", "sft")
 DISCOPOP_TAU = 0.05  # TRL's DPOConfig.discopop_tau default, the DiscoPOP paper's value
+# The DPO and KTO losses run in float64 on their [B] per-sequence inputs and return the inputs' dtype (at least
+# float32). It costs nothing next to the log-prob pass, and in fp32 a loss whose terms cancel (APO-down,
+# DiscoPOP near its switch point, hinge-like sigmoids near 1) keeps only 1e-3 of its gradient's precision.
+LOSS_MATH_DTYPE = torch.float64
 
 
 class _Pairs(NamedTuple):
@@ -280,7 +284,7 @@ def dpo_loss(
     terms = check_dpo_options(beta, loss_type, loss_weights, label_smoothing)
     types = [t for t, _ in terms]
     dtype = torch.promote_types(first.dtype, torch.float32)
-    chosen, rejected = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    chosen, rejected = policy_chosen_logps.to(LOSS_MATH_DTYPE), policy_rejected_logps.to(LOSS_MATH_DTYPE)
     if any(t in NEEDS_LENGTHS for t in types):
         if chosen_lengths is None or rejected_lengths is None:
             needs = [t for t in types if t in NEEDS_LENGTHS]
@@ -292,15 +296,15 @@ def dpo_loss(
     pairs = _Pairs(
         chosen,
         rejected,
-        ref_chosen_logps.detach().to(dtype),
-        ref_rejected_logps.detach().to(dtype),
+        ref_chosen_logps.detach().to(LOSS_MATH_DTYPE),
+        ref_rejected_logps.detach().to(LOSS_MATH_DTYPE),
         chosen_lengths,
         rejected_lengths,
         float(beta),
         float(label_smoothing),
     )
     loss = sum(weight * _PER_SEQUENCE[t](pairs).mean() for t, weight in terms)
-    return loss, _dpo_metrics(pairs)
+    return loss.to(dtype), {name: value.to(dtype) for name, value in _dpo_metrics(pairs).items()}
 
 
 def _dpo_metrics(p: _Pairs) -> dict[str, torch.Tensor]:
@@ -477,11 +481,11 @@ def kto_loss(
         if loss_type == "kto":
             raise ValueError("kl (the batch KL estimate) is required for loss_type 'kto'")
         kl = 0.0
-    kl = torch.as_tensor(kl, dtype=dtype, device=first.device).detach().clamp(min=0)
+    kl = torch.as_tensor(kl, dtype=LOSS_MATH_DTYPE, device=first.device).detach().clamp(min=0)
     if kl.dim() != 0:
         raise ValueError(f"kl must be a scalar (a float or a 0-dim tensor); got shape {tuple(kl.shape)}")
 
-    logratios = policy_logps.to(dtype) - ref_logps.detach().to(dtype)
+    logratios = policy_logps.to(LOSS_MATH_DTYPE) - ref_logps.detach().to(LOSS_MATH_DTYPE)
     if loss_type == "kto":
         chosen_losses = 1 - torch.sigmoid(beta * (logratios - kl))
         rejected_losses = 1 - torch.sigmoid(beta * (kl - logratios))
@@ -492,7 +496,7 @@ def kto_loss(
 
     with torch.no_grad():
         rewards = beta * logratios
-        logps = policy_logps.to(dtype)
+        logps = policy_logps.to(LOSS_MATH_DTYPE)
 
         def group_mean(x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
             return torch.where(group, x, 0).sum() / group.sum()  # 0 / 0 = NaN for an empty group
@@ -505,7 +509,7 @@ def kto_loss(
             "logps/rejected": group_mean(logps, ~desirable),
         }
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-    return losses.mean(), metrics
+    return losses.mean().to(dtype), {name: value.to(dtype) for name, value in metrics.items()}
 
 
 def kto_loss_from_logits(
