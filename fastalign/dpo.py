@@ -387,10 +387,7 @@ def dpo_loss_from_logits(
         inplace_backward: write d logits over the logits buffer (see `token_logprobs`).
         The other arguments are `dpo_loss`'s; the completion lengths come from the labels.
     """
-    if logits.dim() >= 1 and logits.shape[0] % 2:
-        raise ValueError(
-            f"logits must have an even batch [2B, T, V], the B chosen rows first; got batch {logits.shape[0]}"
-        )
+    check_paired_batch("logits", logits, "[2B, T, V]")
     logps, lengths = _sequence_logps(logits, labels, ignore_index, inplace_backward)
     ref_chosen, ref_rejected = _reference_from_logits(
         {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps},
@@ -409,6 +406,12 @@ def dpo_loss_from_logits(
         loss_weights=loss_weights,
         label_smoothing=label_smoothing,
     )
+
+
+def check_paired_batch(name: str, x: torch.Tensor, shape: str) -> None:
+    """The fused DPO paths stack the B chosen rows, then the B rejected ones: the batch must be even."""
+    if x.dim() >= 1 and x.shape[0] % 2:
+        raise ValueError(f"{name} must have an even batch {shape}, the B chosen rows first; got batch {x.shape[0]}")
 
 
 def paired_dpo_loss(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from fastalign._backend import as_btv, backend_for, check_float, check_labels, check_positive
-from fastalign.dpo import paired_dpo_loss, reference_logps
+from fastalign.dpo import check_paired_batch, paired_dpo_loss, reference_logps
 from fastalign.ift import check_gamma, ift_loss
 from fastalign.kernels.linear_logprobs import bwd_chunk_multiple, linear_logprobs_bwd, linear_logprobs_fwd
 from fastalign.logprobs import TokenStats
@@ -449,8 +449,7 @@ def dpo_loss_from_hidden(
             ([V, H'], default `weight`, as when the reference shares the policy's lm_head) and ref_bias.
         The other arguments are `dpo_loss`'s; the completion lengths come from the labels.
     """
-    if hidden.dim() >= 1 and hidden.shape[0] % 2:
-        raise ValueError(f"hidden must have an even batch [2B, T, H], the chosen rows first; got {hidden.shape[0]}")
+    check_paired_batch("hidden", hidden, "[2B, T, H]")
     head = {"ignore_index": ignore_index, "memory_budget": memory_budget}
     if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
         raise ValueError("ref_weight and ref_bias need ref_hidden")
