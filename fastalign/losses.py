@@ -106,9 +106,9 @@ class FusedLinearDPOLoss(nn.Module):
         self,
         beta: float = 0.1,
         loss_type: str | Sequence[str] = "sigmoid",
-        ignore_index: int = -100,
-        label_smoothing: float = 0.0,
         loss_weights: Sequence[float] | None = None,
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
         memory_budget: int | None = None,
     ):
         super().__init__()
