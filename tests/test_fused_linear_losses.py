@@ -3,6 +3,8 @@ and against the float64 eager references (log-probs from the full logits, then t
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from utils import GRAD_RTOL, rel_err
@@ -130,6 +132,13 @@ def test_dpo_bad_inputs(device):
         fastalign.FusedLinearDPOLoss(beta=0.0)
     with pytest.raises(ValueError, match="loss_type"):
         fastalign.FusedLinearDPOLoss(loss_type="nope")
+
+
+def test_dpo_module_options_come_in_dpoloss_order():
+    """A positional DPOLoss(...) call means the same to FusedLinearDPOLoss(...): only the last option differs."""
+    dpo = list(inspect.signature(fastalign.DPOLoss).parameters)
+    fused = list(inspect.signature(fastalign.FusedLinearDPOLoss).parameters)
+    assert fused[:-1] == dpo[:-1] and (dpo[-1], fused[-1]) == ("inplace_backward", "memory_budget")
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.95, 1.0])
