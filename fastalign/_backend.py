@@ -76,9 +76,16 @@ def check_label_range(name: str, labels: torch.Tensor, vocab: int, ignore_index:
     if ignore_index is not None:
         bad &= labels != ignore_index
     if bool(bad.any()):
-        first = labels[bad][0].item()
-        allowed = "" if ignore_index is None else f" and not ignore_index={ignore_index}"
-        raise ValueError(f"{name} holds {first}, outside [0, {vocab}){allowed}")
+        raise label_range_error(name, labels, bad, vocab, ignore_index)
+
+
+def label_range_error(
+    name: str, labels: torch.Tensor, bad: torch.Tensor, vocab: int, ignore_index: int | None
+) -> ValueError:
+    """The error for the first label that `bad` (a bool mask over labels) marks as outside [0, vocab)."""
+    first = labels[bad][0].item()
+    allowed = "" if ignore_index is None else f" and not ignore_index={ignore_index}"
+    return ValueError(f"{name} holds {first}, outside [0, {vocab}){allowed}")
 
 
 def check_positive(name: str, value: float) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastalign._backend import as_btv, backend_for, check_float, check_labels, check_positive
+from fastalign._backend import as_btv, backend_for, check_float, check_labels, check_positive, label_range_error
 from fastalign.dpo import check_paired_batch, paired_dpo_loss, reference_logps
 from fastalign.ift import check_gamma, ift_loss
 from fastalign.kernels.linear_logprobs import bwd_chunk_multiple, linear_logprobs_bwd, linear_logprobs_fwd
@@ -58,8 +58,7 @@ def _scored_rows(labels: torch.Tensor, vocab: int, ignore_index: int, every_row:
     bad = valid & ((labels < 0) | (labels >= vocab))
     n_valid, n_bad = torch.stack([valid.sum(), bad.sum()]).tolist()
     if n_bad:
-        first = labels[bad][0].item()
-        raise ValueError(f"labels holds {first}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+        raise label_range_error("labels", labels, bad, vocab, ignore_index)
     if every_row or n_valid == labels.numel():
         return torch.arange(labels.numel(), device=labels.device)
     # A stable sort puts the valid rows first, in order, without a second sync (nonzero() would sync).
