@@ -24,6 +24,9 @@ class TokenStats(NamedTuple):
     logprobs: torch.Tensor  # float32, 0.0 where label == ignore_index
     entropy: torch.Tensor | None  # float32 entropy of softmax(logits / temperature), every position
     argmax: torch.Tensor | None  # int64 greedy token, every position
+    # Extras of the same pass, not differentiable (TRL's fused head and WPO weighting read them):
+    log_sum_sq_probs: torch.Tensor | None = None  # float32 log(sum_v p_v^2), every position
+    mean_logits: torch.Tensor | None = None  # float32 mean over the vocabulary of logits / temperature
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Runs a test body in 2 gloo processes on the CPU, the way the FSDP2 tests need it."""
+"""Runs a test body in several gloo processes on the CPU, the way the distributed tests need it."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from collections.abc import Callable
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-WORLD = 2
+WORLD = 2  # the default number of processes
 
 
-def run_on_two_processes(worker: Callable[..., None], *args) -> None:
-    """Calls worker(rank, *args) in each of 2 processes joined in a gloo group; raises if either fails.
+def run_on_processes(worker: Callable[..., None], *args, world: int = WORLD) -> None:
+    """Calls worker(rank, *args) in each of `world` processes joined in a gloo group; raises if any fails.
 
     worker must be a module-level function (spawn pickles it by name). Children inherit the
     environment, so TRITON_INTERPRET from conftest makes them run the interpreted kernels too.
@@ -22,14 +22,14 @@ def run_on_two_processes(worker: Callable[..., None], *args) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_entry, args=(worker, port, args), nprocs=WORLD)
+    mp.spawn(_entry, args=(worker, port, world, args), nprocs=world)
 
 
-def _entry(rank: int, worker: Callable[..., None], port: int, args: tuple) -> None:
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, init_method=f"tcp://127.0.0.1:{port}")
+def _entry(rank: int, worker: Callable[..., None], port: int, world: int, args: tuple) -> None:
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
         worker(rank, *args)
-        dist.barrier()  # no rank tears gloo down while the other still has collectives in flight
+        dist.barrier()  # no rank tears gloo down while another still has collectives in flight
     finally:
         dist.destroy_process_group()
     sys.stdout.flush()

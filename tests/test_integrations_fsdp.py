@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import WORLD, run_on_two_processes
+from distributed import WORLD, run_on_processes
 
 pytest.importorskip("transformers")
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -62,4 +62,4 @@ def _worker(rank: int, head_unit: bool) -> None:
 def test_fsdp2_sharded_model_matches_one_process(head_unit):
     # Children inherit TRITON_INTERPRET from conftest, so they run the interpreted kernels too.
     assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
-    run_on_two_processes(_worker, head_unit)
+    run_on_processes(_worker, head_unit)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import linear_fsdp_worker
 import pytest
 import torch
-from distributed import run_on_two_processes
+from distributed import run_on_processes
 from fastalign.kernels import linear_logprobs as linear_kernels
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -280,7 +280,7 @@ def test_fsdp2(device):
     on 2 gloo processes: see tests/linear_fsdp_worker.py."""
     if device.type != "cpu":
         pytest.skip("gloo on the CPU")
-    run_on_two_processes(linear_fsdp_worker.main, "kernel")
+    run_on_processes(linear_fsdp_worker.main, "kernel")
 
 
 # ----------------------------------------------------------------------------- bad input

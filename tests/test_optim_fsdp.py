@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import optim_fsdp_worker
 import pytest
-from distributed import run_on_two_processes
+from distributed import run_on_processes
 
 
 @pytest.mark.parametrize("backend", ["kernel", "torch"])
 def test_two_processes_equal_one(backend, tmp_path, device):
     if device.type != "cpu":
         pytest.skip("gloo on the CPU")
-    run_on_two_processes(optim_fsdp_worker.main, str(tmp_path), backend, list(optim_fsdp_worker.CASES))
+    run_on_processes(optim_fsdp_worker.main, str(tmp_path), backend, list(optim_fsdp_worker.CASES))
