@@ -56,6 +56,9 @@ def _torch_fwd(x, labels, ignore_index, temperature, return_entropy, return_argm
         logp[r0:r1] = torch.where(lab == ignore_index, 0.0, ls_label)
         # lse = z - log_softmax(z) at the max, where log_softmax is in [-log V, 0]: well conditioned.
         z_max, i_max = chunk.max(-1)
+        nan_rows = z_max.isnan()
+        if nan_rows.any():  # torch.max takes NaN for the maximum; the kernels' max skips NaN, as compiled Triton's
+            i_max[nan_rows] = chunk[nan_rows].masked_fill(chunk[nan_rows].isnan(), float("-inf")).argmax(-1)
         lse[r0:r1] = z_max.float() / temperature - ls.gather(-1, i_max.unsqueeze(-1)).squeeze(-1)
         if return_entropy:
             # Clamping -inf log-probs makes their p * log p an exact 0 instead of 0 * -inf = NaN.

@@ -78,9 +78,11 @@ def _token_logprobs_fwd_kernel(
         if RETURN_MEAN:
             z_sum += tl.sum(tl.where(m_v, b_z, 0.0), 0)
         if RETURN_ARGMAX:
-            # Strict > keeps the first maximum, as torch.argmax does.
-            b_idx = tl.argmax(b_z, 0).to(tl.int64)
-            best_idx = tl.where(b_max > best, v0 + b_idx, best_idx)
+            # The block's first maximum, and strict > across blocks: the first maximum, as torch.argmax. Max skips
+            # NaN (compiled and interpreted alike), so an all-NaN row keeps index 0; the interpreter's tl.argmax
+            # would raise there instead.
+            b_idx = tl.min(tl.where(b_z == b_max, o_v, V), 0)
+            best_idx = tl.where(b_max > best, b_idx.to(tl.int64), best_idx)
             best = tl.maximum(best, b_max)
         m = m_new
 

@@ -147,6 +147,30 @@ def test_neg_inf_logits(backend, device):
     assert torch.isfinite(fastalign.token_stats(logits, labels).entropy).all()
 
 
+def test_nan_logits_give_nan_outputs(backend, device):
+    """A row holding NaN gives NaN log-prob (0 where ignored), lse, entropy and extras on every path, and the
+    argmax of its non-NaN logits (index 0 when every logit is NaN): compiled Triton's max skips NaN. The
+    interpreter's tl.argmax used to raise on an all-NaN row."""
+    V = 9000  # three fp32 blocks
+    logits = torch.randn(4, V, device=device)
+    logits[0] = float("nan")  # all NaN, labelled
+    logits[1] = float("nan")  # all NaN, ignored
+    logits[2, [5, 8999]] = float("nan")  # some NaN, in the first and the last block
+    logits[2, 4500] = 50.0
+    labels = torch.tensor([3, IGNORE, 7, 9], device=device)
+    x = logits.clone().requires_grad_(True)
+    stats = fastalign.token_stats(x, labels, log_sum_sq_probs=True, mean_logits=True)
+    assert torch.isnan(stats.logprobs[[0, 2]]).all() and stats.logprobs[1] == 0
+    for field in (stats.entropy, stats.log_sum_sq_probs, stats.mean_logits):
+        assert torch.isnan(field[:3]).all() and torch.isfinite(field[3])
+    assert stats.argmax.tolist() == [0, 0, 4500, logits[3].argmax().item()]
+    clean = logits[3:].double()
+    assert rel_err(stats.logprobs[3:], ref.token_logprobs(clean, labels[3:])) < VALUE_RTOL[torch.float32]
+    assert rel_err(stats.entropy[3:], ref.token_entropy(clean)) < VALUE_RTOL[torch.float32] * 10
+    stats.logprobs.sum().backward()
+    assert torch.isnan(x.grad[[0, 2]]).all() and torch.isfinite(x.grad[3]).all()
+
+
 def test_empty_input(backend, device):
     x = torch.randn(0, 5, 11, device=device, requires_grad=True)
     out = fastalign.token_logprobs(x, torch.zeros(0, 5, dtype=torch.int64, device=device))
