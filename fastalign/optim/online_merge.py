@@ -256,6 +256,8 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
             part = local_part(entry, layout, local)
         if part.device != local.device:
             raise ValueError(f"ref_delta for {name} must be on {local.device}, like the parameter; got {part.device}")
+        if not bool(torch.isfinite(part).all()):  # TIES's sign election would drop a NaN τ silently
+            raise ValueError(f"ref_delta for {name} holds NaN or ±inf")
         return part.float().contiguous()
 
     def _init_state(self, p: torch.Tensor, group: dict, entry) -> None:
