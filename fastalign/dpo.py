@@ -768,7 +768,12 @@ def dpo_loss_from_token_logps(
     _check_mask("mask", mask, "[2B, T]")
     check_paired_batch("mask", mask, "[2B, T]")
     check_dpo_options(
-        options.get("beta", 0.1), options.get("loss_type", "sigmoid"), ld_alpha=ld_alpha, use_weighting=use_weighting
+        options.get("beta", 0.1),
+        options.get("loss_type", "sigmoid"),
+        options.get("loss_weights"),
+        options.get("label_smoothing", 0.0),
+        ld_alpha=ld_alpha,
+        use_weighting=use_weighting,
     )
     sums = sequence_logps(token_logps, mask)
     logps = sums if ld_alpha is None else sequence_logps(token_logps, mask, ld_alpha=ld_alpha)
