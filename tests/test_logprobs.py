@@ -26,7 +26,7 @@ def make_inputs(shape, V, dtype, device, ignore_frac=0.25, scale=3.0):
 def check_against_reference(logits, labels, temperature=1.0, grad_scale=None, entropy_grad=True):
     """Forward and backward of token_stats vs float64, with random upstream gradients."""
     x = logits.detach().clone().requires_grad_(True)
-    stats = fastalign.token_stats(x, labels, temperature=temperature)
+    stats = fastalign.token_stats(x, labels, temperature=temperature, log_sum_sq_probs=True, mean_logits=True)
     g = torch.randn(labels.shape, device=labels.device) if grad_scale is None else grad_scale
     ge = torch.randn(labels.shape, device=labels.device) if entropy_grad else torch.zeros(labels.shape)
     (stats.logprobs * g + stats.entropy * ge).sum().backward()
@@ -41,6 +41,14 @@ def check_against_reference(logits, labels, temperature=1.0, grad_scale=None, en
     assert rel_err(stats.logprobs, logp64) < VALUE_RTOL[dtype]
     assert rel_err(stats.entropy, ent64) < VALUE_RTOL[dtype] * 10
     assert torch.equal(stats.argmax, x64.detach().argmax(-1))
+    for extra, expected in (
+        (stats.log_sum_sq_probs, ref.token_log_sum_sq_probs(x64.detach(), temperature)),
+        (stats.mean_logits, ref.token_mean_logits(x64.detach(), temperature)),
+    ):
+        assert extra.dtype == torch.float32 and not extra.requires_grad
+        finite = torch.isfinite(expected)  # -inf logits give a -inf mean; the extras match there too
+        assert torch.equal(extra[~finite], expected[~finite].float())
+        assert rel_err(extra[finite], expected[finite]) < VALUE_RTOL[dtype] * 10
     assert (stats.logprobs[labels == IGNORE] == 0).all()
     assert x.grad.dtype == dtype and x.grad.shape == logits.shape
     assert torch.isfinite(x.grad).all()
@@ -201,7 +209,7 @@ def test_kernel_gives_nan_for_out_of_range_label_without_reading_out_of_bounds(b
     """
     x = torch.randn(1, 4, 11, device=device)
     labels = torch.tensor([3, bad, IGNORE, 0], device=device)
-    logp, lse, _, _ = token_logprobs_fwd(x, labels, IGNORE, 1.0, False, False)
+    logp, lse, *_ = token_logprobs_fwd(x, labels, IGNORE, 1.0, False, False)
     assert torch.isnan(logp[1])
     assert logp[2] == 0
     expected = ref.token_logprobs(x[0].double(), labels.masked_fill(labels != 3, 0))
