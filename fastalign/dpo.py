@@ -646,13 +646,11 @@ def _reference_from_logits(ref_logps, ref_logits, logits, labels, ignore_index, 
 
 
 def _token_stats(logits, labels, ignore_index, inplace_backward, *, log_sum_sq_probs=False, mean_logits=False):
-    """token_stats without entropy and argmax, asking for the extras only when needed."""
+    """token_stats without entropy and argmax, with the extras the options need."""
     _check_logits(logits)
-    wanted = {"log_sum_sq_probs": log_sum_sq_probs, "mean_logits": mean_logits}
-    extras = {name: True for name, flag in wanted.items() if flag}
     return token_stats(
-        logits, labels, ignore_index=ignore_index, entropy=False, argmax=False, inplace_backward=inplace_backward,
-        **extras,
+        logits, labels, ignore_index=ignore_index, entropy=False, argmax=False, log_sum_sq_probs=log_sum_sq_probs,
+        mean_logits=mean_logits, inplace_backward=inplace_backward,
     )  # fmt: skip
 
 

@@ -3,7 +3,6 @@ references of fastalign.reference.dpo; TRL's own trainer code checks the same op
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
@@ -20,7 +19,6 @@ from fastalign.dpo import (
     wpo_weights,
 )
 from fastalign.dpo import sequence_logps as reduce_tokens
-from fastalign.logprobs import token_stats
 from fastalign.reference import dpo as ref
 
 IGNORE = -100
@@ -33,11 +31,6 @@ def options_for(loss_type: str) -> dict:
         "loss_type": loss_type,
         "label_smoothing": LABEL_SMOOTHING.get(loss_type, 0.0),
     }
-
-
-def needs_token_stats_extras():
-    if "log_sum_sq_probs" not in inspect.signature(token_stats).parameters:
-        pytest.skip("token_stats(..., log_sum_sq_probs=, mean_logits=) is not on this branch yet")
 
 
 # ----------------------------------------------------------------------------- f-divergences
@@ -226,8 +219,8 @@ FUSED_CASES = [
     pytest.param({"loss_type": "hinge", "average_log_prob": True, "ld_alpha": 0.5, "ref": "logits"}, id="average+ld"),
     pytest.param({"loss_type": "ipo", "f_divergence_type": "js_divergence"}, id="js-ipo"),
     pytest.param({"loss_type": "discopop", "discopop_tau": 0.5, "beta": 0.02}, id="discopop_tau"),
-    pytest.param({"loss_type": "sigmoid", "use_weighting": True, "needs": "extras"}, id="wpo"),
-    pytest.param({"loss_type": "nca_pair", "return_per_example": True, "needs": "extras"}, id="per-example"),
+    pytest.param({"loss_type": "sigmoid", "use_weighting": True}, id="wpo"),
+    pytest.param({"loss_type": "nca_pair", "return_per_example": True}, id="per-example"),
 ]
 
 
@@ -235,8 +228,6 @@ FUSED_CASES = [
 @pytest.mark.parametrize("case", FUSED_CASES)
 def test_fused_dpo_options_match_float64_reference(case, dtype, backend, device):
     case = dict(case)
-    if case.pop("needs", None):
-        needs_token_stats_extras()
     ref_source = case.pop("ref", "logps")
     options = {"beta": 0.3, **case}
     B, T, V = 2, 7, 301
