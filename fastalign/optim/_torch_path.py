@@ -5,8 +5,8 @@ The step goes through a launch in bundles: ranges of parameter shards of at most
 elements in all (small shards together, large ones cut). A bundle takes a fixed number of torch
 ops, foreach ops over its ranges or flat ops over reused chunk-sized buffers, so the Python cost of
 an op is paid per bundle, not per parameter, the temporaries stay a few chunks (in cache), and the
-state is updated in place. OnTIES holds the float32 Δ of whole shards, at most the largest shard's
-worth at once, while it selects. The arithmetic is the kernels' in float32 (a few roundings
+state is updated in place. OnTIES holds the float32 Δ of whole shards, a chunk's worth at once (or
+one larger shard), while it selects. The arithmetic is the kernels' in float32 (a few roundings
 ordered differently), with the same random keeps and the same top-k rule. It syncs freely: it is
 meant for CPU tensors.
 """
@@ -54,7 +54,7 @@ def topk_select(x: torch.Tensor, lengths: list[int], ks: list[int], selects: lis
             candidates = candidates.masked_select(match)
             chosen = (prefix & (2 ** RADIX_DIGITS[len(local) - 1][1] - 1)).clamp_min(0)
             counts = torch.where(prefix >= 0, local[-1].gather(1, chosen.view(-1, 1)).view(-1), 0)
-        bins = ((candidates >> shift) & (2**bits - 1)).bitwise_or_(_spread(slot_ids << bits, counts))
+        bins = (candidates >> shift).bitwise_and_(2**bits - 1).bitwise_or_(_spread(slot_ids << bits, counts))
         local.append(torch.bincount(bins, minlength=n_slots << bits).view(n_slots, 2**bits))
         return local[-1].clone()
 
@@ -84,7 +84,7 @@ def _spread(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     n = int(counts.sum())
     steps = torch.zeros(n + 1, dtype=torch.int32, device=values.device)
     steps.index_add_(0, torch.cumsum(counts, 0) - counts, torch.diff(values, prepend=values.new_zeros(1)))
-    return torch.cumsum(steps[:n], 0, dtype=torch.int32)
+    return torch.cumsum(steps[:n], 0, dtype=torch.int32, out=steps[:n])
 
 
 def nonfinite(launch: Launch, flag: torch.Tensor) -> None:
@@ -259,9 +259,9 @@ class _Step:
 
     def ties(self, slots: list[Slot], sizes: dict[int, float]) -> None:
         """Merge steps of OnTIES: Δ of whole shards, their top k, the sign election, the merge."""
-        # Δ of whole shards, at most as many elements as the largest shard (or a chunk) at once: the
-        # selection takes a fixed number of ops per group, and temporaries of ~20 bytes per element.
-        for group in _whole_groups(slots, max(self.size, max(s.param.numel() for s in slots))):
+        # Δ of whole shards, a chunk's worth at once (or one larger shard): the selection takes a
+        # fixed number of ops per group, and temporaries of ~20 bytes per element.
+        for group in _whole_groups(slots, self.size):
             lengths = [s.param.numel() for s in group]
             delta = torch.empty(sum(lengths), dtype=torch.float32, device=self.launch.device)
             whole = dict(zip(map(id, group), delta.split(lengths)))
