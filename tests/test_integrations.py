@@ -63,6 +63,15 @@ DPO_METRICS = {
 KTO_METRICS = DPO_METRICS - {"mean_token_accuracy", "rewards/accuracies"} | {"kl"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and OpenMP's spinning on a busy CPU slows them tens of times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def rows():
     return load_preferences()
