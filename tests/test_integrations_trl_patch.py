@@ -138,6 +138,31 @@ def test_fused_head_top1_is_the_first_maximum():
     assert ours.tolist() == theirs.tolist() == [False, True, True]
 
 
+@pytest.mark.parametrize("case", ["autocast-bf16", "fp32-hidden-bf16-weight"])
+def test_fused_head_compute_dtype_is_trls(case, backend):
+    """Under autocast both compute in the autocast dtype; without it, in hidden's (TRL's cast_lm_head_to_fp32 passes
+    fp32 hidden states with a bf16 head). Output and gradient dtypes are TRL's."""
+    N, H, V = 23, 32, 97
+    hidden = torch.randn(N, H, requires_grad=True)
+    weight_dtype = torch.float32 if case == "autocast-bf16" else torch.bfloat16
+    weight = (0.5 * torch.randn(V, H)).to(weight_dtype).requires_grad_()
+    targets = torch.randint(0, V, (N,))
+    args = (hidden, weight, None, targets, 1.0, 64, None, 1.0, ALL_OUTPUTS)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast-bf16")
+    with autocast:
+        ours = _stand_in_head().apply(*args)
+    with autocast:
+        theirs = TRL_HEAD.apply(*args)
+    # TRL rounds each bf16 logits tile to bf16; fastalign accumulates the product in fp32.
+    tol = 2e-2 if case == "autocast-bf16" else FP32_RTOL
+    for x, y in zip(ours[:2], theirs[:2]):
+        assert x.dtype == y.dtype == torch.float32 and rel_err(x, y) < tol
+    g_ours = torch.autograd.grad(ours[0].sum() + ours[1].sum(), [hidden, weight])
+    g_trl = torch.autograd.grad(theirs[0].sum() + theirs[1].sum(), [hidden, weight])
+    for x, y in zip(g_ours, g_trl):
+        assert x.dtype == y.dtype and rel_err(x, y) < (3e-2 if case == "autocast-bf16" else 1e-2)
+
+
 def _stand_in_head():
     patch_trl()
     head = trl_utils._ChunkedLogProbFunction
@@ -195,6 +220,38 @@ def test_logits_helpers_leave_what_fastalign_does_not_take_to_trl(calls):
     assert calls["token_stats"] == 0
     with pytest.raises(ValueError, match="temperature"):
         trl_utils.selective_log_softmax(logits.float(), topk[..., 0], temperature=0.0)
+
+
+@pytest.mark.parametrize("shifted", [False, True], ids=["labels", "shift_labels"])
+def test_fused_head_model_call_with_labels_or_shift_labels(shifted, tok):
+    """`model(..., fused_lm_head=True)` as TRL's trainers call it (context parallelism passes pre-shifted
+    shift_labels): every output field and every gradient equal TRL's head. Runs the Triton kernels."""
+    rows = load_preferences()[:3]
+    enc = tok([r["prompt"] + r["chosen"] for r in rows], return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    labels[:, :4] = -100
+    model = tiny_llama(tok, hidden_size=HIDDEN)
+    trl_utils.add_fused_lm_head(model, temperature=0.9, outputs=ALL_OUTPUTS)
+    if shifted:
+        kwargs = {"shift_labels": torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)}
+    else:
+        kwargs = {"labels": labels}
+
+    def run():
+        out = model(**enc, **kwargs, fused_lm_head=True, num_items_in_batch=7)
+        (out.loss + out.entropy.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        return out, grads
+
+    expected, expected_grads = run()
+    patch_trl()
+    out, grads = run()
+    for field in ("loss", "log_probs", "entropy", "mean_logits"):
+        assert rel_err(getattr(out, field), getattr(expected, field)) < FP32_RTOL, field
+    assert torch.equal(out.is_top1, expected.is_top1) and torch.equal(out.label_mask, expected.label_mask)
+    for name, grad in expected_grads.items():
+        assert rel_err(grads[name], grad) < GRAD_RTOL, name
 
 
 def trl_bindings() -> dict[tuple[str, str], int]:
@@ -263,25 +320,49 @@ def even_token_reward(completion_ids, **kwargs):
     return [sum(t % 2 == 0 for t in ids) / max(1, len(ids)) for ids in completion_ids]
 
 
-def sft(tok, rows, tmp_path, steps=1, lr=1e-2):
+def sft(tok, rows, tmp_path, steps=1, lr=1e-2, model=None):
     data = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows[:64]]
     return trl.SFTTrainer(
-        model=tiny_llama(tok, hidden_size=HIDDEN),
+        model=tiny_llama(tok, hidden_size=HIDDEN) if model is None else model,
         args=config(trl.SFTConfig, tmp_path, steps, lr, 8),
         train_dataset=datasets.Dataset.from_list(data),
         processing_class=tok,
     )
 
 
-def dpo(tok, rows, tmp_path, steps=1, lr=5e-3):
+def dpo(tok, rows, tmp_path, steps=1, lr=5e-3, **extra):
     reference = tiny_llama(tok, hidden_size=HIDDEN)
+    lora = extra.pop("lora", False)
     return trl.DPOTrainer(
         model=_perturbed(reference),
-        ref_model=reference,
-        args=config(trl.DPOConfig, tmp_path, steps, lr, 4, beta=0.5),
+        ref_model=None if lora else reference,
+        args=config(trl.DPOConfig, tmp_path, steps, lr, 4, beta=0.5, **extra),
         train_dataset=datasets.Dataset.from_list(rows[:32]),
         processing_class=tok,
+        peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        if lora
+        else None,
     )
+
+
+def small_model(arch, tok):
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+    if arch == "gemma2":
+        config = transformers.Gemma2Config(**common, head_dim=16, final_logit_softcapping=3.0)
+    else:
+        config = transformers.CohereConfig(**common, logit_scale=0.5)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config)
 
 
 def kto(tok, rows, tmp_path, steps=1, lr=5e-3):
@@ -344,6 +425,12 @@ def _perturbed(model, scale=0.02):
 
 
 TRAINERS = {"sft": sft, "dpo": dpo, "kto": kto, "grpo": grpo, "rloo": rloo}
+STEP_ZERO = {
+    **TRAINERS,
+    "sft-gemma2-softcap": lambda tok, rows, path: sft(tok, rows, path, model=small_model("gemma2", tok)),
+    "sft-cohere-logit-scale": lambda tok, rows, path: sft(tok, rows, path, model=small_model("cohere", tok)),
+    "dpo-lora": lambda tok, rows, path: dpo(tok, rows, path, lora=True),
+}
 ONLINE = {"grpo", "rloo"}
 
 
@@ -383,11 +470,12 @@ def assert_same(actual, expected):
             assert metrics[key] == pytest.approx(values, rel=1e-4, abs=1e-5), key
 
 
-@pytest.mark.parametrize("kind", TRAINERS)
+@pytest.mark.parametrize("kind", STEP_ZERO)
 def test_step_zero_equals_trls_own_path(kind, tok, rows, tmp_path, calls):
     """The same batch through TRL's head, then through fastalign's: on a trainer built before the patch and on
-    one built after it. Runs the Triton kernels (interpreted)."""
-    before = TRAINERS[kind](tok, rows, tmp_path)
+    one built after it; logit softcapping and scaling from the config; a PEFT model. Runs the Triton kernels
+    (interpreted)."""
+    before = STEP_ZERO[kind](tok, rows, tmp_path)
     inputs = first_inputs(before)
     expected = loss_and_grads(before, inputs)
     assert calls["linear_token_stats"] == 0
@@ -395,7 +483,7 @@ def test_step_zero_equals_trls_own_path(kind, tok, rows, tmp_path, calls):
     assert_same(loss_and_grads(before, inputs), expected)
     assert calls["linear_token_stats"] > 0
     runs = calls["linear_token_stats"]
-    after = TRAINERS[kind](tok, rows, tmp_path)
+    after = STEP_ZERO[kind](tok, rows, tmp_path)
     assert_same(loss_and_grads(after, inputs), expected)
     assert calls["linear_token_stats"] > runs
 
