@@ -3,12 +3,17 @@ checkpoint crash tests and the DDP tests (tests/test_integrations_distributed.py
 
     python tests/hf_trainer_worker.py KIND OUT [--steps 6] [--save-steps 3] [--batch 4]
         [--kill-after-save STEP] [--resume CHECKPOINT]
-    torchrun --nproc_per_node 2 tests/hf_trainer_worker.py KIND OUT --batch 2 ...   (ACCELERATE_USE_CPU=true)
+    torchrun --nproc_per_node 2 tests/hf_trainer_worker.py KIND OUT --batch 2 [--fsdp2] ...   (ACCELERATE_USE_CPU=true)
 
 KIND: dpo-ondare, dpo-onties or ift. Each rank writes OUT/params-rank<r>.pt (its final parameters),
 OUT/log-rank<r>.json (the trainer's log history) and OUT/setup-rank<r>.json (how accelerate ran it).
 --kill-after-save STEP SIGKILLs the process once the trainer has written checkpoint-STEP. The torch path runs
 on one thread, so runs are bitwise reproducible.
+
+--fsdp2: accelerate enables FSDP only on accelerator devices (on a CPU its state stays MULTI_CPU, whatever the
+config says), so this sets the trainer's accelerator state to FSDP with an FSDP2 plugin before training. From there
+on it is accelerate's and the Trainer's own FSDP2 code on gloo: fully_shard of each decoder layer and the root, the
+optimizer built before sharding and its parameters swapped for the DTensors, sharded (DCP) checkpoints.
 """
 
 from __future__ import annotations
@@ -73,6 +78,22 @@ def trainer_for(kind: str, out: Path, steps: int, save_steps: int, batch: int, c
     )
 
 
+def force_fsdp2(trainer) -> None:
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+        state_dict_type="SHARDED_STATE_DICT",
+    )
+    # AcceleratorState() copies PartialState's shared state on every call: set the type in both.
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("kind", choices=KINDS)
@@ -82,9 +103,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--kill-after-save", type=int, default=None)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--fsdp2", action="store_true")
     opts = parser.parse_args()
     torch.set_num_threads(1)
 
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
     from transformers import TrainerCallback
 
     class KillAfterSave(TrainerCallback):
@@ -94,17 +118,24 @@ def main() -> None:
 
     callbacks = [KillAfterSave()] if opts.kill_after_save else []
     trainer = trainer_for(opts.kind, opts.out, opts.steps, opts.save_steps, opts.batch, callbacks)
+    if opts.fsdp2:
+        force_fsdp2(trainer)
     trainer.train(resume_from_checkpoint=opts.resume)
     rank = trainer.args.process_index
     model = trainer.accelerator.unwrap_model(trainer.model)
+    optimizer = trainer.optimizer.optimizer
     setup = {
         "distributed_type": trainer.accelerator.distributed_type.value,
         "num_processes": trainer.accelerator.num_processes,
         "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
         "ddp": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel),
+        "fsdp2": isinstance(model, FSDPModule),
+        "optimizer": type(optimizer).__name__,
+        "sharded_parameters": sum(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"]),
     }
     (opts.out / f"setup-rank{rank}.json").write_text(json.dumps(setup))
-    torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, opts.out / f"params-rank{rank}.pt")
+    full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+    torch.save(full, opts.out / f"params-rank{rank}.pt")
     (opts.out / f"log-rank{rank}.json").write_text(json.dumps(trainer.state.log_history))
 
 
