@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 README = Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^```(\S*)\n(.*?)^```", re.S | re.M)
 RUNS = {"python"}
-NEVER_RUNS = {"bash", "text"}
+NEVER_RUNS = {"bash", "text", "yaml"}
 OPTIONAL = {"transformers", "trl", "peft", "datasets", "accelerate", "matplotlib"}  # the hf and bench extras
 
 
