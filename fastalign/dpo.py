@@ -523,8 +523,10 @@ def _dpo(
     pair_weights: torch.Tensor | None = None,
     logits_means: tuple[torch.Tensor, torch.Tensor] | None = None,
     return_per_example: bool = False,
+    out_dtype: torch.dtype | None = None,
 ):
-    """`dpo_loss` on checked [B] inputs; chosen_sums are the plain chosen sums that "sft" and the NLL read."""
+    """`dpo_loss` on checked [B] inputs; chosen_sums are the plain chosen sums that "sft" and the NLL read.
+    The results have out_dtype (default: the inputs' dtype, at least float32)."""
     terms = check_dpo_options(
         beta,
         loss_type,
@@ -548,7 +550,7 @@ def _dpo(
         _check_sequence_logps({"policy_chosen_logps": chosen, "pair_weights": pair_weights})
         pair_weights = pair_weights.detach().to(LOSS_MATH_DTYPE)
 
-    dtype = torch.promote_types(chosen.dtype, torch.float32)
+    dtype = torch.promote_types(chosen.dtype, torch.float32) if out_dtype is None else out_dtype
     values = [chosen, rejected, ref_chosen.detach(), ref_rejected.detach()]
     values = [x.to(LOSS_MATH_DTYPE) for x in values]
     if average_log_prob:
@@ -641,7 +643,11 @@ def _check_logits(logits: torch.Tensor) -> None:
 def _reference_from_logits(ref_logps, ref_logits, logits, labels, ignore_index, ld_alpha=None) -> list[torch.Tensor]:
     """`reference_logps` with the reference logits as the source, summed as the policy's (LD-weighted or not)."""
     mask = labels != ignore_index
-    compute = lambda z: sequence_logps(token_logprobs(z, labels, ignore_index=ignore_index), mask, ld_alpha=ld_alpha)
+
+    def compute(z: torch.Tensor) -> torch.Tensor:  # float64 sums, as the policy's
+        token_logps = token_logprobs(z, labels, ignore_index=ignore_index).to(LOSS_MATH_DTYPE)
+        return sequence_logps(token_logps, mask, ld_alpha=ld_alpha)
+
     return reference_logps(ref_logps, "ref_logits", ref_logits, logits, "the logits", compute)
 
 
@@ -773,8 +779,11 @@ def dpo_loss_from_token_logps(
         ld_alpha=ld_alpha,
         use_weighting=use_weighting,
     )
-    sums = sequence_logps(token_logps, mask)
-    logps = sums if ld_alpha is None else sequence_logps(token_logps, mask, ld_alpha=ld_alpha)
+    # Summed in float64 (one rounding, at the loss's output): an fp32 sum over a long completion keeps ~sqrt(T)
+    # roundings, which losses that square or exponentiate the log-ratios (sppo_hard, f-divergences) amplify.
+    out_dtype = torch.promote_types(token_logps.dtype, torch.float32)
+    sums = sequence_logps(token_logps.to(LOSS_MATH_DTYPE), mask)
+    logps = sums if ld_alpha is None else sequence_logps(token_logps.to(LOSS_MATH_DTYPE), mask, ld_alpha=ld_alpha)
     chosen, rejected = logps.chunk(2)
     chosen_lengths, rejected_lengths = mask.sum(-1).chunk(2)
     _check_sequence_logps(
@@ -799,6 +808,7 @@ def dpo_loss_from_token_logps(
         rejected_lengths=rejected_lengths,
         pair_weights=pair_weights,
         logits_means=logits_means,
+        out_dtype=out_dtype,
         **options,
     )
 
@@ -880,8 +890,10 @@ def _kto(
     clamp_kl: bool = True,
     return_per_example: bool = False,
     logits_means: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ):
-    """`kto_loss` on checked [B] log-prob sums and float64 lengths (or None)."""
+    """`kto_loss` on checked [B] log-prob sums and float64 lengths (or None); results in out_dtype (default: the
+    inputs' dtype, at least float32)."""
     first = policy_logps
     if not isinstance(desirable, torch.Tensor) or desirable.dtype != torch.bool:
         got = desirable.dtype if isinstance(desirable, torch.Tensor) else type(desirable).__name__
@@ -897,7 +909,7 @@ def _kto(
     _check_flag("return_per_example", return_per_example)
     if average_log_prob and lengths is None:
         raise ValueError("average_log_prob=True needs lengths (completion token counts)")
-    dtype = torch.promote_types(first.dtype, torch.float32)
+    dtype = torch.promote_types(first.dtype, torch.float32) if out_dtype is None else out_dtype
     if kl is None:
         if loss_type == "kto":
             raise ValueError("kl (the batch KL estimate) is required for loss_type 'kto'")
@@ -970,10 +982,10 @@ def kto_loss_from_logits(
         logits, labels, ignore_index, inplace_backward, mean_logits=options.get("return_per_example", False)
     )
     mask = labels != ignore_index
-    logps = sequence_logps(stats.logprobs, mask)
+    logps = sequence_logps(stats.logprobs.to(LOSS_MATH_DTYPE), mask)  # float64, as dpo_loss_from_token_logps
     (ref,) = _reference_from_logits({"ref_logps": ref_logps}, ref_logits, logits, labels, ignore_index)
     _check_sequence_logps({"policy_logps": logps, "ref_logps": ref})
     logits_means = None if stats.mean_logits is None else _masked_row_means(stats.mean_logits, mask)
-    return _kto(
-        logps, ref, desirable, kl, lengths=mask.sum(-1).to(LOSS_MATH_DTYPE), logits_means=logits_means, **options
-    )
+    lengths = mask.sum(-1).to(LOSS_MATH_DTYPE)
+    return _kto(logps, ref, desirable, kl, lengths=lengths, logits_means=logits_means, out_dtype=torch.float32,
+                **options)  # fmt: skip

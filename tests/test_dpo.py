@@ -208,13 +208,13 @@ def check_against_trl(loss_type, options, device):
     torch.testing.assert_close(loss, trl_loss, rtol=1e-5, atol=1e-6)
     for name, value in metrics.items():
         assert trl_metrics[name] == pytest.approx(value.item(), rel=1e-5, abs=1e-6), name
-    if not options:  # the [B] sums API is the same loss
-        logps, lengths = per_token.sum(-1), completion_mask[:, 1:].sum(-1)
+    if not options:  # the [B] sums API is the same loss (the token path sums in float64)
+        logps, lengths = per_token.double().sum(-1), completion_mask[:, 1:].sum(-1)
         loss_of_sums, _ = fastalign.dpo_loss(
             *logps.chunk(2), ref_chosen, ref_rejected, beta=beta, loss_type=loss_type, label_smoothing=ls,
             chosen_lengths=lengths[:B], rejected_lengths=lengths[B:],
         )  # fmt: skip
-        torch.testing.assert_close(loss_of_sums, loss, rtol=0, atol=0)
+        torch.testing.assert_close(loss_of_sums.float(), loss, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- fused DPOLoss
@@ -247,17 +247,17 @@ def test_fused_dpo_matches_reference_and_composition(B, T, V, dtype, loss_type, 
     loss, metrics = module(x, labels, ref_chosen, ref_rejected)
     loss.backward(torch.tensor(1.7, device=device))
 
-    # Composition of the public pieces: token_logprobs, a masked sum, dpo_loss.
+    # Composition of the public pieces: token_logprobs, a masked sum (in float64, as DPOLoss), dpo_loss.
     y = logits.clone().requires_grad_(True)
-    logps = fastalign.token_logprobs(y, labels).sum(-1)
+    logps = fastalign.token_logprobs(y, labels).double().sum(-1)
     lengths = (labels != IGNORE).sum(-1)
     composed, composed_metrics = fastalign.dpo_loss(
         *logps.chunk(2), ref_chosen, ref_rejected, beta=0.5, loss_type=loss_type,
         chosen_lengths=lengths[:B], rejected_lengths=lengths[B:],
     )  # fmt: skip
     composed.backward(torch.tensor(1.7, device=device))
-    assert torch.equal(loss, composed) and torch.equal(x.grad, y.grad)
-    assert all(torch.equal(metrics[k], composed_metrics[k]) for k in metrics)
+    assert torch.equal(loss, composed.float()) and torch.equal(x.grad, y.grad)
+    assert all(torch.equal(metrics[k], composed_metrics[k].float()) for k in metrics)
 
     x64 = logits.detach().double().requires_grad_(True)
     loss64, _ = ref.dpo_loss_from_logits(x64, labels, ref_chosen.double(), ref_rejected.double(), beta=0.5,
@@ -278,7 +278,7 @@ def test_fused_dpo_with_reference_logits_and_inplace_backward(backend, device):
     x = base[:, :-1].clone().requires_grad_(True)
     loss, _ = module(x, labels, ref_logits=ref_logits)
     (expected,) = torch.autograd.grad(loss, x)
-    ref_logps = fastalign.token_logprobs(ref_logits, labels).sum(-1)
+    ref_logps = fastalign.token_logprobs(ref_logits, labels).double().sum(-1)
     torch.testing.assert_close(loss, module(x, labels, *ref_logps.chunk(2))[0], rtol=0, atol=0)
 
     leaf = base.clone().requires_grad_(True)
@@ -387,10 +387,11 @@ def test_fused_kto_matches_composition(backend, device):
     loss, metrics = fastalign.KTOLoss(beta=0.2)(x, labels, desirable, kl=0.05, ref_logits=ref_logits)
     loss.backward()
     y = logits.clone().requires_grad_(True)
-    ref_logps = fastalign.token_logprobs(ref_logits, labels).sum(-1)
-    composed, _ = fastalign.kto_loss(fastalign.token_logprobs(y, labels).sum(-1), ref_logps, desirable, 0.05, beta=0.2)
+    ref_logps = fastalign.token_logprobs(ref_logits, labels).double().sum(-1)  # float64 sums, as KTOLoss
+    logps = fastalign.token_logprobs(y, labels).double().sum(-1)
+    composed, _ = fastalign.kto_loss(logps, ref_logps, desirable, 0.05, beta=0.2)
     composed.backward()
-    assert torch.equal(loss, composed) and torch.equal(x.grad, y.grad) and (x.grad[3] == 0).all()
+    assert torch.equal(loss, composed.float()) and torch.equal(x.grad, y.grad) and (x.grad[3] == 0).all()
     x64 = logits.double()
     logps64 = ref_logprobs.token_logprobs(x64, labels).sum(-1)
     ref64 = ref_logprobs.token_logprobs(ref_logits.double(), labels).sum(-1)

@@ -222,9 +222,9 @@ class DPOTrainer(_FastalignMixin, trl.DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch: ([B] chosen, [B] rejected) sums over each completion,
-        LD-weighted with ld_alpha, as TRL computes them."""
+        LD-weighted with ld_alpha, as TRL computes them; float64, as the loss sums the policy's."""
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
-        token_logps = self._reference_logps(model, self._model_kwargs(inputs), labels)
+        token_logps = self._reference_logps(model, self._model_kwargs(inputs), labels).double()
         mask = inputs["completion_mask"][:, 1:].bool()
         return sequence_logps(token_logps, mask, ld_alpha=self.ld_alpha).chunk(2, dim=0)
 
