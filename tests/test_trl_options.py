@@ -31,7 +31,13 @@ LOSS_RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def rows():
-    return load_preferences()[:16]
+    """Pairs whose completions differ in length, the longer one alternating: LD-DPO's verbose tail and the
+    per-token means both matter on them."""
+    rows = load_preferences()[:16]
+    for i, row in enumerate(rows):
+        longer = "chosen" if i % 2 else "rejected"
+        row[longer] = f"{row['chosen']} {row['rejected']}"
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +91,11 @@ def test_dpo_config_options_equal_trl(config, tok, rows, tmp_path):
                            **config)  # fmt: skip
         stock = dpo_trainer(trl.DPOTrainer, tok, rows, tmp_path / "b", copy.deepcopy(policy),
                             copy.deepcopy(reference), **config)  # fmt: skip
-        batch = first_batch(ours)
-        loss, stock_loss = ours.compute_loss(ours.model, batch), stock.compute_loss(stock.model, batch)
+        # Each trainer's own batch: with precompute_ref_log_probs its reference columns are its own.
+        loss, stock_loss = (
+            ours.compute_loss(ours.model, first_batch(ours)),
+            stock.compute_loss(stock.model, first_batch(stock)),
+        )
     assert rel_err(loss, stock_loss) < LOSS_RTOL
     for key in ("rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert ours._metrics["train"][key] == pytest.approx(stock._metrics["train"][key], rel=1e-4, abs=1e-5), key
