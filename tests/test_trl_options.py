@@ -77,7 +77,7 @@ def models(tok):
             {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3, "loss_type": ["sigmoid", "ipo"]},
             id="alpha_divergence",
         ),  # fmt: skip
-        pytest.param({"f_divergence_type": "forward_kl", "loss_type": ["hinge"]}, id="forward_kl"),
+        pytest.param({"f_divergence_type": "forward_kl", "loss_type": ["sigmoid_norm"]}, id="forward_kl"),
         pytest.param({"loss_type": ["discopop"], "discopop_tau": 0.2}, id="discopop_tau"),
         pytest.param({"use_weighting": True}, id="wpo"),
     ],
