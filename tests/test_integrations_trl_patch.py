@@ -89,7 +89,7 @@ def head_inputs(N, H, V, dtype, bias):
     return hidden, weight, b, torch.randint(0, V, (N,))
 
 
-ALL_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 @pytest.mark.parametrize(
@@ -249,7 +249,7 @@ def test_fused_head_model_call_with_labels_or_shift_labels(shifted, tok):
     expected, expected_grads = run()
     patch_trl()
     out, grads = run()
-    for field in ("loss", "log_probs", "entropy", "mean_logits"):
+    for field in ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits"):
         assert rel_err(getattr(out, field), getattr(expected, field)) < FP32_RTOL, field
     assert torch.equal(out.is_top1, expected.is_top1) and torch.equal(out.label_mask, expected.label_mask)
     for name, grad in expected_grads.items():
@@ -448,6 +448,7 @@ STEP_ZERO = {
     "sft-gemma2-softcap": lambda tok, rows, path: sft(tok, rows, path, model=small_model("gemma2", tok)),
     "sft-cohere-logit-scale": lambda tok, rows, path: sft(tok, rows, path, model=small_model("cohere", tok)),
     "dpo-lora": lambda tok, rows, path: dpo(tok, rows, path, lora=True),
+    "dpo-wpo": lambda tok, rows, path: dpo(tok, rows, path, use_weighting=True),  # asks for log_sum_sq_probs
     "cpo-logits": experimental("cpo"),
     "orpo-logits": experimental("orpo"),
 }
