@@ -167,7 +167,8 @@ def test_patched_forward_matches_the_models_own(arch, on_kernels, tok, rows):
     own, expected = own_loss_and_grads(model, enc, labels)
     patch_causal_lm(model)
     with contextlib.nullcontext() if on_kernels else forced_backend("torch"):
-        out = model(**enc, labels=labels, return_entropy=True, return_argmax=True, return_mean_logits=True)
+        extras = {f"return_{x}": True for x in ("entropy", "argmax", "mean_logits", "log_sum_sq_probs")}
+        out = model(**enc, labels=labels, **extras)
         out.loss.backward()
     shifted = labels[:, 1:]
     logits = own.logits[:, :-1].detach().double()
@@ -179,6 +180,9 @@ def test_patched_forward_matches_the_models_own(arch, on_kernels, tok, rows):
     assert torch.equal(out.label_mask, mask)
     assert (out.entropy[~mask] == 0).all() and (out.argmax[~mask] == -100).all() and (out.logprobs[~mask] == 0).all()
     assert rel_err(out.mean_logits[mask], logits.mean(-1)[mask]) < LOSS_RTOL
+    log_sum_sq = torch.logsumexp(2 * logits.log_softmax(-1), -1)
+    assert rel_err(out.log_sum_sq_probs[mask], log_sum_sq[mask]) < LOSS_RTOL
+    assert (out.mean_logits[~mask] == 0).all() and (out.log_sum_sq_probs[~mask] == 0).all()
     assert_same_grads(grads(model), expected)
 
 
@@ -202,7 +206,7 @@ def test_generation_and_plain_forward_unchanged(tok, rows):
     patch_causal_lm(model)
     assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), before)
     assert torch.equal(model(**enc).logits, logits)
-    with pytest.raises(ValueError, match="need labels"):
+    with pytest.raises(ValueError, match="return_log_sum_sq_probs need labels"):
         model(**enc, return_entropy=True)
     unpatch_causal_lm(model)
     assert "forward" not in model.__dict__ and torch.equal(model(**enc).logits, logits)

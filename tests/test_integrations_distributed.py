@@ -72,19 +72,17 @@ def assert_bitwise(actual: dict, expected: dict) -> None:
     assert not different, different
 
 
-_uninterrupted: dict[str, Path] = {}
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The uninterrupted one-process run of a kind, at the global batch size: trained once, shared by the tests."""
+    runs: dict[str, Path] = {}
 
     def get(kind: str) -> Path:
-        if kind not in _uninterrupted:
+        if kind not in runs:
             out = tmp_path_factory.mktemp(f"{kind}-uninterrupted")
             check(run_worker(out, kind, "--steps", str(STEPS)))
-            _uninterrupted[kind] = out
-        return _uninterrupted[kind]
+            runs[kind] = out
+        return runs[kind]
 
     return get
 

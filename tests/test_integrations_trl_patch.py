@@ -12,6 +12,7 @@ Step-0 checks run the Triton kernels (interpreted on the CPU); training runs use
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import sys
 import warnings
@@ -21,6 +22,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
@@ -87,7 +89,7 @@ def head_inputs(N, H, V, dtype, bias):
     return hidden, weight, b, torch.randint(0, V, (N,))
 
 
-ALL_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 @pytest.mark.parametrize(
@@ -247,7 +249,7 @@ def test_fused_head_model_call_with_labels_or_shift_labels(shifted, tok):
     expected, expected_grads = run()
     patch_trl()
     out, grads = run()
-    for field in ("loss", "log_probs", "entropy", "mean_logits"):
+    for field in ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits"):
         assert rel_err(getattr(out, field), getattr(expected, field)) < FP32_RTOL, field
     assert torch.equal(out.is_top1, expected.is_top1) and torch.equal(out.label_mask, expected.label_mask)
     for name, grad in expected_grads.items():
@@ -415,6 +417,22 @@ def rloo(tok, rows, tmp_path, steps=1, lr=2e-2):
     return _online_rl(trl.RLOOTrainer, trl.RLOOConfig, tok, rows, tmp_path, steps, lr)
 
 
+def experimental(name: str):
+    """TRL's experimental CPO and ORPO trainers, which score their logits with selective_log_softmax."""
+
+    def make(tok, rows, tmp_path, steps=1, lr=5e-3):
+        module = importlib.import_module(f"trl.experimental.{name}")
+        trainer_cls, config_cls = getattr(module, f"{name.upper()}Trainer"), getattr(module, f"{name.upper()}Config")
+        return trainer_cls(
+            model=tiny_llama(tok, hidden_size=HIDDEN),
+            args=config(config_cls, tmp_path, steps, lr, 4),
+            train_dataset=datasets.Dataset.from_list(rows[:16]),
+            processing_class=tok,
+        )
+
+    return make
+
+
 def _perturbed(model, scale=0.02):
     out = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(1)
@@ -430,7 +448,11 @@ STEP_ZERO = {
     "sft-gemma2-softcap": lambda tok, rows, path: sft(tok, rows, path, model=small_model("gemma2", tok)),
     "sft-cohere-logit-scale": lambda tok, rows, path: sft(tok, rows, path, model=small_model("cohere", tok)),
     "dpo-lora": lambda tok, rows, path: dpo(tok, rows, path, lora=True),
+    "dpo-wpo": lambda tok, rows, path: dpo(tok, rows, path, use_weighting=True),  # asks for log_sum_sq_probs
+    "cpo-logits": experimental("cpo"),
+    "orpo-logits": experimental("orpo"),
 }
+LOGITS_PATH = {"cpo-logits", "orpo-logits"}  # fastalign.token_stats runs instead of linear_token_stats
 ONLINE = {"grpo", "rloo"}
 
 
@@ -450,12 +472,13 @@ def loss_and_grads(trainer, inputs):
     """The training loss of `inputs`, every gradient, and the metrics TRL logged while computing them."""
     _training_mode(trainer)
     trainer.model.zero_grad()
-    trainer._metrics["train"].clear()
+    metrics = (trainer._metrics if hasattr(trainer, "_metrics") else trainer._stored_metrics)["train"]  # CPO, ORPO
+    metrics.clear()
     loss = trainer.compute_loss(trainer.model, dict(inputs))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     trainer.model.zero_grad()
-    return loss.detach(), grads, {k: list(v) for k, v in trainer._metrics["train"].items()}
+    return loss.detach(), grads, {k: list(v) for k, v in metrics.items()}
 
 
 def assert_same(actual, expected):
@@ -464,7 +487,7 @@ def assert_same(actual, expected):
     assert grads.keys() == expected_grads.keys() and grads
     for name in grads:
         assert rel_err(grads[name], expected_grads[name]) < GRAD_RTOL, name
-    assert metrics.keys() == expected_metrics.keys() and "entropy" in metrics
+    assert metrics.keys() == expected_metrics.keys() and metrics
     for key, values in expected_metrics.items():
         if key not in ("step_time", "num_tokens"):  # a timing, and a running count over the calls
             assert metrics[key] == pytest.approx(values, rel=1e-4, abs=1e-5), key
@@ -473,19 +496,20 @@ def assert_same(actual, expected):
 @pytest.mark.parametrize("kind", STEP_ZERO)
 def test_step_zero_equals_trls_own_path(kind, tok, rows, tmp_path, calls):
     """The same batch through TRL's head, then through fastalign's: on a trainer built before the patch and on
-    one built after it; logit softcapping and scaling from the config; a PEFT model. Runs the Triton kernels
-    (interpreted)."""
+    one built after it; logit softcapping and scaling from the config; a PEFT model; TRL's experimental CPO and
+    ORPO on the logits helpers. Runs the Triton kernels (interpreted)."""
+    op = "token_stats" if kind in LOGITS_PATH else "linear_token_stats"
     before = STEP_ZERO[kind](tok, rows, tmp_path)
     inputs = first_inputs(before)
     expected = loss_and_grads(before, inputs)
-    assert calls["linear_token_stats"] == 0
+    assert calls[op] == 0
     patch_trl()
     assert_same(loss_and_grads(before, inputs), expected)
-    assert calls["linear_token_stats"] > 0
-    runs = calls["linear_token_stats"]
+    assert calls[op] > 0
+    runs = calls[op]
     after = STEP_ZERO[kind](tok, rows, tmp_path)
     assert_same(loss_and_grads(after, inputs), expected)
-    assert calls["linear_token_stats"] > runs
+    assert calls[op] > runs
 
 
 TRAINING = {  # steps, and the least drop of the loss on the first batch (SFT, DPO, KTO) or rise of the reward

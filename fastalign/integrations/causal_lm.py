@@ -20,7 +20,7 @@ import torch
 from transformers.utils import ModelOutput
 
 import fastalign
-from fastalign._backend import TORCH_CHUNK_BYTES, check_positive
+from fastalign._backend import check_positive
 
 IGNORE_INDEX = -100
 
@@ -44,8 +44,10 @@ class FusedCausalLMOutput(ModelOutput):
     - logprobs: log-prob of each next-token label; differentiable.
     - entropy: entropy of the next-token distribution (with `return_entropy=True`); differentiable.
     - argmax: greedy next token, int64 (with `return_argmax=True`).
-    - mean_logits: mean of the scaled logits over the vocabulary, no gradient (with
+    - mean_logits: mean of the scaled logits over the vocabulary, float32, no gradient (with
       `return_mean_logits=True`; TRL's `logits/chosen` metric).
+    - log_sum_sq_probs: log(sum_v p_v^2) of the next-token distribution, float32, no gradient (with
+      `return_log_sum_sq_probs=True`; WPO's weights).
     - label_mask: where the label is not ignored.
     """
 
@@ -54,6 +56,7 @@ class FusedCausalLMOutput(ModelOutput):
     entropy: torch.Tensor | None = None
     argmax: torch.Tensor | None = None
     mean_logits: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
     label_mask: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
 
@@ -87,30 +90,6 @@ def _check_lm_head(lm_head: torch.nn.Module) -> None:
         )
 
 
-@torch.no_grad()
-def _mean_logits(hidden, weight, bias, labels, logit_scale, softcap, temperature) -> torch.Tensor:
-    """Mean over the vocabulary of the scaled logits at the labelled positions, without the logits.
-
-    Without softcapping the mean is linear in the weight, so it is h . mean(W) + mean(b); with it,
-    the labelled rows are scored a bounded chunk at a time. float32 throughout, autocast or not.
-    """
-    mask = labels != IGNORE_INDEX
-    out = torch.zeros(labels.shape, device=hidden.device, dtype=torch.float32)
-    h, weight = hidden[mask].float(), weight.float()
-    bias = None if bias is None else bias.float()
-    with torch.autocast(hidden.device.type, enabled=False):
-        if softcap is None:
-            out[mask] = (h @ weight.mean(0) + (0.0 if bias is None else bias.mean())) * (logit_scale / temperature)
-            return out
-        means = h.new_empty(h.shape[0])
-        rows = max(1, TORCH_CHUNK_BYTES // (4 * weight.shape[0]))
-        for r0 in range(0, h.shape[0], rows):
-            z = torch.nn.functional.linear(h[r0 : r0 + rows], weight, bias) * logit_scale
-            means[r0 : r0 + rows] = (softcap * torch.tanh(z / softcap)).mean(-1) / temperature
-        out[mask] = means
-    return out
-
-
 def _moe_aux_loss(model, backbone_outputs, attention_mask) -> torch.Tensor | None:
     router_logits = getattr(backbone_outputs, "router_logits", None)
     if router_logits is None or not hasattr(model, "num_experts"):
@@ -121,30 +100,26 @@ def _moe_aux_loss(model, backbone_outputs, attention_mask) -> torch.Tensor | Non
     return load_balancing_loss_func(router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
 
 
-def _call_head(lm_head, hidden, labels, head, entropy, argmax, mean_logits):
-    """(TokenStats, mean logits or None) of the head on `hidden`, computed inside lm_head's own call.
+def _call_head(lm_head, hidden, labels, head, extras: dict[str, bool]):
+    """TokenStats of the head on `hidden` (with the `extras` of linear_token_stats asked for), computed inside
+    lm_head's own call.
 
     Calling the module rather than reading its weight lets FSDP2 gather a separately sharded head
     for this call and reduce-scatter its gradient, as for any other layer.
     """
-    scale, softcap, temperature = head["logit_scale"], head["softcap"], head["temperature"]
 
     def head_forward(hidden, labels):
-        stats = fastalign.linear_token_stats(
+        return fastalign.linear_token_stats(
             hidden,
             lm_head.weight,
             labels,
             lm_head.bias,
             ignore_index=IGNORE_INDEX,
-            temperature=temperature,
-            softcap=softcap,
-            logit_scale=scale,
-            entropy=entropy,
-            argmax=argmax,
+            temperature=head["temperature"],
+            softcap=head["softcap"],
+            logit_scale=head["logit_scale"],
+            **extras,
         )
-        if not mean_logits:
-            return stats, None
-        return stats, _mean_logits(hidden, lm_head.weight, lm_head.bias, labels, scale, softcap, temperature)
 
     previous = lm_head.__dict__.get("forward")
     lm_head.forward = head_forward
@@ -207,6 +182,7 @@ def _fused_forward(
     return_entropy: bool = False,
     return_argmax: bool = False,
     return_mean_logits: bool = False,
+    return_log_sum_sq_probs: bool = False,
     **kwargs,
 ):
     head = self._fastalign_head
@@ -219,9 +195,15 @@ def _fused_forward(
         extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
         extra = {k: v for k, v in extra.items() if v is not None}
         return head["previous_forward"](*args, fused_lm_head=True, **extra, **kwargs)
+    extras = {
+        "entropy": return_entropy,
+        "argmax": return_argmax,
+        "mean_logits": return_mean_logits,
+        "log_sum_sq_probs": return_log_sum_sq_probs,
+    }
     if labels is None and shift_labels is None:
-        if return_entropy or return_argmax or return_mean_logits:
-            raise ValueError("return_entropy/return_argmax/return_mean_logits need labels (or shift_labels)")
+        if any(extras.values()):
+            raise ValueError(f"return_{'/return_'.join(extras)} need labels (or shift_labels)")
         return original(*args, **kwargs)
 
     kwargs["use_cache"] = False
@@ -240,19 +222,24 @@ def _fused_forward(
     _check_lm_head(lm_head)
     # With the model split across devices (device_map), the backbone may end on another device.
     hidden, labels = hidden.to(lm_head.weight.device), labels.to(lm_head.weight.device)
-    stats, mean_logits = _call_head(lm_head, hidden, labels, head, return_entropy, return_argmax, return_mean_logits)
+    stats = _call_head(lm_head, hidden, labels, head, extras)
     mask = labels != IGNORE_INDEX
     count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     loss = -stats.logprobs.sum() / count
     aux_loss = _moe_aux_loss(self, backbone_outputs, kwargs.get("attention_mask"))
     if aux_loss is not None:
         loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss.to(loss.device)
+
+    def labelled(x, fill=0.0):
+        return None if x is None else torch.where(mask, x, fill)
+
     return FusedCausalLMOutput(
         loss=loss,
         logprobs=stats.logprobs,
-        entropy=None if stats.entropy is None else torch.where(mask, stats.entropy, 0.0),
-        argmax=None if stats.argmax is None else torch.where(mask, stats.argmax, IGNORE_INDEX),
-        mean_logits=mean_logits,
+        entropy=labelled(stats.entropy),
+        argmax=labelled(stats.argmax, IGNORE_INDEX),
+        mean_logits=labelled(stats.mean_logits),
+        log_sum_sq_probs=labelled(stats.log_sum_sq_probs),
         label_mask=mask,
         aux_loss=aux_loss,
     )
@@ -277,8 +264,8 @@ def patch_causal_lm(
 
     The patched forward takes, besides the model's own arguments, `labels` (aligned with input_ids,
     shifted inside, -100 ignored) or pre-shifted `shift_labels`, `num_items_in_batch`, and the
-    flags `return_entropy`, `return_argmax`, `return_mean_logits`. Called without labels it is the
-    model's own forward. Patching again replaces the settings; `unpatch_causal_lm` undoes it.
+    flags `return_entropy`, `return_argmax`, `return_mean_logits`, `return_log_sum_sq_probs`. Called without
+    labels it is the model's own forward. Patching again replaces the settings; `unpatch_causal_lm` undoes it.
 
     Stock TRL trainers call their own fused head (`add_fused_lm_head`), which bypasses this forward: it then
     warns once (the backbone ran outside it, or it got TRL's `fused_lm_head=True`) and names `patch_trl()`.

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import fastalign
-from fastalign.integrations.causal_lm import IGNORE_INDEX, _mean_logits
+from fastalign.integrations.causal_lm import IGNORE_INDEX
 
 _HEAD_NAME = "_ChunkedLogProbFunction"  # in trl.trainer.utils, looked up by add_fused_lm_head's forward
 _LOGITS_FUNCTIONS = ("selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy")
@@ -77,10 +77,6 @@ class _FusedHead:
             _warn_once("DeepSpeed ZeRO-3: TRL's fused head keeps running on TRL's own kernel under patch_trl()")
             args = (final_logit_softcapping, logit_scale, outputs)
             return _originals[_HEAD_NAME].apply(hidden, weight, bias, targets, temperature, chunk_size, *args)
-        if "log_sum_sq_probs" in outputs:
-            raise ValueError(
-                "patch_trl() does not compute log_sum_sq_probs yet (TRL asks for it with DPOConfig(use_weighting=True))"
-            )
         stats = fastalign.linear_token_stats(
             hidden,
             weight,
@@ -92,13 +88,12 @@ class _FusedHead:
             logit_scale=logit_scale,
             entropy="entropy" in outputs,
             argmax="is_top1" in outputs,
+            log_sum_sq_probs="log_sum_sq_probs" in outputs,
+            mean_logits="mean_logits" in outputs,
         )
-        mean_logits = None
-        if "mean_logits" in outputs:
-            mean_logits = _mean_logits(hidden, weight, bias, targets, logit_scale, final_logit_softcapping, temperature)
         # TRL's is_top1: the label is the first maximum, as torch.argmax picks it.
         is_top1 = None if stats.argmax is None else stats.argmax == targets
-        return stats.logprobs, stats.entropy, None, mean_logits, is_top1
+        return stats.logprobs, stats.entropy, stats.log_sum_sq_probs, stats.mean_logits, is_top1
 
 
 # ---------------------------------------------------------------------------------------------- logits helpers
@@ -178,8 +173,8 @@ def patch_trl() -> None:
     """Run every stock TRL trainer's per-token log-probs on fastalign's ops; `unpatch_trl()` undoes it.
 
     - The fused LM head that TRL's SFT, DPO, KTO, GRPO and RLOO trainers install (`add_fused_lm_head`) runs
-      `fastalign.linear_token_stats`: log_probs, entropy, mean_logits and is_top1, with TRL's temperature,
-      `final_logit_softcapping` and logit scale. Trainers created before the call switch too.
+      `fastalign.linear_token_stats`: log_probs, entropy, log_sum_sq_probs, mean_logits and is_top1, with TRL's
+      temperature, `final_logit_softcapping` and logit scale. Trainers created before the call switch too.
     - `selective_log_softmax`, `entropy_from_logits` and `selective_log_softmax_and_entropy` run
       `fastalign.token_stats` (same shapes, dtypes, temperature and gradients as TRL's).
     TRL's loss math, data handling and metrics are unchanged. Calling it again does nothing.
