@@ -354,10 +354,11 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                     dh[rows_c] = (dh_c if whole else dh_c.mul_(coef[:, None])).to(dh.dtype)
                 if need_w:
                     _accumulate_dweight(dw, d, h_w)
-                if need_b:
-                    for s0 in range(0, n, limit):  # fp32 sums, a slice of rows at a time
-                        d_s = d[s0 : s0 + limit].float()
-                        db += d_s.sum(0) if whole else coef[s0 : s0 + limit] @ d_s
+                if need_b and whole:
+                    db += d.sum(0, dtype=torch.float32)
+                elif need_b:
+                    for s0 in range(0, n, limit):  # fp32 products, a slice of rows at a time
+                        db += coef[s0 : s0 + limit] @ d[s0 : s0 + limit].float()
 
         loss, _ = objective.loss_of(logps, means)
         ctx.grads = (None if dh is None else dh.view(hidden.shape), dw, db)
@@ -372,8 +373,12 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         (dh, dw, db), (w_dtype, b_dtype) = ctx.grads, ctx.dtypes
         ctx.grads = None
         scale = dloss.float()
-        if dh is not None:
-            dh = dh.mul_(scale.to(dh.dtype))
+        if dh is not None and dh.dtype == torch.float32:
+            dh.mul_(scale)
+        elif dh is not None:  # in fp32: grad_output rounded to bf16 would scale every element off by up to 2**-9
+            flat = dh.view(-1, dh.shape[-1])
+            for r0, r1 in _row_blocks(*flat.shape):
+                flat[r0:r1] = flat[r0:r1].float().mul_(scale)
         if dw is not None:
             dw = dw.mul_(scale).to(w_dtype)
         if db is not None:
