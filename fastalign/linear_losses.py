@@ -39,9 +39,10 @@ from fastalign.dpo import (
     check_dpo_options,
     check_kto_options,
     check_paired_batch,
+    dpo_loss_from_token_logps,
     kto_loss,
-    paired_dpo_loss,
     reference_logps,
+    sequence_logps,
 )
 from fastalign.ift import check_gamma, ift_loss
 from fastalign.kernels.fused_linear_loss import logits_grad, logits_stats
@@ -61,19 +62,25 @@ _NONE = Outputs()  # no per-token extras
 _TORCH_BLOCK_ELEMENTS = 2**22
 
 
+# Per-token values a loss may read besides the label log-probs, [R, T] float32 each: log sum_v p_v^2 and mean_v z
+# (no gradient, as linear_token_stats returns them), and mean_v log p_v (differentiable: label smoothing; fast only).
+TOKEN_EXTRAS = ("log_sum_sq_probs", "mean_logits", "mean_logps")
+
+
 @dataclass(frozen=True)
 class _Objective:
     """A loss of the per-token log-probs, the same function for both strategies.
 
-    loss_of(logps [R, T] float32, mean_logps [R, T] or None) -> (scalar loss, metrics): differentiable in both.
-    unit: "pair" (rows p and R/2 + p), "sequence" or "token": the rows whose log-probs the gradient at one row's
-    log-prob depends on. not_fast: why the loss cannot take the fast path, or None.
+    loss_of(logps [R, T] float32, extras {name: [R, T]}) -> (scalar loss, metrics, ...), differentiable in logps
+    and extras["mean_logps"]. unit: "pair" (rows p and R/2 + p), "sequence" or "token": the rows whose log-probs the
+    gradient at one row's log-prob depends on. not_fast: why the loss cannot take the fast path, or None. extras:
+    the names of TOKEN_EXTRAS that loss_of reads.
     """
 
-    loss_of: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    loss_of: Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple]
     unit: str
     not_fast: str | None = None
-    mean_logps: bool = False  # the loss reads mean_v log p_v at each token (label smoothing)
+    extras: tuple[str, ...] = ()
 
 
 def check_strategy(strategy: str) -> str:
@@ -156,14 +163,17 @@ def _torch_stats(a, bias, labels, head: _Head, outputs: Outputs):
     torch.ops.aten._log_softmax.out(z, 1, False, out=z)  # row by row: safe in place
     logp = z
     lse = z_label - logp.gather(1, labels[:, None]).squeeze(1)
-    entropy = argmax = mean = None
+    entropy = argmax = log_sum_sq = mean = None
+    blocks = _row_blocks(*a.shape)
     if outputs.entropy:
-        entropy = torch.cat([-(logp[r0:r1].exp() * logp[r0:r1]).sum(1) for r0, r1 in _row_blocks(*a.shape)])
+        entropy = torch.cat([-(logp[r0:r1].exp() * logp[r0:r1]).sum(1) for r0, r1 in blocks])
     if outputs.argmax:
         argmax = logp.argmax(1)  # the first maximum of z, as torch.argmax
+    if outputs.log_sum_sq_probs:
+        log_sum_sq = torch.cat([torch.logsumexp(2 * logp[r0:r1], 1) for r0, r1 in blocks])
     if outputs.mean_logits:
         mean = logp.mean(1) + lse
-    return lse, z_label, entropy, argmax, mean
+    return lse, z_label, entropy, argmax, log_sum_sq, mean
 
 
 def _torch_dlogits(a, labels, lse, coef, coef_mean, head: _Head) -> None:
@@ -245,19 +255,20 @@ def _chunks(unit_rows: list[int], limit: int, splittable: bool) -> list[tuple[in
     return chunks
 
 
-def _loss_gradient(objective: _Objective, logps: torch.Tensor, means: torch.Tensor | None, rows, logp_c, mean_c):
+def _loss_gradient(objective: _Objective, logps, extras: dict, rows, logp_c, mean_c):
     """d loss / d (log-probs, mean log-probs) at `rows` of the flat [R * T] log-probs, the other entries held as
     detached placeholders: exact for a loss that decomposes over units, each chunk holding whole units."""
     with torch.enable_grad():
         leaves = [logp_c.detach().requires_grad_(True)]
         lp = logps.view(-1).index_put((rows,), leaves[0]).view_as(logps)
-        mean = None
-        if means is not None:
+        extras = dict(extras)
+        if mean_c is not None:
             leaves.append(mean_c.detach().requires_grad_(True))
-            mean = means.view(-1).index_put((rows,), leaves[1]).view_as(means)
-        loss, _ = objective.loss_of(lp, mean)
+            means = extras["mean_logps"]
+            extras["mean_logps"] = means.view(-1).index_put((rows,), leaves[1]).view_as(means)
+        loss = objective.loss_of(lp, extras)[0]
         grads = torch.autograd.grad(loss, leaves)
-    return grads[0].float(), None if means is None else grads[1].float()
+    return grads[0].float(), None if mean_c is None else grads[1].float()
 
 
 def _stats(a, bias, labels, head: _Head, outputs: Outputs, use_kernels: bool):
@@ -276,8 +287,8 @@ def _dlogits(a, out, bias, labels, lse, coef, coef_mean, head: _Head, use_kernel
 
 
 class _FastFusedLinearLoss(torch.autograd.Function):
-    """(loss, per-token log-probs [R, T], entropy, argmax, mean log-probs) with the gradients of the loss computed in
-    the forward; only the loss is differentiable."""
+    """(loss, per-token log-probs [R, T], entropy, argmax, then TOKEN_EXTRAS) with the gradients of the loss computed
+    in the forward; only the loss is differentiable. The per-token values are 0 where the label is ignored."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan: _Fast):
@@ -303,14 +314,23 @@ class _FastFusedLinearLoss(torch.autograd.Function):
 
         flat_labels = plan.labels.reshape(-1)
         logps = torch.zeros(R, T, device=dev)
-        means = torch.zeros(R, T, device=dev) if objective.mean_logps else None
-        entropy = torch.zeros(R * T, device=dev) if plan.outputs.entropy else None
-        argmax = torch.zeros(R * T, device=dev, dtype=torch.int64) if plan.outputs.argmax else None
+        # Per token, at the scored rows: the metrics' entropy and argmax, then the extras the loss reads.
+        per_token = {
+            "entropy": torch.zeros(R, T, device=dev) if plan.outputs.entropy else None,
+            "argmax": torch.zeros(R, T, device=dev, dtype=torch.int64) if plan.outputs.argmax else None,
+            **{name: torch.zeros(R, T, device=dev) if name in objective.extras else None for name in TOKEN_EXTRAS},
+        }
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = torch.zeros(R * T, H, device=dev, dtype=x.dtype) if need_h else None
         dw = torch.zeros(V, H, device=dev) if need_w else None  # fp32 across chunks
         db = torch.zeros(V, device=dev) if need_b else None
-        wanted = Outputs(entropy is not None, argmax is not None, False, objective.mean_logps)
+        wanted = Outputs(
+            plan.outputs.entropy,
+            plan.outputs.argmax,
+            "log_sum_sq_probs" in objective.extras,
+            "mean_logits" in objective.extras or "mean_logps" in objective.extras,
+        )
+        smoothing = "mean_logps" in objective.extras
         # One buffer for every chunk (a fresh one per chunk would page-fault it in again), one more for the fp32
         # logits when d logits has a dtype of its own.
         d_buf = torch.empty(max((r1 - r0 for r0, r1, _ in chunks), default=0), V, device=dev, dtype=d_dtype)
@@ -322,28 +342,29 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                 h_c, lab_c = _rows_of(x, rows_c), flat_labels[rows_c]
                 d = d_buf[:n]
                 logp_c = torch.empty(n, device=dev)
-                mean_c = torch.empty(n, device=dev) if means is not None else None
+                mean_c = torch.empty(n, device=dev) if smoothing else None
                 # Whole units: one slice; d logits is written once the loss's gradient is known. A unit longer than
                 # the budget: slices, each row's d log p / d logits written at once, scaled by the gradient after.
                 for s0 in range(0, n, n if whole else limit):
                     s1 = min(n, s0 + limit) if not whole else n
                     a = a_buf[: s1 - s0] if separate else d[s0:s1]
                     _logits_into(a, h_c[s0:s1], weight)
-                    lse, z_label, ent, amax, z_mean = _stats(a, bias, lab_c[s0:s1], head, wanted, plan.use_kernels)
+                    lse, z_label, *values = _stats(a, bias, lab_c[s0:s1], head, wanted, plan.use_kernels)
                     logp_c[s0:s1] = z_label - lse
                     if mean_c is not None:
-                        mean_c[s0:s1] = z_mean - lse
-                    if entropy is not None:
-                        entropy[rows_c[s0:s1]] = ent
-                    if argmax is not None:
-                        argmax[rows_c[s0:s1]] = amax
+                        mean_c[s0:s1] = values[-1] - lse
+                    found = dict(zip(("entropy", "argmax", "log_sum_sq_probs", "mean_logits"), values))
+                    for name, value in found.items():
+                        if per_token.get(name) is not None:
+                            per_token[name].view(-1)[rows_c[s0:s1]] = value
                     if not whole:
                         ones = torch.ones(s1 - s0, device=dev)
                         _dlogits(a, d[s0:s1], bias, lab_c[s0:s1], lse, ones, None, head, plan.use_kernels)
                 logps.view(-1)[rows_c] = logp_c
-                if means is not None:
-                    means.view(-1)[rows_c] = mean_c
-                coef, coef_mean = _loss_gradient(objective, logps, means, rows_c, logp_c, mean_c)
+                if mean_c is not None:
+                    per_token["mean_logps"].view(-1)[rows_c] = mean_c
+                extras = {name: per_token[name] for name in objective.extras}
+                coef, coef_mean = _loss_gradient(objective, logps, extras, rows_c, logp_c, mean_c)
                 if whole:
                     _dlogits(a, d, bias, lab_c, lse, coef, coef_mean, head, plan.use_kernels)
                     h_w = h_c
@@ -360,12 +381,11 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                     for s0 in range(0, n, limit):  # fp32 products, a slice of rows at a time
                         db += coef[s0 : s0 + limit] @ d[s0 : s0 + limit].float()
 
-        loss, _ = objective.loss_of(logps, means)
+        loss = objective.loss_of(logps, {name: per_token[name] for name in objective.extras})[0]
         ctx.grads = (None if dh is None else dh.view(hidden.shape), dw, db)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        extras = [None if e is None else e.view(R, T) for e in (entropy, argmax)] + [means]
-        ctx.mark_non_differentiable(logps, *(e for e in extras if e is not None))
-        return loss, logps, *extras
+        ctx.mark_non_differentiable(logps, *(t for t in per_token.values() if t is not None))
+        return loss, logps, *per_token.values()
 
     @staticmethod
     def backward(ctx, dloss, *_non_differentiable):
@@ -407,8 +427,8 @@ def _strategy_for(strategy: str, objective: _Objective, hidden, weight, head: _H
 
 def _fused_linear_loss(
     hidden, weight, labels, bias, objective: _Objective, head_args: dict, strategy: str, outputs: Outputs = _NONE
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
-    """(loss, metrics, entropy, argmax) of `objective` on the log-probs of hidden [R, T, H] under weight [V, H];
+) -> tuple[tuple, torch.Tensor | None, torch.Tensor | None]:
+    """(what objective.loss_of returns, entropy, argmax) on the log-probs of hidden [R, T, H] under weight [V, H];
     entropy and argmax ([R, T], no gradient) when asked for in `outputs`, valid wherever the label counts."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
@@ -416,19 +436,27 @@ def _fused_linear_loss(
     hidden, weight, bias, head = _prepare(hidden, weight, labels, bias, **head_args)
     use_kernels = backend_for(hidden) != "torch"
     if _strategy_for(strategy, objective, hidden, weight, head, use_kernels) == "lean":
-        if objective.mean_logps:
+        if "mean_logps" in objective.extras:
             raise ValueError("label_smoothing > 0 needs strategy 'fast' or 'auto' (the lean path has no mean log-prob)")
         stats = linear_token_stats(
-            hidden, weight, labels, bias, **head_args, entropy=outputs.entropy, argmax=outputs.argmax
+            hidden,
+            weight,
+            labels,
+            bias,
+            **head_args,
+            entropy=outputs.entropy,
+            argmax=outputs.argmax,
+            log_sum_sq_probs="log_sum_sq_probs" in objective.extras,
+            mean_logits="mean_logits" in objective.extras,
         )
-        loss, metrics = objective.loss_of(stats.logprobs, None)
+        extras = {name: getattr(stats, name) for name in objective.extras}
         entropy = None if stats.entropy is None else stats.entropy.detach()
-        return loss, metrics, entropy, stats.argmax
+        return objective.loss_of(stats.logprobs, extras), entropy, stats.argmax
     plan = _Fast(objective, labels.to(torch.int64), head, outputs, use_kernels)
-    loss, logps, entropy, argmax, means = _FastFusedLinearLoss.apply(hidden, weight, bias, plan)
-    with torch.no_grad():
-        _, metrics = objective.loss_of(logps, means)
-    return loss, metrics, entropy, argmax
+    loss, logps, entropy, argmax, *values = _FastFusedLinearLoss.apply(hidden, weight, bias, plan)
+    with torch.no_grad():  # the metrics (the loss came out of the forward, with its gradient)
+        result = objective.loss_of(logps, {name: v for name, v in zip(TOKEN_EXTRAS, values) if v is not None})
+    return (loss, *result[1:]), entropy, argmax
 
 
 def _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget) -> dict:
@@ -441,13 +469,18 @@ def _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget) -
     }
 
 
-def _reference_sums(names, ref_logps, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args):
-    """The reference's per-sequence sums: as given, or from ref_hidden under no_grad (2 N H V FLOPs)."""
+def _reference_sums(names, ref_logps, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, ld_alpha):
+    """The reference's per-sequence sums (LD-weighted as the policy's with ld_alpha): as given, or from ref_hidden
+    under no_grad (2 N H V FLOPs)."""
     if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
         raise ValueError("ref_weight and ref_bias need ref_hidden")
     ref_w = (weight if ref_weight is None else ref_weight).detach()
     ref_b = None if ref_bias is None else ref_bias.detach()
-    compute = lambda h: linear_token_logprobs(h, ref_w, labels, ref_b, **head_args).sum(-1)
+    mask = labels != head_args["ignore_index"]
+
+    def compute(h):
+        return sequence_logps(linear_token_logprobs(h, ref_w, labels, ref_b, **head_args), mask, ld_alpha=ld_alpha)
+
     return reference_logps(dict(zip(names, ref_logps)), "ref_hidden", ref_hidden, hidden, "hidden", compute)
 
 
@@ -476,13 +509,14 @@ def dpo_loss_from_hidden(
     memory_budget: int | None = None,
     strategy: str = "auto",
     **options,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+):
     """`fastalign.dpo_loss` straight from the policy's last hidden states and the lm_head weight.
 
     Args:
         hidden: [2B, T, H], the B chosen rows first, then the B rejected ones; weight: [V, H]; bias: [V] or None.
         labels: [2B, T] int64 aligned with hidden (the caller shifts); ignore_index marks prompt and padding.
-        ref_chosen_logps, ref_rejected_logps: [B] reference sums over the completions; or instead
+        ref_chosen_logps, ref_rejected_logps: [B] reference sums over the completions (LD-weighted with ld_alpha,
+            as TRL precomputes them); or instead
         ref_hidden: [2B, T, H'] the reference model's hidden states, projected under no_grad by ref_weight
             ([V, H'], default `weight`, as when the reference shares the policy's lm_head) and ref_bias.
         temperature, softcap, logit_scale: the logits, as in `linear_token_stats`.
@@ -493,10 +527,16 @@ def dpo_loss_from_hidden(
             buffer. auto takes fast unless the loss type sorts across the batch ("aot", "aot_unpaired") or a
             pair's d logits (2 T rows x V, in the inputs' dtype on a GPU) exceed max(memory_budget, the
             accumulator's size).
-        The other arguments (and **options) are `dpo_loss`'s; the completion lengths come from the labels.
+        beta, loss_type, loss_weights, label_smoothing, **options: `dpo_loss_from_token_logps`'s (every `dpo_loss`
+            option, ld_alpha, use_weighting, return_per_example); the completion lengths come from the labels.
+
+    Returns:
+        (loss, metrics), or (loss, metrics, per_example) with return_per_example, as `fastalign.dpo_loss`.
     """
     check_paired_batch("hidden", hidden, "[2B, T, H]")
-    types = [t for t, _ in check_dpo_options(beta, loss_type, loss_weights, label_smoothing)]
+    token_options = {k: options[k] for k in ("ld_alpha", "use_weighting") if k in options}
+    dpo_options = {k: v for k, v in options.items() if k != "return_per_example"}
+    types = [t for t, _ in check_dpo_options(beta, loss_type, loss_weights, label_smoothing, **dpo_options)]
     head_args = _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget)
     ref_chosen, ref_rejected = _reference_sums(
         ("ref_chosen_logps", "ref_rejected_logps"),
@@ -508,21 +548,22 @@ def dpo_loss_from_hidden(
         weight,
         labels,
         head_args,
+        token_options.get("ld_alpha"),
     )
     check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
-    weights = (labels != ignore_index).float()  # s = sum_t w_t log p_t: each completion's plain sum
-    lengths = (labels != ignore_index).sum(-1)
+    mask = labels != ignore_index
     kwargs = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing)
 
-    def loss_of(logps, _means):
-        return paired_dpo_loss((logps * weights).sum(-1), lengths, ref_chosen, ref_rejected, **kwargs, **options)
+    def loss_of(logps, extras):
+        return dpo_loss_from_token_logps(logps, mask, ref_chosen, ref_rejected, **extras, **kwargs, **options)
 
+    extras = ("log_sum_sq_probs",) * bool(options.get("use_weighting")) + ("mean_logits",) * bool(
+        options.get("return_per_example")
+    )
     coupled = [t for t in types if t in ("aot", "aot_unpaired")]
     not_fast = f"loss_type {coupled} sorts the margins across the batch" if coupled else None
-    loss, metrics, _, _ = _fused_linear_loss(
-        hidden, weight, labels, bias, _Objective(loss_of, "pair", not_fast), head_args, strategy
-    )
-    return loss, metrics
+    objective = _Objective(loss_of, "pair", not_fast, extras)
+    return _fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0]
 
 
 def kto_loss_from_hidden(
@@ -547,29 +588,42 @@ def kto_loss_from_hidden(
     logit_scale: float = 1.0,
     memory_budget: int | None = None,
     strategy: str = "auto",
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    **options,
+):
     """`fastalign.kto_loss` straight from the policy's last hidden states [B, T, H] and the lm_head weight [V, H].
 
     labels: [B, T] int64 aligned with hidden; desirable: [B] bool. The reference comes as ref_logps [B] or as
     ref_hidden [B, T, H'] (with ref_weight, ref_bias; under no_grad). kl: TRL's batch KL estimate, detached.
-    strategy: as in `dpo_loss_from_hidden`, with a sequence as the unit (every KTO loss type decomposes).
+    options: `kto_loss`'s (average_log_prob, clamp_kl, return_per_example; the lengths come from the labels, and
+    the per-example outputs add logits, the mean logit over each completion's tokens). strategy: as in
+    `dpo_loss_from_hidden`, with a sequence as the unit (every KTO loss type decomposes: the KL is an input).
     """
-    check_kto_options(beta, desirable_weight, undesirable_weight, loss_type)
+    check_kto_options(beta, desirable_weight, undesirable_weight, loss_type, **{
+        k: v for k, v in options.items() if k != "return_per_example"
+    })  # fmt: skip
     head_args = _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget)
     (ref,) = _reference_sums(
-        ("ref_logps",), (ref_logps,), ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args
+        ("ref_logps",), (ref_logps,), ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, None
     )
     check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
-    weights = (labels != ignore_index).float()
+    mask = labels != ignore_index
+    lengths = mask.sum(-1)
     kwargs = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
 
-    def loss_of(logps, _means):
-        return kto_loss((logps * weights).sum(-1), ref, desirable, kl, loss_type=loss_type, **kwargs)
+    def loss_of(logps, extras):
+        result = kto_loss(
+            sequence_logps(logps, mask), ref, desirable, kl, loss_type=loss_type, lengths=lengths, **kwargs, **options
+        )
+        if "mean_logits" in extras:
+            with torch.no_grad():
+                result[2]["logits"] = (torch.where(mask, extras["mean_logits"], 0.0).sum(-1) / lengths.clamp(min=1)).to(
+                    result[0].dtype
+                )
+        return result
 
-    loss, metrics, _, _ = _fused_linear_loss(
-        hidden, weight, labels, bias, _Objective(loss_of, "sequence"), head_args, strategy
-    )
-    return loss, metrics
+    extras = ("mean_logits",) * bool(options.get("return_per_example"))
+    objective = _Objective(loss_of, "sequence", None, extras)
+    return _fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0]
 
 
 def ift_loss_from_hidden(
@@ -593,10 +647,11 @@ def ift_loss_from_hidden(
     check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
     mask = labels != ignore_index
 
-    def loss_of(logps, _means):
-        return ift_loss(logps, mask, gamma=gamma), {}
+    def loss_of(logps, _extras):
+        return (ift_loss(logps, mask, gamma=gamma),)
 
-    return _fused_linear_loss(hidden, weight, labels, bias, _Objective(loss_of, "sequence"), head_args, strategy)[0]
+    objective = _Objective(loss_of, "sequence")
+    return _fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0][0]
 
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -622,8 +677,8 @@ def cross_entropy_from_hidden(
     """Token cross-entropy (the SFT loss) of `labels` under the logits hidden @ weight.T, as F.cross_entropy.
 
     Args:
-        hidden: [..., T, H] (3-D: [B, T, H]); weight: [V, H]; bias: [V] or None; labels: [B, T] int64 aligned
-            with hidden (the caller shifts), ignore_index where no loss is taken.
+        hidden: [B, T, H]; weight: [V, H]; bias: [V] or None; labels: [B, T] int64 aligned with hidden (the caller
+            shifts), ignore_index where no loss is taken.
         reduction: "mean" over the tokens that count (default; 0 when none does), "sum", or "none" ([B, T],
             0 where ignored; lean only: a per-token loss's weights in the weight gradient are unknown in the
             forward).
@@ -647,17 +702,18 @@ def cross_entropy_from_hidden(
     count = mask.sum().clamp(min=1)
     eps = float(label_smoothing)
 
-    def loss_of(logps, means):
-        per_token = -logps if eps == 0 else -(1 - eps) * logps - eps * torch.where(mask, means, 0.0)
+    def loss_of(logps, extras):
+        nll = -logps if eps == 0 else -(1 - eps) * logps - eps * torch.where(mask, extras["mean_logps"], 0.0)
         if reduction == "none":
-            return per_token, {}
-        return (per_token.sum() / count if reduction == "mean" else per_token.sum()), {}
+            return (nll,)
+        return (nll.sum() / count if reduction == "mean" else nll.sum(),)
 
     not_fast = "reduction='none'" if reduction == "none" else None
-    objective = _Objective(loss_of, "token", not_fast, mean_logps=eps > 0)
-    loss, metrics, ent, amax = _fused_linear_loss(
+    objective = _Objective(loss_of, "token", not_fast, ("mean_logps",) * (eps > 0))
+    (loss,), ent, amax = _fused_linear_loss(
         hidden, weight, labels, bias, objective, head_args, strategy, Outputs(entropy=entropy, argmax=accuracy)
     )
+    metrics = {}
     if entropy:
         metrics["entropy"] = torch.where(mask, ent, 0.0).sum() / count
     if accuracy:

@@ -2,7 +2,7 @@
 
 The caller computes a = hidden @ weight.T in fp32 for a chunk of rows (torch.mm with out_dtype=torch.float32), then:
 - `_logits_stats_kernel`: one program per row folds the row's logits z = chain(a + bias) into online statistics:
-  log-sum-exp, z at the label, and on request the entropy, the argmax and the mean of z.
+  log-sum-exp, z at the label, and on request the entropy, the argmax, log(sum p^2) and the mean of z.
 - `_logits_grad_kernel`: once the loss's gradient with respect to each row's log-prob (coef) and mean log-prob
   (coef_mean) is known, writes d loss / d a = chain' * (coef * (onehot - p) + coef_mean * (1 / V - p)) in the
   GEMMs' operand dtype, over the logits buffer itself or into another one.
@@ -50,6 +50,7 @@ def _logits_stats_kernel(
     p_zlabel,  # [M] fp32 out: z at the label
     p_entropy,  # [M] fp32 out, if RETURN_ENTROPY
     p_argmax,  # [M] int64 out: the first maximum, if RETURN_ARGMAX
+    p_log_sum_sq,  # [M] fp32 out: log sum_v p_v^2, if RETURN_LOG_SUM_SQ_PROBS
     p_mean,  # [M] fp32 out: mean_v z, if RETURN_MEAN_LOGITS
     stride_a,
     V,
@@ -61,6 +62,7 @@ def _logits_stats_kernel(
     HAS_SOFTCAP: tl.constexpr,
     RETURN_ENTROPY: tl.constexpr,
     RETURN_ARGMAX: tl.constexpr,
+    RETURN_LOG_SUM_SQ_PROBS: tl.constexpr,
     RETURN_MEAN_LOGITS: tl.constexpr,
 ):
     i_m = tl.program_id(0).to(tl.int64)
@@ -69,6 +71,7 @@ def _logits_stats_kernel(
     m_run = tl.full((), float("-inf"), tl.float32)
     s_run = tl.zeros((), tl.float32)
     t_run = tl.zeros((), tl.float32)
+    q_run = tl.zeros((), tl.float32)
     z_sum = tl.zeros((), tl.float32)
     i_best = tl.zeros((), tl.int32)
     z_label = tl.zeros((), tl.float32)
@@ -92,6 +95,8 @@ def _logits_stats_kernel(
         s_run = s_run * alpha + tl.sum(b_e, 0)
         if RETURN_ENTROPY:
             t_run = t_run * alpha + tl.sum(b_e * z, 0)
+        if RETURN_LOG_SUM_SQ_PROBS:
+            q_run = q_run * (alpha * alpha) + tl.sum(b_e * b_e, 0)
         m_run = m_new
     lse = m_run + tl.log(s_run)
     tl.store(p_lse + i_m, lse)
@@ -100,6 +105,8 @@ def _logits_stats_kernel(
         tl.store(p_entropy + i_m, lse - t_run / s_run)
     if RETURN_ARGMAX:
         tl.store(p_argmax + i_m, i_best.to(tl.int64))
+    if RETURN_LOG_SUM_SQ_PROBS:
+        tl.store(p_log_sum_sq + i_m, tl.log(q_run) - 2.0 * tl.log(s_run))
     if RETURN_MEAN_LOGITS:
         tl.store(p_mean + i_m, z_sum / V)
 
@@ -173,14 +180,15 @@ def logits_stats(
 ) -> tuple[torch.Tensor, ...]:
     """a: [M, V] fp32 raw logits (hidden @ weight.T); bias: [V] or None; labels: [M] int64 in [0, V).
 
-    Returns (lse, z at the label, entropy, argmax, mean z), each [M] (argmax int64, the rest fp32); entropy, argmax
-    and mean z are None unless asked for in `outputs` (entropy, argmax, mean_logits)."""
+    Returns (lse, z at the label, entropy, argmax, log sum p^2, mean z), each [M] (argmax int64, the rest fp32); the
+    last four are None unless asked for in `outputs`."""
     _check_rows(a, bias, labels=labels)
     M, V = a.shape
     dev = a.device
     lse, z_label = torch.empty(M, device=dev), torch.empty(M, device=dev)
     entropy = torch.empty(M, device=dev) if outputs.entropy else None
     argmax = torch.empty(M, device=dev, dtype=torch.int64) if outputs.argmax else None
+    log_sum_sq = torch.empty(M, device=dev) if outputs.log_sum_sq_probs else None
     mean = torch.empty(M, device=dev) if outputs.mean_logits else None
     if M:
         _logits_stats_kernel[(M,)](
@@ -191,6 +199,7 @@ def logits_stats(
             z_label,
             lse if entropy is None else entropy,
             labels if argmax is None else argmax,
+            lse if log_sum_sq is None else log_sum_sq,
             lse if mean is None else mean,
             a.stride(0),
             V,
@@ -200,10 +209,11 @@ def logits_stats(
             HAS_SOFTCAP=softcap is not None,
             RETURN_ENTROPY=outputs.entropy,
             RETURN_ARGMAX=outputs.argmax,
+            RETURN_LOG_SUM_SQ_PROBS=outputs.log_sum_sq_probs,
             RETURN_MEAN_LOGITS=outputs.mean_logits,
             num_warps=_NUM_WARPS,
         )
-    return lse, z_label, entropy, argmax, mean
+    return lse, z_label, entropy, argmax, log_sum_sq, mean
 
 
 def logits_grad(
@@ -270,7 +280,8 @@ def compile_specs() -> list[CompileSpec]:
     specs = []
     for features in (False, True):
         flags = {"BLOCK_V": _BLOCK_V, "HAS_BIAS": features, "HAS_SOFTCAP": features}
-        extras = dict.fromkeys(("RETURN_ENTROPY", "RETURN_ARGMAX", "RETURN_MEAN_LOGITS"), features)
+        names = ("RETURN_ENTROPY", "RETURN_ARGMAX", "RETURN_LOG_SUM_SQ_PROBS", "RETURN_MEAN_LOGITS")
+        extras = dict.fromkeys(names, features)
         label = f"stats features={features}"
         specs.append(
             CompileSpec(

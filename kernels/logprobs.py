@@ -26,6 +26,8 @@ def _token_logprobs_fwd_kernel(
     p_lse,  # [N] fp32 out: logsumexp(logits / temperature)
     p_entropy,  # [N] fp32 out, if RETURN_ENTROPY
     p_argmax,  # [N] int64 out, if RETURN_ARGMAX
+    p_log_sum_sq,  # [N] fp32 out: log(sum_v p_v^2), if RETURN_SUM_SQ
+    p_mean,  # [N] fp32 out: mean_v z, if RETURN_MEAN
     T,
     stride_b,
     stride_t,
@@ -35,6 +37,8 @@ def _token_logprobs_fwd_kernel(
     BLOCK_V: tl.constexpr,
     RETURN_ENTROPY: tl.constexpr,
     RETURN_ARGMAX: tl.constexpr,
+    RETURN_SUM_SQ: tl.constexpr,
+    RETURN_MEAN: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
     p_row = p_logits + (i_n // T) * stride_b + (i_n % T) * stride_t
@@ -43,8 +47,8 @@ def _token_logprobs_fwd_kernel(
     in_range = (label >= 0) & (label < V)
     readable = in_range & (label != ignore_index)
 
-    # Rows with an ignored label cost nothing unless the caller wants their entropy or argmax.
-    if RETURN_ENTROPY or RETURN_ARGMAX:
+    # Rows with an ignored label cost nothing unless the caller wants an extra (every position gets those).
+    if RETURN_ENTROPY or RETURN_ARGMAX or RETURN_SUM_SQ or RETURN_MEAN:
         v_end = V
     else:
         v_end = tl.where(ignored, 0, V)
@@ -52,6 +56,8 @@ def _token_logprobs_fwd_kernel(
     m = tl.full((), float("-inf"), tl.float32)  # running max of z = logits / temperature
     s = tl.zeros((), tl.float32)  # running sum of exp(z - m)
     t = tl.zeros((), tl.float32)  # running sum of exp(z - m) * z, for the entropy
+    s2 = tl.zeros((), tl.float32)  # running sum of exp(2 (z - m)), for log sum p^2
+    z_sum = tl.zeros((), tl.float32)  # running sum of z, for the mean
     best = tl.full((), float("-inf"), tl.float32)
     best_idx = tl.zeros((), tl.int64)
     for v0 in range(0, v_end, BLOCK_V):
@@ -67,10 +73,16 @@ def _token_logprobs_fwd_kernel(
         if RETURN_ENTROPY:
             # exp(z - m) * z is 0 * -inf = NaN for -inf logits; they contribute nothing.
             t = t * scale + tl.sum(tl.where(b_e > 0, b_e * b_z, 0.0), 0)
+        if RETURN_SUM_SQ:
+            s2 = s2 * scale * scale + tl.sum(b_e * b_e, 0)
+        if RETURN_MEAN:
+            z_sum += tl.sum(tl.where(m_v, b_z, 0.0), 0)
         if RETURN_ARGMAX:
-            # Strict > keeps the first maximum, as torch.argmax does.
-            b_idx = tl.argmax(b_z, 0).to(tl.int64)
-            best_idx = tl.where(b_max > best, v0 + b_idx, best_idx)
+            # The block's first maximum, and strict > across blocks: the first maximum, as torch.argmax. Max skips
+            # NaN (compiled and interpreted alike), so an all-NaN row keeps index 0; the interpreter's tl.argmax
+            # would raise there instead.
+            b_idx = tl.min(tl.where(b_z == b_max, o_v, V), 0)
+            best_idx = tl.where(b_max > best, b_idx.to(tl.int64), best_idx)
             best = tl.maximum(best, b_max)
         m = m_new
 
@@ -84,6 +96,11 @@ def _token_logprobs_fwd_kernel(
         tl.store(p_entropy + i_n, lse - t / s)
     if RETURN_ARGMAX:
         tl.store(p_argmax + i_n, best_idx)
+    if RETURN_SUM_SQ:
+        # sum p^2 = sum exp(2 (z - m)) / s^2, in log space.
+        tl.store(p_log_sum_sq + i_n, tl.log(s2) - 2.0 * tl.log(s))
+    if RETURN_MEAN:
+        tl.store(p_mean + i_n, z_sum / V)
 
 
 @triton.jit
@@ -160,10 +177,13 @@ def token_logprobs_fwd(
     temperature: float,
     return_entropy: bool,
     return_argmax: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    return_sum_sq: bool = False,
+    return_mean: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """logits: [B, T, V] with stride 1 over V; labels: [B * T] int64 contiguous.
 
-    Returns (logp [N] fp32, lse [N] fp32, entropy [N] fp32 or None, argmax [N] int64 or None).
+    Returns (logp [N] fp32, lse [N] fp32, entropy [N] fp32 or None, argmax [N] int64 or None,
+    log_sum_sq [N] fp32 or None, mean [N] fp32 or None).
     """
     B, T, V = logits.shape
     N = B * T
@@ -171,8 +191,10 @@ def token_logprobs_fwd(
     lse = torch.empty(N, device=logits.device, dtype=torch.float32)
     entropy = torch.empty(N, device=logits.device, dtype=torch.float32) if return_entropy else None
     argmax = torch.empty(N, device=logits.device, dtype=torch.int64) if return_argmax else None
+    log_sum_sq = torch.empty(N, device=logits.device, dtype=torch.float32) if return_sum_sq else None
+    mean = torch.empty(N, device=logits.device, dtype=torch.float32) if return_mean else None
     if N == 0:
-        return logp, lse, entropy, argmax
+        return logp, lse, entropy, argmax, log_sum_sq, mean
     block_v, num_warps = _fwd_config(V, logits.dtype)
     _token_logprobs_fwd_kernel[(N,)](
         logits,
@@ -181,6 +203,8 @@ def token_logprobs_fwd(
         lse,
         entropy if return_entropy else lse,
         argmax if return_argmax else labels,
+        log_sum_sq if return_sum_sq else lse,
+        mean if return_mean else lse,
         T,
         logits.stride(0),
         logits.stride(1),
@@ -190,9 +214,11 @@ def token_logprobs_fwd(
         BLOCK_V=block_v,
         RETURN_ENTROPY=return_entropy,
         RETURN_ARGMAX=return_argmax,
+        RETURN_SUM_SQ=return_sum_sq,
+        RETURN_MEAN=return_mean,
         num_warps=num_warps,
     )
-    return logp, lse, entropy, argmax
+    return logp, lse, entropy, argmax, log_sum_sq, mean
 
 
 def token_logprobs_bwd(
@@ -256,6 +282,8 @@ def compile_specs() -> list[CompileSpec]:
                             "p_lse": "*fp32",
                             "p_entropy": "*fp32",
                             "p_argmax": "*i64",
+                            "p_log_sum_sq": "*fp32",
+                            "p_mean": "*fp32",
                             "T": "i32",
                             "stride_b": "i32",
                             "stride_t": "i32",
@@ -263,7 +291,13 @@ def compile_specs() -> list[CompileSpec]:
                             "ignore_index": "i32",
                             "inv_temperature": "fp32",
                         },
-                        {"BLOCK_V": block_v, "RETURN_ENTROPY": extras, "RETURN_ARGMAX": extras},
+                        {
+                            "BLOCK_V": block_v,
+                            "RETURN_ENTROPY": extras,
+                            "RETURN_ARGMAX": extras,
+                            "RETURN_SUM_SQ": extras,
+                            "RETURN_MEAN": extras,
+                        },
                         num_warps,
                     )
                 )

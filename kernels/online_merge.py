@@ -9,8 +9,9 @@ slots, each starting on a TILE boundary, and is cut into tiles `tiles` [n_tiles,
 elements costs one program of a launch, not a launch.
 
 - OnDARE is one pass (`_ondare_step_kernel`): moments, Δ, the random keep, the merge with τ,
-  the update and the weight decay. The keep is Philox keyed on (seed, step, parameter index,
-  global element index), so it is the same however the parameter is sharded or tiled.
+  the update and the weight decay. The keep is a counter-based hash of the global element index
+  under a key of (seed, parameter index, step) (`_dare_keep`), so it is the same however the
+  parameter is sharded or tiled, and fastalign.optim computes the same bits in torch ops.
 - OnTIES writes Δ to a flat fp32 buffer while histogramming the top digit of |Δ|
   (`_ties_delta_kernel`); radix_select.py finishes the exact top-k threshold; then one apply
   pass (`_ties_apply_kernel`) keeps the top k, elects signs against τ and updates.
@@ -39,12 +40,23 @@ SLOT_FIELDS = (
     "cached_delta",  # fp32 Δ accumulated between merges (0 when online_step == 1)
     "flat_offset",  # where the slot starts in the launch's flat index space (a multiple of TILE)
     "global_offset",  # global element index of the shard's first element
-    "param_index",  # the parameter's index in the optimizer, part of the random key
+    "dare_key",  # 32-bit key of the parameter's random keeps: fastalign.optim's dare_key(seed, index)
 )
 N_FIELDS = tl.constexpr(len(SLOT_FIELDS))
-_PARAM, _GRAD, _EXP_AVG, _EXP_AVG_SQ, _REF_DELTA, _CACHED, _FLAT_OFFSET, _GLOBAL_OFFSET, _PARAM_INDEX = (
+_PARAM, _GRAD, _EXP_AVG, _EXP_AVG_SQ, _REF_DELTA, _CACHED, _FLAT_OFFSET, _GLOBAL_OFFSET, _DARE_KEY = (
     tl.constexpr(i) for i in range(len(SLOT_FIELDS))
 )
+
+# The DARE keep hashes with triple32 (C. Wellons, hash-prospector: xorshift-multiply rounds on
+# 32 bits, exhaustively measured avalanche bias 0.0209, the level of a random permutation). Its
+# 32-bit multiplies keep their exact low bits in int32 torch ops, so the torch path computes the
+# same bits. HASH_SHIFTS[i] precedes HASH_MULTIPLIERS[i]; the last shift ends the hash.
+HASH_SHIFTS = (17, 11, 15, 14)
+HASH_MULTIPLIERS = (0xED5AD4BB, 0xAC4C1B51, 0x31848BAB)
+GOLDEN = 0x9E3779B9  # 2**32 / φ: spreads the high word of a global index over 32 bits
+_S0, _S1, _S2, _S3 = (tl.constexpr(x) for x in HASH_SHIFTS)
+_M0, _M1, _M2 = (tl.constexpr(x) for x in HASH_MULTIPLIERS)
+_GOLDEN = tl.constexpr(GOLDEN)
 
 # Elements per loop iteration and per tile. A DARE tile is short, for load balance; a TIES tile
 # is long, because each of its programs adds a 2048-bin histogram into global memory with
@@ -123,14 +135,31 @@ def _adam_delta(p_grad, p_m, p_v, o, m, inv_scale, step_size, beta1, beta2, eps,
 
 
 @triton.jit
-def _dare_keep(seed, idx, t, param_index, keep31):
-    """Bernoulli keep with P = keep31 / 2**31, from Philox-4x32-10 with key = seed and counter
-    = (idx low 32 bits, idx high 32 bits, t, param_index). fastalign.optim mirrors it in torch."""
-    c0 = (idx & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (idx >> 32).to(tl.uint32)
-    zero = c0 * 0
-    r, _, _, _ = tl.philox(seed, c0, c1, zero + t.to(tl.uint32), zero + param_index.to(tl.uint32))
-    return (r >> 1).to(tl.int32, bitcast=True) < keep31
+def _triple32(x):
+    """triple32 of uint32 x (a bijection of 32-bit words)."""
+    x ^= x >> _S0
+    x *= _M0
+    x ^= x >> _S1
+    x *= _M1
+    x ^= x >> _S2
+    x *= _M2
+    return x ^ (x >> _S3)
+
+
+@triton.jit
+def _step_key(dare_key, t):
+    """uint32 key of one parameter's keeps at step t (t = 0 draws τ's)."""
+    return _triple32((dare_key ^ t).to(tl.uint32))
+
+
+@triton.jit
+def _dare_keep(idx, step_key, keep_below):
+    """Bernoulli keep of int64 global element indices idx: P = (keep_below + 2**30) / 2**31.
+
+    h = triple32(low word of idx ^ step_key ^ GOLDEN · high word), read as int32 and shifted right
+    by 1, is uniform on [-2**30, 2**30); the keep is h < keep_below."""
+    x = idx.to(tl.uint32) ^ step_key ^ ((idx >> 32).to(tl.uint32) * _GOLDEN)
+    return (_triple32(x).to(tl.int32, bitcast=True) >> 1) < keep_below
 
 
 # ----------------------------------------------------------------------------- OnDARE
@@ -138,8 +167,8 @@ def _dare_keep(seed, idx, t, param_index, keep31):
 
 @triton.jit
 def _ondare_block(
-    p_param, p_grad, p_m, p_v, p_tau, p_c, o, end, global_offset, t, param_index, merge,
-    step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha, inv_p, keep31, seed,
+    p_param, p_grad, p_m, p_v, p_tau, p_c, o, end, global_offset, step_key, merge,
+    step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha, inv_p, keep_below,
     HAS_TAU: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, SUMS_ONLY: tl.constexpr,
     ACCUMULATE: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
@@ -154,7 +183,9 @@ def _ondare_block(
             _st(p_c, o, tl.where(merge, 0.0, c + d), m, MASKED)
         d = d + c
     if DROP:
-        kept = tl.where(_dare_keep(seed, global_offset + o, t, param_index, keep31), d * inv_p, 0.0)
+        # A NaN Δ (from a NaN or ±inf gradient) is always kept, so θ turns NaN as AdamW's would.
+        keep = _dare_keep(global_offset + o, step_key, keep_below) | (d != d)
+        kept = tl.where(keep, d * inv_p, 0.0)
     else:
         kept = d
     s_abs = tl.zeros((), tl.float32)
@@ -164,7 +195,7 @@ def _ondare_block(
         s_kept = tl.sum(tl.abs(kept), 0)
     else:
         if RESCALE:
-            kept = tl.minimum(tl.maximum(kept * factor, -bound), bound)
+            kept = tl.clamp(kept * factor, -bound, bound, propagate_nan=tl.PropagateNan.ALL)
         upd = (1.0 - alpha) * kept
         if HAS_TAU:
             upd += alpha * _ld(p_tau, o, m, MASKED)
@@ -193,8 +224,7 @@ def _ondare_step_kernel(
     lr_wd,  # lr · weight_decay
     alpha,
     inv_p,  # 1 / reserve_p
-    keep31,  # round(reserve_p · 2**31)
-    seed,
+    keep_below,  # keep_threshold(reserve_p): the keep is hash < keep_below
     online_step,
     PARAM_DTYPE: tl.constexpr,
     TAU_DTYPE: tl.constexpr,
@@ -230,7 +260,7 @@ def _ondare_step_kernel(
         if ACCUMULATE:
             p_c = _ptr(p_slot, _CACHED, tl.float32, ALIGNED)
         global_offset = tl.load(p_slot + _GLOBAL_OFFSET)
-        param_index = tl.load(p_slot + _PARAM_INDEX)
+        step_key = _step_key(tl.load(p_slot + _DARE_KEY), t)
         step_size = tl.load(p_step_size + slot)
         inv_scale = 1.0 / tl.load(p_grad_scale)
         factor = 1.0
@@ -240,17 +270,17 @@ def _ondare_step_kernel(
             bound = tl.load(p_rescale + slot * 2 + 1)
         for b0 in range(begin, full_end, BLOCK):
             a, k = _ondare_block(
-                p_param, p_grad, p_m, p_v, p_tau, p_c, b0 + tl.arange(0, BLOCK), end, global_offset, t,
-                param_index, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha,
-                inv_p, keep31, seed, HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, False,
+                p_param, p_grad, p_m, p_v, p_tau, p_c, b0 + tl.arange(0, BLOCK), end, global_offset, step_key,
+                merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha, inv_p, keep_below,
+                HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, False,
             )  # fmt: skip
             s_abs += a
             s_kept += k
         if full_end < end:
             a, k = _ondare_block(
-                p_param, p_grad, p_m, p_v, p_tau, p_c, full_end + tl.arange(0, BLOCK), end, global_offset, t,
-                param_index, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha,
-                inv_p, keep31, seed, HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, True,
+                p_param, p_grad, p_m, p_v, p_tau, p_c, full_end + tl.arange(0, BLOCK), end, global_offset,
+                step_key, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha, inv_p,
+                keep_below, HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, True,
             )  # fmt: skip
             s_abs += a
             s_kept += k
@@ -335,16 +365,19 @@ def _ties_apply_block(
     m = o < end
     d = _ld(p_delta, o, m, MASKED)
     key = (d.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
-    # Top k: keys above the threshold, and the first `budget` copies of it in index order.
+    # Top k: keys above the threshold, and the first `budget` copies of it in index order. A NaN Δ
+    # (a NaN or ±inf gradient) ranks above every magnitude and survives the election: θ turns NaN
+    # there, as AdamW's would, instead of silently freezing.
+    nan = d != d
     tie = m & (key == threshold)
     rank = tl.cumsum(tie.to(tl.int32), 0) - 1  # among this block's copies; `taken` came before
-    d = tl.where((key > threshold) | (tie & (rank < budget - taken)), d, 0.0)
+    d = tl.where((key > threshold) | (tie & (rank < budget - taken)) | nan, d, 0.0)
     if HAS_TAU:
         # Elect the sign of τ + Δ (≥ 0 counts as +) and zero what disagrees with it.
         tau = _ld(p_tau, o, m, MASKED)
         positive = tau + d >= 0
         tau = tl.where(tl.where(positive, tau > 0, tau < 0), tau, 0.0)
-        d = tl.where(tl.where(positive, d > 0, d < 0), d, 0.0)
+        d = tl.where(tl.where(positive, d > 0, d < 0) | nan, d, 0.0)
         upd = alpha * tau + (1.0 - alpha) * d
     else:
         upd = (1.0 - alpha) * d
@@ -436,8 +469,8 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 
 def keep_threshold(reserve_p: float) -> int:
-    """Philox outputs r keep an element when (r >> 1) < this: P(keep) = reserve_p to 2**-31."""
-    return min(max(round(reserve_p * 2**31), 1), 2**31 - 1)
+    """The int32 `keep_below` of _dare_keep: P(keep) = reserve_p to 2**-31 (never 0 or 1)."""
+    return min(max(round(reserve_p * 2**31), 1), 2**31 - 1) - 2**30
 
 
 def ondare_step(
@@ -456,7 +489,6 @@ def ondare_step(
     lr_wd: float,
     alpha: float,
     reserve_p: float,
-    seed: int,
     online_step: int,
     rescale: torch.Tensor | None = None,
     sums_only: bool = False,
@@ -488,7 +520,6 @@ def ondare_step(
         alpha,
         1.0 / reserve_p,
         keep_threshold(reserve_p) if drop else 0,
-        seed,
         online_step,
         PARAM_DTYPE=_TL_DTYPE[param_dtype],
         TAU_DTYPE=_TL_DTYPE[tau_dtype or torch.float32],
@@ -618,8 +649,7 @@ def compile_specs() -> list[CompileSpec]:
         "lr_wd": "fp32",
         "alpha": "fp32",
         "inv_p": "fp32",
-        "keep31": "i32",
-        "seed": "i64",
+        "keep_below": "i32",
         "online_step": "i32",
     }
     shift, bits = RADIX_DIGITS[0]

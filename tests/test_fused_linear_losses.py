@@ -188,12 +188,81 @@ def test_dpo_bad_inputs(device):
         fastalign.FusedLinearDPOLoss(loss_type=["sigmoid", "aot"], strategy="fast")(hidden, weight, labels, **logps)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dpo_token_level_options_match_the_composition(strategy, backend, device):
+    """LD-DPO, WPO (log sum p^2 from the same pass), f-divergence, per-example outputs (mean logits), a reference
+    from hidden states summed with the same LD weights: as linear_token_stats then dpo_loss_from_token_logps."""
+    hidden, weight, bias, labels = make_batch(device)
+    labels[2, 4:7] = IGNORE  # chosen and rejected of a pair differ in length: LD-DPO's verbose tail
+    ref_hidden = hidden + 0.2 * torch.randn_like(hidden)
+    options = dict(ld_alpha=0.4, use_weighting=True, f_divergence_type="js_divergence", return_per_example=True)
+    leaves = leaves_of(hidden, weight, bias)
+    module = fastalign.FusedLinearDPOLoss(beta=0.3, strategy=strategy, softcap=6.0, **options)
+    loss, metrics, per_example = module(*leaves[:2], labels, leaves[2], ref_hidden=ref_hidden, ref_bias=bias)
+    (1.5 * loss).backward()
+
+    head = {"ignore_index": IGNORE, "softcap": 6.0}
+    composed = leaves_of(hidden, weight, bias)
+    stats = fastalign.linear_token_stats(
+        *composed[:2], labels, composed[2], **head, entropy=False, argmax=False, log_sum_sq_probs=True, mean_logits=True
+    )
+    mask = labels != IGNORE
+    ref_token_logps = fastalign.linear_token_logprobs(ref_hidden, weight, labels, bias, **head)
+    ref_sums = fastalign.dpo.sequence_logps(ref_token_logps, mask, ld_alpha=0.4)
+    loss_c, metrics_c, per_example_c = fastalign.dpo.dpo_loss_from_token_logps(
+        stats.logprobs, mask, *ref_sums.chunk(2), log_sum_sq_probs=stats.log_sum_sq_probs,
+        mean_logits=stats.mean_logits, beta=0.3, **options,
+    )  # fmt: skip
+    (1.5 * loss_c).backward()
+    torch.testing.assert_close(loss, loss_c)
+    for got, expected in ((metrics, metrics_c), (per_example, per_example_c)):
+        assert got.keys() == expected.keys()
+        for name in got:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5)
+    assert "logits/chosen" in per_example
+    for leaf, leaf_c in zip(leaves, composed):
+        assert rel_err(leaf.grad, leaf_c.grad) < 1e-5
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_kto_options_match_the_composition(strategy, backend, device):
+    hidden, weight, bias, labels = make_batch(device, batch=3)
+    desirable = torch.tensor([True, False, False], device=device)
+    ref_logps = torch.randn(3, device=device) - 20
+    options = dict(average_log_prob=True, clamp_kl=False, return_per_example=True)
+    leaves = leaves_of(hidden, weight, bias)
+    module = fastalign.FusedLinearKTOLoss(beta=0.2, strategy=strategy, **options)
+    loss, metrics, per_example = module(*leaves[:2], labels, desirable, leaves[2], ref_logps=ref_logps, kl=-0.3)
+    loss.backward()
+
+    composed = leaves_of(hidden, weight, bias)
+    stats = fastalign.linear_token_stats(
+        *composed[:2], labels, composed[2], entropy=False, argmax=False, mean_logits=True
+    )
+    mask = labels != IGNORE
+    loss_c, metrics_c, per_example_c = fastalign.kto_loss(
+        stats.logprobs.sum(-1), ref_logps, desirable, -0.3, beta=0.2, lengths=mask.sum(-1), **options
+    )
+    loss_c.backward()
+    torch.testing.assert_close(loss, loss_c)
+    for name in metrics_c:
+        torch.testing.assert_close(metrics[name], metrics_c[name])
+    logits = torch.where(mask, stats.mean_logits, 0.0).sum(-1) / mask.sum(-1)
+    torch.testing.assert_close(per_example.pop("logits"), logits)
+    for name in per_example_c:
+        torch.testing.assert_close(per_example[name], per_example_c[name])
+    for leaf, leaf_c in zip(leaves, composed):
+        assert rel_err(leaf.grad, leaf_c.grad) < 1e-5
+
+
 def test_dpo_module_options_come_in_dpoloss_order():
     """A positional DPOLoss(...) call means the same to FusedLinearDPOLoss(...): only the last option differs."""
-    dpo = list(inspect.signature(fastalign.DPOLoss).parameters)
-    fused = list(inspect.signature(fastalign.FusedLinearDPOLoss).parameters)
-    n = len(dpo) - 1
-    assert fused[:n] == dpo[:n] and (dpo[n], fused[n]) == ("inplace_backward", "memory_budget")
+
+    def positional(cls):
+        return [n for n, p in inspect.signature(cls).parameters.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
+
+    dpo, fused = positional(fastalign.DPOLoss), positional(fastalign.FusedLinearDPOLoss)
+    assert fused[:-1] == dpo[:-1] and (dpo[-1], fused[-1]) == ("inplace_backward", "memory_budget")
 
 
 # ----------------------------------------------------------------------------- KTO
