@@ -18,14 +18,11 @@ sync, to count the rows that are scored and reject labels outside [0, V).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fastalign._backend import as_btv, backend_for, check_float, check_labels, check_positive, label_range_error
-from fastalign.dpo import check_paired_batch, paired_dpo_loss, reference_logps
-from fastalign.ift import check_gamma, ift_loss
 from fastalign.kernels.linear_logprobs import Outputs, bwd_chunk_multiple, linear_logprobs_bwd, linear_logprobs_fwd
 from fastalign.logprobs import TokenStats
 
@@ -425,89 +422,3 @@ def linear_token_logprobs(
         argmax=False,
         memory_budget=memory_budget,
     ).logprobs
-
-
-# ---------------------------------------------------------------------------------------------- fused-linear losses
-
-
-def _sequence_logps(hidden, weight, labels, bias, head_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sums of the label log-probs ([R] float32) and completion lengths ([R])."""
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must have shape [batch, T, H]; got {tuple(hidden.shape)}")
-    token_logps = linear_token_logprobs(hidden, weight, labels, bias, **head_kwargs)
-    return token_logps.sum(-1), (labels != head_kwargs["ignore_index"]).sum(-1)
-
-
-def dpo_loss_from_hidden(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    ref_chosen_logps: torch.Tensor | None = None,
-    ref_rejected_logps: torch.Tensor | None = None,
-    ref_hidden: torch.Tensor | None = None,
-    ref_weight: torch.Tensor | None = None,
-    ref_bias: torch.Tensor | None = None,
-    beta: float = 0.1,
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    memory_budget: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`fastalign.dpo_loss` straight from the policy's last hidden states, through `linear_token_logprobs`.
-
-    Args:
-        hidden: [2B, T, H], the B chosen rows first, then the B rejected ones; weight: [V, H]; bias: [V] or None.
-        labels: [2B, T] int64 aligned with hidden (the caller shifts); ignore_index marks prompt and padding.
-        ref_chosen_logps, ref_rejected_logps: [B] reference sums over the completions; or instead
-        ref_hidden: [2B, T, H'] the reference model's hidden states, projected under no_grad by ref_weight
-            ([V, H'], default `weight`, as when the reference shares the policy's lm_head) and ref_bias.
-        The other arguments are `dpo_loss`'s; the completion lengths come from the labels.
-    """
-    check_paired_batch("hidden", hidden, "[2B, T, H]")
-    head = {"ignore_index": ignore_index, "memory_budget": memory_budget}
-    if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
-        raise ValueError("ref_weight and ref_bias need ref_hidden")
-    ref_w = (weight if ref_weight is None else ref_weight).detach()
-    ref_chosen_logps, ref_rejected_logps = reference_logps(
-        {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps},
-        "ref_hidden",
-        ref_hidden,
-        hidden,
-        "hidden",
-        lambda h: _sequence_logps(h, ref_w, labels, ref_bias, head)[0],
-    )
-    logps, lengths = _sequence_logps(hidden, weight, labels, bias, head)
-    return paired_dpo_loss(
-        logps,
-        lengths,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        beta=beta,
-        loss_type=loss_type,
-        loss_weights=loss_weights,
-        label_smoothing=label_smoothing,
-    )
-
-
-def ift_loss_from_hidden(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    gamma: float = 0.95,
-    ignore_index: int = -100,
-    memory_budget: int | None = None,
-) -> torch.Tensor:
-    """`fastalign.ift_loss` straight from hidden [B, T, H], weight [V, H] and labels [B, T] (aligned; the caller
-    shifts), through `linear_token_logprobs`."""
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must have shape [B, T, H]; got {tuple(hidden.shape)}")
-    gamma = check_gamma(gamma)
-    token_logps = linear_token_logprobs(
-        hidden, weight, labels, bias, ignore_index=ignore_index, memory_budget=memory_budget
-    )
-    return ift_loss(token_logps, labels != ignore_index, gamma=gamma)
