@@ -449,16 +449,17 @@ def _short(kernel: str) -> str:
 # ----------------------------------------------------------------------------- the rules
 
 
-def compile_problems(c: Compiled) -> list[str]:
+def compile_problems(c: Compiled) -> list[tuple[str, str]]:
+    """(rule, what) for each rule the compiled kernel breaks."""
     if c.error:
-        return ["error: " + c.error]
+        return [("compile error", c.error)]
     out = []
     if c.spill_bytes:
-        out.append(f"spills {c.spill_bytes} bytes")
+        out.append(("spill", f"spills {c.spill_bytes} bytes"))
     if c.shared > MAX_SHARED[c.arch]:
-        out.append(f"shared memory {c.shared} over {MAX_SHARED[c.arch]}")
+        out.append(("shared memory", f"shared memory {c.shared} over {MAX_SHARED[c.arch]}"))
     if c.arch >= 90 and c.sass.mma == "mma.sync" and any(re.search(r"\.(BF16|F16)\b", op) for op in c.sass.opcodes):
-        out.append("bf16/fp16 tl.dot without wgmma")
+        out.append(("no wgmma on sm_90", "bf16/fp16 tl.dot without wgmma"))
     return out
 
 
@@ -510,7 +511,7 @@ def run(archs=ARCHS, out=sys.stdout, only: str | None = None, jobs: int | None =
     cases, kernels = _cases()
     if only:
         cases = [(m, c) for m, c in cases if only in c.label or only in m]
-    failures: list[str] = []
+    failures: list[tuple[str, str]] = []  # (rule, what broke it)
     launches: dict[tuple[int, int], list[Launch]] = {}  # (arch, case index) -> its launches
     for arch in archs:
         for i, (_, case) in enumerate(cases):
@@ -518,11 +519,11 @@ def run(archs=ARCHS, out=sys.stdout, only: str | None = None, jobs: int | None =
                 try:
                     case.launch()
                 except Exception as exc:
-                    failures.append(f"case {case.label!r} did not launch: {type(exc).__name__}: {exc}")
+                    failures.append(("case did not launch", f"[{case.label}]: {type(exc).__name__}: {exc}"))
             launches[arch, i] = recorded
     launched = {f"{la.module}.{la.kernel}" for ls in launches.values() for la in ls}
     if not only:
-        failures += [f"{k}: no compile case launches this kernel" for k in kernels if k not in launched]
+        failures += [("kernel without a case", k) for k in kernels if k not in launched]
 
     unique: dict[str, Job] = {}
     labels: dict[str, list[str]] = defaultdict(list)
@@ -551,11 +552,16 @@ def run(archs=ARCHS, out=sys.stdout, only: str | None = None, jobs: int | None =
     print(f"\n{len(order)} compiles ({len(cases)} cases) in {time.perf_counter() - t0:.0f} s with {workers} processes",
           file=out)  # fmt: skip
     if not order:
-        failures.append("nothing compiled")
+        failures.append(("nothing compiled", "no case launched a kernel"))
     if failures:
-        print(f"FAILED ({len(failures)}):", file=out)
-        for f in failures:
-            print("  " + f, file=out)
+        by_rule: dict[str, list[str]] = defaultdict(list)
+        for rule, what in failures:
+            by_rule[rule].append(what)
+        print(f"FAILED: {len(failures)} findings under {len(by_rule)} rules", file=out)
+        for rule, whats in by_rule.items():
+            print(f"  {rule} ({len(whats)}):", file=out)
+            for what in whats:
+                print(f"    {what}", file=out)
         return 1
     print("all passed", file=out)
     return 0
@@ -563,9 +569,9 @@ def run(archs=ARCHS, out=sys.stdout, only: str | None = None, jobs: int | None =
 
 # (title, width): a negative width right-aligns, 0 is the last, free column.
 _KERNEL_COLUMNS = (
-    ("kernel", 28), ("launched by", 44), ("config", 22), ("sm", -2), ("regs", -4), ("spill", -5), ("smem", -6),
+    ("kernel", 28), ("launched by", 44), ("config", 34), ("sm", -2), ("regs", -4), ("spill", -5), ("smem", -6),
     ("CTA/SM", -6), ("mma", 8), ("loop instrs", 11), ("main loads (bits x n)", 22), ("other loads", 16),
-    ("stores", 14), ("status", 0),
+    ("stores", 18), ("status", 0),
 )  # fmt: skip
 _PREDICTION_COLUMNS = (
     ("case", 56), ("floor", 12), ("moved/floor", -11), *((m.name, -6) for m in MACHINES), ("target", -6),
@@ -603,15 +609,18 @@ def _print_kernels(order, unique, compiled, labels, failures, out) -> None:
             sass = [ctas_per_sm(c), c.sass.mma, loops, _fmt_widths(main), _fmt_widths(other)]
             sass.append(_fmt_widths(c.sass.memory_widths("st")))
         values = [_short(job.kernel), by, _config(job), job.arch, c.regs, c.spill_bytes, c.shared, *sass]
-        print(_line(_KERNEL_COLUMNS, [*values, "; ".join(problems) or "ok"]), file=out)
-        failures += [f"{_short(job.kernel)} sm_{job.arch} [{labels[key][0]}]: {p}" for p in problems]
+        print(_line(_KERNEL_COLUMNS, [*values, "; ".join(what for _, what in problems) or "ok"]), file=out)
+        where = f"{_short(job.kernel)} sm_{job.arch} {_config(job)} [{labels[key][0]}]"
+        failures += [(rule, f"{where}: {what}") for rule, what in problems]
 
 
 def _config(job: Job) -> str:
-    """The launch config: integer BLOCK constexprs, warps and stages, e.g. "128x128x32 w8 s4"."""
+    """The BLOCK constexprs, the other integer ones, warps and stages, e.g. "128x128x32 GROUP_M=8 w8 s4"."""
     names = {(i,): name for i, name in enumerate(job.signature)}
-    blocks = [str(v) for k, v in job.constexprs.items() if names.get(k, "").startswith("BLOCK") and type(v) is int]
-    return f"{'x'.join(blocks)} w{job.options['num_warps']} s{job.options['num_stages']}".strip()
+    ints = {names[k]: v for k, v in job.constexprs.items() if k in names and type(v) is int}
+    blocks = "x".join(str(v) for name, v in ints.items() if name.startswith("BLOCK"))
+    others = " ".join(f"{name}={v}" for name, v in ints.items() if not name.startswith("BLOCK"))
+    return " ".join(filter(None, [blocks, others, f"w{job.options['num_warps']} s{job.options['num_stages']}"]))
 
 
 def _print_predictions(cases, launches, compiled, archs, failures, out) -> None:
@@ -625,12 +634,12 @@ def _print_predictions(cases, launches, compiled, archs, failures, out) -> None:
                 try:
                     row["pred"][machine.name] = predict(case, launches[machine.arch, i], compiled, machine, notes)
                 except ValueError as exc:
-                    failures.append(str(exc))
+                    failures.append(("model", str(exc)))
         for arch in archs:
             for la in launches.get((arch, i), []):
                 c = compiled[la.key]
                 if case.bytes and c.sass is not None and (why := narrow_main_loads(c.sass)):
-                    failures.append(f"{_short(la.kernel)} sm_{arch} [{case.label}]: streaming kernel, {why}")
+                    failures.append(("narrow streaming loads", f"{_short(la.kernel)} sm_{arch} [{case.label}]: {why}"))
         rows.append(row)
     if not rows:
         return
@@ -647,7 +656,7 @@ def _print_predictions(cases, launches, compiled, archs, failures, out) -> None:
         values = [case.label, floor, moved, *cells, f"{case.target:.0f}" if case.target else "", p.bounds if p else ""]
         print(_line(_PREDICTION_COLUMNS, values), file=out)
         if p is not None and case.target and p.pct < case.target:
-            failures.append(f"[{case.label}]: predicted {p.pct:.0f}% < target {case.target:.0f}% on {p.machine} "
-                            f"({p.bounds})")  # fmt: skip
+            failures.append(("below target", f"[{case.label}]: predicted {p.pct:.0f}% < {case.target:.0f}% on "
+                             f"{p.machine} ({p.bounds})"))  # fmt: skip
     for note in dict.fromkeys(notes):
         print("note: " + note, file=out)

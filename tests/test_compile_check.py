@@ -125,10 +125,10 @@ def test_rules_fail_spills_shared_memory_and_mma_sync_on_sm90():
     assert cc.compile_problems(_compiled(SASS)) == []
     spilled = _compiled(SASS)
     spilled.spill_bytes = 8
-    assert cc.compile_problems(spilled) == ["spills 8 bytes"]
-    assert "shared memory" in cc.compile_problems(_compiled(SASS, shared=300 * 1024))[0]
+    assert cc.compile_problems(spilled) == [("spill", "spills 8 bytes")]
+    assert cc.compile_problems(_compiled(SASS, shared=300 * 1024))[0][0] == "shared memory"
     mma_sync = SASS.replace("HGMMA.64x128x16", "HMMA.16816")
-    assert cc.compile_problems(_compiled(mma_sync)) == ["bf16/fp16 tl.dot without wgmma"]
+    assert cc.compile_problems(_compiled(mma_sync)) == [("no wgmma on sm_90", "bf16/fp16 tl.dot without wgmma")]
     assert cc.compile_problems(_compiled(mma_sync, arch=80)) == []
 
 
