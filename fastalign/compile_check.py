@@ -364,16 +364,15 @@ class Cost:
     flops: dict[str, float] = field(default_factory=dict)  # "bf16" / "tf32" -> FLOPs
     note: str = ""
 
-    def seconds(self, machine: Machine, mma: str, memory: bool) -> tuple[float, str]:
-        """(predicted seconds, the bound) on a machine; without the memory term when `memory` is False."""
+    def times(self, machine: Machine, mma: str, memory: bool) -> dict[str, float]:
+        """Seconds under each limit on a machine ("memory", "issue", "mma"); no memory term when `memory` is False.
+        The launch takes the largest (its bound)."""
         rate = machine.mma_tflops * 1e12 * (2 / 3 if mma == "mma.sync" and machine.arch >= 90 else 1)
-        times = {
+        return {
             "memory": self.bytes / (machine.copy_gbps * 1e9) if memory else 0.0,
             "issue": self.warp_instructions / (machine.sms * ISSUE_PER_CYCLE * machine.clock_ghz * 1e9),
             "mma": sum(f / (rate / 2 if kind == "tf32" else rate) for kind, f in self.flops.items()),
         }
-        bound = max(times, key=times.get)
-        return times[bound], bound
 
 
 def launch_cost(launch: Launch, compiled: Compiled, trips: tuple[int, ...]) -> Cost:
@@ -403,7 +402,7 @@ class Prediction:
     machine: str
     pct: float
     moved_over_floor: float | None  # bytes the launches move / the case's floor bytes
-    bounds: str  # per launch: kernel and bound
+    bounds: str  # per kernel: its time under each limit, the bound first
     target: float | None
 
 
@@ -412,7 +411,8 @@ def predict(
 ) -> Prediction | None:
     """The case's predicted % of the ceiling on a machine (None if a kernel did not compile); model notes go to
     `notes`."""
-    total, moved, bounds = 0.0, 0.0, []
+    total, moved = 0.0, 0.0
+    per_kernel: dict[str, Counter] = defaultdict(Counter)  # seconds under each limit, summed over its launches
     for launch in (la for la in launches if not la.candidate):
         c = compiled[launch.key]
         if c.sass is None:
@@ -424,20 +424,24 @@ def predict(
         if cost.note:
             notes.append(cost.note)
         # The tile loads of a FLOPs-bound case mostly hit L2, which the model does not know: no memory term there.
-        seconds, bound = cost.seconds(machine, c.sass.mma, memory=bool(case.bytes))
-        total += seconds
+        times = cost.times(machine, c.sass.mma, memory=bool(case.bytes))
+        total += max(times.values())
         moved += cost.bytes
-        bounds.append(f"{_short(launch.kernel)}:{bound}")
+        per_kernel[_short(launch.kernel)].update(times)
     if case.bytes:
         floor = case.bytes / (machine.copy_gbps * 1e9)
     else:
         floor = case.flops / (machine.mma_tflops * 1e12)
+    breakdown = []
+    for kernel, times in per_kernel.items():
+        limits = sorted((t, limit) for limit, t in times.items() if t > 0)[::-1]
+        breakdown.append(f"{kernel} " + " > ".join(f"{limit} {1e3 * t:.2f}" for t, limit in limits) + " ms")
     return Prediction(
         case.label,
         machine.name,
         100 * floor / total if total else 0.0,
         moved / case.bytes if case.bytes else None,
-        " ".join(dict.fromkeys(bounds)),
+        "; ".join(breakdown),
         case.target,
     )
 
@@ -575,7 +579,7 @@ _KERNEL_COLUMNS = (
 )  # fmt: skip
 _PREDICTION_COLUMNS = (
     ("case", 56), ("floor", 12), ("moved/floor", -11), *((m.name, -6) for m in MACHINES), ("target", -6),
-    (f"bound on {TARGET_MACHINE} (per kernel)", 0),
+    (f"per kernel on the {TARGET_MACHINE}: ms under each limit, the bound first", 0),
 )  # fmt: skip
 
 

@@ -111,12 +111,15 @@ def test_prediction_counts_every_loop_iteration_and_takes_the_binding_limit():
     assert cost.bytes == lanes * (8 + 10 * (16 + 2 + 16))
     assert cost.flops == {"bf16": 1000 * 4 * 200 * 2 * 64 * 128 * 16 / 4}
     h100 = next(m for m in cc.MACHINES if m.name == "H100")
-    seconds, bound = cost.seconds(h100, "wgmma", memory=True)
-    assert bound == "mma" and seconds == pytest.approx(cost.flops["bf16"] / 790e12)
+    times = cost.times(h100, "wgmma", memory=True)
+    seconds = times["mma"]
+    assert max(times, key=times.get) == "mma" and seconds == pytest.approx(cost.flops["bf16"] / 790e12)
+    assert times["memory"] == pytest.approx(cost.bytes / 3e12) and cost.times(h100, "wgmma", False)["memory"] == 0
 
     case = LaunchCase("c", lambda: None, bytes=int(cost.bytes), target=90, trips={"k": lambda a: (a["n"], 20)})
     pred = cc.predict(case, [launch], {launch.key: compiled}, h100, [])
     assert pred.moved_over_floor == pytest.approx(1.0) and pred.pct == pytest.approx(100 * cost.bytes / 3e12 / seconds)
+    assert pred.bounds.startswith("k mma ") and " > memory " in pred.bounds
     with pytest.raises(ValueError, match="no trip counts"):
         cc.predict(LaunchCase("c", lambda: None, bytes=1), [launch], {launch.key: compiled}, h100, [])
 
