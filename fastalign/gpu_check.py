@@ -2,7 +2,9 @@
 
 On the GPU machine, from the repository root, with no network (fastalign need not be installed there):
 
-    python3 -m fastalign.cli gpu-check [--budget 300]
+    FASTALIGN_COMMIT=<commit> python3 -m fastalign.cli gpu-check [--budget 300]
+
+(FASTALIGN_COMMIT names the commit where the copied tree has no .git.)
 
 In order, and no new step or case starts once the budget (seconds, from the start) is spent:
 0. Peers. If `.gpu-wheels/` exists (`benches/gpu_wheels.sh` fills it on a machine with network; carry it along), its

@@ -19,6 +19,7 @@ import datetime
 import gc
 import importlib
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -191,6 +192,10 @@ def _fmt_bytes(n: int) -> str:
 
 
 def _git_commit() -> str:
+    """The checkout's commit (with "-dirty" if it has changes), or FASTALIGN_COMMIT where there is no .git (a copied
+    working tree, as on the GPU machine)."""
+    if os.environ.get("FASTALIGN_COMMIT"):
+        return os.environ["FASTALIGN_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
