@@ -385,11 +385,11 @@ def _add_speedups(records: list[dict]) -> None:
         r["speedup_vs_eager"] = round(base / r["ms"], 2) if base and ok else None
 
 
-COLUMNS = (
-    "time: ms per call, lower is better | throughput: GB/s of the bytes the op must move, or TFLOP/s, higher is "
-    "better | % ceiling: of the ceiling measured for the case (listed below), higher is better | peak MB: extra "
-    "memory while it runs, lower is better | speedup: eager's time / this time, higher is better"
-)
+COLUMNS = """\
+columns: time ms per call (lower is better) | throughput: GB/s of the bytes the op must move, or TFLOP/s (higher is
+better) | % ceiling: of the ceiling measured for the case in this run, listed below (higher is better) | peak MB:
+extra memory while it runs (lower is better) | speedup: eager's time / this time (higher is better; shown only where
+fastalign's correctness check passed)"""
 
 
 def print_table(records: list[dict], ceilings: Ceilings | None = None) -> None:
