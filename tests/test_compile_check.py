@@ -97,6 +97,7 @@ def _compiled(sass_text: str, arch=90, regs=64, shared=0, warps=4) -> cc.Compile
 def test_occupancy_from_registers_shared_memory_and_warps():
     assert cc.ctas_per_sm(_compiled(SASS, regs=32, warps=4)) == 16  # 64 warps per SM
     assert cc.ctas_per_sm(_compiled(SASS, regs=128, warps=8)) == 2  # 128 * 32 * 8 = 32768 registers each
+    assert cc.ctas_per_sm(_compiled(SASS, regs=33, warps=8)) == 6  # allocated as 40 per thread
     assert cc.ctas_per_sm(_compiled(SASS, regs=64, shared=100 * 1024, warps=4)) == 2  # 228 KiB / 101 KiB
     assert cc.ctas_per_sm(_compiled(SASS, arch=80, regs=64, shared=100 * 1024, warps=4)) == 1
 
