@@ -28,6 +28,35 @@ TORCH_CHUNK_BYTES = 32 * 2**20
 _forced: Backend | None = None
 
 
+def _patch_interpreter_index() -> None:
+    """Triton's interpreter before 3.7 converts a scalar to a Python int with int() of its shape-(1,) numpy array,
+    which numpy >= 2.4 rejects ("only 0-dimensional arrays can be converted"), so every `range(0, V, BLOCK)` over a
+    runtime bound fails. Newer interpreters squeeze the array first; this does the same under numpy >= 2.4 (for them it
+    is the same conversion). It only touches the interpreter: compiled kernels are unchanged."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    try:
+        int(np.ones(1, dtype=np.int32))
+        return  # numpy < 2.4: the interpreter's own conversion works
+    except TypeError:
+        pass
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "squeezes_index", False):
+        return
+
+    def patch_tensor_squeezing_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch_tensor_squeezing_index.squeezes_index = True
+    interpreter._patch_lang_tensor = patch_tensor_squeezing_index
+
+
+if INTERPRET:
+    _patch_interpreter_index()
+
+
 @contextmanager
 def forced_backend(backend: Backend) -> Iterator[None]:
     """Run every op in this block on `backend` whatever the device: tests and benchmarks use it

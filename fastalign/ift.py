@@ -89,11 +89,13 @@ def ift_loss(token_logps: torch.Tensor, mask: torch.Tensor, *, gamma: float = 0.
             reverse cumulative sum.
 
     Returns:
-        Scalar float32 loss. A sequence with no token in the mask contributes 0, and no gradient.
+        Scalar float32 loss. A sequence with no token in the mask (T = 0 included) contributes 0, and no
+        gradient. An empty batch (B = 0) raises ValueError, as `dpo_loss` does.
     """
     check_float("token_logps", token_logps)
-    if token_logps.dim() != 2:
-        raise ValueError(f"token_logps must have shape [B, T]; got {tuple(token_logps.shape)}")
+    if token_logps.dim() != 2 or token_logps.shape[0] == 0:
+        # The mean over no sequences would be NaN; dpo_loss raises on an empty batch too.
+        raise ValueError(f"token_logps must have shape [B, T] with B >= 1; got {tuple(token_logps.shape)}")
     if not isinstance(mask, torch.Tensor) or mask.dtype.is_floating_point or mask.dtype.is_complex:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise TypeError(f"mask must be a bool (or integer 0/1) tensor; got {got}")
@@ -126,8 +128,8 @@ def ift_loss_from_logits(
     The per-token log-probs come from the fused kernel and the loss's gradient flows back through its
     backward, so no float32 [tokens, vocab] temporary exists. inplace_backward: see `token_logprobs`.
     """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must have shape [B, T, V]; got {tuple(logits.shape)}")
+    if logits.dim() != 3 or logits.shape[0] == 0:
+        raise ValueError(f"logits must have shape [B, T, V] with B >= 1; got {tuple(logits.shape)}")
     gamma = check_gamma(gamma)
     token_logps = token_logprobs(logits, labels, ignore_index=ignore_index, inplace_backward=inplace_backward)
     return ift_loss(token_logps, labels != ignore_index, gamma=gamma)
@@ -158,7 +160,7 @@ class _IFTInputsEmbeds(torch.autograd.Function):
         # d weight: each output row scatters (1 - lam) * g to its token's row and lam * g to the shifted
         # prediction's row (1 * g to the token on prompt and padding).
         response = (labels != ctx.ignore_index).reshape(-1, 1)
-        g = dout.reshape(-1, dout.shape[-1]).float()
+        g = dout.reshape(input_ids.numel(), dout.shape[-1]).float()  # not (-1, D): D may be 0
         dweight = torch.zeros(ctx.vocab, g.shape[1], device=g.device, dtype=torch.float32)
         dweight.index_add_(0, input_ids.reshape(-1), torch.where(response, (1 - ctx.lam) * g, g))
         mixed = _shifted_predictions(input_ids, predicted_ids).reshape(-1)

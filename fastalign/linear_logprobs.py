@@ -183,6 +183,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         x = as_btv(hidden)
         flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
         weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+        # The kernels read the bias at unit stride: a strided one (big[::2]) is copied, V elements, once per call.
+        bias = None if bias is None else bias.contiguous()
         rows = _scored_rows(flat_labels, weight.shape[0], head.ignore_index, return_entropy or return_argmax)
         use_kernels = backend_for(hidden) != "torch"
         with torch.autocast(hidden.device.type, enabled=False):

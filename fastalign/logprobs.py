@@ -39,13 +39,15 @@ def _log_softmax_fp32(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(chunk.float() / temperature, -1)  # .float() may alias the logits
 
 
-def _torch_fwd(x, labels, ignore_index, temperature, return_entropy, return_argmax):
+def _torch_fwd(x, labels, ignore_index, temperature, return_entropy, return_argmax, return_sum_sq, return_mean):
     N = labels.numel()
     V = x.shape[-1]
     logp = torch.empty(N, device=x.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if return_entropy else None
     argmax = torch.empty(N, device=x.device, dtype=torch.int64) if return_argmax else None
+    log_sum_sq = torch.empty_like(logp) if return_sum_sq else None
+    mean = torch.empty_like(logp) if return_mean else None
     for r0, chunk in row_chunks(x, 3 * 4 * V):
         r1 = r0 + chunk.shape[0]
         lab = labels[r0:r1]
@@ -54,13 +56,20 @@ def _torch_fwd(x, labels, ignore_index, temperature, return_entropy, return_argm
         logp[r0:r1] = torch.where(lab == ignore_index, 0.0, ls_label)
         # lse = z - log_softmax(z) at the max, where log_softmax is in [-log V, 0]: well conditioned.
         z_max, i_max = chunk.max(-1)
+        nan_rows = z_max.isnan()
+        if nan_rows.any():  # torch.max takes NaN for the maximum; the kernels' max skips NaN, as compiled Triton's
+            i_max[nan_rows] = chunk[nan_rows].masked_fill(chunk[nan_rows].isnan(), float("-inf")).argmax(-1)
         lse[r0:r1] = z_max.float() / temperature - ls.gather(-1, i_max.unsqueeze(-1)).squeeze(-1)
         if return_entropy:
             # Clamping -inf log-probs makes their p * log p an exact 0 instead of 0 * -inf = NaN.
             entropy[r0:r1] = -(ls.exp() * ls.clamp(min=torch.finfo(torch.float32).min)).sum(-1)
         if return_argmax:
             argmax[r0:r1] = i_max
-    return logp, lse, entropy, argmax
+        if return_sum_sq:
+            log_sum_sq[r0:r1] = torch.logsumexp(2 * ls, -1)
+        if return_mean:
+            mean[r0:r1] = chunk.mean(-1, dtype=torch.float32) / temperature
+    return logp, lse, entropy, argmax, log_sum_sq, mean
 
 
 def _torch_bwd(x, dx, labels, lse, dlogp, entropy, dentropy, ignore_index, temperature):
@@ -90,25 +99,25 @@ def _torch_bwd(x, dx, labels, lse, dlogp, entropy, dentropy, ignore_index, tempe
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, temperature, return_entropy, return_argmax, inplace_backward):
+    def forward(ctx, logits, labels, ignore_index, temperature, extras, inplace_backward):
         x = as_btv(logits)
         flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
         use_kernels = backend_for(logits) != "torch"
         fwd = token_logprobs_fwd if use_kernels else _torch_fwd
-        logp, lse, entropy, argmax = fwd(x, flat_labels, ignore_index, temperature, return_entropy, return_argmax)
+        logp, lse, entropy, argmax, log_sum_sq, mean = fwd(x, flat_labels, ignore_index, temperature, *extras)
 
         ctx.save_for_backward(logits, flat_labels, lse, entropy)
         ctx.ignore_index, ctx.temperature = ignore_index, temperature
         ctx.inplace_backward, ctx.use_kernels = inplace_backward, use_kernels
-        if argmax is not None:
-            ctx.mark_non_differentiable(argmax)
-            argmax = argmax.view(labels.shape)
         ctx.set_materialize_grads(False)
-        shape = labels.shape
-        return logp.view(shape), None if entropy is None else entropy.view(shape), argmax
+        logp, entropy, argmax, log_sum_sq, mean = (
+            None if t is None else t.view(labels.shape) for t in (logp, entropy, argmax, log_sum_sq, mean)
+        )
+        ctx.mark_non_differentiable(*(t for t in (argmax, log_sum_sq, mean) if t is not None))
+        return logp, entropy, argmax, log_sum_sq, mean
 
     @staticmethod
-    def backward(ctx, dlogp, dentropy, _dargmax):
+    def backward(ctx, dlogp, dentropy, *_non_differentiable):
         logits, labels, lse, entropy = ctx.saved_tensors
         x = as_btv(logits)
         # In place: the gradient overwrites the logits buffer, saving a [tokens, vocab] allocation.
@@ -121,7 +130,7 @@ class _TokenLogprobs(torch.autograd.Function):
         bwd = token_logprobs_bwd if ctx.use_kernels else _torch_bwd
         bwd(x, dx, labels, lse, dlogp, entropy, dentropy, ctx.ignore_index, ctx.temperature)
         dlogits = logits if inplace else dx.view(logits.shape)
-        return dlogits, None, None, None, None, None, None
+        return dlogits, None, None, None, None, None
 
 
 def token_stats(
@@ -132,6 +141,8 @@ def token_stats(
     temperature: float = 1.0,
     entropy: bool = True,
     argmax: bool = True,
+    log_sum_sq_probs: bool = False,
+    mean_logits: bool = False,
     inplace_backward: bool = False,
     strict: bool = False,
 ) -> TokenStats:
@@ -145,13 +156,18 @@ def token_stats(
         entropy: return the entropy of softmax(logits / temperature) at every position; it is
             differentiable (default True).
         argmax: return the greedy token at every position (default True).
+        log_sum_sq_probs: return log(sum_v p_v^2) of softmax(logits / temperature) at every position, float32,
+            not differentiable (WPO's weights and TRL's fused head use it; default False).
+        mean_logits: return the mean over the vocabulary of logits / temperature at every position, float32,
+            not differentiable (TRL's `logits/*` metrics; default False).
         inplace_backward: write d logits over the logits buffer in backward (default False). Only
             safe when nothing else needs the logits after this op's backward.
         strict: on CUDA, raise on a label outside [0, V) instead of returning NaN for it; this
             syncs with the device. On the CPU such a label always raises.
 
     Returns:
-        TokenStats(logprobs, entropy, argmax), each shaped like `labels`.
+        TokenStats(logprobs, entropy, argmax, log_sum_sq_probs, mean_logits), each shaped like `labels`; a field
+        not asked for is None.
     """
     check_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
@@ -162,10 +178,8 @@ def token_stats(
         raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
     if strict or logits.device.type == "cpu":
         check_label_range("labels", labels, logits.shape[-1], ignore_index)
-    logp, ent, amax = _TokenLogprobs.apply(
-        logits, labels, ignore_index, float(temperature), entropy, argmax, inplace_backward
-    )
-    return TokenStats(logp, ent, amax)
+    extras = (entropy, argmax, log_sum_sq_probs, mean_logits)
+    return TokenStats(*_TokenLogprobs.apply(logits, labels, ignore_index, float(temperature), extras, inplace_backward))
 
 
 def token_logprobs(

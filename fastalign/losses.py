@@ -7,7 +7,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastalign.dpo import check_dpo_options, check_kto_options, dpo_loss_from_logits, kto_loss_from_logits
+from fastalign.dpo import (
+    DISCOPOP_TAU,
+    check_dpo_options,
+    check_kto_options,
+    dpo_loss_from_logits,
+    kto_loss_from_logits,
+)
 from fastalign.ift import check_gamma, ift_loss_from_logits
 from fastalign.linear_logprobs import dpo_loss_from_hidden, ift_loss_from_hidden
 
@@ -16,7 +22,9 @@ class DPOLoss(nn.Module):
     """A DPO-family loss from policy logits [2B, T, V] (chosen rows first) and labels [2B, T] in one fused pass.
 
     Called as `(logits, labels, ref_chosen_logps, ref_rejected_logps)` or `(logits, labels, ref_logits=...)`;
-    returns (loss, metrics). See `fastalign.dpo.dpo_loss_from_logits` and `fastalign.dpo_loss`.
+    returns (loss, metrics), or (loss, metrics, per_example) with return_per_example=True. The options are
+    `fastalign.dpo_loss`'s, plus ld_alpha (LD-DPO) and use_weighting (WPO): see
+    `fastalign.dpo.dpo_loss_from_token_logps`.
     """
 
     def __init__(
@@ -27,9 +35,25 @@ class DPOLoss(nn.Module):
         label_smoothing: float = 0.0,
         ignore_index: int = -100,
         inplace_backward: bool = False,
+        *,
+        average_log_prob: bool = False,
+        ld_alpha: float | None = None,
+        use_weighting: bool = False,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        discopop_tau: float = DISCOPOP_TAU,
+        return_per_example: bool = False,
     ):
         super().__init__()
-        check_dpo_options(beta, loss_type, loss_weights, label_smoothing)
+        options = dict(
+            average_log_prob=average_log_prob,
+            ld_alpha=ld_alpha,
+            use_weighting=use_weighting,
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
+            discopop_tau=discopop_tau,
+        )
+        check_dpo_options(beta, loss_type, loss_weights, label_smoothing, **options)
         self.kwargs = dict(
             beta=beta,
             loss_type=loss_type,
@@ -37,6 +61,8 @@ class DPOLoss(nn.Module):
             label_smoothing=label_smoothing,
             ignore_index=ignore_index,
             inplace_backward=inplace_backward,
+            return_per_example=return_per_example,
+            **options,
         )
 
     def forward(self, logits, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, ref_logits=None):
@@ -49,7 +75,8 @@ class KTOLoss(nn.Module):
     """TRL's KTO loss from policy logits [B, T, V], labels [B, T] and the desirable flags [B] in one fused pass.
 
     Called as `(logits, labels, desirable, ref_logps, kl)` or with `ref_logits=...` instead of ref_logps;
-    returns (loss, metrics). See `fastalign.kto_loss`.
+    returns (loss, metrics), or (loss, metrics, per_example) with return_per_example=True. See
+    `fastalign.kto_loss` for the options.
     """
 
     def __init__(
@@ -60,9 +87,15 @@ class KTOLoss(nn.Module):
         loss_type: str = "kto",
         ignore_index: int = -100,
         inplace_backward: bool = False,
+        *,
+        average_log_prob: bool = False,
+        clamp_kl: bool = True,
+        return_per_example: bool = False,
     ):
         super().__init__()
-        check_kto_options(beta, desirable_weight, undesirable_weight, loss_type)
+        check_kto_options(
+            beta, desirable_weight, undesirable_weight, loss_type, average_log_prob=average_log_prob, clamp_kl=clamp_kl
+        )
         self.kwargs = dict(
             beta=beta,
             desirable_weight=desirable_weight,
@@ -70,6 +103,9 @@ class KTOLoss(nn.Module):
             loss_type=loss_type,
             ignore_index=ignore_index,
             inplace_backward=inplace_backward,
+            average_log_prob=average_log_prob,
+            clamp_kl=clamp_kl,
+            return_per_example=return_per_example,
         )
 
     def forward(self, logits, labels, desirable, ref_logps=None, kl=None, *, ref_logits=None):

@@ -52,15 +52,17 @@ def _grouped_tile(pid, n_m, n_v, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _row_tile(p_rows, p_labels, i_m, M, T, stride_hb, stride_ht, BLOCK_M: tl.constexpr):
-    """(row ids in [0, M), their mask, their labels, the offsets of their hidden rows) of row tile i_m.
+def _row_tile(p_rows, p_labels, i_m, M, T, stride_hb, stride_ht, BLOCK_M: tl.constexpr, ALIGN: tl.constexpr):
+    """(row ids in [0, M), their mask, their labels, the int64 offsets of their hidden rows) of row tile i_m.
 
-    Rows past M point at the first row (every load stays in bounds) and get label -1, which matches nothing."""
+    Rows past M point at the first row (every load stays in bounds) and get label -1, which matches nothing.
+    The strides come in units of ALIGN elements and are scaled after the int64 row index multiplies them, so
+    no int32 product can overflow."""
     o_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < M
     rows = tl.load(p_rows + o_m, mask=m_m, other=0)
     labels = tl.load(p_labels + rows, mask=m_m, other=-1)
-    return o_m, m_m, labels, (rows // T) * stride_hb + (rows % T) * stride_ht
+    return o_m, m_m, labels, ((rows // T) * stride_hb + (rows % T) * stride_ht) * ALIGN
 
 
 @triton.jit
@@ -68,8 +70,7 @@ def _logits_tile(
     p_h,
     h_off,  # [BLOCK_M] int64 offsets of the rows in p_h, all inside p_h
     p_w,
-    w_rows,  # [BLOCK_V] rows of p_w, all inside p_w
-    stride_wv,
+    w_off,  # [BLOCK_V] int64 offsets of the weight rows in p_w, all inside p_w
     H,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -84,7 +85,7 @@ def _logits_tile(
     """
     o_k = tl.arange(0, BLOCK_K)
     p_hk = p_h + h_off[:, None] + o_k[None, :]  # [BLOCK_M, BLOCK_K]
-    p_wk = p_w + w_rows[None, :].to(tl.int64) * stride_wv + o_k[:, None]  # [BLOCK_K, BLOCK_V]
+    p_wk = p_w + w_off[None, :] + o_k[:, None]  # [BLOCK_K, BLOCK_V]
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         if EVEN_K:
@@ -121,7 +122,7 @@ def _logit_chain(
 def _linear_logprobs_fwd_kernel(
     p_h,  # [B, T, H] hidden, unit stride over H
     p_w,  # [V, H] weight, unit stride over H
-    p_bias,  # [V] any float dtype, if HAS_BIAS
+    p_bias,  # [V] any float dtype, unit stride, if HAS_BIAS
     p_rows,  # [M] int64: the rows of the N = B * T that this call scores
     p_labels,  # [N] int64
     p_stats,  # [3, S, M] fp32 out: per vocabulary split, max z, sum exp(z - max), sum exp(z - max) * z
@@ -154,7 +155,7 @@ def _linear_logprobs_fwd_kernel(
     n_m = tl.cdiv(M, BLOCK_M)
     n_s = tl.cdiv(tl.cdiv(V, BLOCK_V), tiles_per_split)
     i_m, i_s = _grouped_tile(tl.program_id(0), n_m, n_s, GROUP_M)
-    o_m, m_m, labels, h_off = _row_tile(p_rows, p_labels, i_m, M, T, stride_hb * ALIGN, stride_ht * ALIGN, BLOCK_M)
+    o_m, m_m, labels, h_off = _row_tile(p_rows, p_labels, i_m, M, T, stride_hb, stride_ht, BLOCK_M, ALIGN)
 
     v_begin = i_s * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
@@ -166,10 +167,8 @@ def _linear_logprobs_fwd_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
-        w_rows = tl.where(m_v, o_v, 0)
-        acc = _logits_tile(
-            p_h, h_off, p_w, w_rows, stride_wv * ALIGN, H, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION
-        )
+        w_off = tl.where(m_v, o_v, 0).to(tl.int64) * stride_wv * ALIGN
+        acc = _logits_tile(p_h, h_off, p_w, w_off, H, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION)
         z = _logit_chain(acc, p_bias, o_v, m_v, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
         # Columns past V get a finite -1e30: exp() makes them 0, and 0 * z stays 0 in the entropy sum. A 1-D
         # penalty costs far fewer registers than a 2-D mask.
@@ -257,7 +256,7 @@ def _linear_logprobs_combine_kernel(
 def _linear_logprobs_bwd_kernel(
     p_h,  # [B, T, H] hidden, unit stride over H
     p_w,  # [V, H] weight, unit stride over H
-    p_bias,  # [V], if HAS_BIAS
+    p_bias,  # [V] unit stride, if HAS_BIAS
     p_rows,  # [M] int64
     p_labels,  # [N] int64
     p_lse,  # [M] fp32
@@ -292,14 +291,13 @@ def _linear_logprobs_bwd_kernel(
     n_m = tl.cdiv(M, BLOCK_M)
     n_v = tl.cdiv(v_stop - v_start, BLOCK_V)
     i_m, i_v = _grouped_tile(tl.program_id(0), n_m, n_v, GROUP_M)
-    o_m, m_m, labels, h_off = _row_tile(p_rows, p_labels, i_m, M, T, stride_hb * ALIGN, stride_ht * ALIGN, BLOCK_M)
+    o_m, m_m, labels, h_off = _row_tile(p_rows, p_labels, i_m, M, T, stride_hb, stride_ht, BLOCK_M, ALIGN)
     o_c = i_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column in this chunk
     o_v = v_start + o_c
     m_v = o_v < v_stop
 
-    acc = _logits_tile(
-        p_h, h_off, p_w, tl.where(m_v, o_v, 0), stride_wv * ALIGN, H, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION
-    )
+    w_off = tl.where(m_v, o_v, 0).to(tl.int64) * stride_wv * ALIGN
+    acc = _logits_tile(p_h, h_off, p_w, w_off, H, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION)
     z = _logit_chain(acc, p_bias, o_v, m_v, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
     # Rows past M get lse = 1e30 and columns past the chunk a -1e30 penalty, so p = exp(log p) is exactly 0 there:
     # no 2-D masks until the store.
@@ -417,6 +415,17 @@ def _gemm_args(hidden: torch.Tensor, weight: torch.Tensor, tiles: Tiles, align: 
     }
 
 
+def _check_layout(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, **unit_stride) -> None:
+    """The launchers' layout contract. The kernels take one stride per hidden and weight row and assume unit
+    strides everywhere else, so a tensor that breaks it would be read at the wrong elements: refuse it."""
+    if hidden.dim() != 3 or hidden.stride(2) != 1 or weight.dim() != 2 or weight.stride(1) != 1:
+        raise ValueError("hidden [B, T, H] and weight [V, H] must have unit stride over H")
+    vectors = {"bias": bias, **unit_stride}
+    for name, t in vectors.items():
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous; got strides {t.stride()}")
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -433,12 +442,14 @@ def linear_logprobs_fwd(
     return_entropy: bool,
     return_argmax: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """hidden: [B, T, H], unit stride over H; weight: [V, H], unit stride over H, hidden's dtype; bias: [V] or None;
-    rows: [M] int64 indices into the N = B * T rows; labels: [N] int64 contiguous, each in [0, V) or ignore_index.
+    """hidden: [B, T, H], unit stride over H; weight: [V, H], unit stride over H, hidden's dtype; bias: [V]
+    contiguous, or None; rows: [M] int64 contiguous indices into the N = B * T rows; labels: [N] int64 contiguous,
+    each in [0, V) or ignore_index.
 
     Returns (logp [N] fp32, 0.0 outside `rows`; lse [M] fp32; entropy [N] fp32 or None; argmax [N] int64 or None).
     Entropy and argmax are written at `rows` only: ask for them with every row in `rows`.
     """
+    _check_layout(hidden, weight, bias, rows=rows, labels=labels)
     B, T, H = hidden.shape
     V = weight.shape[0]
     M = rows.numel()
@@ -531,6 +542,10 @@ def linear_logprobs_bwd(
     into da ([M, chunk], unit stride over the chunk, any float dtype). Inputs as for `linear_logprobs_fwd`; lse,
     dlogp, entropy, dentropy: [M] fp32 contiguous; the entropy term is added when dentropy is given.
     """
+    vectors = {"rows": rows, "labels": labels, "lse": lse, "dlogp": dlogp, "entropy": entropy, "dentropy": dentropy}
+    _check_layout(hidden, weight, bias, **vectors)
+    if da.stride(1) != 1:
+        raise ValueError(f"da must have unit stride over its columns; got strides {da.stride()}")
     B, T, H = hidden.shape
     M, chunk = da.shape
     if M == 0 or chunk == 0:

@@ -157,7 +157,9 @@ def _ondare_block(
             _st(p_c, o, tl.where(merge, 0.0, c + d), m, MASKED)
         d = d + c
     if DROP:
-        kept = tl.where(_dare_keep(seed, global_offset + o, t, param_index, keep31), d * inv_p, 0.0)
+        # A NaN Δ (from a NaN or ±inf gradient) is always kept, so θ turns NaN as AdamW's would.
+        keep = _dare_keep(seed, global_offset + o, t, param_index, keep31) | (d != d)
+        kept = tl.where(keep, d * inv_p, 0.0)
     else:
         kept = d
     s_abs = tl.zeros((), tl.float32)
@@ -167,7 +169,7 @@ def _ondare_block(
         s_kept = tl.sum(tl.abs(kept), 0)
     else:
         if RESCALE:
-            kept = tl.minimum(tl.maximum(kept * factor, -bound), bound)
+            kept = tl.clamp(kept * factor, -bound, bound, propagate_nan=tl.PropagateNan.ALL)
         upd = (1.0 - alpha) * kept
         if HAS_TAU:
             upd += alpha * _ld(p_tau, o, m, MASKED)
@@ -338,16 +340,19 @@ def _ties_apply_block(
     m = o < end
     d = _ld(p_delta, o, m, MASKED)
     key = (d.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
-    # Top k: keys above the threshold, and the first `budget` copies of it in index order.
+    # Top k: keys above the threshold, and the first `budget` copies of it in index order. A NaN Δ
+    # (a NaN or ±inf gradient) ranks above every magnitude and survives the election: θ turns NaN
+    # there, as AdamW's would, instead of silently freezing.
+    nan = d != d
     tie = m & (key == threshold)
     rank = tl.cumsum(tie.to(tl.int32), 0) - 1  # among this block's copies; `taken` came before
-    d = tl.where((key > threshold) | (tie & (rank < budget - taken)), d, 0.0)
+    d = tl.where((key > threshold) | (tie & (rank < budget - taken)) | nan, d, 0.0)
     if HAS_TAU:
         # Elect the sign of τ + Δ (≥ 0 counts as +) and zero what disagrees with it.
         tau = _ld(p_tau, o, m, MASKED)
         positive = tau + d >= 0
         tau = tl.where(tl.where(positive, tau > 0, tau < 0), tau, 0.0)
-        d = tl.where(tl.where(positive, d > 0, d < 0), d, 0.0)
+        d = tl.where(tl.where(positive, d > 0, d < 0) | nan, d, 0.0)
         upd = alpha * tau + (1.0 - alpha) * d
     else:
         upd = (1.0 - alpha) * d

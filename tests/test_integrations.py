@@ -370,10 +370,10 @@ def test_dpo_options_equal_trl(config, tok, rows, tmp_path):
         assert rel_err(ours.compute_loss(ours.model, batch), stock.compute_loss(stock.model, batch)) < LOSS_RTOL
 
 
-def test_dpo_unsupported_options_raise(tok, rows, tmp_path):
+def test_dpo_bad_options_raise(tok, rows, tmp_path):
     model = tiny_llama(tok, hidden_size=HIDDEN)
-    with pytest.raises(ValueError, match="ld_alpha"):
-        dpo_trainer(DPOTrainer, tok, rows, tmp_path, model, copy.deepcopy(model), ld_alpha=0.5)
+    with pytest.raises(ValueError, match=r"ld_alpha must be None or a number in \[0, 1\]"):
+        dpo_trainer(DPOTrainer, tok, rows, tmp_path, model, copy.deepcopy(model), ld_alpha=1.5)
 
 
 def test_dpo_online_merge_applies_tau(tok, rows, tmp_path):

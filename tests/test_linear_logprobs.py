@@ -183,6 +183,39 @@ def test_non_contiguous_inputs(layout, backend, device):
     check_against_reference(hidden, weight, None, labels)
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("layout", ["bias-every-other", "padded-rows"])
+def test_strided_views_read_and_get_the_right_elements(layout, dtype, backend, device):
+    """Issue 16.1: views of larger tensors (a bias big[::2]; hidden and weight rows padded past H) must be read at
+    their own strides, and their gradients land on those elements of the base tensor, and nowhere else."""
+    H, V = 40, 333
+    pad = 0 if layout == "bias-every-other" else 3
+    bases = [
+        torch.randn(3, 7, H + pad, device=device),
+        torch.randn(V, H + 5 * (pad > 0), device=device) * 2 / H**0.5,
+        torch.randn(2 * V, device=device),
+    ]
+    bases = [b.to(dtype).requires_grad_(True) for b in bases]
+    views = (bases[0][..., :H], bases[1][:, :H], bases[2][::2])
+    assert not views[2].is_contiguous() and (pad == 0 or not views[1].is_contiguous())
+    labels = torch.randint(0, V, (3, 7), device=device)
+    labels[0, :2] = IGNORE
+    stats = fastalign.linear_token_stats(*views[:2], labels, views[2], argmax=False)
+    g, ge = torch.randn(labels.shape, device=device), torch.randn(labels.shape, device=device)
+    (stats.logprobs * g + stats.entropy * ge).sum().backward()
+
+    leaves64 = [v.detach().double().requires_grad_(True) for v in views]
+    logp64 = ref.linear_token_logprobs(leaves64[0], leaves64[1], labels, leaves64[2], IGNORE)
+    ent64 = ref.linear_token_entropy(*leaves64)
+    (logp64 * g + ent64 * ge).sum().backward()
+    assert rel_err(stats.logprobs, logp64) < 1e-5 and rel_err(stats.entropy, ent64) < 1e-5
+    grads = (bases[0].grad[..., :H], bases[1].grad[:, :H], bases[2].grad[::2])
+    for grad, leaf64, name in zip(grads, leaves64, ("hidden", "weight", "bias")):
+        assert rel_err(grad, leaf64.grad) < GRAD_RTOL[dtype], name
+    assert (bases[0].grad[..., H:] == 0).all() and (bases[1].grad[:, H:] == 0).all()
+    assert (bases[2].grad[1::2] == 0).all()
+
+
 def test_every_position_masked(backend, device):
     hidden, weight, bias, labels = make_inputs((3, 4), 24, 129, torch.bfloat16, device)
     labels[1] = IGNORE  # one fully masked sequence

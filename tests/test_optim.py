@@ -420,6 +420,39 @@ def test_grad_scale_found_inf_and_skip_nonfinite(method, backend, device):
                 assert torch.equal(value, before[i][key]), key  # the step counter included
 
 
+@pytest.mark.parametrize(
+    "method, with_tau, rescale",
+    [("ondare", True, False), ("ondare", False, True), ("onties", True, False), ("onties", False, False)],
+)
+def test_nonfinite_gradient_turns_theta_nan_as_adamw(method, with_tau, rescale, backend, device):
+    """Without skip_nonfinite, a NaN or ±inf gradient is never dropped silently (issue 16): DARE
+    keeps a NaN Δ whatever its draw, TIES ranks it first and lets it through the sign election,
+    so θ turns NaN at that element at once, as torch.optim.AdamW's does."""
+    params = make_params([(1000,), (37, 3)], torch.float32, device)
+    taus = make_taus(params) if with_tau else None
+    opt = OnlineMergeAdamW(
+        params, lr=1e-2, method=method, reserve_p=0.05, alpha=0.3 if with_tau else 0.0, ref_delta=taus,
+        rescale=rescale,
+    )  # fmt: skip
+    adamw_param = torch.nn.Parameter(params[0].detach().clone())
+    adamw = torch.optim.AdamW([adamw_param], lr=1e-2)
+    grads = random_grads(params)
+    poisoned = torch.tensor([5, 17, 400, 999], device=device)
+    grads[0][poisoned] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")], device=device)
+    for p, g in zip(params, grads):
+        p.grad = g
+    adamw_param.grad = grads[0].clone()
+    opt.step()
+    adamw.step()
+    assert torch.equal(params[0].isnan().nonzero().view(-1), poisoned)
+    assert torch.equal(adamw_param.isnan(), params[0].isnan())
+    assert torch.isfinite(params[1]).all()
+    for key in ("exp_avg", "exp_avg_sq"):  # the moments hold the non-finite values too, as AdamW's do
+        moment = opt.state[params[0]][key]
+        assert torch.equal((~torch.isfinite(moment)).nonzero().view(-1), poisoned)
+        assert torch.equal(moment.isnan(), adamw.state[adamw_param][key].isnan())
+
+
 def test_torch_grad_scaler(device):
     if device.type != "cpu":
         pytest.skip("the CPU GradScaler path")
@@ -510,6 +543,7 @@ def test_bad_input(device):
         ({"ref_delta": {"other.weight": torch.zeros(4, 3)}}, ValueError, "no parameter has"),
         ({"ref_delta": [torch.zeros(4, 3), torch.zeros(4, 3)]}, ValueError, "one entry per parameter"),
         ({"ref_delta": {"layer.weight": [1.0]}}, TypeError, "layer.weight must be a floating-point tensor"),
+        ({"ref_delta": {"layer.weight": torch.full((4, 3), float("nan"), device=device)}}, ValueError, "holds NaN"),
     ]:
         with pytest.raises(error, match=match):
             OnlineMergeAdamW(named, **kwargs)

@@ -148,7 +148,8 @@ def _dare_updates(launch: Launch, deltas, merges, ts) -> list[torch.Tensor]:
     kept = []
     for s, d, merge, t in zip(launch.slots, deltas, merges, ts):
         if merge and p < 1.0:
-            d = torch.where(dare_keep(hp["seed"], t, s.index, s.offset, d.numel(), p, d.device), d * inv_p, 0.0)
+            keep = dare_keep(hp["seed"], t, s.index, s.offset, d.numel(), p, d.device) | d.isnan()
+            d = torch.where(keep, d * inv_p, 0.0)
         kept.append(d)
     if hp["rescale"]:
         sums = torch.tensor(
@@ -173,14 +174,15 @@ def _ties_updates(launch: Launch, deltas, merges, ts) -> list[torch.Tensor]:
     alpha = launch.hp["alpha"]
     updates = []
     for s, d, mask in zip(launch.slots, deltas, masks):
+        nan = d.isnan()
         if mask is not None:
-            d = torch.where(mask, d, 0.0)
+            d = torch.where(mask | nan, d, 0.0)
         if s.ref_delta is None:
             updates.append((1 - alpha) * d)
             continue
         tau = s.ref_delta.view(-1).float()
         positive = tau + d >= 0
         tau = torch.where(torch.where(positive, tau > 0, tau < 0), tau, 0.0)
-        d = torch.where(torch.where(positive, d > 0, d < 0), d, 0.0)
+        d = torch.where(torch.where(positive, d > 0, d < 0) | nan, d, 0.0)
         updates.append(alpha * tau + (1 - alpha) * d)
     return updates
