@@ -10,6 +10,7 @@ Ceilings (`Ceilings`), each measured once per run on first use:
   bandwidth, not with DRAM's.
 - FLOP-bound cases: a GEMM. On a GPU cuBLAS bf16 at 8192^3. On a CPU the faster of a GEMM in the case's dtype and
   one in fp32 (an implementation may upcast), at 1024^3.
+On a CPU each is the better of a run on torch's threads and one on a single thread (see `Ceilings._best`).
 """
 
 from __future__ import annotations
@@ -170,14 +171,27 @@ class Ceilings:
             dtypes = ["bf16"] if self.env.cuda else sorted({case.dtype, "fp32"})
             name = f"{'/'.join(dtypes)} GEMM"
             if name not in self.values:
-                self.values[name] = max(gemm_tflops(self.env, _DTYPES[d]) for d in dtypes)
+                self.values[name] = self._best(lambda: max(gemm_tflops(self.env, _DTYPES[d]) for d in dtypes))
         else:
             # The working set rounded up to a power of two, at least 64 KiB; one buffer of half of it is copied.
             size = 1 << 30 if self.env.cuda else 1 << max(16, (max(case.bytes, 1) - 1).bit_length())
             name = f"copy {_fmt_bytes(size)}"
             if name not in self.values:
-                self.values[name] = copy_bandwidth_gbps(self.env, size // 2)
+                self.values[name] = self._best(lambda: copy_bandwidth_gbps(self.env, size // 2))
         return name, self.values[name]
+
+    def _best(self, measure: Callable[[], float]) -> float:
+        """The measurement, on a CPU the better of torch's threads and one thread: a busy machine can stall a
+        multi-threaded copy 100-fold (a descheduled thread holds up each parallel region), never a single thread."""
+        threads = torch.get_num_threads()
+        if self.env.cuda or threads == 1:
+            return measure()
+        try:
+            torch.set_num_threads(1)
+            single = measure()
+        finally:
+            torch.set_num_threads(threads)
+        return max(measure(), single)
 
 
 def _fmt_bytes(n: int) -> str:
