@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--jobs", type=int, help="compile processes (default: one per CPU)")
 
     gpu = sub.add_parser("gpu-check", help="on a GPU machine: compiled tests, target-size benchmarks, results JSON")
-    gpu.add_argument("--budget", type=float, default=300, metavar="SECONDS", help="stop starting work after this")
+    gpu.add_argument("--budget", type=float, default=300, metavar="SECONDS", help="no case starts after this (300)")
     gpu.add_argument("--rehearse", action="store_true", help="the same steps on the CPU (Triton interpreter)")
     gpu.add_argument("--out", metavar="PATH", help="results JSON (default benches/results/<gpu>-<date>.json)")
 
