@@ -24,8 +24,10 @@ trips[0] * ... * trips[d-1] times per warp (d: its loop depth), in every warp of
     memory = bytes its loads and stores move (width x 32 lanes, every execution) / copy bandwidth
     issue  = warp instructions / (SMs x 4 schedulers x 1 instruction per cycle x clock)
     mma    = FLOPs of its HGMMA/HMMA instructions / the tensor-core rate of that instruction kind
-and the launch takes the largest of the three (the bound). In a case with a FLOPs floor (tl.dot kernels) the tile
-loads mostly hit L2, which this model cannot tell, so the memory term is left out there. A case takes the sum over
+and the launch takes the largest of the three (the bound). A kernel that fits one CTA per SM has nothing to overlap
+its instructions outside the MMA loop (a tile's epilogue) with the tensor cores: their issue time adds to the mma
+term. In a case with a FLOPs floor (tl.dot kernels) the tile loads mostly hit L2, which this model cannot tell, so
+the memory term is left out there. A case takes the sum over
 its launches (with `pick_fastest`'s default config), and its predicted % of the ceiling is the floor's time (floor
 bytes / copy bandwidth, or floor FLOPs / bf16 wgmma rate) over that sum. Ceilings (`MACHINES`): the copy bandwidth
 (4.3 TB/s, read + write) and bf16 GEMM rate (790 TFLOP/s) measured on this project's H200 (device docs, KINDS.md);
@@ -200,6 +202,12 @@ class Sass:
             return "mma.sync"
         return "-"
 
+    def mma_loop(self) -> Loop | None:
+        """The innermost loop around the first HGMMA/HMMA instruction, if any."""
+        first = next((i for i, op in enumerate(self.opcodes) if op.startswith(("HGMMA", "HMMA"))), None)
+        around = [lp for lp in self.loops if first is not None and lp.start <= first <= lp.end]
+        return max(around, key=lambda lp: lp.depth, default=None)
+
     def hot_depth(self) -> int:
         """Depth of the innermost loop that loads from global memory (0: the kernel has no such loop)."""
         return max((d for op, d in zip(self.opcodes, self.depth) if _global_load(op)), default=0)
@@ -362,16 +370,21 @@ class Cost:
     warp_instructions: float = 0.0
     bytes: float = 0.0
     flops: dict[str, float] = field(default_factory=dict)  # "bf16" / "tf32" -> FLOPs
+    # With one CTA per SM nothing else on the SM overlaps the instructions outside the MMA loop (a tile's epilogue)
+    # with the tensor cores: those warp instructions add to the MMA time.
+    unhidden_instructions: float = 0.0
     note: str = ""
 
     def times(self, machine: Machine, mma: str, memory: bool) -> dict[str, float]:
         """Seconds under each limit on a machine ("memory", "issue", "mma"); no memory term when `memory` is False.
         The launch takes the largest (its bound)."""
         rate = machine.mma_tflops * 1e12 * (2 / 3 if mma == "mma.sync" and machine.arch >= 90 else 1)
+        issue_rate = machine.sms * ISSUE_PER_CYCLE * machine.clock_ghz * 1e9
+        mma_seconds = sum(f / (rate / 2 if kind == "tf32" else rate) for kind, f in self.flops.items())
         return {
             "memory": self.bytes / (machine.copy_gbps * 1e9) if memory else 0.0,
-            "issue": self.warp_instructions / (machine.sms * ISSUE_PER_CYCLE * machine.clock_ghz * 1e9),
-            "mma": sum(f / (rate / 2 if kind == "tf32" else rate) for kind, f in self.flops.items()),
+            "issue": self.warp_instructions / issue_rate,
+            "mma": mma_seconds + (self.unhidden_instructions / issue_rate if mma_seconds else 0.0),
         }
 
 
@@ -382,15 +395,19 @@ def launch_cost(launch: Launch, compiled: Compiled, trips: tuple[int, ...]) -> C
         depth = max(loop.depth for loop in sass.loops)
         cost.note = f"{_short(launch.kernel)}: SASS loops {depth} deep, trips {trips} (deeper loops counted once)"
     per_program = Cost()
-    for op, depth in zip(sass.opcodes, sass.depth):
+    mma_loop = sass.mma_loop() if ctas_per_sm(compiled) == 1 else None
+    for i, (op, depth) in enumerate(zip(sass.opcodes, sass.depth)):
         times = math.prod(trips[:depth])  # deeper than the trips given: once per enclosing known loop
         per_program.warp_instructions += times * warps
+        if mma_loop is not None and not mma_loop.start <= i <= mma_loop.end:
+            per_program.unhidden_instructions += times * warps
         if _global_load(op) or _global_store(op):
             per_program.bytes += times * warps * 32 * _width(op) / 8
         flops, kind = _mma_flops(op, warps)
         if flops:
             per_program.flops[kind] = per_program.flops.get(kind, 0.0) + times * warps * flops
     cost.warp_instructions = per_program.warp_instructions * launch.programs
+    cost.unhidden_instructions = per_program.unhidden_instructions * launch.programs
     cost.bytes = per_program.bytes * launch.programs
     cost.flops = {k: v * launch.programs for k, v in per_program.flops.items()}
     return cost

@@ -117,6 +117,14 @@ def test_prediction_counts_every_loop_iteration_and_takes_the_binding_limit():
     assert max(times, key=times.get) == "mma" and seconds == pytest.approx(cost.flops["bf16"] / 790e12)
     assert times["memory"] == pytest.approx(cost.bytes / 3e12) and cost.times(h100, "wgmma", False)["memory"] == 0
 
+    # One CTA per SM: the 4 + 10 * 4 warp instructions per program outside the MMA loop add to the MMA time.
+    alone = cc.launch_cost(launch, _compiled(SASS, regs=255, warps=8), (10, 20))
+    assert alone.unhidden_instructions == 1000 * 8 * (4 + 10 * 4)
+    issue_rate = 132 * 4 * 1.98e9
+    assert alone.times(h100, "wgmma", False)["mma"] == pytest.approx(
+        2 * seconds + alone.unhidden_instructions / issue_rate
+    )
+
     case = LaunchCase("c", lambda: None, bytes=int(cost.bytes), target=90, trips={"k": lambda a: (a["n"], 20)})
     pred = cc.predict(case, [launch], {launch.key: compiled}, h100, [])
     assert pred.moved_over_floor == pytest.approx(1.0) and pred.pct == pytest.approx(100 * cost.bytes / 3e12 / seconds)
