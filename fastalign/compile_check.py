@@ -581,8 +581,8 @@ def run(archs=ARCHS, out=sys.stdout, only: str | None = None, jobs: int | None =
         print(f"FAILED: {len(failures)} findings under {len(by_rule)} rules", file=out)
         for rule, whats in by_rule.items():
             print(f"  {rule} ({len(whats)}):", file=out)
-            for what in whats:
-                print(f"    {what}", file=out)
+            for what, n in Counter(whats).items():  # specializations that differ in no printed detail count once
+                print(f"    {what}" + (f" (x{n})" if n > 1 else ""), file=out)
         return 1
     print("all passed", file=out)
     return 0
