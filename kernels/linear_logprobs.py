@@ -593,8 +593,8 @@ def linear_logprobs_bwd(
 # ----------------------------------------------------------------------------- compile check
 
 
-def _launch_case(dtype: torch.dtype, N: int, H: int, V: int, features: bool, passes=("fwd", "bwd")) -> None:
-    """Forward and/or backward launches on meta hidden [1, N, H] (every row scored) and weight [V, H]; features: bias,
+def _launch_case(dtype: torch.dtype, N: int, H: int, V: int, features: bool, backward: bool = True) -> None:
+    """Forward (then backward) launches on meta hidden [1, N, H] (every row scored) and weight [V, H]; features: bias,
     softcap, entropy and argmax. The backward runs over 5376-column chunks, what the default 256 MiB budget gives
     at N=16384, H=4096 in bf16."""
     hidden, weight, bias = meta(1, N, H, dtype=dtype), meta(V, H, dtype=dtype), meta(V, dtype=dtype)
@@ -602,25 +602,18 @@ def _launch_case(dtype: torch.dtype, N: int, H: int, V: int, features: bool, pas
     bias, softcap = (bias, 30.0) if features else (None, None)
     # The forward's vocabulary splits follow the SM count: an H100's 132, not the meta device's 1.
     with unittest.mock.patch(f"{__name__}._sm_count", lambda device: 132):
-        logp, lse, entropy, _ = linear_logprobs_fwd(
-            hidden, weight, bias, rows, labels, -100, 1.0, softcap, 1.0, features, features
-        )
-    if "bwd" in passes:
-        chunk = 5376
-        da = meta(N, chunk, dtype=dtype)
-        for v0 in range(0, V, chunk):
-            ent = entropy if features else None
-            args = (-100, 1.0, softcap, 1.0)
-            linear_logprobs_bwd(
-                hidden, weight, bias, rows, labels, lse, lse, ent, ent, da[:, : min(chunk, V - v0)], v0, *args
-            )
-    elif "fwd" not in passes:
-        raise ValueError(passes)
+        _, lse, entropy, _ = linear_logprobs_fwd(hidden, weight, bias, rows, labels, -100, 1.0, softcap, 1.0,
+                                                 features, features)  # fmt: skip
+    chunk = 5376
+    da = meta(N, chunk, dtype=dtype)
+    for v0 in range(0, V, chunk) if backward else ():
+        args = (lse, lse, entropy, entropy, da[:, : min(chunk, V - v0)], v0, -100, 1.0, softcap, 1.0)
+        linear_logprobs_bwd(hidden, weight, bias, rows, labels, *args)
 
 
 def compile_specs() -> list[LaunchCase]:
-    """The target (bf16 N=16384 H=4096 V=128256), features off then on, fp16 and fp32, an odd vocabulary (32001) and
-    an odd hidden size (4097: rows not 16-byte aligned, a masked last K block)."""
+    """The target (bf16 N=16384 H=4096 V=128256) with features off (predicted) and on, fp16 and fp32, an odd vocabulary
+    (32001) and an odd hidden size (4097: rows not 16-byte aligned, a masked last K block)."""
     N, H, V = 16384, 4096, 128256
     trips = {
         "_linear_logprobs_fwd_kernel": lambda a: (a["tiles_per_split"], triton.cdiv(a["H"], a["BLOCK_K"])),
@@ -629,17 +622,16 @@ def compile_specs() -> list[LaunchCase]:
     }
     cases = [
         LaunchCase(
-            f"{p} bf16 N={N} H={H} V={V}",
-            functools.partial(_launch_case, torch.bfloat16, N, H, V, False, (p,) if p == "fwd" else ("fwd", "bwd")),
-            flops=2 * N * H * V * (1 if p == "fwd" else 2),
+            f"{name} bf16 N={N} H={H} V={V}",
+            functools.partial(_launch_case, torch.bfloat16, N, H, V, False, backward),
+            flops=(2 if backward else 1) * 2 * N * H * V,
             trips=trips,
         )  # fmt: skip
-        for p in ("fwd", "fwd+bwd kernels")
+        for name, backward in (("fwd", False), ("fwd+bwd kernels", True))
     ]
-    shapes = [(torch.bfloat16, N, H, V), (torch.float16, N, H, V), (torch.float32, 4096, H, V)]
+    shapes = [(torch.float16, N, H, V), (torch.float32, 4096, H, V), (torch.bfloat16, 4096, H, 32001)]
     shapes += [(dtype, 4096, 4097, 32001) for dtype in (torch.bfloat16, torch.float16, torch.float32)]
-    shapes += [(torch.bfloat16, 4096, H, 32001)]
-    for (dtype, n, h, v), features in itertools.product(shapes, (False, True)):
+    for (dtype, n, h, v), features in [((torch.bfloat16, N, H, V), True), *itertools.product(shapes, (False, True))]:
         label = f"{TRITON_DTYPE[dtype]} N={n} H={h} V={v} features={features}"
         cases.append(LaunchCase(label, functools.partial(_launch_case, dtype, n, h, v, features)))
     return cases
