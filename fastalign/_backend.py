@@ -101,10 +101,12 @@ def check_labels(name: str, labels: torch.Tensor, shape: torch.Size, device: tor
 def check_label_range(name: str, labels: torch.Tensor, vocab: int, ignore_index: int | None) -> None:
     """Raises on a label outside [0, vocab) that is not ignore_index (None: every id counts). Syncs with the
     device."""
-    bad = (labels < 0) | (labels >= vocab)
-    if ignore_index is not None:
-        bad &= labels != ignore_index
-    if bool(bad.any()):
+    if labels.numel() == 0:
+        return
+    ids = labels if ignore_index is None else labels.masked_fill(labels == ignore_index, 0)
+    low, high = torch.aminmax(ids)  # one pass and one sync; the mask of bad ids only on the way to the error
+    if low < 0 or high >= vocab:
+        bad = (ids < 0) | (ids >= vocab)
         raise label_range_error(name, labels, bad, vocab, ignore_index)
 
 
@@ -150,10 +152,17 @@ def as_btv(x: torch.Tensor) -> torch.Tensor:
     return x.as_strided((B, T, V), (stride_b, stride_t, 1))
 
 
-def row_chunks(x: torch.Tensor, bytes_per_row: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yields (first row, [rows, V] view) over the rows of a [B, T, V] view, each chunk within budget."""
-    B, T, _ = x.shape
-    rows = max(1, TORCH_CHUNK_BYTES // max(1, bytes_per_row))
+def row_chunks(B: int, T: int, rows: int) -> Iterator[tuple[int, int, tuple[slice, slice]]]:
+    """Splits the rows of a [B, T, ...] tensor into chunks of at most `rows` rows, in order: yields (first row, row
+    count, index), with `x[index]` the chunk's [b, t, ...] view. Whole sequences go together when they fit (few
+    Python steps for short ones), else pieces of one."""
+    if B * T == 0:
+        return
+    if T <= rows:
+        step = rows // T
+        for b0 in range(0, B, step):
+            yield b0 * T, min(step, B - b0) * T, (slice(b0, b0 + step), slice(None))
+        return
     for b in range(B):
         for t0 in range(0, T, rows):
-            yield b * T + t0, x[b, t0 : t0 + rows]
+            yield b * T + t0, min(rows, T - t0), (slice(b, b + 1), slice(t0, t0 + rows))

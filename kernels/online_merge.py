@@ -9,8 +9,9 @@ slots, each starting on a TILE boundary, and is cut into tiles `tiles` [n_tiles,
 elements costs one program of a launch, not a launch.
 
 - OnDARE is one pass (`_ondare_step_kernel`): moments, Δ, the random keep, the merge with τ,
-  the update and the weight decay. The keep is Philox keyed on (seed, step, parameter index,
-  global element index), so it is the same however the parameter is sharded or tiled.
+  the update and the weight decay. The keep is a counter-based hash of the global element index
+  under a key of (seed, parameter index, step) (`_dare_keep`), so it is the same however the
+  parameter is sharded or tiled, and fastalign.optim computes the same bits in torch ops.
 - OnTIES writes Δ to a flat fp32 buffer while histogramming the top digit of |Δ|
   (`_ties_delta_kernel`); radix_select.py finishes the exact top-k threshold; then one apply
   pass (`_ties_apply_kernel`) keeps the top k, elects signs against τ and updates.
@@ -42,12 +43,23 @@ SLOT_FIELDS = (
     "cached_delta",  # fp32 Δ accumulated between merges (0 when online_step == 1)
     "flat_offset",  # where the slot starts in the launch's flat index space (a multiple of TILE)
     "global_offset",  # global element index of the shard's first element
-    "param_index",  # the parameter's index in the optimizer, part of the random key
+    "dare_key",  # 32-bit key of the parameter's random keeps: fastalign.optim's dare_key(seed, index)
 )
 N_FIELDS = tl.constexpr(len(SLOT_FIELDS))
-_PARAM, _GRAD, _EXP_AVG, _EXP_AVG_SQ, _REF_DELTA, _CACHED, _FLAT_OFFSET, _GLOBAL_OFFSET, _PARAM_INDEX = (
+_PARAM, _GRAD, _EXP_AVG, _EXP_AVG_SQ, _REF_DELTA, _CACHED, _FLAT_OFFSET, _GLOBAL_OFFSET, _DARE_KEY = (
     tl.constexpr(i) for i in range(len(SLOT_FIELDS))
 )
+
+# The DARE keep hashes with triple32 (C. Wellons, hash-prospector: xorshift-multiply rounds on
+# 32 bits, exhaustively measured avalanche bias 0.0209, the level of a random permutation). Its
+# 32-bit multiplies keep their exact low bits in int32 torch ops, so the torch path computes the
+# same bits. HASH_SHIFTS[i] precedes HASH_MULTIPLIERS[i]; the last shift ends the hash.
+HASH_SHIFTS = (17, 11, 15, 14)
+HASH_MULTIPLIERS = (0xED5AD4BB, 0xAC4C1B51, 0x31848BAB)
+GOLDEN = 0x9E3779B9  # 2**32 / φ: spreads the high word of a global index over 32 bits
+_S0, _S1, _S2, _S3 = (tl.constexpr(x) for x in HASH_SHIFTS)
+_M0, _M1, _M2 = (tl.constexpr(x) for x in HASH_MULTIPLIERS)
+_GOLDEN = tl.constexpr(GOLDEN)
 
 # Elements per loop iteration and per tile. A DARE tile is short, for load balance; a TIES tile
 # is long, because each of its programs adds a 2048-bin histogram into global memory with
@@ -126,14 +138,31 @@ def _adam_delta(p_grad, p_m, p_v, o, m, inv_scale, step_size, beta1, beta2, eps,
 
 
 @triton.jit
-def _dare_keep(seed, idx, t, param_index, keep31):
-    """Bernoulli keep with P = keep31 / 2**31, from Philox-4x32-10 with key = seed and counter
-    = (idx low 32 bits, idx high 32 bits, t, param_index). fastalign.optim mirrors it in torch."""
-    c0 = (idx & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (idx >> 32).to(tl.uint32)
-    zero = c0 * 0
-    r, _, _, _ = tl.philox(seed, c0, c1, zero + t.to(tl.uint32), zero + param_index.to(tl.uint32))
-    return (r >> 1).to(tl.int32, bitcast=True) < keep31
+def _triple32(x):
+    """triple32 of uint32 x (a bijection of 32-bit words)."""
+    x ^= x >> _S0
+    x *= _M0
+    x ^= x >> _S1
+    x *= _M1
+    x ^= x >> _S2
+    x *= _M2
+    return x ^ (x >> _S3)
+
+
+@triton.jit
+def _step_key(dare_key, t):
+    """uint32 key of one parameter's keeps at step t (t = 0 draws τ's)."""
+    return _triple32((dare_key ^ t).to(tl.uint32))
+
+
+@triton.jit
+def _dare_keep(idx, step_key, keep_below):
+    """Bernoulli keep of int64 global element indices idx: P = (keep_below + 2**30) / 2**31.
+
+    h = triple32(low word of idx ^ step_key ^ GOLDEN · high word), read as int32 and shifted right
+    by 1, is uniform on [-2**30, 2**30); the keep is h < keep_below."""
+    x = idx.to(tl.uint32) ^ step_key ^ ((idx >> 32).to(tl.uint32) * _GOLDEN)
+    return (_triple32(x).to(tl.int32, bitcast=True) >> 1) < keep_below
 
 
 # ----------------------------------------------------------------------------- OnDARE
@@ -141,8 +170,8 @@ def _dare_keep(seed, idx, t, param_index, keep31):
 
 @triton.jit
 def _ondare_block(
-    p_param, p_grad, p_m, p_v, p_tau, p_c, o, end, global_offset, t, param_index, merge,
-    step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha, inv_p, keep31, seed,
+    p_param, p_grad, p_m, p_v, p_tau, p_c, o, end, global_offset, step_key, merge,
+    step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha, inv_p, keep_below,
     HAS_TAU: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, SUMS_ONLY: tl.constexpr,
     ACCUMULATE: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
@@ -158,7 +187,7 @@ def _ondare_block(
         d = d + c
     if DROP:
         # A NaN Δ (from a NaN or ±inf gradient) is always kept, so θ turns NaN as AdamW's would.
-        keep = _dare_keep(seed, global_offset + o, t, param_index, keep31) | (d != d)
+        keep = _dare_keep(global_offset + o, step_key, keep_below) | (d != d)
         kept = tl.where(keep, d * inv_p, 0.0)
     else:
         kept = d
@@ -198,8 +227,7 @@ def _ondare_step_kernel(
     lr_wd,  # lr · weight_decay
     alpha,
     inv_p,  # 1 / reserve_p
-    keep31,  # round(reserve_p · 2**31)
-    seed,
+    keep_below,  # keep_threshold(reserve_p): the keep is hash < keep_below
     online_step,
     PARAM_DTYPE: tl.constexpr,
     TAU_DTYPE: tl.constexpr,
@@ -235,7 +263,7 @@ def _ondare_step_kernel(
         if ACCUMULATE:
             p_c = _ptr(p_slot, _CACHED, tl.float32, ALIGNED)
         global_offset = tl.load(p_slot + _GLOBAL_OFFSET)
-        param_index = tl.load(p_slot + _PARAM_INDEX)
+        step_key = _step_key(tl.load(p_slot + _DARE_KEY), t)
         step_size = tl.load(p_step_size + slot)
         inv_scale = 1.0 / tl.load(p_grad_scale)
         factor = 1.0
@@ -245,17 +273,17 @@ def _ondare_step_kernel(
             bound = tl.load(p_rescale + slot * 2 + 1)
         for b0 in range(begin, full_end, BLOCK):
             a, k = _ondare_block(
-                p_param, p_grad, p_m, p_v, p_tau, p_c, b0 + tl.arange(0, BLOCK), end, global_offset, t,
-                param_index, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha,
-                inv_p, keep31, seed, HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, False,
+                p_param, p_grad, p_m, p_v, p_tau, p_c, b0 + tl.arange(0, BLOCK), end, global_offset, step_key,
+                merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha, inv_p, keep_below,
+                HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, False,
             )  # fmt: skip
             s_abs += a
             s_kept += k
         if full_end < end:
             a, k = _ondare_block(
-                p_param, p_grad, p_m, p_v, p_tau, p_c, full_end + tl.arange(0, BLOCK), end, global_offset, t,
-                param_index, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha,
-                inv_p, keep31, seed, HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, True,
+                p_param, p_grad, p_m, p_v, p_tau, p_c, full_end + tl.arange(0, BLOCK), end, global_offset,
+                step_key, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha, inv_p,
+                keep_below, HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, True,
             )  # fmt: skip
             s_abs += a
             s_kept += k
@@ -444,8 +472,8 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 
 def keep_threshold(reserve_p: float) -> int:
-    """Philox outputs r keep an element when (r >> 1) < this: P(keep) = reserve_p to 2**-31."""
-    return min(max(round(reserve_p * 2**31), 1), 2**31 - 1)
+    """The int32 `keep_below` of _dare_keep: P(keep) = reserve_p to 2**-31 (never 0 or 1)."""
+    return min(max(round(reserve_p * 2**31), 1), 2**31 - 1) - 2**30
 
 
 def ondare_step(
@@ -464,7 +492,6 @@ def ondare_step(
     lr_wd: float,
     alpha: float,
     reserve_p: float,
-    seed: int,
     online_step: int,
     rescale: torch.Tensor | None = None,
     sums_only: bool = False,
@@ -496,7 +523,6 @@ def ondare_step(
         alpha,
         1.0 / reserve_p,
         keep_threshold(reserve_p) if drop else 0,
-        seed,
         online_step,
         PARAM_DTYPE=_TL_DTYPE[param_dtype],
         TAU_DTYPE=_TL_DTYPE[tau_dtype or torch.float32],
@@ -616,7 +642,7 @@ def _decoder_1b() -> list[int]:
     return [32000 * hidden] + layer * 14 + [hidden]
 
 
-def _launch_case(method: str, param_dtype, tau_dtype, rescale=False, online_step=1, aligned=True, seed=0) -> None:
+def _launch_case(method: str, param_dtype, tau_dtype, rescale=False, online_step=1, aligned=True) -> None:
     """One optimizer step over `_decoder_1b`'s tables, launched as fastalign.optim._launch.kernel_step does (with the
     skip_nonfinite check when rescale is on)."""
     numels = _decoder_1b()
@@ -629,14 +655,14 @@ def _launch_case(method: str, param_dtype, tau_dtype, rescale=False, online_step
     if rescale:
         nonfinite(slots, dare_tiles, flag, param_dtype=param_dtype, aligned=aligned)
     if method == "ondare":
-        dare = dict(adam, param_dtype=param_dtype, tau_dtype=tau_dtype, lr_wd=1e-7, alpha=0.2, reserve_p=0.3, seed=seed)
+        dare = dict(adam, param_dtype=param_dtype, tau_dtype=tau_dtype, lr_wd=1e-7, alpha=0.2, reserve_p=0.3)
         if rescale:
             ondare_step(slots, dare_tiles, step_size, t, flag, flag, sums_only=True, **dare)
         ondare_step(slots, dare_tiles, step_size, t, flag, flag, rescale=meta(S, 2) if rescale else None, **dare)
         return
     if online_step > 1:
         ondare_step(slots, dare_tiles, step_size, t, flag, flag, param_dtype=param_dtype, tau_dtype=None, lr_wd=1e-7,
-                    alpha=0.0, reserve_p=1.0, seed=0, ordinary_only=True, **adam)  # fmt: skip
+                    alpha=0.0, reserve_p=1.0, ordinary_only=True, **adam)  # fmt: skip
     delta, _ = ties_delta(slots, ties_tiles, step_size, t, flag, flag, flat, param_dtype=param_dtype, **adam)
     for shift, bits in RADIX_DIGITS[1:]:
         radix_histogram(delta, ties_tiles, per_slot, shift, bits)
@@ -648,7 +674,7 @@ def _launch_case(method: str, param_dtype, tau_dtype, rescale=False, online_step
 
 def compile_specs() -> list[LaunchCase]:
     """The targets (a 1B-parameter fp32 model, τ in bf16: OnDARE and OnTIES steps), then every parameter dtype and τ
-    dtype with rescale, online_step > 1, an unaligned shard and a seed of 1 (which Triton makes a constant)."""
+    dtype with rescale and online_step > 1, and an unaligned shard."""
     numel = sum(_decoder_1b())
     # Every program loops over the BLOCKs of one tile (a few tiles of small parameters are shorter).
     dare_trips = {"_ondare_step_kernel": lambda a: (DARE_TILE // a["BLOCK"],)}
@@ -679,6 +705,6 @@ def compile_specs() -> list[LaunchCase]:
         run = functools.partial(_launch_case, method, param_dtype, tau_dtype, rescale=True, online_step=2)
         cases.append(LaunchCase(label, run))
     for method in ("ondare", "onties"):
-        run = functools.partial(_launch_case, method, torch.bfloat16, torch.bfloat16, aligned=False, seed=1)
-        cases.append(LaunchCase(f"{method} bf16 unaligned shard seed=1", run))
+        run = functools.partial(_launch_case, method, torch.bfloat16, torch.bfloat16, aligned=False)
+        cases.append(LaunchCase(f"{method} bf16 unaligned shard", run))
     return cases

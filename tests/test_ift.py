@@ -312,6 +312,11 @@ def test_out_of_range_ids_raise_on_cpu(name, backend):
     ids[name][1, 3] = 10
     with pytest.raises(ValueError, match=rf"{name} holds 10, outside \[0, 10\)"):
         fastalign.ift_inputs_embeds(weight, ids["input_ids"], ids["predicted_ids"], ids["input_ids"])
+    if name == "predicted_ids":  # the prediction made at t = 3 is mixed in at t = 4: on a prompt position it is unread
+        labels = ids["input_ids"].clone()
+        labels[1, 4] = IGNORE
+        out = fastalign.ift_inputs_embeds(weight, ids["input_ids"], ids["predicted_ids"], labels)
+        assert torch.equal(out[1, 4], weight[ids["input_ids"][1, 4]])
 
 
 def test_reference_matches_a_direct_transcription():

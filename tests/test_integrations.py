@@ -10,10 +10,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +59,15 @@ DPO_METRICS = {
     "logps/rejected",
 }
 KTO_METRICS = DPO_METRICS - {"mean_token_accuracy", "rewards/accuracies"} | {"kl"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and OpenMP's spinning on a busy CPU slows them tens of times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -515,21 +522,3 @@ def test_demo_command_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert plot.stat().st_size > 10_000
     for text in ("IFT loss", "DPO loss", "prefers right answer", "IFT+DPO", "fused", "eager"):
         assert text in out, text
-
-
-def readme_snippets() -> list:
-    """The python blocks of the README's Integrations section, with the heading above each."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("\n## Integrations\n", 1)[1].split("\n## ", 1)[0]
-    snippets = []
-    for part in section.split("\n### ")[1:]:
-        heading = part.splitlines()[0]
-        snippets += [pytest.param(code, id=heading) for code in re.findall(r"```python\n(.*?)```", part, re.S)]
-    return snippets
-
-
-@pytest.mark.parametrize("code", readme_snippets())
-def test_readme_snippets_run_as_they_are(code, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the snippets write their output directories here
-    with forced_backend("torch"):
-        exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})

@@ -25,7 +25,7 @@ def make_inputs(shape, V, dtype, device, ignore_frac=0.25, scale=3.0):
 
 def check_against_reference(logits, labels, temperature=1.0, grad_scale=None, entropy_grad=True):
     """Forward and backward of token_stats vs float64, with random upstream gradients."""
-    x = logits.detach().clone().requires_grad_(True)
+    x = logits.detach().requires_grad_(True)  # not a clone: that would make a strided layout contiguous
     stats = fastalign.token_stats(x, labels, temperature=temperature, log_sum_sq_probs=True, mean_logits=True)
     g = torch.randn(labels.shape, device=labels.device) if grad_scale is None else grad_scale
     ge = torch.randn(labels.shape, device=labels.device) if entropy_grad else torch.zeros(labels.shape)
@@ -99,6 +99,20 @@ def test_non_contiguous_logits(layout, backend, device):
     labels[0, 0] = IGNORE
     assert not logits.is_contiguous()
     check_against_reference(logits, labels)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8], ids=["rows1", "rows3", "rows8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torch_path_chunks(rows, dtype, monkeypatch):
+    """The torch path's chunks of `rows` rows: pieces of a sequence (T > rows) and several whole sequences with a
+    short last chunk (T <= rows), on a shifted slice, with temperature, extras and every gradient."""
+    from fastalign import logprobs
+
+    monkeypatch.setattr(logprobs, "_TORCH_BUFFER_BYTES", rows * 4 * 300)
+    base, labels = make_inputs((5, 5), 300, dtype, "cpu")
+    with fastalign._backend.forced_backend("torch"):
+        check_against_reference(base[:, :-1], labels[:, :-1], temperature=0.8)
+        check_against_reference(base[:, :-1], labels[:, :-1], entropy_grad=False)
 
 
 def test_fully_ignored_rows_are_zero(backend, device):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import sys
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +157,47 @@ def _call_head(lm_head, hidden, labels, head, entropy, argmax, mean_logits):
             lm_head.forward = previous
 
 
+_BYPASSED = (
+    "fastalign: the model patched with patch_causal_lm was {how}, so fastalign's head did not run. "
+    "TRL's trainers call their own fused head (model(..., fused_lm_head=True), from add_fused_lm_head), which "
+    "patch_causal_lm does not reach. Under TRL's trainers use `from fastalign.integrations import patch_trl; "
+    "patch_trl()` instead (or fastalign.integrations.DPOTrainer / KTOTrainer)."
+)
+
+
+class _BypassCheck:
+    """Forward pre-hook on the backbone of a patched model, and the patched forward's call depth: warns once when
+    the backbone runs outside the patched forward, i.e. another head computes the outputs (TRL's fused head,
+    installed after the patch, calls the backbone directly). An object, not a closure, so that a deep copy of
+    the model gets its own."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.warned = False
+
+    def __call__(self, module, args) -> None:
+        if self.depth == 0:
+            self.warn("bypassed: its backbone ran outside the patched forward")
+
+    def warn(self, how: str) -> None:
+        if not self.warned:
+            self.warned = True
+            warnings.warn(_BYPASSED.format(how=how), UserWarning, stacklevel=3)
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module | None:
+    backbone = model.base_model
+    return None if backbone is model else backbone
+
+
+def _remove_bypass_check(model: torch.nn.Module) -> None:
+    backbone = _backbone(model)
+    if backbone is not None:
+        for key, hook in list(backbone._forward_pre_hooks.items()):
+            if isinstance(hook, _BypassCheck):
+                del backbone._forward_pre_hooks[key]
+
+
 def _fused_forward(
     self,
     *args,
@@ -169,6 +211,14 @@ def _fused_forward(
 ):
     head = self._fastalign_head
     original = types.MethodType(head["original_forward"], self)
+    if kwargs.pop("fused_lm_head", False):
+        # TRL's head was installed before the patch and its trainer calls it through this forward: let it run.
+        if head["previous_forward"] is None:
+            raise TypeError("fused_lm_head=True needs TRL's add_fused_lm_head head, which this model lacks")
+        head["bypass"].warn("called with TRL's fused_lm_head=True")
+        extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+        extra = {k: v for k, v in extra.items() if v is not None}
+        return head["previous_forward"](*args, fused_lm_head=True, **extra, **kwargs)
     if labels is None and shift_labels is None:
         if return_entropy or return_argmax or return_mean_logits:
             raise ValueError("return_entropy/return_argmax/return_mean_logits need labels (or shift_labels)")
@@ -230,6 +280,9 @@ def patch_causal_lm(
     flags `return_entropy`, `return_argmax`, `return_mean_logits`. Called without labels it is the
     model's own forward. Patching again replaces the settings; `unpatch_causal_lm` undoes it.
 
+    Stock TRL trainers call their own fused head (`add_fused_lm_head`), which bypasses this forward: it then
+    warns once (the backbone ran outside it, or it got TRL's `fused_lm_head=True`) and names `patch_trl()`.
+
     Returns the model, patched in place.
     """
     target = _unwrap_peft(model)
@@ -240,7 +293,14 @@ def patch_causal_lm(
     head = getattr(target, "_fastalign_head", None)
     if head is None:
         # An instance-level forward installed before us (e.g. TRL's fused head) is kept for unpatching.
-        head = {"previous_forward": target.__dict__.get("forward"), "original_forward": type(target).forward}
+        head = {
+            "previous_forward": target.__dict__.get("forward"),
+            "original_forward": type(target).forward,
+            "bypass": _BypassCheck(),
+        }
+        backbone = _backbone(target)
+        if backbone is not None:
+            backbone.register_forward_pre_hook(head["bypass"])
     head.update(
         temperature=float(temperature),
         logit_scale=config_scale if logit_scale is None else float(logit_scale),
@@ -251,7 +311,12 @@ def patch_causal_lm(
     # wraps() keeps the model's own signature: generate() and Trainer inspect it.
     @functools.wraps(head["original_forward"])
     def forward(self, *args, **kwargs):
-        return _fused_forward(self, *args, **kwargs)
+        bypass = self._fastalign_head["bypass"]
+        bypass.depth += 1
+        try:
+            return _fused_forward(self, *args, **kwargs)
+        finally:
+            bypass.depth -= 1
 
     target.forward = types.MethodType(forward, target)
     return model
@@ -263,6 +328,7 @@ def unpatch_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     head = target.__dict__.pop("_fastalign_head", None)
     if head is None:
         return model
+    _remove_bypass_check(target)
     if head["previous_forward"] is None:
         del target.forward
     else:

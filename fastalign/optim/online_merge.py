@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor
 
 from fastalign._backend import backend_for
 from fastalign.optim import _torch_path
+from fastalign.optim._dare import dare_keep, dare_key
 from fastalign.optim._launch import Launch, Slot, kernel_nonfinite, kernel_step, step_sizes
 from fastalign.optim._layout import FlatShard, Layout, layout_of, like_param, local_part, local_tensor
 from fastalign.optim._select import topk_count
@@ -276,20 +277,19 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
 
     def _sparsify_ref_delta(self, p: torch.Tensor, group: dict, tau: torch.Tensor) -> torch.Tensor:
         """τ's one-time sparsification (the same on every backend): ondare keeps each entry with
-        probability reserve_p (Philox at step 0), scales by 1/reserve_p, clamps to ±clip;
+        probability reserve_p (the DARE keep of step 0), scales by 1/reserve_p, clamps to ±clip;
         onties keeps the top int(reserve_p·numel) magnitudes."""
         layout, reserve_p = self._layouts[p], group["reserve_p"]
         flat = tau.view(-1)
         if group["method"] == "ondare":
             if reserve_p < 1.0:
-                keep = _torch_path.dare_keep(
-                    group["seed"], 0, self._index[p], layout.offset, flat.numel(), reserve_p, flat.device
-                )
+                keep = dare_keep(group["seed"], 0, self._index[p], layout.offset, flat.numel(), reserve_p, flat.device)
                 flat = torch.where(keep, flat * torch.tensor(1.0 / reserve_p, dtype=torch.float32).item(), 0.0)
             return flat.clamp(-group["clip"], group["clip"]).view(tau.shape)
         k = topk_count(reserve_p, layout.numel)
-        (mask,) = _torch_path.topk_masks([flat], [k], [k < layout.numel], [layout.offset], layout.group)
-        return (flat if mask is None else torch.where(mask, flat, 0.0)).view(tau.shape)
+        flat = flat.clone()
+        _torch_path.topk_select(flat, [flat.numel()], [k], [k < layout.numel], [layout.offset], layout.group)
+        return flat.view(tau.shape)
 
     # ------------------------------------------------------------------------- step
 
@@ -316,7 +316,7 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
                     step=state["step"],
                     offset=layout.offset,
                     numel=layout.numel,
-                    index=self._index[p],
+                    dare_key=dare_key(group["seed"], self._index[p]),
                 )
                 key = (local.device, local.dtype, None if tau is None else tau.dtype, layout.group)
                 buckets.setdefault(key, []).append(slot)
