@@ -20,13 +20,15 @@ so a sliced `hidden[:, :-1]` needs no copy and only the rows whose label counts 
 from __future__ import annotations
 
 import functools
+import itertools
+import unittest.mock
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, TRITON_DTYPE, CompileSpec, pick_fastest
+from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta, pick_fastest
 
 # Row tiles that sweep the vocabulary side by side, so the weight tiles they share are read from L2.
 _GROUP_M = 8
@@ -654,66 +656,49 @@ def linear_logprobs_bwd(
 # ----------------------------------------------------------------------------- compile check
 
 
-def _signature(kernel, ty: str) -> dict[str, str]:
-    """Triton types of a kernel's runtime arguments, for hidden/weight in dtype `ty`."""
-    sig = {}
-    for name in (p.name for p in kernel.params if not p.is_constexpr):
-        if name in ("p_h", "p_w", "p_bias", "p_da"):
-            sig[name] = f"*{ty}"
-        elif name in ("p_rows", "p_labels", "p_argmax"):
-            sig[name] = "*i64"
-        elif name == "p_split_argmax":
-            sig[name] = "*i32"
-        elif name.startswith("p_"):
-            sig[name] = "*fp32"
-        else:
-            sig[name] = "fp32" if name in ("logit_scale", "softcap", "inv_temperature") else "i32"
-    return sig
+def _launch_case(dtype: torch.dtype, N: int, H: int, V: int, outputs: Outputs, backward: bool = True) -> None:
+    """Forward (then backward) launches on meta hidden [1, N, H] (every row scored) and weight [V, H], with bias and
+    softcap whenever `outputs` asks for an extra. The backward runs over 5376-column chunks, what the default 256 MiB
+    budget gives at N=16384, H=4096 in bf16."""
+    hidden, weight, bias = meta(1, N, H, dtype=dtype), meta(V, H, dtype=dtype), meta(V, dtype=dtype)
+    rows, labels = meta(N, dtype=torch.int64), meta(N, dtype=torch.int64)
+    bias, softcap = (bias, 30.0) if any(outputs) else (None, None)
+    # The forward's vocabulary splits follow the SM count: an H100's 132, not the meta device's 1.
+    with unittest.mock.patch(f"{__name__}._sm_count", lambda device: 132):
+        _, lse, entropy, *_ = linear_logprobs_fwd(hidden, weight, bias, rows, labels, -100, 1.0, softcap, 1.0, outputs)
+    chunk = 5376
+    da = meta(N, chunk, dtype=dtype)
+    for v0 in range(0, V, chunk) if backward else ():
+        args = (lse, lse, entropy, entropy, da[:, : min(chunk, V - v0)], v0, -100, 1.0, softcap, 1.0)
+        linear_logprobs_bwd(hidden, weight, bias, rows, labels, *args)
 
 
-_FWD_FLAGS = ("RETURN_ENTROPY", "RETURN_ARGMAX", "RETURN_LOG_SUM_SQ_PROBS", "RETURN_MEAN_LOGITS")
-# Each tile table's kernel, the optional outputs that "features=True" turns on, and the flags fixed for the table.
-_SPEC_KERNELS = {
-    "fwd": (_linear_logprobs_fwd_kernel, _FWD_FLAGS[:2], dict.fromkeys(_FWD_FLAGS[2:], False)),
-    "fwd_extras": (_linear_logprobs_fwd_kernel, _FWD_FLAGS[:2], dict.fromkeys(_FWD_FLAGS[2:], True)),
-    "bwd": (_linear_logprobs_bwd_kernel, ("HAS_ENTROPY_GRAD",), {}),
-}
-
-
-def compile_specs() -> list[CompileSpec]:
-    specs = []
-    for name, (kernel, extras, fixed) in _SPEC_KERNELS.items():
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            ty = TRITON_DTYPE[dtype]
-            # Every optional feature off, then on, with 16-byte aligned rows and H % BLOCK_K == 0 (the target
-            # shapes); then all on with an odd H, whose rows load unaligned and whose last K block is masked.
-            for features, aligned in ((False, True), (True, True), (True, False)):
-                for tiles in tile_candidates(name, dtype, aligned):
-                    constexprs = {
-                        "BLOCK_M": tiles.block_m,
-                        "BLOCK_V": tiles.block_v,
-                        "BLOCK_K": tiles.block_k,
-                        "GROUP_M": _GROUP_M,
-                        "ALIGN": 16 // dtype.itemsize if aligned else 1,
-                        "EVEN_K": aligned,
-                        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-                        "HAS_BIAS": features,
-                        "HAS_SOFTCAP": features,
-                        **dict.fromkeys(extras, features),
-                        **fixed,
-                    }
-                    tile = "x".join(map(str, tiles[:3])) + f" w{tiles.num_warps} s{tiles.num_stages}"
-                    label = f"{name} {ty} features={features}" + ("" if aligned else " odd H") + f" {tile}"
-                    sig = _signature(kernel, ty)
-                    specs.append(CompileSpec(kernel, label, sig, constexprs, tiles.num_warps, tiles.num_stages))
-    for extras in (False, True):
-        specs.append(
-            CompileSpec(
-                _linear_logprobs_combine_kernel,
-                f"combine extras={extras}",
-                _signature(_linear_logprobs_combine_kernel, "fp32"),
-                {"BLOCK": _COMBINE_BLOCK, **dict.fromkeys(_FWD_FLAGS, extras)},
-                4,
-            )
-        )
-    return specs
+def compile_specs() -> list[LaunchCase]:
+    """The target (bf16 N=16384 H=4096 V=128256) without extras (predicted), fp16 and fp32, an odd vocabulary (32001)
+    and an odd hidden size (4097: rows not 16-byte aligned, a masked last K block); each without extras, with entropy
+    and argmax, and with every extra (its own tile table)."""
+    N, H, V = 16384, 4096, 128256
+    trips = {
+        "_linear_logprobs_fwd_kernel": lambda a: (a["tiles_per_split"], triton.cdiv(a["H"], a["BLOCK_K"])),
+        "_linear_logprobs_combine_kernel": lambda a: (a["S"],),
+        "_linear_logprobs_bwd_kernel": lambda a: (triton.cdiv(a["H"], a["BLOCK_K"]),),
+    }
+    cases = [
+        LaunchCase(
+            f"{name} bf16 N={N} H={H} V={V}",
+            functools.partial(_launch_case, torch.bfloat16, N, H, V, Outputs(), backward),
+            flops=(2 if backward else 1) * 2 * N * H * V,
+            trips=trips,
+        )  # fmt: skip
+        for name, backward in (("fwd", False), ("fwd+bwd kernels", True))
+    ]
+    shapes = [(torch.bfloat16, N, H, V), (torch.float16, N, H, V), (torch.float32, 4096, H, V)]
+    shapes += [(torch.bfloat16, 4096, H, 32001)]
+    shapes += [(dtype, 4096, 4097, 32001) for dtype in (torch.bfloat16, torch.float16, torch.float32)]
+    for (dtype, n, h, v), outputs in itertools.product(shapes, (Outputs(), Outputs(True, True), Outputs(*[True] * 4))):
+        if outputs == Outputs() and (dtype, n) == (torch.bfloat16, N):
+            continue  # the target cases above
+        extras = ",".join(name for name, on in outputs._asdict().items() if on) or "none"
+        label = f"{TRITON_DTYPE[dtype]} N={n} H={h} V={v} extras={extras}"
+        cases.append(LaunchCase(label, functools.partial(_launch_case, dtype, n, h, v, outputs)))
+    return cases

@@ -6,11 +6,14 @@ row r lives at (r // T) * stride_b + (r % T) * stride_t and a sliced `logits[:, 
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from . import TRITON_DTYPE, CompileSpec
+from . import TRITON_DTYPE, LaunchCase, meta
 
 # Bytes per loop iteration of the forward pass. 16 KiB keeps 4 x 16-byte loads in flight per
 # thread at 8 warps, which is enough to saturate HBM with two programs per SM.
@@ -264,68 +267,42 @@ def token_logprobs_bwd(
     )
 
 
-def compile_specs() -> list[CompileSpec]:
-    specs = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        ty = TRITON_DTYPE[dtype]
-        for V in (32001, 128256):
-            block_v, num_warps = _fwd_config(V, dtype)
-            for extras in (False, True):
-                specs.append(
-                    CompileSpec(
-                        _token_logprobs_fwd_kernel,
-                        f"fwd {ty} V={V} extras={extras}",
-                        {
-                            "p_logits": f"*{ty}",
-                            "p_labels": "*i64",
-                            "p_logp": "*fp32",
-                            "p_lse": "*fp32",
-                            "p_entropy": "*fp32",
-                            "p_argmax": "*i64",
-                            "p_log_sum_sq": "*fp32",
-                            "p_mean": "*fp32",
-                            "T": "i32",
-                            "stride_b": "i32",
-                            "stride_t": "i32",
-                            "V": "i32",
-                            "ignore_index": "i32",
-                            "inv_temperature": "fp32",
-                        },
-                        {
-                            "BLOCK_V": block_v,
-                            "RETURN_ENTROPY": extras,
-                            "RETURN_ARGMAX": extras,
-                            "RETURN_SUM_SQ": extras,
-                            "RETURN_MEAN": extras,
-                        },
-                        num_warps,
-                    )
-                )
-            block_v, num_warps = _bwd_config(V, dtype)
-            for entropy_grad in (False, True):
-                specs.append(
-                    CompileSpec(
-                        _token_logprobs_bwd_kernel,
-                        f"bwd {ty} V={V} entropy_grad={entropy_grad}",
-                        {
-                            "p_logits": f"*{ty}",
-                            "p_dlogits": f"*{ty}",
-                            "p_labels": "*i64",
-                            "p_lse": "*fp32",
-                            "p_dlogp": "*fp32",
-                            "p_entropy": "*fp32",
-                            "p_dentropy": "*fp32",
-                            "T": "i32",
-                            "stride_b": "i32",
-                            "stride_t": "i32",
-                            "stride_db": "i32",
-                            "stride_dt": "i32",
-                            "V": "i32",
-                            "ignore_index": "i32",
-                            "inv_temperature": "fp32",
-                        },
-                        {"BLOCK_V": block_v, "HAS_ENTROPY_GRAD": entropy_grad},
-                        num_warps,
-                    )
-                )
-    return specs
+_EXTRAS = ("entropy", "argmax", "sum_sq", "mean")  # token_logprobs_fwd's optional outputs, in its order
+
+
+def _launch_case(dtype: torch.dtype, B: int, T: int, V: int, extras: tuple, backward: bool, pad_t: int = 0) -> None:
+    """Forward (then backward) launches on meta logits [B, T, V], sliced from [B, T + pad_t, V] when pad_t > 0, with
+    the optional outputs named in `extras` (of _EXTRAS)."""
+    logits = meta(B, T + pad_t, V, dtype=dtype)[:, :T]
+    labels = meta(B * T, dtype=torch.int64)
+    logp, lse, entropy, *_ = token_logprobs_fwd(logits, labels, -100, 1.0, *(name in extras for name in _EXTRAS))
+    if backward:
+        dlogits = meta(B, T, V, dtype=dtype)
+        token_logprobs_bwd(logits, dlogits, labels, lse, logp, entropy, entropy, -100, 1.0)
+
+
+def compile_specs() -> list[LaunchCase]:
+    """The target (bf16 N=16384 V=128256, which fastalign.logprobs views as [1, N, V]) with no extras and with entropy
+    and argmax; every extra, fp16/fp32 at that V and at an odd one, a sliced logits[:, :-1] (B=8, T=257) and a single
+    token (N = T = 1 specializes)."""
+    N, V = 16384, 128256
+    trips = {"_token_logprobs_fwd_kernel": lambda a: (triton.cdiv(a["V"], a["BLOCK_V"]),)}
+    cases = [
+        LaunchCase(
+            f"{name} {'fwd+bwd' if bwd else 'fwd'} bf16 N={N} V={V}",
+            functools.partial(_launch_case, torch.bfloat16, 1, N, V, extras, bwd),
+            bytes=(3 if bwd else 1) * N * V * 2,
+            target=75 if bwd else 85,
+            trips=trips,
+        )
+        for extras, name in (((), "token_logprobs"), (_EXTRAS[:2], "token_stats(entropy, argmax)"))
+        for bwd in (False, True)
+    ]
+    shapes = [(torch.bfloat16, V), (torch.float16, V), (torch.float32, V)]
+    shapes += [(dtype, 32001) for dtype in (torch.bfloat16, torch.float16, torch.float32)]
+    for (dtype, v), extras in itertools.product(shapes, ((), _EXTRAS)):
+        label = f"fwd+bwd {TRITON_DTYPE[dtype]} N=4096 V={v} extras={','.join(extras) or 'none'}"
+        cases.append(LaunchCase(label, functools.partial(_launch_case, dtype, 1, 4096, v, extras, True)))
+    sliced = functools.partial(_launch_case, torch.bfloat16, 8, 257, 50257, _EXTRAS, True, 1)
+    one_token = functools.partial(_launch_case, torch.bfloat16, 1, 1, V, _EXTRAS, True)
+    return cases + [LaunchCase("sliced [:, :-1] bf16 B=8 T=257 V=50257", sliced), LaunchCase("one token", one_token)]

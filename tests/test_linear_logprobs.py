@@ -10,7 +10,6 @@ import linear_fsdp_worker
 import pytest
 import torch
 from distributed import run_on_processes
-from fastalign.kernels import linear_logprobs as linear_kernels
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from utils import GRAD_RTOL, VALUE_RTOL, rel_err
@@ -19,6 +18,7 @@ import fastalign
 import fastalign.linear_logprobs as linear_module
 from fastalign import kernels as kernels_module
 from fastalign._backend import forced_backend
+from fastalign.kernels import linear_logprobs as linear_kernels
 from fastalign.reference import linear_logprobs as ref
 
 IGNORE = -100
