@@ -13,11 +13,14 @@ softcap) (or y); z = c / temperature.
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, TRITON_DTYPE, CompileSpec
+from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta
 from .linear_logprobs import Outputs
 
 # Columns per iteration: 16 KB of fp32 logits per load.
@@ -259,45 +262,32 @@ def logits_grad(
 # ----------------------------------------------------------------------------- compile check
 
 
-def _signature(kernel, out_ty: str) -> dict[str, str]:
-    """Triton types of a kernel's runtime arguments, with d logits written as `out_ty`."""
-    sig = {}
-    for name in (p.name for p in kernel.params if not p.is_constexpr):
-        if name in ("p_labels", "p_argmax"):
-            sig[name] = "*i64"
-        elif name == "p_out":
-            sig[name] = f"*{out_ty}"
-        elif name == "p_bias":
-            sig[name] = "*bf16"
-        elif name.startswith("p_"):
-            sig[name] = "*fp32"
-        else:
-            sig[name] = "fp32" if name in ("logit_scale", "softcap", "inv_temperature") else "i32"
-    return sig
+def _launch_case(dtype: torch.dtype, M: int, V: int, features: bool) -> None:
+    """Both launchers on a meta chunk of M rows of fp32 logits [M, V], as fastalign.linear_losses calls them: d logits
+    in a buffer of the inputs' dtype (bf16/fp16) or over the logits (fp32). With `features`: a bias, a softcap, every
+    extra and the mean log-prob's gradient; without: none of them."""
+    a, labels = meta(M, V), meta(M, dtype=torch.int64)
+    bias, softcap = (meta(V, dtype=dtype), 30.0) if features else (None, None)
+    lse, *_ = logits_stats(a, bias, labels, 1.0, softcap, 1.0, Outputs(*[features] * 4))
+    out = a if dtype == torch.float32 else meta(M, V, dtype=dtype)
+    logits_grad(a, out, bias, labels, lse, meta(M), meta(M) if features else None, 1.0, softcap, 1.0)
 
 
-def compile_specs() -> list[CompileSpec]:
-    specs = []
-    for features in (False, True):
-        flags = {"BLOCK_V": _BLOCK_V, "HAS_BIAS": features, "HAS_SOFTCAP": features}
-        names = ("RETURN_ENTROPY", "RETURN_ARGMAX", "RETURN_LOG_SUM_SQ_PROBS", "RETURN_MEAN_LOGITS")
-        extras = dict.fromkeys(names, features)
-        label = f"stats features={features}"
-        specs.append(
-            CompileSpec(
-                _logits_stats_kernel, label, _signature(_logits_stats_kernel, "fp32"), {**flags, **extras}, _NUM_WARPS
-            )
+def compile_specs() -> list[LaunchCase]:
+    """Issue 12's target (bf16 H=4096 V=128256: a chunk of 348 rows under the default 256 MiB budget) without extras
+    (predicted: it reads the fp32 logits twice and writes bf16 d logits once), then bf16/fp16/fp32 at that V and at an
+    odd one (32001: rows not 16-byte aligned), each with and without bias, softcap and every extra."""
+    M, V = 348, 128256
+    cases = [
+        LaunchCase(
+            f"stats+grad bf16 M={M} V={V}",
+            functools.partial(_launch_case, torch.bfloat16, M, V, False),
+            bytes=M * V * (4 + 4 + 2),
+            trips={"_logits_stats_kernel": lambda a: (triton.cdiv(a["V"], a["BLOCK_V"]),)},
         )
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            ty = TRITON_DTYPE[dtype]
-            sig = _signature(_logits_grad_kernel, ty)
-            specs.append(
-                CompileSpec(
-                    _logits_grad_kernel,
-                    f"grad {ty} features={features}",
-                    sig,
-                    {**flags, "HAS_MEAN": features},
-                    _NUM_WARPS,
-                )
-            )
-    return specs
+    ]
+    for dtype, v, features in itertools.product((torch.bfloat16, torch.float16, torch.float32), (V, 32001), (0, 1)):
+        if (dtype, v, features) != (torch.bfloat16, V, False):  # the target case above
+            label = f"{TRITON_DTYPE[dtype]} M=64 V={v} {'bias,softcap,extras' if features else 'plain'}"
+            cases.append(LaunchCase(label, functools.partial(_launch_case, dtype, 64, v, bool(features))))
+    return cases
