@@ -13,11 +13,13 @@ softcap) (or y); z = c / temperature.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, TRITON_DTYPE, CompileSpec
+from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta
 from .linear_logprobs import Outputs
 
 # Columns per iteration: 16 KB of fp32 logits per load.
@@ -259,45 +261,24 @@ def logits_grad(
 # ----------------------------------------------------------------------------- compile check
 
 
-def _signature(kernel, out_ty: str) -> dict[str, str]:
-    """Triton types of a kernel's runtime arguments, with d logits written as `out_ty`."""
-    sig = {}
-    for name in (p.name for p in kernel.params if not p.is_constexpr):
-        if name in ("p_labels", "p_argmax"):
-            sig[name] = "*i64"
-        elif name == "p_out":
-            sig[name] = f"*{out_ty}"
-        elif name == "p_bias":
-            sig[name] = "*bf16"
-        elif name.startswith("p_"):
-            sig[name] = "*fp32"
-        else:
-            sig[name] = "fp32" if name in ("logit_scale", "softcap", "inv_temperature") else "i32"
-    return sig
+def _launch_case(grad_dtype: torch.dtype, m: int, v: int, features: bool) -> None:
+    """Stats then gradient over one chunk of meta fp32 logits, the gradient written in the GEMMs' operand dtype."""
+    a, labels, coef = meta(m, v), meta(m, dtype=torch.int64), meta(m)
+    bias = meta(v, dtype=grad_dtype) if features else None
+    softcap = 30.0 if features else None
+    lse, *_ = logits_stats(a, bias, labels, 0.7, softcap, 1.0, Outputs(*[features] * 4))
+    logits_grad(a, meta(m, v, dtype=grad_dtype), bias, labels, lse, coef, coef if features else None, 0.7, softcap, 1.0)
 
 
-def compile_specs() -> list[CompileSpec]:
-    specs = []
-    for features in (False, True):
-        flags = {"BLOCK_V": _BLOCK_V, "HAS_BIAS": features, "HAS_SOFTCAP": features}
-        names = ("RETURN_ENTROPY", "RETURN_ARGMAX", "RETURN_LOG_SUM_SQ_PROBS", "RETURN_MEAN_LOGITS")
-        extras = dict.fromkeys(names, features)
-        label = f"stats features={features}"
-        specs.append(
-            CompileSpec(
-                _logits_stats_kernel, label, _signature(_logits_stats_kernel, "fp32"), {**flags, **extras}, _NUM_WARPS
-            )
+def compile_specs() -> list[LaunchCase]:
+    """A chunk of 1024 rows at the target vocabulary (128256) and an odd one (32001), per GEMM dtype; without and
+    with every feature (bias, softcap, every extra, the mean-log-prob gradient)."""
+    return [
+        LaunchCase(
+            f"{TRITON_DTYPE[dtype]} M=1024 V={v} features={features}",
+            functools.partial(_launch_case, dtype, 1024, v, features),
         )
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            ty = TRITON_DTYPE[dtype]
-            sig = _signature(_logits_grad_kernel, ty)
-            specs.append(
-                CompileSpec(
-                    _logits_grad_kernel,
-                    f"grad {ty} features={features}",
-                    sig,
-                    {**flags, "HAS_MEAN": features},
-                    _NUM_WARPS,
-                )
-            )
-    return specs
+        for dtype in (torch.bfloat16, torch.float16, torch.float32)
+        for v in (128256, 32001)
+        for features in (False, True)
+    ]
