@@ -14,7 +14,6 @@ softcap) (or y); z = c / temperature.
 from __future__ import annotations
 
 import functools
-import itertools
 
 import torch
 import triton
@@ -262,32 +261,24 @@ def logits_grad(
 # ----------------------------------------------------------------------------- compile check
 
 
-def _launch_case(dtype: torch.dtype, M: int, V: int, features: bool) -> None:
-    """Both launchers on a meta chunk of M rows of fp32 logits [M, V], as fastalign.linear_losses calls them: d logits
-    in a buffer of the inputs' dtype (bf16/fp16) or over the logits (fp32). With `features`: a bias, a softcap, every
-    extra and the mean log-prob's gradient; without: none of them."""
-    a, labels = meta(M, V), meta(M, dtype=torch.int64)
-    bias, softcap = (meta(V, dtype=dtype), 30.0) if features else (None, None)
-    lse, *_ = logits_stats(a, bias, labels, 1.0, softcap, 1.0, Outputs(*[features] * 4))
-    out = a if dtype == torch.float32 else meta(M, V, dtype=dtype)
-    logits_grad(a, out, bias, labels, lse, meta(M), meta(M) if features else None, 1.0, softcap, 1.0)
+def _launch_case(grad_dtype: torch.dtype, m: int, v: int, features: bool) -> None:
+    """Stats then gradient over one chunk of meta fp32 logits, the gradient written in the GEMMs' operand dtype."""
+    a, labels, coef = meta(m, v), meta(m, dtype=torch.int64), meta(m)
+    bias = meta(v, dtype=grad_dtype) if features else None
+    softcap = 30.0 if features else None
+    lse, *_ = logits_stats(a, bias, labels, 0.7, softcap, 1.0, Outputs(*[features] * 4))
+    logits_grad(a, meta(m, v, dtype=grad_dtype), bias, labels, lse, coef, coef if features else None, 0.7, softcap, 1.0)
 
 
 def compile_specs() -> list[LaunchCase]:
-    """Issue 12's target (bf16 H=4096 V=128256: a chunk of 348 rows under the default 256 MiB budget) without extras
-    (predicted: it reads the fp32 logits twice and writes bf16 d logits once), then bf16/fp16/fp32 at that V and at an
-    odd one (32001: rows not 16-byte aligned), each with and without bias, softcap and every extra."""
-    M, V = 348, 128256
-    cases = [
+    """A chunk of 1024 rows at the target vocabulary (128256) and an odd one (32001), per GEMM dtype; without and
+    with every feature (bias, softcap, every extra, the mean-log-prob gradient)."""
+    return [
         LaunchCase(
-            f"stats+grad bf16 M={M} V={V}",
-            functools.partial(_launch_case, torch.bfloat16, M, V, False),
-            bytes=M * V * (4 + 4 + 2),
-            trips={"_logits_stats_kernel": lambda a: (triton.cdiv(a["V"], a["BLOCK_V"]),)},
+            f"{TRITON_DTYPE[dtype]} M=1024 V={v} features={features}",
+            functools.partial(_launch_case, dtype, 1024, v, features),
         )
+        for dtype in (torch.bfloat16, torch.float16, torch.float32)
+        for v in (128256, 32001)
+        for features in (False, True)
     ]
-    for dtype, v, features in itertools.product((torch.bfloat16, torch.float16, torch.float32), (V, 32001), (0, 1)):
-        if (dtype, v, features) != (torch.bfloat16, V, False):  # the target case above
-            label = f"{TRITON_DTYPE[dtype]} M=64 V={v} {'bias,softcap,extras' if features else 'plain'}"
-            cases.append(LaunchCase(label, functools.partial(_launch_case, dtype, 64, v, bool(features))))
-    return cases
