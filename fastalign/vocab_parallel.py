@@ -197,19 +197,17 @@ def vocab_shard(weight: torch.Tensor, name: str = "weight") -> VocabShard | None
 
 
 def _local_bias(bias: torch.Tensor | None, shard: VocabShard) -> torch.Tensor | None:
-    """This rank's slice of the bias: a DTensor with the weight's layout, or a full [V] tensor."""
+    """This rank's slice of the bias, a DTensor sharded as the weight (ColwiseParallel shards both). A full [V]
+    bias is refused: each rank would hold only its slice's part of that tensor's gradient."""
     if bias is None:
         return None
     bias_shard = vocab_shard(bias, "bias")
-    if bias_shard is not None:
-        if (bias_shard.start, bias_shard.size) != (shard.start, shard.size):
-            raise ValueError("bias must be sharded as the weight on the mesh dim 'tp' (ColwiseParallel shards both)")
-        return bias.to_local()
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(bias, DTensor):
-        raise ValueError(f"bias is a DTensor not on the weight's mesh dim {TP_DIM!r}; give it sharded as the weight")
-    return bias[shard.start : shard.start + shard.size]
+    if bias_shard is None or (bias_shard.start, bias_shard.size) != (shard.start, shard.size):
+        raise ValueError(
+            f"bias must be a DTensor sharded as the vocab-parallel weight (Shard(0) on the mesh dim {TP_DIM!r}, as "
+            f"ColwiseParallel shards it); got {type(bias).__name__}"
+        )
+    return bias.to_local()
 
 
 # ---------------------------------------------------------------------------------------------- linear head
@@ -231,9 +229,9 @@ def linear_head_stats(hidden, weight, labels, bias, head, outputs, shard: VocabS
     op returns them (each [...] like labels, None when not asked for in `outputs`).
 
     hidden [..., H] replicated over the group (a DTensor must be Replicate everywhere); weight the vocab-parallel
-    DTensor of `shard`; labels [...] in [0, V) or head.ignore_index; bias None, a [V] tensor or a DTensor sharded as
-    the weight; head the single-device op's options. local_stats(hidden, weight, labels, bias, outputs) is the
-    single-device op (log-probs, entropy, argmax, log_sum_sq_probs, mean_logits): it runs on this rank's slice."""
+    DTensor of `shard`; labels [...] in [0, V) or head.ignore_index; bias None or a DTensor sharded as the weight;
+    head the single-device op's options. local_stats(hidden, weight, labels, bias, outputs) is the single-device op
+    (log-probs, entropy, argmax, log_sum_sq_probs, mean_logits): it runs on this rank's slice."""
     from torch.distributed.tensor import DTensor, Replicate
 
     if isinstance(hidden, DTensor):

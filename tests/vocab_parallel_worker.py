@@ -12,7 +12,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from fastalign import linear_token_logprobs, linear_token_stats
 from fastalign._backend import forced_backend
@@ -112,24 +112,23 @@ def stats_main(rank: int, world: int, V: int, backend: str) -> None:
 
 
 def logprobs_main(rank: int, world: int, V: int, backend: str) -> None:
-    """linear_token_logprobs without extras (ignored rows are not scored), a full (unsharded) bias."""
-    hidden, weight, bias, labels = _inputs(V, world)
+    """linear_token_logprobs without extras (ignored rows are not scored) and without a bias."""
+    hidden, weight, _, labels = _inputs(V, world)
     w = distribute_tensor(weight, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
-    h, b = hidden.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    h = hidden.clone().requires_grad_(True)
     with _path(backend):
-        logp = linear_token_logprobs(h, w, labels, b)
+        logp = linear_token_logprobs(h, w, labels)
         logp.sum().backward()
-    h64, w64, b64 = (t.double().requires_grad_(True) for t in (hidden, weight, bias))
+    h64, w64 = (t.double().requires_grad_(True) for t in (hidden, weight))
     valid = labels != IGNORE
-    logp_all = torch.log_softmax(linear_logits(h64, w64, b64), -1)
+    logp_all = torch.log_softmax(linear_logits(h64, w64), -1)
     ref = torch.where(valid, logp_all.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
     ref.sum().backward()
     assert _rel(logp, ref) < 1e-6
+    assert (logp[~valid] == 0).all()
     assert _rel(h.grad, h64.grad) < 1e-5
     sl = slice(rank * -(-V // world), rank * -(-V // world) + w.to_local().shape[0])
     assert _rel(w.grad.to_local(), w64.grad[sl]) < 1e-5
-    # The full bias's gradient is this rank's slice only (each rank holds its own part of the bias gradient).
-    assert _rel(b.grad[sl], b64.grad[sl]) < 1e-5 and (b.grad[: sl.start] == 0).all()
 
 
 def dpo_main(rank: int, world: int, V: int, backend: str) -> None:
@@ -179,6 +178,21 @@ def errors_main(rank: int, world: int) -> None:
         else:
             raise AssertionError(f"expected a ValueError with {message!r}")
     w = distribute_tensor(weight, mesh, [Shard(0)])
+    # hidden may be a DTensor replicated over the group (the input ColwiseParallel makes), not a sharded one.
+    plain = linear_token_logprobs(hidden, w, labels)
+    assert torch.equal(linear_token_logprobs(distribute_tensor(hidden, mesh, [Replicate()]), w, labels), plain)
+    try:
+        linear_token_logprobs(distribute_tensor(hidden, mesh, [Shard(1)]), w, labels)
+    except ValueError as e:
+        assert "hidden must be replicated" in str(e), e
+    else:
+        raise AssertionError("a sequence-sharded hidden must raise")
+    try:  # a full bias: each rank would get only its slice's part of its gradient
+        linear_token_logprobs(hidden, w, labels, torch.zeros(37))
+    except ValueError as e:
+        assert "bias must be a DTensor sharded as" in str(e), e
+    else:
+        raise AssertionError("a full bias with a vocab-parallel weight must raise")
     bad = labels.clone()
     bad[0, 0] = 37
     try:
