@@ -25,6 +25,7 @@ import torch
 from fastalign._backend import as_btv, backend_for, check_float, check_labels, check_positive, label_range_error
 from fastalign.kernels.linear_logprobs import Outputs, bwd_chunk_multiple, linear_logprobs_bwd, linear_logprobs_fwd
 from fastalign.logprobs import TokenStats
+from fastalign.vocab_parallel import linear_head_stats, vocab_shard
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 """Bytes for the logits-sized temporaries of one call (the backward's vocabulary chunk); see `linear_token_stats`."""
@@ -323,8 +324,10 @@ def _check_head_args(hidden, weight, labels, bias, ignore_index, temperature, so
 
 def _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget):
     """What every fused-linear entry point does first: gathers an FSDP2 weight and bias, checks the arguments, and
-    casts weight and bias to hidden's dtype (or the autocast dtype). Returns (hidden, weight, bias, head)."""
-    weight, bias = _gathered(weight), _gathered(bias)
+    casts weight and bias to hidden's dtype (or the autocast dtype). Returns (hidden, weight, bias, head).
+    A vocab-parallel weight (fastalign.vocab_parallel) stays sharded."""
+    if vocab_shard(weight) is None:
+        weight, bias = _gathered(weight), _gathered(bias)
     _check_head_args(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget)
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
@@ -363,7 +366,9 @@ def linear_token_stats(
 
     Args:
         hidden: [..., H] float32, bfloat16 or float16; any strides (a shifted `hidden[:, :-1]` is read in place).
-        weight: [V, H] (the lm_head, or the tied input embedding); a DTensor (FSDP2) is gathered once per call.
+        weight: [V, H] (the lm_head, or the tied input embedding); a DTensor (FSDP2) is gathered once per call,
+            except a vocab-parallel one (Shard(0) on the mesh dim "tp", see fastalign.vocab_parallel): each rank then
+            computes its vocabulary slice and only per-row statistics cross the group.
         labels: [...] int64 aligned with hidden (the caller shifts), each in [0, V) or ignore_index.
         bias: optional [V].
         ignore_index: label whose log-prob is 0.0 and whose gradient is 0 (default -100).
@@ -390,6 +395,13 @@ def linear_token_stats(
         hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget
     )
     outputs = Outputs(bool(entropy), bool(argmax), bool(log_sum_sq_probs), bool(mean_logits))
+    shard = vocab_shard(weight)
+    if shard is not None:
+
+        def local_stats(hidden, weight, labels, bias, outputs):
+            return _LinearTokenLogprobs.apply(hidden, weight, bias, labels, head, outputs)
+
+        return TokenStats(*linear_head_stats(hidden, weight, labels, bias, head, outputs, shard, local_stats))
     return TokenStats(*_LinearTokenLogprobs.apply(hidden, weight, bias, labels, head, outputs))
 
 

@@ -9,6 +9,8 @@ the lm_head weight, without the [tokens, vocab] logits, on two strategies.
   log-sum-exp and the label's log-prob; the loss's gradient with respect to the chunk's per-token log-probs;
   d logits in place over the chunk; d hidden for the chunk by a GEMM; d weight accumulated in fp32 across chunks
   (the gradient itself for an fp32 weight). The backward only scales the stored gradients by grad_output.
+- A vocab-parallel weight (fastalign.vocab_parallel) runs lean: the fast strategy does not combine the ranks'
+  per-chunk statistics yet, and strategy='fast' raises ValueError for it.
 
 The fast path needs the loss to decompose over units: the gradient at one unit's log-probs must not depend on the
 log-probs of other units. Then one mechanism serves every loss: the loss (the same function the lean path
@@ -55,6 +57,7 @@ from fastalign.linear_logprobs import (
     linear_token_logprobs,
     linear_token_stats,
 )
+from fastalign.vocab_parallel import vocab_shard
 
 STRATEGIES = ("auto", "fast", "lean")
 _NONE = Outputs()  # no per-token extras
@@ -413,6 +416,13 @@ def _strategy_for(strategy: str, objective: _Objective, hidden, weight, head: _H
     """The strategy a call runs: auto takes fast unless the loss cannot, or its largest unit's d logits would take
     more memory than max(memory_budget, the fp32 [V, H] d-weight accumulator that fast holds anyway)."""
     check_strategy(strategy)
+    if vocab_shard(weight) is not None:
+        if strategy == "fast":
+            raise ValueError(
+                "strategy='fast' does not take a vocab-parallel weight (Shard(0) on the mesh dim 'tp') yet: "
+                "use 'auto' or 'lean' (lean runs it, with per-row statistics combined across the group)"
+            )
+        return "lean"
     if objective.not_fast is not None:
         if strategy == "fast":
             raise ValueError(f"strategy='fast' needs a loss that decomposes over examples: {objective.not_fast}")
@@ -437,7 +447,10 @@ def _fused_linear_loss(
     use_kernels = backend_for(hidden) != "torch"
     if _strategy_for(strategy, objective, hidden, weight, head, use_kernels) == "lean":
         if "mean_logps" in objective.extras:
-            raise ValueError("label_smoothing > 0 needs strategy 'fast' or 'auto' (the lean path has no mean log-prob)")
+            raise ValueError(
+                "label_smoothing > 0 needs strategy 'fast' or 'auto' (the lean path has no mean log-prob), "
+                "and a weight that is not vocab-parallel (those run lean)"
+            )
         stats = linear_token_stats(
             hidden,
             weight,
