@@ -10,10 +10,12 @@ only when given); log-probs, entropy and argmax are those of softmax(z).
   logits tiles and writes d a = d loss / d (hidden @ weight.T + bias) into the chunk buffer; two GEMMs then add
   d hidden += d a @ W[chunk] into an fp32 accumulator and write d W[chunk] = d a.T @ hidden with fp32
   accumulation. Deterministic (no atomics), and bf16 rounding touches each gradient once, at the end.
-- The torch path (CPU outside the interpreter, other devices) runs the same chunk loop in fp32 torch ops.
+- The torch path (CPU outside the interpreter, other devices) runs the same chunk loop in fp32 torch ops. When the
+  whole vocabulary fits one forward chunk, it keeps that chunk's fp32 logits for the backward instead of recomputing
+  them (6 N H V, as eager PyTorch): they are within `memory_budget`, and a CPU is short of FLOPs, not memory.
 
-Costs of one call: 8 N H V FLOPs for forward + backward (the backward recomputes the logits), and one host
-sync, to count the rows that are scored and reject labels outside [0, V).
+Costs of one call: 8 N H V FLOPs for forward + backward (the backward recomputes the logits; 6 where the torch path
+keeps them), and one host sync, to count the rows that are scored and reject labels outside [0, V).
 """
 
 from __future__ import annotations
@@ -113,7 +115,10 @@ def _torch_logits(h32, weight, bias, v0, v1, head: _Head) -> torch.Tensor:
 
 
 def _torch_fwd(x, weight, bias, rows, labels, head: _Head, outputs: Outputs):
-    """The forward kernel's contract (see `linear_logprobs_fwd`) in fp32 torch ops, a vocabulary chunk at a time."""
+    """The forward kernel's contract (see `linear_logprobs_fwd`) in fp32 torch ops, a vocabulary chunk at a time.
+
+    Returns (logp, lse, z, *extras): z the [M, V] fp32 logits of the scored rows when the vocabulary was one chunk
+    (for the backward), else None."""
     N, V, M = labels.numel(), weight.shape[0], rows.numel()
     dev = x.device
     h32 = _rows_of(x, rows).float()
@@ -145,6 +150,7 @@ def _torch_fwd(x, weight, bias, rows, labels, head: _Head, outputs: Outputs):
         here = (local >= 0) & (local < z.shape[1])
         z_label = torch.where(here, z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), z_label)
         m = m_new
+    kept = z if chunk == V else None
     lse = m + torch.log(s)
     logp = torch.zeros(N, device=dev)
     logp[rows] = torch.where(lab == head.ignore_index, 0.0, z_label - lse)
@@ -154,26 +160,29 @@ def _torch_fwd(x, weight, bias, rows, labels, head: _Head, outputs: Outputs):
         torch.zeros(N, device=dev, dtype=value.dtype).index_copy_(0, rows, value) if wanted else None
         for value, wanted in zip(per_row, outputs)
     ]
-    return logp, lse, *extras
+    return logp, lse, kept, *extras
 
 
-def _torch_dlogits(h32, weight, bias, lab, lse, g, entropy, gh, da, v0, head: _Head) -> None:
-    """The backward kernel's contract in fp32 torch ops: d a for columns [v0, v0 + da.shape[1]) into da."""
-    z = _torch_logits(h32, weight, bias, v0, v0 + da.shape[1], head)
-    logp = z - lse[:, None]
+def _torch_dlogits(h32, weight, bias, lab, lse, g, entropy, gh, da, v0, head: _Head, z=None) -> None:
+    """The backward kernel's contract in fp32 torch ops: d a for columns [v0, v0 + da.shape[1]) into da, from those
+    columns' logits z when the forward kept them (recomputed otherwise)."""
+    if z is None:
+        z = _torch_logits(h32, weight, bias, v0, v0 + da.shape[1], head)
+    logp = torch.sub(z, lse[:, None], out=da)
     # d logp / dz = onehot - p;  d H / dz = -p * (log p + H)
     if gh is None:
-        dz = logp.exp().mul_(-g[:, None])
+        da.exp_().mul_(-g[:, None])
     else:
-        dz = -logp.exp() * ((g + gh * entropy)[:, None] + gh[:, None] * logp)
+        p = logp.exp()
+        da.mul_(gh[:, None]).add_((g + gh * entropy)[:, None]).mul_(p).neg_()
     local = lab - v0
     here = (local >= 0) & (local < da.shape[1])
-    dz.scatter_add_(1, local.clamp(0, da.shape[1] - 1)[:, None], torch.where(here, g, 0.0)[:, None])
-    dz *= head.logit_scale / head.temperature
+    da.scatter_add_(1, local.clamp(0, da.shape[1] - 1)[:, None], torch.where(here, g, 0.0)[:, None])
     if head.softcap is not None:
         th = z * (head.temperature / head.softcap)
-        dz *= 1 - th * th
-    da.copy_(dz)
+        da *= th.mul_(th).neg_().add_(1).mul_(head.logit_scale / head.temperature)
+    elif head.logit_scale != head.temperature:
+        da *= head.logit_scale / head.temperature
 
 
 # ---------------------------------------------------------------------------------------------- autograd
@@ -193,11 +202,12 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             if use_kernels:
                 args = (head.ignore_index, head.temperature, head.softcap, head.logit_scale)
                 logp, lse, *extras = linear_logprobs_fwd(x, weight, bias, rows, flat_labels, *args, outputs)
+                logits = None
             else:
-                logp, lse, *extras = _torch_fwd(x, weight, bias, rows, flat_labels, head, outputs)
+                logp, lse, logits, *extras = _torch_fwd(x, weight, bias, rows, flat_labels, head, outputs)
 
         entropy = extras[0]
-        ctx.save_for_backward(hidden, weight, bias, rows, flat_labels, lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, rows, flat_labels, lse, entropy, logits)
         ctx.head, ctx.use_kernels = head, use_kernels
         ctx.set_materialize_grads(False)
         extras = [None if e is None else e.view(labels.shape) for e in extras]
@@ -208,7 +218,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dlogp, dentropy, *_non_differentiable):
         """A vocabulary chunk at a time: d a for the chunk (kernel or torch), then the two fp32-accumulating GEMMs."""
-        hidden, weight, bias, rows, labels, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, rows, labels, lse, entropy, logits = ctx.saved_tensors
         head: _Head = ctx.head
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         x = as_btv(hidden)
@@ -245,7 +255,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                     args = (head.ignore_index, head.temperature, head.softcap, head.logit_scale)
                     linear_logprobs_bwd(x, weight, bias, rows, labels, lse, g, ent, gh, da, v0, *args)
                 else:
-                    _torch_dlogits(h_rows, weight, bias, lab, lse, g, ent, gh, da, v0, head)
+                    z = None if logits is None else logits[:, v0:v1]
+                    _torch_dlogits(h_rows, weight, bias, lab, lse, g, ent, gh, da, v0, head, z)
                 if need_h:
                     _addmm_fp32(dh32, da, weight[v0:v1])
                 if need_w:
@@ -374,7 +385,8 @@ def linear_token_stats(
         mean_logits: return mean_v z at every position (default False).
         memory_budget: bytes for the backward's vocabulary chunk, the only logits-sized buffer of a call
             (default DEFAULT_MEMORY_BUDGET, 256 MiB; a chunk holds at least one vocabulary tile). Besides it, the
-            backward holds an fp32 accumulator for d hidden (4 bytes per scored row and hidden unit).
+            backward holds an fp32 accumulator for d hidden (4 bytes per scored row and hidden unit). On the torch
+            path, when the fp32 logits of the scored rows fit one forward chunk, they stay until the backward.
 
     Weight and bias are computed in hidden's dtype, or in the autocast dtype inside torch.autocast (cast like
     F.linear does); gradients reach hidden, weight and bias. Only rows whose label is not ignore_index cost work,
