@@ -48,18 +48,19 @@ from fastalign.ift import check_gamma, ift_loss
 from fastalign.kernels.fused_linear_loss import logits_grad, logits_stats
 from fastalign.kernels.linear_logprobs import Outputs
 from fastalign.linear_logprobs import (
+    _TORCH_BLOCK_ELEMENTS,
     _fast_mm,
     _Head,
     _prepare,
+    _row_blocks,
     _rows_of,
+    _torch_stats,
     linear_token_logprobs,
     linear_token_stats,
 )
 
 STRATEGIES = ("auto", "fast", "lean")
 _NONE = Outputs()  # no per-token extras
-# Rows per block of the torch path's elementwise work, so its temporaries stay near 16 MB whatever the chunk.
-_TORCH_BLOCK_ELEMENTS = 2**22
 
 
 # Per-token values a loss may read besides the label log-probs, [R, T] float32 each: log sum_v p_v^2 and mean_v z
@@ -138,44 +139,6 @@ def _pieces(V: int, floats_per_column: int) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------------------------------------- elementwise (torch)
 # The torch path works in place on the chunk buffer, which holds the raw logits a, then log p (after `_torch_stats`),
 # then d logits (after `_torch_dlogits`): a fresh [rows, V] temporary costs more in page faults than its arithmetic.
-
-
-def _torch_chain_(a: torch.Tensor, bias: torch.Tensor | None, head: _Head) -> torch.Tensor:
-    """a -> z = softcap * tanh(logit_scale * (a + bias) / softcap) / temperature, in place."""
-    if bias is not None:
-        a += bias.float()
-    if head.logit_scale != 1.0:
-        a *= head.logit_scale
-    if head.softcap is not None:
-        a.div_(head.softcap).tanh_().mul_(head.softcap)
-    if head.temperature != 1.0:
-        a /= head.temperature
-    return a
-
-
-def _row_blocks(rows: int, V: int) -> list[tuple[int, int]]:
-    step = max(1, _TORCH_BLOCK_ELEMENTS // V)
-    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-
-
-def _torch_stats(a, bias, labels, head: _Head, outputs: Outputs):
-    """`logits_stats` on the torch path, turning a [rows, V] fp32 into log p in place."""
-    z = _torch_chain_(a, bias, head)
-    z_label = z.gather(1, labels[:, None]).squeeze(1)
-    torch.ops.aten._log_softmax.out(z, 1, False, out=z)  # row by row: safe in place
-    logp = z
-    lse = z_label - logp.gather(1, labels[:, None]).squeeze(1)
-    entropy = argmax = log_sum_sq = mean = None
-    blocks = _row_blocks(*a.shape)
-    if outputs.entropy:
-        entropy = torch.cat([-(logp[r0:r1].exp() * logp[r0:r1]).sum(1) for r0, r1 in blocks])
-    if outputs.argmax:
-        argmax = logp.argmax(1)  # the first maximum of z, as torch.argmax
-    if outputs.log_sum_sq_probs:
-        log_sum_sq = torch.cat([torch.logsumexp(2 * logp[r0:r1], 1) for r0, r1 in blocks])
-    if outputs.mean_logits:
-        mean = logp.mean(1) + lse
-    return lse, z_label, entropy, argmax, log_sum_sq, mean
 
 
 def _torch_dlogits(a, labels, lse, coef, coef_mean, head: _Head) -> None:
