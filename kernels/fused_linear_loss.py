@@ -276,10 +276,10 @@ def _launch_case(dtype: torch.dtype, M: int, V: int, features: bool) -> None:
 
 def compile_specs() -> list[LaunchCase]:
     """The target's chunk (bf16 V=128256: 348 rows fill the default 256 MiB budget at 6 bytes per logit), without and
-    with every feature; fp16 and fp32 (d logits in place); an odd vocabulary (32001)."""
+    with every feature; fp16 and fp32 (d logits in place); each at an odd vocabulary (32001) too."""
     M, V = 348, 128256
     trips = {"_logits_stats_kernel": lambda a: (triton.cdiv(a["V"], a["BLOCK_V"]),)}
-    shapes = [(torch.bfloat16, V), (torch.float16, V), (torch.float32, V), (torch.bfloat16, 32001)]
+    shapes = list(itertools.product((torch.bfloat16, torch.float16, torch.float32), (V, 32001)))
     cases = []
     for (dtype, v), features in itertools.product(shapes, (False, True)):
         # Floor: the stats read the fp32 logits; the gradient reads them again and writes d logits.
