@@ -18,7 +18,7 @@ from fastalign.optim import _torch_path
 from fastalign.optim._dare import dare_keep, dare_key
 from fastalign.optim._launch import Launch, Slot, kernel_nonfinite, kernel_step, step_sizes
 from fastalign.optim._layout import FlatShard, Layout, layout_of, like_param, local_part, local_tensor
-from fastalign.optim._select import topk_count
+from fastalign.optim._select import Runs, topk_count
 
 METHODS = ("ondare", "onties")
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -72,7 +72,8 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
 
     Args:
         params: parameters or param groups, as for torch.optim (named parameters work too);
-            fp32/bf16/fp16, plain tensors or FSDP2 DTensors (Shard(0)).
+            fp32/bf16/fp16, plain tensors or DTensors sharded along dims 0 and 1 (FSDP2, HSDP,
+            FSDP x TP), or flat shards (see flat_shards).
         lr, betas, eps, weight_decay: AdamW's (defaults 1e-3, (0.9, 0.999), 1e-8, 0.0).
         method: "ondare" or "onties" (default "ondare").
         reserve_p: fraction of entries kept, in (0, 1] (default 1.0).
@@ -283,12 +284,16 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
         flat = tau.view(-1)
         if group["method"] == "ondare":
             if reserve_p < 1.0:
-                keep = dare_keep(group["seed"], 0, self._index[p], layout.offset, flat.numel(), reserve_p, flat.device)
+                keep = dare_keep(
+                    group["seed"], 0, self._index[p], layout.offset, flat.numel(), reserve_p, flat.device, layout.run,
+                    layout.run_stride,
+                )  # fmt: skip
                 flat = torch.where(keep, flat * torch.tensor(1.0 / reserve_p, dtype=torch.float32).item(), 0.0)
             return flat.clamp(-group["clip"], group["clip"]).view(tau.shape)
         k = topk_count(reserve_p, layout.numel)
         flat = flat.clone()
-        _torch_path.topk_select(flat, [flat.numel()], [k], [k < layout.numel], [layout.offset], layout.group)
+        runs = Runs.of([(layout.offset, flat.numel(), layout.run, layout.run_stride)], layout.group, flat.device)
+        _torch_path.topk_select(flat, [flat.numel()], [k], [k < layout.numel], runs)
         return flat.view(tau.shape)
 
     # ------------------------------------------------------------------------- step
@@ -315,6 +320,8 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
                     cached_delta=local_tensor(state["cached_delta"]) if group["online_step"] > 1 else None,
                     step=state["step"],
                     offset=layout.offset,
+                    run=layout.run,
+                    run_stride=layout.run_stride,
                     numel=layout.numel,
                     dare_key=dare_key(group["seed"], self._index[p]),
                 )
@@ -373,7 +380,7 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
             scale = None if grad_scale is None else grad_scale.to(launch.device, torch.float32)
             t, step_size = step_sizes(launch)
             if backend_for(launch.slots[0].param) == "torch":
-                _torch_path.torch_step(launch, t, step_size, flag, scale)
+                _torch_path.torch_step(launch, t, step_size, flag, scale, self._tables)
             else:
                 kernel_step(
                     launch,
