@@ -359,9 +359,12 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
         if len(flags) > 1:
             total = sum(f.to(next(iter(flags))) for f in flags.values())
             flags = {d: total.to(d) for d in flags}
-        for pg in {launch.group for launch in launches if launch.group is not None}:
-            flag = flags[next(launch.device for launch in launches if launch.group is pg)]
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
+        # Every process reduces over its groups in one global order (smaller groups first, then by
+        # their ranks), so overlapping groups of a 2-D mesh cannot wait on each other; the largest
+        # (FSDP x TP's flattened mesh) comes last and leaves every process of it with one flag.
+        groups = {id(launch.group): launch for launch in launches if launch.group is not None}
+        for launch in sorted(groups.values(), key=lambda la: _group_order(la.group)):
+            dist.all_reduce(flags[launch.device], op=dist.ReduceOp.MAX, group=launch.group)
         return flags
 
     @torch.no_grad()
@@ -436,6 +439,12 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
             if isinstance(p, DTensor) or tuple(value.shape) != tuple(local.shape):
                 value = local_part(value, self._layouts[p], local)  # a whole-parameter tensor
         return like_param(value.detach().to(local.device, dtype).contiguous().clone(), p)
+
+
+def _group_order(group) -> tuple[int, list[int]]:
+    """A process group's place in an order every process agrees on: its size, then its ranks."""
+    ranks = sorted(dist.get_process_group_ranks(group))
+    return len(ranks), ranks
 
 
 def _laid_out_like(value: DTensor, p: torch.Tensor) -> bool:
