@@ -28,6 +28,35 @@ TORCH_CHUNK_BYTES = 32 * 2**20
 _forced: Backend | None = None
 
 
+def _patch_interpreter_index() -> None:
+    """Triton's interpreter before 3.7 converts a scalar to a Python int with int() of its shape-(1,) numpy array,
+    which numpy >= 2.4 rejects ("only 0-dimensional arrays can be converted"), so every `range(0, V, BLOCK)` over a
+    runtime bound fails. Newer interpreters squeeze the array first; this does the same under numpy >= 2.4 (for them it
+    is the same conversion). It only touches the interpreter: compiled kernels are unchanged."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    try:
+        int(np.ones(1, dtype=np.int32))
+        return  # numpy < 2.4: the interpreter's own conversion works
+    except TypeError:
+        pass
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "squeezes_index", False):
+        return
+
+    def patch_tensor_squeezing_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch_tensor_squeezing_index.squeezes_index = True
+    interpreter._patch_lang_tensor = patch_tensor_squeezing_index
+
+
+if INTERPRET:
+    _patch_interpreter_index()
+
+
 @contextmanager
 def forced_backend(backend: Backend) -> Iterator[None]:
     """Run every op in this block on `backend` whatever the device: tests and benchmarks use it
@@ -72,10 +101,12 @@ def check_labels(name: str, labels: torch.Tensor, shape: torch.Size, device: tor
 def check_label_range(name: str, labels: torch.Tensor, vocab: int, ignore_index: int | None) -> None:
     """Raises on a label outside [0, vocab) that is not ignore_index (None: every id counts). Syncs with the
     device."""
-    bad = (labels < 0) | (labels >= vocab)
-    if ignore_index is not None:
-        bad &= labels != ignore_index
-    if bool(bad.any()):
+    if labels.numel() == 0:
+        return
+    ids = labels if ignore_index is None else labels.masked_fill(labels == ignore_index, 0)
+    low, high = torch.aminmax(ids)  # one pass and one sync; the mask of bad ids only on the way to the error
+    if low < 0 or high >= vocab:
+        bad = (ids < 0) | (ids >= vocab)
         raise label_range_error(name, labels, bad, vocab, ignore_index)
 
 
@@ -121,10 +152,17 @@ def as_btv(x: torch.Tensor) -> torch.Tensor:
     return x.as_strided((B, T, V), (stride_b, stride_t, 1))
 
 
-def row_chunks(x: torch.Tensor, bytes_per_row: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yields (first row, [rows, V] view) over the rows of a [B, T, V] view, each chunk within budget."""
-    B, T, _ = x.shape
-    rows = max(1, TORCH_CHUNK_BYTES // max(1, bytes_per_row))
+def row_chunks(B: int, T: int, rows: int) -> Iterator[tuple[int, int, tuple[slice, slice]]]:
+    """Splits the rows of a [B, T, ...] tensor into chunks of at most `rows` rows, in order: yields (first row, row
+    count, index), with `x[index]` the chunk's [b, t, ...] view. Whole sequences go together when they fit (few
+    Python steps for short ones), else pieces of one."""
+    if B * T == 0:
+        return
+    if T <= rows:
+        step = rows // T
+        for b0 in range(0, B, step):
+            yield b0 * T, min(step, B - b0) * T, (slice(b0, b0 + step), slice(None))
+        return
     for b in range(B):
         for t0 in range(0, T, rows):
-            yield b * T + t0, x[b, t0 : t0 + rows]
+            yield b * T + t0, min(rows, T - t0), (slice(b, b + 1), slice(t0, t0 + rows))

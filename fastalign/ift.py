@@ -89,11 +89,13 @@ def ift_loss(token_logps: torch.Tensor, mask: torch.Tensor, *, gamma: float = 0.
             reverse cumulative sum.
 
     Returns:
-        Scalar float32 loss. A sequence with no token in the mask contributes 0, and no gradient.
+        Scalar float32 loss. A sequence with no token in the mask (T = 0 included) contributes 0, and no
+        gradient. An empty batch (B = 0) raises ValueError, as `dpo_loss` does.
     """
     check_float("token_logps", token_logps)
-    if token_logps.dim() != 2:
-        raise ValueError(f"token_logps must have shape [B, T]; got {tuple(token_logps.shape)}")
+    if token_logps.dim() != 2 or token_logps.shape[0] == 0:
+        # The mean over no sequences would be NaN; dpo_loss raises on an empty batch too.
+        raise ValueError(f"token_logps must have shape [B, T] with B >= 1; got {tuple(token_logps.shape)}")
     if not isinstance(mask, torch.Tensor) or mask.dtype.is_floating_point or mask.dtype.is_complex:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise TypeError(f"mask must be a bool (or integer 0/1) tensor; got {got}")
@@ -126,8 +128,8 @@ def ift_loss_from_logits(
     The per-token log-probs come from the fused kernel and the loss's gradient flows back through its
     backward, so no float32 [tokens, vocab] temporary exists. inplace_backward: see `token_logprobs`.
     """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must have shape [B, T, V]; got {tuple(logits.shape)}")
+    if logits.dim() != 3 or logits.shape[0] == 0:
+        raise ValueError(f"logits must have shape [B, T, V] with B >= 1; got {tuple(logits.shape)}")
     gamma = check_gamma(gamma)
     token_logps = token_logprobs(logits, labels, ignore_index=ignore_index, inplace_backward=inplace_backward)
     return ift_loss(token_logps, labels != ignore_index, gamma=gamma)
@@ -158,7 +160,7 @@ class _IFTInputsEmbeds(torch.autograd.Function):
         # d weight: each output row scatters (1 - lam) * g to its token's row and lam * g to the shifted
         # prediction's row (1 * g to the token on prompt and padding).
         response = (labels != ctx.ignore_index).reshape(-1, 1)
-        g = dout.reshape(-1, dout.shape[-1]).float()
+        g = dout.reshape(input_ids.numel(), dout.shape[-1]).float()  # not (-1, D): D may be 0
         dweight = torch.zeros(ctx.vocab, g.shape[1], device=g.device, dtype=torch.float32)
         dweight.index_add_(0, input_ids.reshape(-1), torch.where(response, (1 - ctx.lam) * g, g))
         mixed = _shifted_predictions(input_ids, predicted_ids).reshape(-1)
@@ -166,17 +168,26 @@ class _IFTInputsEmbeds(torch.autograd.Function):
         return dweight.to(dout.dtype), None, None, None, None, None
 
 
+def _mixed_ids(input_ids: torch.Tensor, predicted_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    """[B, T]: the id whose embedding is mixed in at each position: the shifted prediction on response positions,
+    the token itself on prompt and padding."""
+    return torch.where(labels == ignore_index, input_ids, _shifted_predictions(input_ids, predicted_ids))
+
+
+def _check_read_ids(input_ids, predicted_ids, labels, ignore_index, vocab) -> None:
+    """Raises on an id outside [0, vocab) among those the op reads (a prediction at a prompt position is not read)."""
+    check_label_range("input_ids", input_ids, vocab, None)
+    check_label_range("predicted_ids", _mixed_ids(input_ids, predicted_ids, labels, ignore_index), vocab, None)
+
+
 def _ift_inputs_embeds_torch(weight, input_ids, predicted_ids, labels, lam, ignore_index):
-    embeds = F.embedding(input_ids, weight)
-    mixed = F.embedding(_shifted_predictions(input_ids, predicted_ids), weight)
-    response = (labels != ignore_index).unsqueeze(-1)
-    return torch.where(response, ((1 - lam) * embeds.float() + lam * mixed.float()).to(weight.dtype), embeds)
-
-
-def _check_ids(name: str, ids: torch.Tensor, shape: torch.Size, what: str, device: torch.device, vocab: int) -> None:
-    check_labels(name, ids, shape, device, what)
-    if device.type == "cpu":
-        check_label_range(name, ids, vocab, None)
+    # Prompt and padding rows mix a token with itself: lerp(e, e, lam) is e exactly, so they stay bit-exact copies.
+    mixed_ids = _mixed_ids(input_ids, predicted_ids, labels, ignore_index)
+    try:
+        return torch.lerp(F.embedding(input_ids, weight), F.embedding(mixed_ids, weight), lam)
+    except IndexError:  # F.embedding range-checks what it reads, at no extra cost: name the argument at fault
+        _check_read_ids(input_ids, predicted_ids, labels, ignore_index, weight.shape[0])
+        raise
 
 
 def ift_inputs_embeds(
@@ -205,6 +216,9 @@ def ift_inputs_embeds(
         lam: the mixing weight lambda in [0, 1] (default 0.2, the official default).
         ignore_index: label value of non-response positions (default -100).
 
+    An id outside [0, V) that is read (every input id; a prediction where it is mixed in) raises ValueError on the
+    CPU, and gives a NaN row on CUDA.
+
     Returns:
         [B, T, D] in the weight's dtype.
     """
@@ -217,14 +231,16 @@ def ift_inputs_embeds(
     if not (isinstance(lam, (int, float)) and 0 <= lam <= 1):
         raise ValueError(f"lam must be a number in [0, 1]; got {lam!r}")
     device, (B, T), vocab = embedding_weight.device, input_ids.shape, embedding_weight.shape[0]
-    _check_ids("input_ids", input_ids, input_ids.shape, "[B, T]", device, vocab)
+    check_labels("input_ids", input_ids, input_ids.shape, device, "[B, T]")
     check_labels("labels", labels, input_ids.shape, device, "input_ids.shape")
     full = isinstance(predicted_ids, torch.Tensor) and predicted_ids.shape == (B, T)
     predicted_shape = torch.Size([B, T] if full else [B, max(T - 1, 0)])
     what = f"[B, T] or [B, T - 1] with (B, T) = {(B, T)}"
-    _check_ids("predicted_ids", predicted_ids, predicted_shape, what, device, vocab)
+    check_labels("predicted_ids", predicted_ids, predicted_shape, device, what)
     input_ids, predicted_ids, labels = (x.to(torch.int64) for x in (input_ids, predicted_ids, labels))
     if backend_for(embedding_weight) == "torch":
         return _ift_inputs_embeds_torch(embedding_weight, input_ids, predicted_ids, labels, float(lam), ignore_index)
+    if device.type == "cpu":  # the interpreter; compiled kernels give NaN rows for bad ids instead
+        _check_read_ids(input_ids, predicted_ids, labels, ignore_index, vocab)
     weight = embedding_weight if embedding_weight.stride(-1) == 1 else embedding_weight.contiguous()
     return _IFTInputsEmbeds.apply(weight, input_ids, predicted_ids, labels, float(lam), ignore_index)

@@ -30,59 +30,96 @@ class TokenStats(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Torch path: the same math, a chunk of rows at a time, for CPU tensors outside the interpreter.
+# Torch path: the same math for CPU tensors outside the interpreter, a chunk of rows at a time through one float32
+# buffer of about 4 MiB, so every pass after a chunk's first reads the cache rather than memory, and nothing of
+# [tokens, vocab] size is allocated. torch's fused (log_)softmax does the exponentials: a standalone exp over the
+# chunk costs several times as much on the CPU.
+
+_TORCH_BUFFER_BYTES = 4 * 2**20
+# In float32, p = 0 wherever log p < -104, so clamping log p there keeps p * log p an exact 0 (not 0 * -inf).
+_LOG_P_FLOOR = -1000.0
 
 
-def _log_softmax_fp32(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
-    if temperature == 1.0:
-        return torch.log_softmax(chunk, -1, dtype=torch.float32)  # upcasts inside the fused op
-    return torch.log_softmax(chunk.float() / temperature, -1)  # .float() may alias the logits
+def _chunk_rows(V: int) -> int:
+    return max(1, _TORCH_BUFFER_BYTES // (4 * V))
 
 
-def _torch_fwd(x, labels, ignore_index, temperature, return_entropy, return_argmax):
-    N = labels.numel()
-    V = x.shape[-1]
+def _scaled(chunk: torch.Tensor, temperature: float, buf: torch.Tensor) -> torch.Tensor:
+    """chunk / temperature as float32: the chunk itself when it already is that, else written into buf."""
+    if chunk.dtype == torch.float32 and temperature == 1.0:
+        return chunk
+    z = buf.view(chunk.shape)
+    z.copy_(chunk)  # upcast first: dividing in bf16 would round z
+    return z if temperature == 1.0 else z.div_(temperature)
+
+
+def _torch_fwd(x, labels, ignore_index, temperature, return_entropy, return_argmax, return_sum_sq, return_mean):
+    B, T, V = x.shape
+    N = B * T
     logp = torch.empty(N, device=x.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if return_entropy else None
     argmax = torch.empty(N, device=x.device, dtype=torch.int64) if return_argmax else None
-    for r0, chunk in row_chunks(x, 3 * 4 * V):
-        r1 = r0 + chunk.shape[0]
+    log_sum_sq = torch.empty_like(logp) if return_sum_sq else None
+    mean = torch.empty_like(logp) if return_mean else None
+    rows = min(_chunk_rows(V), max(N, 1))
+    buf = torch.empty(rows, V, device=x.device, dtype=torch.float32)
+    p_buf = torch.empty_like(buf) if return_entropy or return_sum_sq else None
+    for r0, n, index in row_chunks(B, T, rows):
+        r1 = r0 + n
+        z = _scaled(x[index], temperature, buf[:n])
+        z_max = z.amax(-1).view(n)
+        if return_argmax:
+            argmax[r0:r1] = z.argmax(-1).view(n)
+            nan_rows = z_max.isnan()
+            if nan_rows.any():  # torch takes NaN for the maximum; the kernels' max skips NaN, as compiled Triton's
+                zn = z.reshape(n, V)[nan_rows]
+                argmax[r0:r1][nan_rows] = zn.masked_fill(zn.isnan(), float("-inf")).argmax(-1)
+        if return_mean:
+            mean[r0:r1] = z.sum(-1).view(n) / V
+        ls = buf[:n]
+        torch.log_softmax(z, -1, out=ls.view(z.shape))  # may overwrite z: each row is read before it is written
         lab = labels[r0:r1]
-        ls = _log_softmax_fp32(chunk, temperature)
         ls_label = ls.gather(-1, lab.clamp(0, V - 1).unsqueeze(-1)).squeeze(-1)
         logp[r0:r1] = torch.where(lab == ignore_index, 0.0, ls_label)
-        # lse = z - log_softmax(z) at the max, where log_softmax is in [-log V, 0]: well conditioned.
-        z_max, i_max = chunk.max(-1)
-        lse[r0:r1] = z_max.float() / temperature - ls.gather(-1, i_max.unsqueeze(-1)).squeeze(-1)
-        if return_entropy:
-            # Clamping -inf log-probs makes their p * log p an exact 0 instead of 0 * -inf = NaN.
-            entropy[r0:r1] = -(ls.exp() * ls.clamp(min=torch.finfo(torch.float32).min)).sum(-1)
-        if return_argmax:
-            argmax[r0:r1] = i_max
-    return logp, lse, entropy, argmax
+        # log_softmax at the maximum is -log(sum exp(z - max)), in [-log V, 0]: lse = max - max(log_softmax) is
+        # well conditioned.
+        lse[r0:r1] = z_max - ls.amax(-1)
+        if p_buf is not None:
+            p = torch.softmax(ls, -1, out=p_buf[:n])  # softmax of log-probs is the probabilities
+            # In place and through torch's sum (pairwise: a BLAS dot lost 1e-4 over 128k terms); ls, then p, is spent.
+            if return_entropy:
+                entropy[r0:r1] = -ls.clamp_(min=_LOG_P_FLOOR).mul_(p).sum(-1)
+            if return_sum_sq:
+                log_sum_sq[r0:r1] = p.square_().sum(-1).log_()
+    return logp, lse, entropy, argmax, log_sum_sq, mean
 
 
 def _torch_bwd(x, dx, labels, lse, dlogp, entropy, dentropy, ignore_index, temperature):
-    T, V = x.shape[1:]
-    for r0, chunk in row_chunks(x, 3 * 4 * V):
-        r1 = r0 + chunk.shape[0]
-        lab = labels[r0:r1]
-        ls = _log_softmax_fp32(chunk, temperature)
-        g = torch.where(lab == ignore_index, 0.0, dlogp[r0:r1]).unsqueeze(-1)
-        # d logp / dz = onehot - p;  d H / dz = -p * (log p + H)
+    """d logits = (g (onehot - p) - gh p (log p + H)) / temperature into dx (which may be x): softmax is recomputed by
+    torch's fused kernel, faster on the CPU than exp(z - lse)."""
+    B, T, V = x.shape
+    rows = min(_chunk_rows(V), max(B * T, 1))
+    buf = torch.empty(rows, V, device=x.device, dtype=torch.float32)
+    ls_buf = torch.empty_like(buf) if dentropy is not None else None
+    g_all = torch.where(labels == ignore_index, 0.0, dlogp) / temperature
+    for r0, n, index in row_chunks(B, T, rows):
+        r1 = r0 + n
+        z = _scaled(x[index], temperature, buf[:n])
+        column = (*z.shape[:-1], 1)  # one value per row, broadcast over the vocabulary
+        g = g_all[r0:r1].view(column)
+        # A float32 gradient is written in place; a bf16/fp16 one goes through the buffer, rounded once at the end.
+        dz = dx[index] if dx.dtype == torch.float32 else buf[:n].view(z.shape)
         if dentropy is None:
-            dz = ls.exp().mul_(-g)
+            torch.softmax(z, -1, out=dz).mul_(-g)
         else:
-            gh = dentropy[r0:r1].unsqueeze(-1)
-            p = ls.exp()
-            # p = 0 at -inf logits, where log p + H is -inf: their gradient is 0, not NaN.
-            dz = torch.where(p > 0, p * (-g - gh * (ls + entropy[r0:r1].unsqueeze(-1))), 0.0)
-        dz.scatter_add_(-1, lab.clamp(0, V - 1).unsqueeze(-1), g)
-        if temperature != 1.0:
-            dz /= temperature
-        b, t0 = divmod(r0, T)
-        dx[b, t0 : t0 + chunk.shape[0]] = dz
+            ls = torch.log_softmax(z, -1, out=ls_buf[:n].view(z.shape))
+            torch.softmax(z, -1, out=dz)
+            gh = dentropy[r0:r1].view(column) / temperature
+            dz.mul_(ls.clamp_(min=_LOG_P_FLOOR).add_(entropy[r0:r1].view(column)).mul_(gh).add_(g)).neg_()
+        dz.scatter_add_(-1, labels[r0:r1].clamp(0, V - 1).view(column), g)  # + g onehot
+        if dz.dtype != dx.dtype:
+            dx[index].copy_(dz)  # after the last read of x[index]: dx may be x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,25 +127,25 @@ def _torch_bwd(x, dx, labels, lse, dlogp, entropy, dentropy, ignore_index, tempe
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, temperature, return_entropy, return_argmax, inplace_backward):
+    def forward(ctx, logits, labels, ignore_index, temperature, extras, inplace_backward):
         x = as_btv(logits)
         flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
         use_kernels = backend_for(logits) != "torch"
         fwd = token_logprobs_fwd if use_kernels else _torch_fwd
-        logp, lse, entropy, argmax = fwd(x, flat_labels, ignore_index, temperature, return_entropy, return_argmax)
+        logp, lse, entropy, argmax, log_sum_sq, mean = fwd(x, flat_labels, ignore_index, temperature, *extras)
 
         ctx.save_for_backward(logits, flat_labels, lse, entropy)
         ctx.ignore_index, ctx.temperature = ignore_index, temperature
         ctx.inplace_backward, ctx.use_kernels = inplace_backward, use_kernels
-        if argmax is not None:
-            ctx.mark_non_differentiable(argmax)
-            argmax = argmax.view(labels.shape)
         ctx.set_materialize_grads(False)
-        shape = labels.shape
-        return logp.view(shape), None if entropy is None else entropy.view(shape), argmax
+        logp, entropy, argmax, log_sum_sq, mean = (
+            None if t is None else t.view(labels.shape) for t in (logp, entropy, argmax, log_sum_sq, mean)
+        )
+        ctx.mark_non_differentiable(*(t for t in (argmax, log_sum_sq, mean) if t is not None))
+        return logp, entropy, argmax, log_sum_sq, mean
 
     @staticmethod
-    def backward(ctx, dlogp, dentropy, _dargmax):
+    def backward(ctx, dlogp, dentropy, *_non_differentiable):
         logits, labels, lse, entropy = ctx.saved_tensors
         x = as_btv(logits)
         # In place: the gradient overwrites the logits buffer, saving a [tokens, vocab] allocation.
@@ -121,7 +158,7 @@ class _TokenLogprobs(torch.autograd.Function):
         bwd = token_logprobs_bwd if ctx.use_kernels else _torch_bwd
         bwd(x, dx, labels, lse, dlogp, entropy, dentropy, ctx.ignore_index, ctx.temperature)
         dlogits = logits if inplace else dx.view(logits.shape)
-        return dlogits, None, None, None, None, None, None
+        return dlogits, None, None, None, None, None
 
 
 def token_stats(
@@ -132,6 +169,8 @@ def token_stats(
     temperature: float = 1.0,
     entropy: bool = True,
     argmax: bool = True,
+    log_sum_sq_probs: bool = False,
+    mean_logits: bool = False,
     inplace_backward: bool = False,
     strict: bool = False,
 ) -> TokenStats:
@@ -145,13 +184,18 @@ def token_stats(
         entropy: return the entropy of softmax(logits / temperature) at every position; it is
             differentiable (default True).
         argmax: return the greedy token at every position (default True).
+        log_sum_sq_probs: return log(sum_v p_v^2) of softmax(logits / temperature) at every position, float32,
+            not differentiable (WPO's weights and TRL's fused head use it; default False).
+        mean_logits: return the mean over the vocabulary of logits / temperature at every position, float32,
+            not differentiable (TRL's `logits/*` metrics; default False).
         inplace_backward: write d logits over the logits buffer in backward (default False). Only
             safe when nothing else needs the logits after this op's backward.
         strict: on CUDA, raise on a label outside [0, V) instead of returning NaN for it; this
             syncs with the device. On the CPU such a label always raises.
 
     Returns:
-        TokenStats(logprobs, entropy, argmax), each shaped like `labels`.
+        TokenStats(logprobs, entropy, argmax, log_sum_sq_probs, mean_logits), each shaped like `labels`; a field
+        not asked for is None.
     """
     check_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
@@ -162,10 +206,8 @@ def token_stats(
         raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
     if strict or logits.device.type == "cpu":
         check_label_range("labels", labels, logits.shape[-1], ignore_index)
-    logp, ent, amax = _TokenLogprobs.apply(
-        logits, labels, ignore_index, float(temperature), entropy, argmax, inplace_backward
-    )
-    return TokenStats(logp, ent, amax)
+    extras = (entropy, argmax, log_sum_sq_probs, mean_logits)
+    return TokenStats(*_TokenLogprobs.apply(logits, labels, ignore_index, float(temperature), extras, inplace_backward))
 
 
 def token_logprobs(

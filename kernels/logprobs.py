@@ -6,11 +6,14 @@ row r lives at (r // T) * stride_b + (r % T) * stride_t and a sliced `logits[:, 
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from . import TRITON_DTYPE, CompileSpec
+from . import TRITON_DTYPE, LaunchCase, meta
 
 # Bytes per loop iteration of the forward pass. 16 KiB keeps 4 x 16-byte loads in flight per
 # thread at 8 warps, which is enough to saturate HBM with two programs per SM.
@@ -26,6 +29,8 @@ def _token_logprobs_fwd_kernel(
     p_lse,  # [N] fp32 out: logsumexp(logits / temperature)
     p_entropy,  # [N] fp32 out, if RETURN_ENTROPY
     p_argmax,  # [N] int64 out, if RETURN_ARGMAX
+    p_log_sum_sq,  # [N] fp32 out: log(sum_v p_v^2), if RETURN_SUM_SQ
+    p_mean,  # [N] fp32 out: mean_v z, if RETURN_MEAN
     T,
     stride_b,
     stride_t,
@@ -35,6 +40,8 @@ def _token_logprobs_fwd_kernel(
     BLOCK_V: tl.constexpr,
     RETURN_ENTROPY: tl.constexpr,
     RETURN_ARGMAX: tl.constexpr,
+    RETURN_SUM_SQ: tl.constexpr,
+    RETURN_MEAN: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
     p_row = p_logits + (i_n // T) * stride_b + (i_n % T) * stride_t
@@ -43,8 +50,8 @@ def _token_logprobs_fwd_kernel(
     in_range = (label >= 0) & (label < V)
     readable = in_range & (label != ignore_index)
 
-    # Rows with an ignored label cost nothing unless the caller wants their entropy or argmax.
-    if RETURN_ENTROPY or RETURN_ARGMAX:
+    # Rows with an ignored label cost nothing unless the caller wants an extra (every position gets those).
+    if RETURN_ENTROPY or RETURN_ARGMAX or RETURN_SUM_SQ or RETURN_MEAN:
         v_end = V
     else:
         v_end = tl.where(ignored, 0, V)
@@ -52,6 +59,8 @@ def _token_logprobs_fwd_kernel(
     m = tl.full((), float("-inf"), tl.float32)  # running max of z = logits / temperature
     s = tl.zeros((), tl.float32)  # running sum of exp(z - m)
     t = tl.zeros((), tl.float32)  # running sum of exp(z - m) * z, for the entropy
+    s2 = tl.zeros((), tl.float32)  # running sum of exp(2 (z - m)), for log sum p^2
+    z_sum = tl.zeros((), tl.float32)  # running sum of z, for the mean
     best = tl.full((), float("-inf"), tl.float32)
     best_idx = tl.zeros((), tl.int64)
     for v0 in range(0, v_end, BLOCK_V):
@@ -67,10 +76,16 @@ def _token_logprobs_fwd_kernel(
         if RETURN_ENTROPY:
             # exp(z - m) * z is 0 * -inf = NaN for -inf logits; they contribute nothing.
             t = t * scale + tl.sum(tl.where(b_e > 0, b_e * b_z, 0.0), 0)
+        if RETURN_SUM_SQ:
+            s2 = s2 * scale * scale + tl.sum(b_e * b_e, 0)
+        if RETURN_MEAN:
+            z_sum += tl.sum(tl.where(m_v, b_z, 0.0), 0)
         if RETURN_ARGMAX:
-            # Strict > keeps the first maximum, as torch.argmax does.
-            b_idx = tl.argmax(b_z, 0).to(tl.int64)
-            best_idx = tl.where(b_max > best, v0 + b_idx, best_idx)
+            # The block's first maximum, and strict > across blocks: the first maximum, as torch.argmax. Max skips
+            # NaN (compiled and interpreted alike), so an all-NaN row keeps index 0; the interpreter's tl.argmax
+            # would raise there instead.
+            b_idx = tl.min(tl.where(b_z == b_max, o_v, V), 0)
+            best_idx = tl.where(b_max > best, b_idx.to(tl.int64), best_idx)
             best = tl.maximum(best, b_max)
         m = m_new
 
@@ -84,6 +99,11 @@ def _token_logprobs_fwd_kernel(
         tl.store(p_entropy + i_n, lse - t / s)
     if RETURN_ARGMAX:
         tl.store(p_argmax + i_n, best_idx)
+    if RETURN_SUM_SQ:
+        # sum p^2 = sum exp(2 (z - m)) / s^2, in log space.
+        tl.store(p_log_sum_sq + i_n, tl.log(s2) - 2.0 * tl.log(s))
+    if RETURN_MEAN:
+        tl.store(p_mean + i_n, z_sum / V)
 
 
 @triton.jit
@@ -160,10 +180,13 @@ def token_logprobs_fwd(
     temperature: float,
     return_entropy: bool,
     return_argmax: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    return_sum_sq: bool = False,
+    return_mean: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """logits: [B, T, V] with stride 1 over V; labels: [B * T] int64 contiguous.
 
-    Returns (logp [N] fp32, lse [N] fp32, entropy [N] fp32 or None, argmax [N] int64 or None).
+    Returns (logp [N] fp32, lse [N] fp32, entropy [N] fp32 or None, argmax [N] int64 or None,
+    log_sum_sq [N] fp32 or None, mean [N] fp32 or None).
     """
     B, T, V = logits.shape
     N = B * T
@@ -171,8 +194,10 @@ def token_logprobs_fwd(
     lse = torch.empty(N, device=logits.device, dtype=torch.float32)
     entropy = torch.empty(N, device=logits.device, dtype=torch.float32) if return_entropy else None
     argmax = torch.empty(N, device=logits.device, dtype=torch.int64) if return_argmax else None
+    log_sum_sq = torch.empty(N, device=logits.device, dtype=torch.float32) if return_sum_sq else None
+    mean = torch.empty(N, device=logits.device, dtype=torch.float32) if return_mean else None
     if N == 0:
-        return logp, lse, entropy, argmax
+        return logp, lse, entropy, argmax, log_sum_sq, mean
     block_v, num_warps = _fwd_config(V, logits.dtype)
     _token_logprobs_fwd_kernel[(N,)](
         logits,
@@ -181,6 +206,8 @@ def token_logprobs_fwd(
         lse,
         entropy if return_entropy else lse,
         argmax if return_argmax else labels,
+        log_sum_sq if return_sum_sq else lse,
+        mean if return_mean else lse,
         T,
         logits.stride(0),
         logits.stride(1),
@@ -190,9 +217,11 @@ def token_logprobs_fwd(
         BLOCK_V=block_v,
         RETURN_ENTROPY=return_entropy,
         RETURN_ARGMAX=return_argmax,
+        RETURN_SUM_SQ=return_sum_sq,
+        RETURN_MEAN=return_mean,
         num_warps=num_warps,
     )
-    return logp, lse, entropy, argmax
+    return logp, lse, entropy, argmax, log_sum_sq, mean
 
 
 def token_logprobs_bwd(
@@ -238,60 +267,42 @@ def token_logprobs_bwd(
     )
 
 
-def compile_specs() -> list[CompileSpec]:
-    specs = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        ty = TRITON_DTYPE[dtype]
-        for V in (32001, 128256):
-            block_v, num_warps = _fwd_config(V, dtype)
-            for extras in (False, True):
-                specs.append(
-                    CompileSpec(
-                        _token_logprobs_fwd_kernel,
-                        f"fwd {ty} V={V} extras={extras}",
-                        {
-                            "p_logits": f"*{ty}",
-                            "p_labels": "*i64",
-                            "p_logp": "*fp32",
-                            "p_lse": "*fp32",
-                            "p_entropy": "*fp32",
-                            "p_argmax": "*i64",
-                            "T": "i32",
-                            "stride_b": "i32",
-                            "stride_t": "i32",
-                            "V": "i32",
-                            "ignore_index": "i32",
-                            "inv_temperature": "fp32",
-                        },
-                        {"BLOCK_V": block_v, "RETURN_ENTROPY": extras, "RETURN_ARGMAX": extras},
-                        num_warps,
-                    )
-                )
-            block_v, num_warps = _bwd_config(V, dtype)
-            for entropy_grad in (False, True):
-                specs.append(
-                    CompileSpec(
-                        _token_logprobs_bwd_kernel,
-                        f"bwd {ty} V={V} entropy_grad={entropy_grad}",
-                        {
-                            "p_logits": f"*{ty}",
-                            "p_dlogits": f"*{ty}",
-                            "p_labels": "*i64",
-                            "p_lse": "*fp32",
-                            "p_dlogp": "*fp32",
-                            "p_entropy": "*fp32",
-                            "p_dentropy": "*fp32",
-                            "T": "i32",
-                            "stride_b": "i32",
-                            "stride_t": "i32",
-                            "stride_db": "i32",
-                            "stride_dt": "i32",
-                            "V": "i32",
-                            "ignore_index": "i32",
-                            "inv_temperature": "fp32",
-                        },
-                        {"BLOCK_V": block_v, "HAS_ENTROPY_GRAD": entropy_grad},
-                        num_warps,
-                    )
-                )
-    return specs
+_EXTRAS = ("entropy", "argmax", "sum_sq", "mean")  # token_logprobs_fwd's optional outputs, in its order
+
+
+def _launch_case(dtype: torch.dtype, B: int, T: int, V: int, extras: tuple, backward: bool, pad_t: int = 0) -> None:
+    """Forward (then backward) launches on meta logits [B, T, V], sliced from [B, T + pad_t, V] when pad_t > 0, with
+    the optional outputs named in `extras` (of _EXTRAS)."""
+    logits = meta(B, T + pad_t, V, dtype=dtype)[:, :T]
+    labels = meta(B * T, dtype=torch.int64)
+    logp, lse, entropy, *_ = token_logprobs_fwd(logits, labels, -100, 1.0, *(name in extras for name in _EXTRAS))
+    if backward:
+        dlogits = meta(B, T, V, dtype=dtype)
+        token_logprobs_bwd(logits, dlogits, labels, lse, logp, entropy, entropy, -100, 1.0)
+
+
+def compile_specs() -> list[LaunchCase]:
+    """The target (bf16 N=16384 V=128256, which fastalign.logprobs views as [1, N, V]) with no extras and with entropy
+    and argmax; every extra, fp16/fp32 at that V and at an odd one, a sliced logits[:, :-1] (B=8, T=257) and a single
+    token (N = T = 1 specializes)."""
+    N, V = 16384, 128256
+    trips = {"_token_logprobs_fwd_kernel": lambda a: (triton.cdiv(a["V"], a["BLOCK_V"]),)}
+    cases = [
+        LaunchCase(
+            f"{name} {'fwd+bwd' if bwd else 'fwd'} bf16 N={N} V={V}",
+            functools.partial(_launch_case, torch.bfloat16, 1, N, V, extras, bwd),
+            bytes=(3 if bwd else 1) * N * V * 2,
+            target=75 if bwd else 85,
+            trips=trips,
+        )
+        for extras, name in (((), "token_logprobs"), (_EXTRAS[:2], "token_stats(entropy, argmax)"))
+        for bwd in (False, True)
+    ]
+    shapes = [(torch.bfloat16, V), (torch.float16, V), (torch.float32, V)]
+    shapes += [(dtype, 32001) for dtype in (torch.bfloat16, torch.float16, torch.float32)]
+    for (dtype, v), extras in itertools.product(shapes, ((), _EXTRAS)):
+        label = f"fwd+bwd {TRITON_DTYPE[dtype]} N=4096 V={v} extras={','.join(extras) or 'none'}"
+        cases.append(LaunchCase(label, functools.partial(_launch_case, dtype, 1, 4096, v, extras, True)))
+    sliced = functools.partial(_launch_case, torch.bfloat16, 8, 257, 50257, _EXTRAS, True, 1)
+    one_token = functools.partial(_launch_case, torch.bfloat16, 1, 1, V, _EXTRAS, True)
+    return cases + [LaunchCase("sliced [:, :-1] bf16 B=8 T=257 V=50257", sliced), LaunchCase("one token", one_token)]

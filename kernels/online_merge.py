@@ -23,12 +23,15 @@ no-op without a host sync.
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, TRITON_DTYPE, CompileSpec
-from .radix_select import RADIX_DIGITS
+from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta
+from .radix_select import RADIX_DIGITS, radix_histogram, radix_tie_count
 
 # Columns of the slot table.
 SLOT_FIELDS = (
@@ -660,135 +663,76 @@ def nonfinite(
 # ----------------------------------------------------------------------------- compile check
 
 
-def compile_specs() -> list[CompileSpec]:
-    specs = []
-    table = {"p_slots": "*i64", "p_tiles": "*i64"}
-    dare_sig = {
-        **table,
-        "p_step_size": "*fp32",
-        "p_t": "*i64",
-        "p_rescale": "*fp32",
-        "p_sums": "*fp32",
-        "p_skip": "*fp32",
-        "p_grad_scale": "*fp32",
-        "beta1": "fp32",
-        "beta2": "fp32",
-        "eps": "fp32",
-        "lr_wd": "fp32",
-        "alpha": "fp32",
-        "inv_p": "fp32",
-        "keep_below": "i32",
-        "online_step": "i32",
-    }
-    shift, bits = RADIX_DIGITS[0]
-    for param_dtype in (torch.float32, torch.bfloat16, torch.float16):
-        pty = TRITON_DTYPE[param_dtype]
-        for tau_dtype in (torch.bfloat16, torch.float32, None):
-            tty = TRITON_DTYPE[tau_dtype] if tau_dtype else "none"
-            # The plain step, everything on, and the L1-sum pass of `rescale`.
-            for drop, rescale, sums, accumulate in ((True, False, False, False), (True, True, False, True),
-                                                    (True, True, True, True)):  # fmt: skip
-                specs.append(
-                    CompileSpec(
-                        _ondare_step_kernel,
-                        f"ondare {pty} tau={tty} drop={drop} rescale={rescale} sums={sums} acc={accumulate}",
-                        dare_sig,
-                        {
-                            "PARAM_DTYPE": _TL_DTYPE[param_dtype],
-                            "TAU_DTYPE": _TL_DTYPE[tau_dtype or torch.float32],
-                            "HAS_TAU": tau_dtype is not None,
-                            "DROP": drop,
-                            "RESCALE": rescale,
-                            "SUMS_ONLY": sums,
-                            "ACCUMULATE": accumulate,
-                            "ORDINARY_ONLY": False,
-                            "ALIGNED": True,
-                            "BLOCK": BLOCK,
-                        },
-                        _NUM_WARPS,
-                    )
-                )
-            for accumulate in (False, True):
-                specs.append(
-                    CompileSpec(
-                        _ties_apply_kernel,
-                        f"ties apply {pty} tau={tty} acc={accumulate}",
-                        {
-                            **table,
-                            "p_delta": "*fp32",
-                            "p_threshold": "*i64",
-                            "p_budget": "*i64",
-                            "p_skip": "*fp32",
-                            "lr_wd": "fp32",
-                            "alpha": "fp32",
-                        },  # fmt: skip
-                        {
-                            "PARAM_DTYPE": _TL_DTYPE[param_dtype],
-                            "TAU_DTYPE": _TL_DTYPE[tau_dtype or torch.float32],
-                            "HAS_TAU": tau_dtype is not None,
-                            "ACCUMULATE": accumulate,
-                            "ALIGNED": True,
-                            "BLOCK": BLOCK,
-                        },
-                        _NUM_WARPS,
-                    )
-                )
-        specs.append(
-            CompileSpec(
-                _ondare_step_kernel,
-                f"ondare {pty} ordinary-only unaligned",
-                dare_sig,
-                {
-                    "PARAM_DTYPE": _TL_DTYPE[param_dtype],
-                    "TAU_DTYPE": tl.float32,
-                    "HAS_TAU": False,
-                    "DROP": False,
-                    "RESCALE": False,
-                    "SUMS_ONLY": False,
-                    "ACCUMULATE": True,
-                    "ORDINARY_ONLY": True,
-                    "ALIGNED": False,
-                    "BLOCK": BLOCK,
-                },
-                _NUM_WARPS,
-            )
-        )
-        for accumulate in (False, True):
-            specs.append(
-                CompileSpec(
-                    _ties_delta_kernel,
-                    f"ties delta {pty} acc={accumulate}",
-                    {
-                        **table,
-                        "p_step_size": "*fp32",
-                        "p_t": "*i64",
-                        "p_delta": "*fp32",
-                        "p_hist": "*i64",
-                        "p_skip": "*fp32",
-                        "p_grad_scale": "*fp32",
-                        "beta1": "fp32",
-                        "beta2": "fp32",
-                        "eps": "fp32",
-                        "online_step": "i32",
-                    },  # fmt: skip
-                    {
-                        "PARAM_DTYPE": _TL_DTYPE[param_dtype],
-                        "ACCUMULATE": accumulate,
-                        "ALIGNED": True,
-                        "SHIFT": shift,
-                        "BITS": bits,
-                        "BLOCK": BLOCK,
-                    },
-                    _NUM_WARPS,
-                )
-            )
-        specs.append(
-            CompileSpec(
-                _nonfinite_kernel,
-                f"nonfinite {pty}",
-                {**table, "p_flag": "*fp32"},
-                {"PARAM_DTYPE": _TL_DTYPE[param_dtype], "ALIGNED": True, "BLOCK": BLOCK},
-                _NUM_WARPS,
-            )
-        )
-    return specs
+def _decoder_1b() -> list[int]:
+    """Sizes of a 1B decoder's parameters (fastalign.bench.optim's model): embedding, 14 layers, final norm."""
+    hidden, ffn = 2048, 8192
+    layer = [hidden * hidden] * 4 + [ffn * hidden] * 3 + [hidden] * 2
+    return [32000 * hidden] + layer * 14 + [hidden]
+
+
+def _launch_case(method: str, param_dtype, tau_dtype, rescale=False, online_step=1, aligned=True) -> None:
+    """One optimizer step over `_decoder_1b`'s tables, launched as fastalign.optim._launch.kernel_step does (with the
+    skip_nonfinite check when rescale is on)."""
+    numels = _decoder_1b()
+    S, flat = len(numels), sum(triton.cdiv(n, BLOCK) * BLOCK for n in numels)
+    slots = meta(S, len(SLOT_FIELDS), dtype=torch.int64)
+    dare_tiles = meta(sum(triton.cdiv(n, DARE_TILE) for n in numels), 3, dtype=torch.int64)
+    ties_tiles = meta(sum(triton.cdiv(n, TIES_TILE) for n in numels), 3, dtype=torch.int64)
+    step_size, t, flag, per_slot = meta(S), meta(S, dtype=torch.int64), meta(), meta(S, dtype=torch.int64)
+    adam = dict(beta1=0.9, beta2=0.999, eps=1e-8, online_step=online_step, aligned=aligned)
+    if rescale:
+        nonfinite(slots, dare_tiles, flag, param_dtype=param_dtype, aligned=aligned)
+    if method == "ondare":
+        dare = dict(adam, param_dtype=param_dtype, tau_dtype=tau_dtype, lr_wd=1e-7, alpha=0.2, reserve_p=0.3)
+        if rescale:
+            ondare_step(slots, dare_tiles, step_size, t, flag, flag, sums_only=True, **dare)
+        ondare_step(slots, dare_tiles, step_size, t, flag, flag, rescale=meta(S, 2) if rescale else None, **dare)
+        return
+    if online_step > 1:
+        ondare_step(slots, dare_tiles, step_size, t, flag, flag, param_dtype=param_dtype, tau_dtype=None, lr_wd=1e-7,
+                    alpha=0.0, reserve_p=1.0, ordinary_only=True, **adam)  # fmt: skip
+    delta, _ = ties_delta(slots, ties_tiles, step_size, t, flag, flag, flat, param_dtype=param_dtype, **adam)
+    for shift, bits in RADIX_DIGITS[1:]:
+        radix_histogram(delta, ties_tiles, per_slot, shift, bits)
+    radix_tie_count(delta, ties_tiles, per_slot)
+    ties_apply(slots, ties_tiles, delta, per_slot, meta(ties_tiles.shape[0], dtype=torch.int64), flag,
+               param_dtype=param_dtype, tau_dtype=tau_dtype, lr_wd=1e-7, alpha=0.2, online_step=online_step,
+               aligned=aligned)  # fmt: skip
+
+
+def compile_specs() -> list[LaunchCase]:
+    """The targets (a 1B-parameter fp32 model, τ in bf16: OnDARE and OnTIES steps), then every parameter dtype and τ
+    dtype with rescale and online_step > 1, and an unaligned shard."""
+    numel = sum(_decoder_1b())
+    # Every program loops over the BLOCKs of one tile (a few tiles of small parameters are shorter).
+    dare_trips = {"_ondare_step_kernel": lambda a: (DARE_TILE // a["BLOCK"],)}
+    ties = ("_ties_delta_kernel", "_radix_histogram_kernel", "_radix_tie_count_kernel", "_ties_apply_kernel")
+    ties_trips = dict.fromkeys(ties, lambda a: (TIES_TILE // a["BLOCK"],))
+    # What a step must move per parameter: read gradient, θ, both moments and τ (bf16); write θ and both moments.
+    floor = numel * (4 + 4 + 4 + 16 + 2)
+    cases = [
+        LaunchCase(
+            f"ondare step fp32 params={numel / 1e9:.2f}B tau=bf16",
+            functools.partial(_launch_case, "ondare", torch.float32, torch.bfloat16),
+            bytes=floor,
+            target=70,
+            trips=dare_trips,
+        ),  # fmt: skip
+        LaunchCase(
+            f"onties step fp32 params={numel / 1e9:.2f}B tau=bf16",
+            functools.partial(_launch_case, "onties", torch.float32, torch.bfloat16),
+            bytes=floor,
+            target=50,
+            trips=ties_trips,
+        ),  # fmt: skip
+    ]
+    for method, param_dtype, tau_dtype in itertools.product(
+        ("ondare", "onties"), (torch.float32, torch.bfloat16, torch.float16), (torch.bfloat16, torch.float32, None)
+    ):
+        label = f"{method} {TRITON_DTYPE[param_dtype]} tau={TRITON_DTYPE.get(tau_dtype, 'none')} rescale online_step=2"
+        run = functools.partial(_launch_case, method, param_dtype, tau_dtype, rescale=True, online_step=2)
+        cases.append(LaunchCase(label, run))
+    for method in ("ondare", "onties"):
+        run = functools.partial(_launch_case, method, torch.bfloat16, torch.bfloat16, aligned=False)
+        cases.append(LaunchCase(f"{method} bf16 unaligned shard", run))
+    return cases

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastalign.kernels.ift import ift_inputs_embeds_fwd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from utils import GRAD_RTOL, VALUE_RTOL, rel_err
 
 import fastalign
+from fastalign.kernels.ift import ift_inputs_embeds_fwd
 from fastalign.reference import ift as ref
 
 IGNORE = -100
@@ -111,15 +111,28 @@ def test_sequences_without_completion_tokens(backend, device):
 
 
 def test_empty_input(backend, device):
-    for B, T in ((0, 4), (2, 0)):
-        x = torch.zeros(B, T, device=device, requires_grad=True)
-        loss = fastalign.ift_loss(x, torch.ones(B, T, dtype=torch.bool, device=device))
-        loss.backward()
-        assert x.grad.shape == (B, T)
-        assert loss.item() == 0 if B else torch.isnan(loss)  # the mean over no sequences is NaN, as torch's
-    weight = torch.randn(5, 3, device=device)
-    ids = torch.zeros(2, 0, dtype=torch.long, device=device)
-    assert fastalign.ift_inputs_embeds(weight, ids, ids, ids).shape == (2, 0, 3)
+    # T = 0: sequences without completion tokens, each contributing 0.
+    x = torch.zeros(2, 0, device=device, requires_grad=True)
+    loss = fastalign.ift_loss(x, torch.ones(2, 0, dtype=torch.bool, device=device))
+    loss.backward()
+    assert loss.item() == 0 and x.grad.shape == (2, 0)
+    logits = torch.randn(2, 0, 7, device=device, requires_grad=True)
+    fastalign.IFTLoss()(logits, torch.zeros(2, 0, dtype=torch.long, device=device)).backward()
+    assert logits.grad.shape == (2, 0, 7)
+    # B = 0: the mean over no sequences has no value; dpo_loss raises on an empty batch too.
+    with pytest.raises(ValueError, match=r"token_logps must have shape \[B, T\] with B >= 1; got \(0, 4\)"):
+        fastalign.ift_loss(torch.zeros(0, 4, device=device), torch.ones(0, 4, dtype=torch.bool, device=device))
+    with pytest.raises(ValueError, match=r"logits must have shape \[B, T, V\] with B >= 1; got \(0, 4, 7\)"):
+        fastalign.IFTLoss()(torch.zeros(0, 4, 7, device=device), torch.zeros(0, 4, dtype=torch.long, device=device))
+    with pytest.raises(ValueError, match="with B >= 1"):
+        fastalign.dpo_loss(*torch.zeros(4, 0, device=device))
+    # ift_inputs_embeds is an embedding lookup, not a mean: empty batches, sequences and rows are fine.
+    for B, T, D in ((2, 0, 3), (0, 4, 3), (2, 4, 0)):
+        weight = torch.randn(5, D, device=device, requires_grad=True)
+        ids = torch.zeros(B, T, dtype=torch.long, device=device)
+        out = fastalign.ift_inputs_embeds(weight, ids, ids, ids)
+        out.sum().backward()  # D = 0 once failed to reshape the 0-element gradient on the Triton path
+        assert out.shape == (B, T, D) and weight.grad.shape == (5, D) and (weight.grad == 0).all()
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -299,6 +312,11 @@ def test_out_of_range_ids_raise_on_cpu(name, backend):
     ids[name][1, 3] = 10
     with pytest.raises(ValueError, match=rf"{name} holds 10, outside \[0, 10\)"):
         fastalign.ift_inputs_embeds(weight, ids["input_ids"], ids["predicted_ids"], ids["input_ids"])
+    if name == "predicted_ids":  # the prediction made at t = 3 is mixed in at t = 4: on a prompt position it is unread
+        labels = ids["input_ids"].clone()
+        labels[1, 4] = IGNORE
+        out = fastalign.ift_inputs_embeds(weight, ids["input_ids"], ids["predicted_ids"], labels)
+        assert torch.equal(out[1, 4], weight[ids["input_ids"][1, 4]])
 
 
 def test_reference_matches_a_direct_transcription():

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastalign.kernels.logprobs import token_logprobs_bwd, token_logprobs_fwd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from utils import GRAD_RTOL, VALUE_RTOL, rel_err
 
 import fastalign
 from fastalign._backend import as_btv
+from fastalign.kernels.logprobs import token_logprobs_bwd, token_logprobs_fwd
 from fastalign.reference import logprobs as ref
 
 IGNORE = -100
@@ -25,8 +25,8 @@ def make_inputs(shape, V, dtype, device, ignore_frac=0.25, scale=3.0):
 
 def check_against_reference(logits, labels, temperature=1.0, grad_scale=None, entropy_grad=True):
     """Forward and backward of token_stats vs float64, with random upstream gradients."""
-    x = logits.detach().clone().requires_grad_(True)
-    stats = fastalign.token_stats(x, labels, temperature=temperature)
+    x = logits.detach().requires_grad_(True)  # not a clone: that would make a strided layout contiguous
+    stats = fastalign.token_stats(x, labels, temperature=temperature, log_sum_sq_probs=True, mean_logits=True)
     g = torch.randn(labels.shape, device=labels.device) if grad_scale is None else grad_scale
     ge = torch.randn(labels.shape, device=labels.device) if entropy_grad else torch.zeros(labels.shape)
     (stats.logprobs * g + stats.entropy * ge).sum().backward()
@@ -41,6 +41,14 @@ def check_against_reference(logits, labels, temperature=1.0, grad_scale=None, en
     assert rel_err(stats.logprobs, logp64) < VALUE_RTOL[dtype]
     assert rel_err(stats.entropy, ent64) < VALUE_RTOL[dtype] * 10
     assert torch.equal(stats.argmax, x64.detach().argmax(-1))
+    for extra, expected in (
+        (stats.log_sum_sq_probs, ref.token_log_sum_sq_probs(x64.detach(), temperature)),
+        (stats.mean_logits, ref.token_mean_logits(x64.detach(), temperature)),
+    ):
+        assert extra.dtype == torch.float32 and not extra.requires_grad
+        finite = torch.isfinite(expected)  # -inf logits give a -inf mean; the extras match there too
+        assert torch.equal(extra[~finite], expected[~finite].float())
+        assert rel_err(extra[finite], expected[finite]) < VALUE_RTOL[dtype] * 10
     assert (stats.logprobs[labels == IGNORE] == 0).all()
     assert x.grad.dtype == dtype and x.grad.shape == logits.shape
     assert torch.isfinite(x.grad).all()
@@ -93,6 +101,20 @@ def test_non_contiguous_logits(layout, backend, device):
     check_against_reference(logits, labels)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8], ids=["rows1", "rows3", "rows8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torch_path_chunks(rows, dtype, monkeypatch):
+    """The torch path's chunks of `rows` rows: pieces of a sequence (T > rows) and several whole sequences with a
+    short last chunk (T <= rows), on a shifted slice, with temperature, extras and every gradient."""
+    from fastalign import logprobs
+
+    monkeypatch.setattr(logprobs, "_TORCH_BUFFER_BYTES", rows * 4 * 300)
+    base, labels = make_inputs((5, 5), 300, dtype, "cpu")
+    with fastalign._backend.forced_backend("torch"):
+        check_against_reference(base[:, :-1], labels[:, :-1], temperature=0.8)
+        check_against_reference(base[:, :-1], labels[:, :-1], entropy_grad=False)
+
+
 def test_fully_ignored_rows_are_zero(backend, device):
     logits, labels = make_inputs((3, 4), 129, torch.bfloat16, device)
     labels[1] = IGNORE
@@ -137,6 +159,30 @@ def test_neg_inf_logits(backend, device):
     labels = torch.tensor([0, 5, IGNORE], device=device)
     check_against_reference(logits, labels, entropy_grad=False)
     assert torch.isfinite(fastalign.token_stats(logits, labels).entropy).all()
+
+
+def test_nan_logits_give_nan_outputs(backend, device):
+    """A row holding NaN gives NaN log-prob (0 where ignored), lse, entropy and extras on every path, and the
+    argmax of its non-NaN logits (index 0 when every logit is NaN): compiled Triton's max skips NaN. The
+    interpreter's tl.argmax used to raise on an all-NaN row."""
+    V = 9000  # three fp32 blocks
+    logits = torch.randn(4, V, device=device)
+    logits[0] = float("nan")  # all NaN, labelled
+    logits[1] = float("nan")  # all NaN, ignored
+    logits[2, [5, 8999]] = float("nan")  # some NaN, in the first and the last block
+    logits[2, 4500] = 50.0
+    labels = torch.tensor([3, IGNORE, 7, 9], device=device)
+    x = logits.clone().requires_grad_(True)
+    stats = fastalign.token_stats(x, labels, log_sum_sq_probs=True, mean_logits=True)
+    assert torch.isnan(stats.logprobs[[0, 2]]).all() and stats.logprobs[1] == 0
+    for field in (stats.entropy, stats.log_sum_sq_probs, stats.mean_logits):
+        assert torch.isnan(field[:3]).all() and torch.isfinite(field[3])
+    assert stats.argmax.tolist() == [0, 0, 4500, logits[3].argmax().item()]
+    clean = logits[3:].double()
+    assert rel_err(stats.logprobs[3:], ref.token_logprobs(clean, labels[3:])) < VALUE_RTOL[torch.float32]
+    assert rel_err(stats.entropy[3:], ref.token_entropy(clean)) < VALUE_RTOL[torch.float32] * 10
+    stats.logprobs.sum().backward()
+    assert torch.isnan(x.grad[[0, 2]]).all() and torch.isfinite(x.grad[3]).all()
 
 
 def test_empty_input(backend, device):
@@ -201,7 +247,7 @@ def test_kernel_gives_nan_for_out_of_range_label_without_reading_out_of_bounds(b
     """
     x = torch.randn(1, 4, 11, device=device)
     labels = torch.tensor([3, bad, IGNORE, 0], device=device)
-    logp, lse, _, _ = token_logprobs_fwd(x, labels, IGNORE, 1.0, False, False)
+    logp, lse, *_ = token_logprobs_fwd(x, labels, IGNORE, 1.0, False, False)
     assert torch.isnan(logp[1])
     assert logp[2] == 0
     expected = ref.token_logprobs(x[0].double(), labels.masked_fill(labels != 3, 0))

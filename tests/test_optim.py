@@ -17,12 +17,12 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from fastalign.kernels import online_merge as kernels
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from utils import rel_err
 
 from fastalign._backend import forced_backend
+from fastalign.kernels import online_merge as kernels
 from fastalign.optim import OnlineMergeAdamW, _dare, reference_delta
 from fastalign.optim._dare import dare_keep, dare_key
 from fastalign.reference import online_merge as ref

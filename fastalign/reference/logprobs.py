@@ -25,3 +25,13 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     logp = _scaled(logits, temperature).log_softmax(-1)
     p = logp.exp()
     return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)  # 0 * log 0 = 0, with a finite gradient
+
+
+def token_log_sum_sq_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log(sum_v p_v^2) of softmax(logits / temperature) at every position: [..., V] -> [...]."""
+    return (2 * _scaled(logits, temperature).log_softmax(-1)).logsumexp(-1)
+
+
+def token_mean_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over the vocabulary of logits / temperature at every position: [..., V] -> [...]."""
+    return _scaled(logits, temperature).mean(-1)
