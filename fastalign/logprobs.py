@@ -95,9 +95,10 @@ def _torch_fwd(x, labels, ignore_index, temperature, return_entropy, return_argm
     return logp, lse, entropy, argmax, log_sum_sq, mean
 
 
-def _torch_bwd(x, dx, labels, lse, dlogp, entropy, dentropy, ignore_index, temperature):
+def _torch_bwd(x, dx, labels, lse, logp, dlogp, entropy, dentropy, ignore_index, temperature):
     """d logits = (g (onehot - p) - gh p (log p + H)) / temperature into dx (which may be x): softmax is recomputed by
-    torch's fused kernel, faster on the CPU than exp(z - lse)."""
+    torch's fused kernel, faster on the CPU than exp(z - lse). The label's g (1 - p) is g * -expm1(logp): 1 - p
+    cancels when p is near 1."""
     B, T, V = x.shape
     rows = min(_chunk_rows(V), max(B * T, 1))
     buf = torch.empty(rows, V, device=x.device, dtype=torch.float32)
@@ -117,7 +118,14 @@ def _torch_bwd(x, dx, labels, lse, dlogp, entropy, dentropy, ignore_index, tempe
             torch.softmax(z, -1, out=dz)
             gh = dentropy[r0:r1].view(column) / temperature
             dz.mul_(ls.clamp_(min=_LOG_P_FLOOR).add_(entropy[r0:r1].view(column)).mul_(gh).add_(g)).neg_()
-        dz.scatter_add_(-1, labels[r0:r1].clamp(0, V - 1).view(column), g)  # + g onehot
+        lab = labels[r0:r1].view(column)
+        at_label = lab.clamp(0, V - 1)
+        lp = logp[r0:r1].view(column)
+        label_value = torch.special.expm1(lp).mul_(-g)  # g (1 - p), exact where p is near 1
+        if dentropy is not None:
+            lp = lp.clamp(min=_LOG_P_FLOOR)
+            label_value -= lp.exp() * gh * (lp + entropy[r0:r1].view(column))
+        dz.scatter_(-1, at_label, torch.where(lab == ignore_index, dz.gather(-1, at_label), label_value))
         if dz.dtype != dx.dtype:
             dx[index].copy_(dz)  # after the last read of x[index]: dx may be x
 
@@ -134,7 +142,7 @@ class _TokenLogprobs(torch.autograd.Function):
         fwd = token_logprobs_fwd if use_kernels else _torch_fwd
         logp, lse, entropy, argmax, log_sum_sq, mean = fwd(x, flat_labels, ignore_index, temperature, *extras)
 
-        ctx.save_for_backward(logits, flat_labels, lse, entropy)
+        ctx.save_for_backward(logits, flat_labels, lse, logp, entropy)
         ctx.ignore_index, ctx.temperature = ignore_index, temperature
         ctx.inplace_backward, ctx.use_kernels = inplace_backward, use_kernels
         ctx.set_materialize_grads(False)
@@ -146,7 +154,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dlogp, dentropy, *_non_differentiable):
-        logits, labels, lse, entropy = ctx.saved_tensors
+        logits, labels, lse, logp, entropy = ctx.saved_tensors
         x = as_btv(logits)
         # In place: the gradient overwrites the logits buffer, saving a [tokens, vocab] allocation.
         # as_btv returns a view of the caller's storage unless the layout forced a copy.
@@ -156,7 +164,7 @@ class _TokenLogprobs(torch.autograd.Function):
         if dentropy is not None:
             dentropy = dentropy.reshape(-1).float().contiguous()
         bwd = token_logprobs_bwd if ctx.use_kernels else _torch_bwd
-        bwd(x, dx, labels, lse, dlogp, entropy, dentropy, ctx.ignore_index, ctx.temperature)
+        bwd(x, dx, labels, lse, logp, dlogp, entropy, dentropy, ctx.ignore_index, ctx.temperature)
         dlogits = logits if inplace else dx.view(logits.shape)
         return dlogits, None, None, None, None, None
 
