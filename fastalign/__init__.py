@@ -4,12 +4,22 @@ from fastalign.dpo import dpo_loss, kto_loss
 from fastalign.ift import ift_inputs_embeds, ift_loss
 from fastalign.linear_logprobs import linear_token_logprobs, linear_token_stats
 from fastalign.logprobs import TokenStats, token_logprobs, token_stats
-from fastalign.losses import DPOLoss, FusedLinearDPOLoss, FusedLinearIFTLoss, IFTLoss, KTOLoss
+from fastalign.losses import (
+    DPOLoss,
+    FusedLinearCrossEntropyLoss,
+    FusedLinearDPOLoss,
+    FusedLinearIFTLoss,
+    FusedLinearKTOLoss,
+    IFTLoss,
+    KTOLoss,
+)
 
 __all__ = [
     "DPOLoss",
+    "FusedLinearCrossEntropyLoss",
     "FusedLinearDPOLoss",
     "FusedLinearIFTLoss",
+    "FusedLinearKTOLoss",
     "IFTLoss",
     "KTOLoss",
     "TokenStats",

@@ -1,9 +1,11 @@
-"""The `fastalign` command: bench, compile-check, demo."""
+"""The `fastalign` command: bench, compile-check, gpu-check, report, demo."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from fastalign.bench import OPS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,10 +16,24 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", metavar="PATH", help="write the records as JSON here")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG of the results here")
     bench.add_argument("--size", choices=["small", "target"], help="default: target on a GPU, small on a CPU")
-    bench.add_argument("--only", metavar="OP", action="append", help="run only these ops (repeatable)")
+    bench.add_argument(
+        "--only", metavar="OP", action="append", choices=OPS, help=f"run only this op (repeatable): {', '.join(OPS)}"
+    )
 
-    check = sub.add_parser("compile-check", help="compile every kernel for sm_80 and sm_90 without a GPU")
+    check = sub.add_parser(
+        "compile-check", help="compile what launches for sm_80/sm_90 without a GPU, read its SASS, predict its speed"
+    )
     check.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (repeatable)")
+    check.add_argument("--only", metavar="TEXT", help="only the cases whose label or module contains TEXT")
+    check.add_argument("--jobs", type=int, help="compile processes (default: one per CPU)")
+
+    gpu = sub.add_parser("gpu-check", help="on a GPU machine: compiled tests, target-size benchmarks, results JSON")
+    gpu.add_argument("--budget", type=float, default=300, metavar="SECONDS", help="no case starts after this (300)")
+    gpu.add_argument("--rehearse", action="store_true", help="the same steps on the CPU (Triton interpreter)")
+    gpu.add_argument("--out", metavar="PATH", help="results JSON (default benches/results/<gpu>-<date>.json)")
+
+    report = sub.add_parser("report", help="README's Performance table from the results files in benches/results")
+    report.add_argument("--write", action="store_true", help="rewrite the table in README.md instead of printing it")
 
     demo = sub.add_parser("demo", help="IFT then DPO + OnDARE on a tiny Llama, with progress, summary and a plot")
     demo.add_argument("--plot", metavar="PATH", default="fastalign-demo.png", help="PNG of the training curves")
@@ -27,11 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compile-check":
         from fastalign import compile_check
 
-        return compile_check.run(tuple(args.arch) if args.arch else compile_check.ARCHS)
+        archs = tuple(args.arch) if args.arch else compile_check.ARCHS
+        return compile_check.run(archs, only=args.only, jobs=args.jobs)
     if args.command == "bench":
         from fastalign import bench
 
         return bench.main(json_path=args.json, plot_path=args.plot, size=args.size, only=args.only)
+    if args.command == "gpu-check":
+        from fastalign import gpu_check
+
+        return gpu_check.main(budget=args.budget, rehearse=args.rehearse, out=args.out)
+    if args.command == "report":
+        from fastalign.bench import report
+
+        return report.main(write=args.write)
     if args.command == "demo":
         from fastalign import demo
 

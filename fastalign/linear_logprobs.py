@@ -18,15 +18,12 @@ sync, to count the rows that are scored and reject labels outside [0, V).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fastalign._backend import as_btv, backend_for, check_float, check_labels, check_positive, label_range_error
-from fastalign.dpo import check_paired_batch, paired_dpo_loss, reference_logps
-from fastalign.ift import check_gamma, ift_loss
-from fastalign.kernels.linear_logprobs import bwd_chunk_multiple, linear_logprobs_bwd, linear_logprobs_fwd
+from fastalign.kernels.linear_logprobs import Outputs, bwd_chunk_multiple, linear_logprobs_bwd, linear_logprobs_fwd
 from fastalign.logprobs import TokenStats
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -115,7 +112,7 @@ def _torch_logits(h32, weight, bias, v0, v1, head: _Head) -> torch.Tensor:
     return z
 
 
-def _torch_fwd(x, weight, bias, rows, labels, head: _Head, return_entropy, return_argmax):
+def _torch_fwd(x, weight, bias, rows, labels, head: _Head, outputs: Outputs):
     """The forward kernel's contract (see `linear_logprobs_fwd`) in fp32 torch ops, a vocabulary chunk at a time."""
     N, V, M = labels.numel(), weight.shape[0], rows.numel()
     dev = x.device
@@ -124,6 +121,8 @@ def _torch_fwd(x, weight, bias, rows, labels, head: _Head, return_entropy, retur
     m = torch.full((M,), float("-inf"), device=dev)
     s = torch.zeros(M, device=dev)
     t = torch.zeros(M, device=dev)
+    q = torch.zeros(M, device=dev)
+    z_sum = torch.zeros(M, device=dev)
     best = torch.zeros(M, device=dev, dtype=torch.int64)
     z_label = torch.zeros(M, device=dev)
     chunk = _vocab_chunk(V, head.memory_budget, 4 * (3 * M + x.shape[2]), 64)
@@ -134,9 +133,13 @@ def _torch_fwd(x, weight, bias, rows, labels, head: _Head, return_entropy, retur
         alpha = torch.exp(m - m_new)  # 0 on the first chunk, where m = -inf
         e = torch.exp(z - m_new[:, None])
         s = s * alpha + e.sum(1)
-        if return_entropy:
+        if outputs.entropy:
             t = t * alpha + (e * z).sum(1)
-        if return_argmax:
+        if outputs.log_sum_sq_probs:
+            q = q * alpha.square() + e.square().sum(1)
+        if outputs.mean_logits:
+            z_sum += z.sum(1)
+        if outputs.argmax:
             best = torch.where(z_max > m, i_max + v0, best)  # strict >: the first maximum, as torch.argmax
         local = lab - v0
         here = (local >= 0) & (local < z.shape[1])
@@ -145,14 +148,13 @@ def _torch_fwd(x, weight, bias, rows, labels, head: _Head, return_entropy, retur
     lse = m + torch.log(s)
     logp = torch.zeros(N, device=dev)
     logp[rows] = torch.where(lab == head.ignore_index, 0.0, z_label - lse)
-    entropy = argmax = None
-    if return_entropy:
-        entropy = torch.zeros(N, device=dev)
-        entropy[rows] = lse - t / s
-    if return_argmax:
-        argmax = torch.zeros(N, device=dev, dtype=torch.int64)
-        argmax[rows] = best
-    return logp, lse, entropy, argmax
+    # sum_v p_v^2 = sum_v exp(2 (z_v - m)) / (sum_v exp(z_v - m))^2
+    per_row = (lse - t / s, best, q.log() - 2 * s.log(), z_sum / V)
+    extras = [
+        torch.zeros(N, device=dev, dtype=value.dtype).index_copy_(0, rows, value) if wanted else None
+        for value, wanted in zip(per_row, outputs)
+    ]
+    return logp, lse, *extras
 
 
 def _torch_dlogits(h32, weight, bias, lab, lse, g, entropy, gh, da, v0, head: _Head) -> None:
@@ -179,34 +181,32 @@ def _torch_dlogits(h32, weight, bias, lab, lse, g, entropy, gh, da, v0, head: _H
 
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, head: _Head, return_entropy, return_argmax):
+    def forward(ctx, hidden, weight, bias, labels, head: _Head, outputs: Outputs):
         x = as_btv(hidden)
         flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
         weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-        rows = _scored_rows(flat_labels, weight.shape[0], head.ignore_index, return_entropy or return_argmax)
+        # The kernels read the bias at unit stride: a strided one (big[::2]) is copied, V elements, once per call.
+        bias = None if bias is None else bias.contiguous()
+        rows = _scored_rows(flat_labels, weight.shape[0], head.ignore_index, any(outputs))
         use_kernels = backend_for(hidden) != "torch"
         with torch.autocast(hidden.device.type, enabled=False):
             if use_kernels:
                 args = (head.ignore_index, head.temperature, head.softcap, head.logit_scale)
-                logp, lse, entropy, argmax = linear_logprobs_fwd(
-                    x, weight, bias, rows, flat_labels, *args, return_entropy, return_argmax
-                )
+                logp, lse, *extras = linear_logprobs_fwd(x, weight, bias, rows, flat_labels, *args, outputs)
             else:
-                logp, lse, entropy, argmax = _torch_fwd(
-                    x, weight, bias, rows, flat_labels, head, return_entropy, return_argmax
-                )
+                logp, lse, *extras = _torch_fwd(x, weight, bias, rows, flat_labels, head, outputs)
 
+        entropy = extras[0]
         ctx.save_for_backward(hidden, weight, bias, rows, flat_labels, lse, entropy)
         ctx.head, ctx.use_kernels = head, use_kernels
         ctx.set_materialize_grads(False)
-        shape = labels.shape
-        if argmax is not None:
-            ctx.mark_non_differentiable(argmax)
-            argmax = argmax.view(shape)
-        return logp.view(shape), None if entropy is None else entropy.view(shape), argmax
+        extras = [None if e is None else e.view(labels.shape) for e in extras]
+        # Only the log-probs and the entropy are differentiable.
+        ctx.mark_non_differentiable(*(e for e in extras[1:] if e is not None))
+        return logp.view(labels.shape), *extras
 
     @staticmethod
-    def backward(ctx, dlogp, dentropy, _dargmax):
+    def backward(ctx, dlogp, dentropy, *_non_differentiable):
         """A vocabulary chunk at a time: d a for the chunk (kernel or torch), then the two fp32-accumulating GEMMs."""
         hidden, weight, bias, rows, labels, lse, entropy = ctx.saved_tensors
         head: _Head = ctx.head
@@ -261,7 +261,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                     dh = torch.zeros(B * T, H, device=dev, dtype=x.dtype)
                     dh[rows] = dh32.to(x.dtype)
                     dh = dh.view(hidden.shape)
-            return dh, dw, None if db is None else db.to(bias.dtype), None, None, None, None
+            return dh, dw, None if db is None else db.to(bias.dtype), None, None, None
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -321,6 +321,25 @@ def _check_head_args(hidden, weight, labels, bias, ignore_index, temperature, so
         raise ValueError(f"memory_budget must be a positive int (bytes) or None; got {memory_budget!r}")
 
 
+def _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget):
+    """What every fused-linear entry point does first: gathers an FSDP2 weight and bias, checks the arguments, and
+    casts weight and bias to hidden's dtype (or the autocast dtype). Returns (hidden, weight, bias, head)."""
+    weight, bias = _gathered(weight), _gathered(bias)
+    _check_head_args(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget)
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    head = _Head(
+        ignore_index,
+        float(temperature),
+        None if softcap is None else float(softcap),
+        float(logit_scale),
+        DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget,
+    )
+    return hidden, weight, bias, head
+
+
 def linear_token_stats(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -333,6 +352,8 @@ def linear_token_stats(
     logit_scale: float = 1.0,
     entropy: bool = True,
     argmax: bool = True,
+    log_sum_sq_probs: bool = False,
+    mean_logits: bool = False,
     memory_budget: int | None = None,
 ) -> TokenStats:
     """Per-token log-probs of `labels` under the lm_head `weight`, plus entropy and argmax, without the logits.
@@ -349,33 +370,27 @@ def linear_token_stats(
         temperature, logit_scale: > 0 (defaults 1.0); softcap: > 0 or None (default None).
         entropy: return the entropy of softmax(z) at every position; differentiable (default True).
         argmax: return the greedy token at every position (default True).
+        log_sum_sq_probs: return log(sum_v p_v^2) of softmax(z) at every position (default False).
+        mean_logits: return mean_v z at every position (default False).
         memory_budget: bytes for the backward's vocabulary chunk, the only logits-sized buffer of a call
             (default DEFAULT_MEMORY_BUDGET, 256 MiB; a chunk holds at least one vocabulary tile). Besides it, the
             backward holds an fp32 accumulator for d hidden (4 bytes per scored row and hidden unit).
 
     Weight and bias are computed in hidden's dtype, or in the autocast dtype inside torch.autocast (cast like
     F.linear does); gradients reach hidden, weight and bias. Only rows whose label is not ignore_index cost work,
-    unless entropy or argmax is asked for (they are returned at every position). A label outside [0, V) raises
+    unless an extra is asked for (extras are returned at every position). A label outside [0, V) raises
     ValueError: counting the scored rows syncs with the device once per call anyway.
 
     Returns:
-        TokenStats(logprobs, entropy, argmax), each shaped like `labels`; logprobs and entropy float32.
+        TokenStats(logprobs, entropy, argmax, log_sum_sq_probs, mean_logits), each shaped like `labels`, None when
+        not asked for; float32 but argmax (int64). All come from the forward's one pass over the vocabulary; the
+        last two are not differentiable (TRL's fused head defines the same outputs).
     """
-    weight, bias = _gathered(weight), _gathered(bias)
-    _check_head_args(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget)
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    head = _Head(
-        ignore_index,
-        float(temperature),
-        None if softcap is None else float(softcap),
-        float(logit_scale),
-        DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget,
+    hidden, weight, bias, head = _prepare(
+        hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget
     )
-    logp, ent, amax = _LinearTokenLogprobs.apply(hidden, weight, bias, labels, head, entropy, argmax)
-    return TokenStats(logp, ent, amax)
+    outputs = Outputs(bool(entropy), bool(argmax), bool(log_sum_sq_probs), bool(mean_logits))
+    return TokenStats(*_LinearTokenLogprobs.apply(hidden, weight, bias, labels, head, outputs))
 
 
 def linear_token_logprobs(
@@ -407,89 +422,3 @@ def linear_token_logprobs(
         argmax=False,
         memory_budget=memory_budget,
     ).logprobs
-
-
-# ---------------------------------------------------------------------------------------------- fused-linear losses
-
-
-def _sequence_logps(hidden, weight, labels, bias, head_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sums of the label log-probs ([R] float32) and completion lengths ([R])."""
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must have shape [batch, T, H]; got {tuple(hidden.shape)}")
-    token_logps = linear_token_logprobs(hidden, weight, labels, bias, **head_kwargs)
-    return token_logps.sum(-1), (labels != head_kwargs["ignore_index"]).sum(-1)
-
-
-def dpo_loss_from_hidden(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    ref_chosen_logps: torch.Tensor | None = None,
-    ref_rejected_logps: torch.Tensor | None = None,
-    ref_hidden: torch.Tensor | None = None,
-    ref_weight: torch.Tensor | None = None,
-    ref_bias: torch.Tensor | None = None,
-    beta: float = 0.1,
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    memory_budget: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`fastalign.dpo_loss` straight from the policy's last hidden states, through `linear_token_logprobs`.
-
-    Args:
-        hidden: [2B, T, H], the B chosen rows first, then the B rejected ones; weight: [V, H]; bias: [V] or None.
-        labels: [2B, T] int64 aligned with hidden (the caller shifts); ignore_index marks prompt and padding.
-        ref_chosen_logps, ref_rejected_logps: [B] reference sums over the completions; or instead
-        ref_hidden: [2B, T, H'] the reference model's hidden states, projected under no_grad by ref_weight
-            ([V, H'], default `weight`, as when the reference shares the policy's lm_head) and ref_bias.
-        The other arguments are `dpo_loss`'s; the completion lengths come from the labels.
-    """
-    check_paired_batch("hidden", hidden, "[2B, T, H]")
-    head = {"ignore_index": ignore_index, "memory_budget": memory_budget}
-    if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
-        raise ValueError("ref_weight and ref_bias need ref_hidden")
-    ref_w = (weight if ref_weight is None else ref_weight).detach()
-    ref_chosen_logps, ref_rejected_logps = reference_logps(
-        {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps},
-        "ref_hidden",
-        ref_hidden,
-        hidden,
-        "hidden",
-        lambda h: _sequence_logps(h, ref_w, labels, ref_bias, head)[0],
-    )
-    logps, lengths = _sequence_logps(hidden, weight, labels, bias, head)
-    return paired_dpo_loss(
-        logps,
-        lengths,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        beta=beta,
-        loss_type=loss_type,
-        loss_weights=loss_weights,
-        label_smoothing=label_smoothing,
-    )
-
-
-def ift_loss_from_hidden(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    gamma: float = 0.95,
-    ignore_index: int = -100,
-    memory_budget: int | None = None,
-) -> torch.Tensor:
-    """`fastalign.ift_loss` straight from hidden [B, T, H], weight [V, H] and labels [B, T] (aligned; the caller
-    shifts), through `linear_token_logprobs`."""
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must have shape [B, T, H]; got {tuple(hidden.shape)}")
-    gamma = check_gamma(gamma)
-    token_logps = linear_token_logprobs(
-        hidden, weight, labels, bias, ignore_index=ignore_index, memory_budget=memory_budget
-    )
-    return ift_loss(token_logps, labels != ignore_index, gamma=gamma)

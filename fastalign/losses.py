@@ -7,16 +7,30 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastalign.dpo import check_dpo_options, check_kto_options, dpo_loss_from_logits, kto_loss_from_logits
+from fastalign.dpo import (
+    DISCOPOP_TAU,
+    check_dpo_options,
+    check_kto_options,
+    dpo_loss_from_logits,
+    kto_loss_from_logits,
+)
 from fastalign.ift import check_gamma, ift_loss_from_logits
-from fastalign.linear_logprobs import dpo_loss_from_hidden, ift_loss_from_hidden
+from fastalign.linear_losses import (
+    check_strategy,
+    cross_entropy_from_hidden,
+    dpo_loss_from_hidden,
+    ift_loss_from_hidden,
+    kto_loss_from_hidden,
+)
 
 
 class DPOLoss(nn.Module):
     """A DPO-family loss from policy logits [2B, T, V] (chosen rows first) and labels [2B, T] in one fused pass.
 
     Called as `(logits, labels, ref_chosen_logps, ref_rejected_logps)` or `(logits, labels, ref_logits=...)`;
-    returns (loss, metrics). See `fastalign.dpo.dpo_loss_from_logits` and `fastalign.dpo_loss`.
+    returns (loss, metrics), or (loss, metrics, per_example) with return_per_example=True. The options are
+    `fastalign.dpo_loss`'s, plus ld_alpha (LD-DPO) and use_weighting (WPO): see
+    `fastalign.dpo.dpo_loss_from_token_logps`.
     """
 
     def __init__(
@@ -27,9 +41,25 @@ class DPOLoss(nn.Module):
         label_smoothing: float = 0.0,
         ignore_index: int = -100,
         inplace_backward: bool = False,
+        *,
+        average_log_prob: bool = False,
+        ld_alpha: float | None = None,
+        use_weighting: bool = False,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        discopop_tau: float = DISCOPOP_TAU,
+        return_per_example: bool = False,
     ):
         super().__init__()
-        check_dpo_options(beta, loss_type, loss_weights, label_smoothing)
+        options = dict(
+            average_log_prob=average_log_prob,
+            ld_alpha=ld_alpha,
+            use_weighting=use_weighting,
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
+            discopop_tau=discopop_tau,
+        )
+        check_dpo_options(beta, loss_type, loss_weights, label_smoothing, **options)
         self.kwargs = dict(
             beta=beta,
             loss_type=loss_type,
@@ -37,6 +67,8 @@ class DPOLoss(nn.Module):
             label_smoothing=label_smoothing,
             ignore_index=ignore_index,
             inplace_backward=inplace_backward,
+            return_per_example=return_per_example,
+            **options,
         )
 
     def forward(self, logits, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, ref_logits=None):
@@ -49,7 +81,8 @@ class KTOLoss(nn.Module):
     """TRL's KTO loss from policy logits [B, T, V], labels [B, T] and the desirable flags [B] in one fused pass.
 
     Called as `(logits, labels, desirable, ref_logps, kl)` or with `ref_logits=...` instead of ref_logps;
-    returns (loss, metrics). See `fastalign.kto_loss`.
+    returns (loss, metrics), or (loss, metrics, per_example) with return_per_example=True. See
+    `fastalign.kto_loss` for the options.
     """
 
     def __init__(
@@ -60,9 +93,15 @@ class KTOLoss(nn.Module):
         loss_type: str = "kto",
         ignore_index: int = -100,
         inplace_backward: bool = False,
+        *,
+        average_log_prob: bool = False,
+        clamp_kl: bool = True,
+        return_per_example: bool = False,
     ):
         super().__init__()
-        check_kto_options(beta, desirable_weight, undesirable_weight, loss_type)
+        check_kto_options(
+            beta, desirable_weight, undesirable_weight, loss_type, average_log_prob=average_log_prob, clamp_kl=clamp_kl
+        )
         self.kwargs = dict(
             beta=beta,
             desirable_weight=desirable_weight,
@@ -70,6 +109,9 @@ class KTOLoss(nn.Module):
             loss_type=loss_type,
             ignore_index=ignore_index,
             inplace_backward=inplace_backward,
+            average_log_prob=average_log_prob,
+            clamp_kl=clamp_kl,
+            return_per_example=return_per_example,
         )
 
     def forward(self, logits, labels, desirable, ref_logps=None, kl=None, *, ref_logits=None):
@@ -91,15 +133,16 @@ class IFTLoss(nn.Module):
         return ift_loss_from_logits(logits, labels, **self.kwargs)
 
 
-# Fused-linear forms: the same losses from the last hidden states and the lm_head weight, through
-# fastalign.linear_token_logprobs, so not even a bf16 [tokens, vocab] logits tensor exists.
+# Fused-linear forms: the same losses from the last hidden states and the lm_head weight (fastalign.linear_losses),
+# so not even a bf16 [tokens, vocab] logits tensor exists. strategy="auto" | "fast" | "lean": see there.
 
 
 class FusedLinearDPOLoss(nn.Module):
     """A DPO-family loss from policy hidden states [2B, T, H] (chosen rows first), the lm_head weight [V, H]
     and labels [2B, T]. Called as `(hidden, weight, labels, bias=None, *, ref_chosen_logps=..., ref_rejected_logps=...)`
-    or with `ref_hidden=` (and `ref_weight=`, `ref_bias=`) instead; returns (loss, metrics).
-    See `fastalign.linear_logprobs.dpo_loss_from_hidden` and `fastalign.dpo_loss`.
+    or with `ref_hidden=` (and `ref_weight=`, `ref_bias=`) instead; returns (loss, metrics), or (loss, metrics,
+    per_example) with return_per_example=True. The options are DPOLoss's; strategy and the logit options
+    (temperature, softcap, logit_scale): see `fastalign.linear_losses.dpo_loss_from_hidden`.
     """
 
     def __init__(
@@ -110,9 +153,27 @@ class FusedLinearDPOLoss(nn.Module):
         label_smoothing: float = 0.0,
         ignore_index: int = -100,
         memory_budget: int | None = None,
+        *,
+        strategy: str = "auto",
+        average_log_prob: bool = False,
+        ld_alpha: float | None = None,
+        use_weighting: bool = False,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 0.5,
+        discopop_tau: float = DISCOPOP_TAU,
+        return_per_example: bool = False,
+        **head,
     ):
         super().__init__()
-        check_dpo_options(beta, loss_type, loss_weights, label_smoothing)
+        options = dict(
+            average_log_prob=average_log_prob,
+            ld_alpha=ld_alpha,
+            use_weighting=use_weighting,
+            f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
+            discopop_tau=discopop_tau,
+        )
+        check_dpo_options(beta, loss_type, loss_weights, label_smoothing, **options)
         self.kwargs = dict(
             beta=beta,
             loss_type=loss_type,
@@ -120,10 +181,59 @@ class FusedLinearDPOLoss(nn.Module):
             label_smoothing=label_smoothing,
             ignore_index=ignore_index,
             memory_budget=memory_budget,
+            strategy=check_strategy(strategy),
+            return_per_example=return_per_example,
+            **options,
+            **head,
         )
 
     def forward(self, hidden, weight, labels, bias=None, **reference):
         return dpo_loss_from_hidden(hidden, weight, labels, bias, **reference, **self.kwargs)
+
+
+class FusedLinearKTOLoss(nn.Module):
+    """TRL's KTO loss from policy hidden states [B, T, H], the lm_head weight [V, H], labels [B, T] and the
+    desirable flags [B]. Called as `(hidden, weight, labels, desirable, bias=None, *, ref_logps=..., kl=...)` or
+    with `ref_hidden=` (and `ref_weight=`, `ref_bias=`) instead of ref_logps; returns (loss, metrics), or (loss,
+    metrics, per_example) with return_per_example=True. The options are KTOLoss's; strategy and the logit options:
+    see `fastalign.linear_losses.kto_loss_from_hidden`.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        loss_type: str = "kto",
+        ignore_index: int = -100,
+        memory_budget: int | None = None,
+        *,
+        strategy: str = "auto",
+        average_log_prob: bool = False,
+        clamp_kl: bool = True,
+        return_per_example: bool = False,
+        **head,
+    ):
+        super().__init__()
+        check_kto_options(
+            beta, desirable_weight, undesirable_weight, loss_type, average_log_prob=average_log_prob, clamp_kl=clamp_kl
+        )
+        self.kwargs = dict(
+            beta=beta,
+            desirable_weight=desirable_weight,
+            undesirable_weight=undesirable_weight,
+            loss_type=loss_type,
+            ignore_index=ignore_index,
+            memory_budget=memory_budget,
+            strategy=check_strategy(strategy),
+            average_log_prob=average_log_prob,
+            clamp_kl=clamp_kl,
+            return_per_example=return_per_example,
+            **head,
+        )
+
+    def forward(self, hidden, weight, labels, desirable, bias=None, **reference):
+        return kto_loss_from_hidden(hidden, weight, labels, desirable, bias, **reference, **self.kwargs)
 
 
 class FusedLinearIFTLoss(nn.Module):
@@ -131,10 +241,60 @@ class FusedLinearIFTLoss(nn.Module):
     caller shifts). Called as `(hidden, weight, labels, bias=None)`. See `fastalign.ift_loss`.
     """
 
-    def __init__(self, gamma: float = 0.95, ignore_index: int = -100, memory_budget: int | None = None):
+    def __init__(
+        self,
+        gamma: float = 0.95,
+        ignore_index: int = -100,
+        memory_budget: int | None = None,
+        *,
+        strategy: str = "auto",
+        **head,
+    ):
         super().__init__()
         check_gamma(gamma)
-        self.kwargs = dict(gamma=gamma, ignore_index=ignore_index, memory_budget=memory_budget)
+        self.kwargs = dict(
+            gamma=gamma,
+            ignore_index=ignore_index,
+            memory_budget=memory_budget,
+            strategy=check_strategy(strategy),
+            **head,
+        )
 
     def forward(self, hidden, weight, labels, bias=None):
         return ift_loss_from_hidden(hidden, weight, labels, bias, **self.kwargs)
+
+
+class FusedLinearCrossEntropyLoss(nn.Module):
+    """The SFT loss: token cross-entropy from hidden states [B, T, H], the lm_head weight [V, H] and labels [B, T]
+    (aligned; the caller shifts), as F.cross_entropy (reduction, ignore_index, label_smoothing). Called as
+    `(hidden, weight, labels, bias=None)`; returns the loss, or (loss, metrics) when `entropy` or `accuracy` asks
+    for TRL's SFT metrics. See `fastalign.linear_losses.cross_entropy_from_hidden`.
+    """
+
+    def __init__(
+        self,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        entropy: bool = False,
+        accuracy: bool = False,
+        memory_budget: int | None = None,
+        *,
+        strategy: str = "auto",
+        **head,
+    ):
+        super().__init__()
+        self.kwargs = dict(
+            reduction=reduction,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            entropy=entropy,
+            accuracy=accuracy,
+            memory_budget=memory_budget,
+            strategy=check_strategy(strategy),
+            **head,
+        )
+
+    def forward(self, hidden, weight, labels, bias=None):
+        loss, metrics = cross_entropy_from_hidden(hidden, weight, labels, bias, **self.kwargs)
+        return (loss, metrics) if self.kwargs["entropy"] or self.kwargs["accuracy"] else loss

@@ -2,8 +2,8 @@
 
 Every launcher takes plain tensors and returns plain tensors; autograd, validation and the
 choice of backend live in ``fastalign``. Each kernel module also lists, in ``compile_specs()``,
-the signatures and block sizes its launchers use, so ``fastalign compile-check`` can compile
-exactly what runs.
+calls of its own launchers at named shapes (`LaunchCase`); ``fastalign compile-check`` runs them on
+meta tensors, records every kernel launch and compiles exactly the specialization Triton builds for it.
 """
 
 from __future__ import annotations
@@ -35,21 +35,39 @@ first candidate of each, for runs that must be bitwise reproducible across proce
 TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64"}
 
 
-@dataclass(frozen=True)
-class CompileSpec:
-    """One specialization of a kernel, as its launcher would launch it."""
+def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A tensor without storage (device "meta") for `LaunchCase`s: launchers run on it and allocate nothing.
 
-    kernel: Any  # triton.JITFunction
-    label: str  # what this specialization is for, e.g. "fwd bf16 V=128256"
-    signature: dict[str, str]  # argument -> Triton type ("*bf16", "i64", "fp32") or "constexpr"
-    constexprs: dict[str, Any] = field(default_factory=dict)
-    num_warps: int = 4
-    num_stages: int = 3
+    Its data_ptr() is 0 (16-byte aligned) plus its storage offset, so a sliced view is as aligned as on a GPU."""
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+@dataclass(frozen=True)
+class LaunchCase:
+    """Calls of a kernel module's launchers at one named shape, for `fastalign compile-check`.
+
+    `launch` calls the launchers on `meta` tensors; compile-check records each kernel launch (arguments, grid,
+    warps, stages) and compiles the specialization Triton builds from those arguments. A case at a target size
+    also gives the op's floor (`bytes` it must move, or `flops` it must do) and, per kernel it launches, the trip
+    counts of the kernel's loop nest per program (outermost first) as a function of the launch's arguments; from
+    those and the SASS, compile-check predicts the % of the ceiling (see fastalign/compile_check.py) and fails
+    below `target`.
+    """
+
+    label: str  # e.g. "fwd bf16 N=16384 V=128256"
+    launch: Callable[[], Any]
+    bytes: int = 0
+    flops: int = 0
+    target: float | None = None  # least predicted % of the ceiling on an H100
+    trips: dict[str, Callable[[dict[str, Any]], tuple[int, ...]]] = field(default_factory=dict)
 
 
 Config = TypeVar("Config")
 _CHOSEN: dict[tuple, Any] = {}
 _TIMED_RUNS = 3
+# Set by compile-check while it records launches: `pick_fastest` hands it the launch and the candidates it would time
+# besides the first.
+_LAUNCH_OTHER_CANDIDATES: Callable[[Callable[[Any], None], Sequence[Any]], None] | None = None
 
 
 def pick_fastest(key: tuple, candidates: Sequence[Config], launch: Callable[[Config], None]) -> Config:
@@ -59,6 +77,8 @@ def pick_fastest(key: tuple, candidates: Sequence[Config], launch: Callable[[Con
     `launch` must only write its outputs, so that running it again is harmless. The first candidate is
     returned untimed when it is the only one and whenever timing is not possible (`_can_time`).
     """
+    if _LAUNCH_OTHER_CANDIDATES is not None:  # compile-check: every candidate must compile
+        _LAUNCH_OTHER_CANDIDATES(launch, candidates[1:])
     if len(candidates) == 1 or not _can_time():
         return candidates[0]
     if key not in _CHOSEN:

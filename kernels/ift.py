@@ -18,11 +18,13 @@ gracefully, so any gamma in [0, 1] and any T are stable.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from . import TRITON_DTYPE, CompileSpec
+from . import TRITON_DTYPE, LaunchCase, meta
 
 _MAX_BLOCK_T = 1024
 _MAX_BLOCK_D = 2048
@@ -278,29 +280,20 @@ def ift_inputs_embeds_fwd(
     return out
 
 
-def compile_specs() -> list[CompileSpec]:
-    specs = []
-    for dtype in (torch.float32, torch.bfloat16):
-        ty = TRITON_DTYPE[dtype]
-        for T in (512, 4096):
-            block_t, num_warps = _scan_config(T)
-            common = {"p_logp": f"*{ty}", "p_mask": "*i1", "p_c": "*fp32", "p_loss": "*fp32"}
-            common |= {"p_s": "*fp32", "p_n": "*fp32"}
-            scalars = {"T": "i32", "stride_b": "i32", "stride_t": "i32", "gamma": "fp32"}
-            specs.append(
-                CompileSpec(_ift_fwd_kernel, f"fwd {ty} T={T}", common | scalars, {"BLOCK_T": block_t}, num_warps)
-            )
-            bwd = common | {"p_dloss": "*fp32", "p_dlogp": f"*{ty}"} | scalars
-            specs.append(CompileSpec(_ift_bwd_kernel, f"bwd {ty} T={T}", bwd, {"BLOCK_T": block_t}, num_warps))
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        ty = TRITON_DTYPE[dtype]
-        for D in (896, 4096, 8192):
-            block_d, num_warps = _embeds_config(D)
-            signature = {"p_weight": f"*{ty}", "p_ids": "*i64", "p_pred": "*i64", "p_labels": "*i64", "p_out": f"*{ty}"}
-            signature |= {name: "i32" for name in ("T", "D", "V", "stride_w", "stride_ib", "stride_it")}
-            signature |= {name: "i32" for name in ("stride_pb", "stride_pt", "stride_lb", "stride_lt", "ignore_index")}
-            signature |= {"lam": "fp32"}
-            specs.append(
-                CompileSpec(_ift_inputs_embeds_kernel, f"embeds {ty} D={D}", signature, {"BLOCK_D": block_d}, num_warps)
-            )
-    return specs
+def _launch_case(dtype: torch.dtype, B: int, T: int, D: int) -> None:
+    """The loss forward and backward on meta [B, T] log-probs, then the embeddings of a meta [V, D] weight."""
+    logp, mask = meta(B, T, dtype=dtype), meta(B, T, dtype=torch.bool)
+    loss, c, s, n = ift_fwd(logp, mask, 0.95)
+    ift_bwd(logp, mask, c, loss, s, n, loss, 0.95)
+    ids = meta(B, T, dtype=torch.int64)
+    ift_inputs_embeds_fwd(meta(128256, D, dtype=dtype), ids, ids[:, 1:], ids, -100, 0.2)
+
+
+def compile_specs() -> list[LaunchCase]:
+    """Sequences of 4096 and 512 tokens (hidden 4096), odd ones (T = 257, 1) and odd hidden sizes (896, 4097)."""
+    shapes = [(torch.bfloat16, 8, 4096, 4096), (torch.float32, 8, 512, 4096), (torch.float16, 8, 257, 896)]
+    shapes += [(torch.bfloat16, 1, 1, 4097), (torch.float32, 8, 4096, 8192)]
+    return [
+        LaunchCase(f"{TRITON_DTYPE[dtype]} B={B} T={T} D={D}", functools.partial(_launch_case, dtype, B, T, D))
+        for dtype, B, T, D in shapes
+    ]

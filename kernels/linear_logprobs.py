@@ -20,19 +20,24 @@ so a sliced `hidden[:, :-1]` needs no copy and only the rows whose label counts 
 from __future__ import annotations
 
 import functools
+import itertools
+import unittest.mock
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, TRITON_DTYPE, CompileSpec, pick_fastest
+from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta, pick_fastest
 
 # Row tiles that sweep the vocabulary side by side, so the weight tiles they share are read from L2.
 _GROUP_M = 8
 # The forward aims at this many programs per SM, so the last wave leaves few SMs idle.
 _FWD_PROGRAMS_PER_SM = 8
 _COMBINE_BLOCK = 256
+# Rows of the forward's per-split statistics buffer: running max of z, sum exp(z - max), sum exp(z - max) * z
+# (entropy), sum exp(2 (z - max)) (log sum p^2), sum z (mean logit). The last two exist only when asked for.
+_STAT_MAX, _STAT_SUM, _STAT_ENTROPY, _STAT_SQ, _STAT_Z_SUM = (tl.constexpr(i) for i in range(5))
 # A finite stand-in for -inf on lanes past the edge of a tile: exp() of it is 0, and 0 times it is 0, not NaN.
 _NEG = tl.constexpr(-1e30)
 # Triton's interpreter multiplies bf16/fp16 tl.dot operands wrongly; upcast them there (the products are exact in
@@ -50,15 +55,20 @@ def _grouped_tile(pid, n_m, n_v, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _row_tile(p_rows, p_labels, i_m, M, T, stride_hb, stride_ht, BLOCK_M: tl.constexpr):
-    """(row ids in [0, M), their mask, their labels, the offsets of their hidden rows) of row tile i_m.
+def _row_tile(p_rows, p_labels, i_m, M, T, stride_hb, stride_ht, BLOCK_M: tl.constexpr, ALIGN: tl.constexpr):
+    """(row ids in [0, M), their mask, their labels, the int64 offsets of their hidden rows) of row tile i_m.
 
-    Rows past M point at the first row (every load stays in bounds) and get label -1, which matches nothing."""
+    Rows past M point at the first row (every load stays in bounds) and get label -1, which matches nothing.
+    The strides come in units of ALIGN elements and are scaled after the int64 row index multiplies them, so
+    no int32 product can overflow."""
     o_m = i_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < M
-    rows = tl.load(p_rows + o_m, mask=m_m, other=0)
+    # N = B * T < 2**31 (the launchers check): an int32 division is inline, an int64 one a subroutine call.
+    rows = tl.load(p_rows + o_m, mask=m_m, other=0).to(tl.int32)
     labels = tl.load(p_labels + rows, mask=m_m, other=-1)
-    return o_m, m_m, labels, (rows // T) * stride_hb + (rows % T) * stride_ht
+    i_b = rows // T
+    i_t = rows - i_b * T
+    return o_m, m_m, labels, (i_b.to(tl.int64) * stride_hb + i_t.to(tl.int64) * stride_ht) * ALIGN
 
 
 @triton.jit
@@ -66,8 +76,7 @@ def _logits_tile(
     p_h,
     h_off,  # [BLOCK_M] int64 offsets of the rows in p_h, all inside p_h
     p_w,
-    w_rows,  # [BLOCK_V] rows of p_w, all inside p_w
-    stride_wv,
+    w_off,  # [BLOCK_V] int64 offsets of the weight rows in p_w, all inside p_w
     H,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -82,7 +91,7 @@ def _logits_tile(
     """
     o_k = tl.arange(0, BLOCK_K)
     p_hk = p_h + h_off[:, None] + o_k[None, :]  # [BLOCK_M, BLOCK_K]
-    p_wk = p_w + w_rows[None, :].to(tl.int64) * stride_wv + o_k[:, None]  # [BLOCK_K, BLOCK_V]
+    p_wk = p_w + w_off[None, :] + o_k[:, None]  # [BLOCK_K, BLOCK_V]
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         if EVEN_K:
@@ -119,10 +128,10 @@ def _logit_chain(
 def _linear_logprobs_fwd_kernel(
     p_h,  # [B, T, H] hidden, unit stride over H
     p_w,  # [V, H] weight, unit stride over H
-    p_bias,  # [V] any float dtype, if HAS_BIAS
+    p_bias,  # [V] any float dtype, unit stride, if HAS_BIAS
     p_rows,  # [M] int64: the rows of the N = B * T that this call scores
     p_labels,  # [N] int64
-    p_stats,  # [3, S, M] fp32 out: per vocabulary split, max z, sum exp(z - max), sum exp(z - max) * z
+    p_stats,  # [K, S, M] fp32 out, per vocabulary split: _STAT_MAX, _STAT_SUM, ... (K = 3, or 5 with the extras)
     p_split_argmax,  # [S, M] int32 out: per split, the first vocabulary id of the max z, if RETURN_ARGMAX
     p_zlabel,  # [M] fp32 out: z at the label, written by the split that holds the label
     M,
@@ -147,28 +156,32 @@ def _linear_logprobs_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     RETURN_ENTROPY: tl.constexpr,
     RETURN_ARGMAX: tl.constexpr,
+    RETURN_LOG_SUM_SQ_PROBS: tl.constexpr,
+    RETURN_MEAN_LOGITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     n_m = tl.cdiv(M, BLOCK_M)
     n_s = tl.cdiv(tl.cdiv(V, BLOCK_V), tiles_per_split)
     i_m, i_s = _grouped_tile(tl.program_id(0), n_m, n_s, GROUP_M)
-    o_m, m_m, labels, h_off = _row_tile(p_rows, p_labels, i_m, M, T, stride_hb * ALIGN, stride_ht * ALIGN, BLOCK_M)
+    o_m, m_m, labels, h_off = _row_tile(p_rows, p_labels, i_m, M, T, stride_hb, stride_ht, BLOCK_M, ALIGN)
 
     v_begin = i_s * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
     m_run = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max of z
     s_run = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp(z - m_run)
     t_run = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp(z - m_run) * z, for the entropy
+    q_run = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp(2 (z - m_run)), for log(sum p^2)
+    z_sum = tl.zeros((BLOCK_M,), tl.float32)  # sum of z, for the mean logit
     i_best = tl.zeros((BLOCK_M,), tl.int32)
     z_label = tl.zeros((BLOCK_M,), tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
-        w_rows = tl.where(m_v, o_v, 0)
-        acc = _logits_tile(
-            p_h, h_off, p_w, w_rows, stride_wv * ALIGN, H, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION
-        )
+        w_off = tl.where(m_v, o_v, 0).to(tl.int64) * stride_wv * ALIGN
+        acc = _logits_tile(p_h, h_off, p_w, w_off, H, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION)
         z = _logit_chain(acc, p_bias, o_v, m_v, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
+        if RETURN_MEAN_LOGITS:
+            z_sum += tl.sum(tl.where(m_v[None, :], z, 0.0), 1)
         # Columns past V get a finite -1e30: exp() makes them 0, and 0 * z stays 0 in the entropy sum. A 1-D
         # penalty costs far fewer registers than a 2-D mask.
         z += tl.where(m_v, 0.0, _NEG)[None, :]
@@ -180,6 +193,8 @@ def _linear_logprobs_fwd_kernel(
         s_run = s_run * alpha + tl.sum(b_e, 1)
         if RETURN_ENTROPY:
             t_run = t_run * alpha + tl.sum(b_e * z, 1)
+        if RETURN_LOG_SUM_SQ_PROBS:
+            q_run = q_run * (alpha * alpha) + tl.sum(b_e * b_e, 1)
         if RETURN_ARGMAX:
             # Strict > keeps the first maximum, as torch.argmax does.
             b_first = tl.min(tl.where(z == b_max[:, None], o_v[None, :], V), 1)
@@ -189,17 +204,21 @@ def _linear_logprobs_fwd_kernel(
 
     tl.store(p_zlabel + o_m, z_label, mask=m_m & (labels >= v_begin) & (labels < v_end))
     o_stat = i_s.to(tl.int64) * M + o_m
-    tl.store(p_stats + o_stat, m_run, mask=m_m)
-    tl.store(p_stats + stride_stat + o_stat, s_run, mask=m_m)
+    tl.store(p_stats + _STAT_MAX * stride_stat + o_stat, m_run, mask=m_m)
+    tl.store(p_stats + _STAT_SUM * stride_stat + o_stat, s_run, mask=m_m)
     if RETURN_ENTROPY:
-        tl.store(p_stats + 2 * stride_stat + o_stat, t_run, mask=m_m)
+        tl.store(p_stats + _STAT_ENTROPY * stride_stat + o_stat, t_run, mask=m_m)
+    if RETURN_LOG_SUM_SQ_PROBS:
+        tl.store(p_stats + _STAT_SQ * stride_stat + o_stat, q_run, mask=m_m)
+    if RETURN_MEAN_LOGITS:
+        tl.store(p_stats + _STAT_Z_SUM * stride_stat + o_stat, z_sum, mask=m_m)
     if RETURN_ARGMAX:
         tl.store(p_split_argmax + o_stat, i_best, mask=m_m)
 
 
 @triton.jit
 def _linear_logprobs_combine_kernel(
-    p_stats,  # [3, S, M] fp32, as the forward kernel wrote it
+    p_stats,  # [K, S, M] fp32, as the forward kernel wrote it
     p_split_argmax,  # [S, M] int32, if RETURN_ARGMAX
     p_zlabel,  # [M] fp32
     p_rows,  # [M] int64
@@ -208,6 +227,8 @@ def _linear_logprobs_combine_kernel(
     p_lse,  # [M] fp32 out: logsumexp(z)
     p_entropy,  # [N] fp32 out at the scored rows, if RETURN_ENTROPY
     p_argmax,  # [N] int64 out at the scored rows, if RETURN_ARGMAX
+    p_log_sum_sq_probs,  # [N] fp32 out at the scored rows, if RETURN_LOG_SUM_SQ_PROBS
+    p_mean_logits,  # [N] fp32 out at the scored rows, if RETURN_MEAN_LOGITS
     M,
     S,
     stride_stat,  # S * M
@@ -216,22 +237,31 @@ def _linear_logprobs_combine_kernel(
     BLOCK: tl.constexpr,
     RETURN_ENTROPY: tl.constexpr,
     RETURN_ARGMAX: tl.constexpr,
+    RETURN_LOG_SUM_SQ_PROBS: tl.constexpr,
+    RETURN_MEAN_LOGITS: tl.constexpr,
 ):
     o_m = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m_m = o_m < M
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK,), tl.float32)
     t = tl.zeros((BLOCK,), tl.float32)
+    q = tl.zeros((BLOCK,), tl.float32)
+    z_sum = tl.zeros((BLOCK,), tl.float32)
     best = tl.zeros((BLOCK,), tl.int32)
     for i_s in range(0, S):
         o_stat = i_s * M + o_m  # i_s * M < S * M, which the launcher passes as an int
-        b_m = tl.load(p_stats + o_stat, mask=m_m, other=0.0)
+        b_m = tl.load(p_stats + _STAT_MAX * stride_stat + o_stat, mask=m_m, other=0.0)
         m_new = tl.maximum(m, b_m)
         alpha = tl.exp(m - m_new)
         beta = tl.exp(b_m - m_new)
-        s = s * alpha + tl.load(p_stats + stride_stat + o_stat, mask=m_m, other=0.0) * beta
+        s = s * alpha + tl.load(p_stats + _STAT_SUM * stride_stat + o_stat, mask=m_m, other=0.0) * beta
         if RETURN_ENTROPY:
-            t = t * alpha + tl.load(p_stats + 2 * stride_stat + o_stat, mask=m_m, other=0.0) * beta
+            t = t * alpha + tl.load(p_stats + _STAT_ENTROPY * stride_stat + o_stat, mask=m_m, other=0.0) * beta
+        if RETURN_LOG_SUM_SQ_PROBS:
+            b_q = tl.load(p_stats + _STAT_SQ * stride_stat + o_stat, mask=m_m, other=0.0)
+            q = q * (alpha * alpha) + b_q * (beta * beta)
+        if RETURN_MEAN_LOGITS:
+            z_sum += tl.load(p_stats + _STAT_Z_SUM * stride_stat + o_stat, mask=m_m, other=0.0)
         if RETURN_ARGMAX:
             best = tl.where(b_m > m, tl.load(p_split_argmax + o_stat, mask=m_m, other=0), best)
         m = m_new
@@ -249,13 +279,18 @@ def _linear_logprobs_combine_kernel(
         tl.store(p_entropy + rows, lse - t / s, mask=m_m)
     if RETURN_ARGMAX:
         tl.store(p_argmax + rows, best.to(tl.int64), mask=m_m)
+    if RETURN_LOG_SUM_SQ_PROBS:
+        # sum_v p_v^2 = sum_v exp(2 (z_v - m)) / (sum_v exp(z_v - m))^2
+        tl.store(p_log_sum_sq_probs + rows, tl.log(q) - 2.0 * tl.log(s), mask=m_m)
+    if RETURN_MEAN_LOGITS:
+        tl.store(p_mean_logits + rows, z_sum / V, mask=m_m)
 
 
 @triton.jit
 def _linear_logprobs_bwd_kernel(
     p_h,  # [B, T, H] hidden, unit stride over H
     p_w,  # [V, H] weight, unit stride over H
-    p_bias,  # [V], if HAS_BIAS
+    p_bias,  # [V] unit stride, if HAS_BIAS
     p_rows,  # [M] int64
     p_labels,  # [N] int64
     p_lse,  # [M] fp32
@@ -290,14 +325,13 @@ def _linear_logprobs_bwd_kernel(
     n_m = tl.cdiv(M, BLOCK_M)
     n_v = tl.cdiv(v_stop - v_start, BLOCK_V)
     i_m, i_v = _grouped_tile(tl.program_id(0), n_m, n_v, GROUP_M)
-    o_m, m_m, labels, h_off = _row_tile(p_rows, p_labels, i_m, M, T, stride_hb * ALIGN, stride_ht * ALIGN, BLOCK_M)
+    o_m, m_m, labels, h_off = _row_tile(p_rows, p_labels, i_m, M, T, stride_hb, stride_ht, BLOCK_M, ALIGN)
     o_c = i_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column in this chunk
     o_v = v_start + o_c
     m_v = o_v < v_stop
 
-    acc = _logits_tile(
-        p_h, h_off, p_w, tl.where(m_v, o_v, 0), stride_wv * ALIGN, H, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION
-    )
+    w_off = tl.where(m_v, o_v, 0).to(tl.int64) * stride_wv * ALIGN
+    acc = _logits_tile(p_h, h_off, p_w, w_off, H, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION)
     z = _logit_chain(acc, p_bias, o_v, m_v, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
     # Rows past M get lse = 1e30 and columns past the chunk a -1e30 penalty, so p = exp(log p) is exactly 0 there:
     # no 2-D masks until the store.
@@ -325,6 +359,15 @@ def _linear_logprobs_bwd_kernel(
 # ----------------------------------------------------------------------------- launch parameters
 
 
+class Outputs(NamedTuple):
+    """The per-token results the forward computes besides the log-probs (constexpr flags of its kernels)."""
+
+    entropy: bool = False
+    argmax: bool = False
+    log_sum_sq_probs: bool = False
+    mean_logits: bool = False
+
+
 class Tiles(NamedTuple):
     block_m: int
     block_v: int
@@ -347,13 +390,20 @@ _TILES = {
     ("bwd", "half", False): (Tiles(32, 64, 32, 4, 2),),
     ("fwd", "fp32", False): (Tiles(64, 64, 16, 4, 2),),
     ("bwd", "fp32", False): (Tiles(64, 64, 16, 4, 2),),
+    # The forward with log(sum p^2) or the mean logit asked for keeps two more sums live in its epilogue; next to
+    # entropy and argmax, the tiles above spill there (8 to 136 bytes), these do not.
+    ("fwd_extras", "half", True): (Tiles(64, 128, 64, 8, 3),),
+    ("fwd_extras", "fp32", True): (Tiles(64, 32, 32, 4, 3),),
+    ("fwd_extras", "half", False): (Tiles(64, 64, 32, 4, 2),),
+    ("fwd_extras", "fp32", False): (Tiles(64, 64, 16, 8, 2),),
 }
 # The interpreter: small tiles, so small test shapes still span several tiles along every dimension.
 _INTERPRETED = Tiles(64, 128, 64, 4, 1)
 
 
 def tile_candidates(kernel: str, dtype: torch.dtype, aligned: bool = True) -> tuple[Tiles, ...]:
-    """Candidate launch tiles of the "fwd" or "bwd" kernel, the default first."""
+    """Candidate launch tiles of the "fwd" kernel ("fwd_extras" with log_sum_sq_probs or mean_logits) or the "bwd"
+    kernel, the default first."""
     if INTERPRET:
         return (_INTERPRETED,)
     return _TILES[kernel, "fp32" if dtype == torch.float32 else "half", aligned]
@@ -415,6 +465,19 @@ def _gemm_args(hidden: torch.Tensor, weight: torch.Tensor, tiles: Tiles, align: 
     }
 
 
+def _check_layout(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, **unit_stride) -> None:
+    """The launchers' layout contract. The kernels take one stride per hidden and weight row and assume unit
+    strides everywhere else, so a tensor that breaks it would be read at the wrong elements: refuse it."""
+    if hidden.dim() != 3 or hidden.stride(2) != 1 or weight.dim() != 2 or weight.stride(1) != 1:
+        raise ValueError("hidden [B, T, H] and weight [V, H] must have unit stride over H")
+    if hidden.shape[0] * hidden.shape[1] >= 2**31:
+        raise ValueError(f"hidden must have fewer than 2**31 rows (the kernels use int32 row ids); got {hidden.shape}")
+    vectors = {"bias": bias, **unit_stride}
+    for name, t in vectors.items():
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous; got strides {t.stride()}")
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -428,31 +491,43 @@ def linear_logprobs_fwd(
     temperature: float,
     softcap: float | None,
     logit_scale: float,
-    return_entropy: bool,
-    return_argmax: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """hidden: [B, T, H], unit stride over H; weight: [V, H], unit stride over H, hidden's dtype; bias: [V] or None;
-    rows: [M] int64 indices into the N = B * T rows; labels: [N] int64 contiguous, each in [0, V) or ignore_index.
+    outputs: Outputs,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, ...]:
+    """hidden: [B, T, H], unit stride over H; weight: [V, H], unit stride over H, hidden's dtype; bias: [V]
+    contiguous, or None; rows: [M] int64 contiguous indices into the N = B * T rows; labels: [N] int64 contiguous,
+    each in [0, V) or ignore_index; outputs: the extras to compute.
 
-    Returns (logp [N] fp32, 0.0 outside `rows`; lse [M] fp32; entropy [N] fp32 or None; argmax [N] int64 or None).
-    Entropy and argmax are written at `rows` only: ask for them with every row in `rows`.
+    Returns (logp [N] fp32, 0.0 outside `rows`; lse [M] fp32; then entropy [N] fp32, argmax [N] int64,
+    log_sum_sq_probs [N] fp32, mean_logits [N] fp32, each None unless asked for in `outputs`). The extras are
+    written at `rows` only: ask for them with every row in `rows`.
     """
+    _check_layout(hidden, weight, bias, rows=rows, labels=labels)
     B, T, H = hidden.shape
     V = weight.shape[0]
     M = rows.numel()
     dev = hidden.device
     logp = torch.zeros(B * T, device=dev, dtype=torch.float32)
     lse = torch.empty(M, device=dev, dtype=torch.float32)
-    entropy = torch.empty(B * T, device=dev, dtype=torch.float32) if return_entropy else None
-    argmax = torch.empty(B * T, device=dev, dtype=torch.int64) if return_argmax else None
+    extras = [
+        torch.empty(B * T, device=dev, dtype=torch.int64 if name == "argmax" else torch.float32) if wanted else None
+        for name, wanted in outputs._asdict().items()
+    ]
+    entropy, argmax, log_sum_sq_probs, mean_logits = extras
     if M == 0:
-        return logp, lse, entropy, argmax
+        return logp, lse, *extras
     align = _align(hidden, weight)
+    flags = {
+        "RETURN_ENTROPY": outputs.entropy,
+        "RETURN_ARGMAX": outputs.argmax,
+        "RETURN_LOG_SUM_SQ_PROBS": outputs.log_sum_sq_probs,
+        "RETURN_MEAN_LOGITS": outputs.mean_logits,
+    }
 
     def launch(tiles: Tiles) -> None:
         splits, tiles_per_split = _vocab_splits(M, V, tiles, dev)
-        stats = torch.empty(3, splits, M, device=dev, dtype=torch.float32)
-        split_argmax = torch.empty(splits, M, device=dev, dtype=torch.int32) if return_argmax else None
+        n_stats = 5 if outputs.log_sum_sq_probs or outputs.mean_logits else 3
+        stats = torch.empty(n_stats, splits, M, device=dev, dtype=torch.float32)
+        split_argmax = torch.empty(splits, M, device=dev, dtype=torch.int32) if outputs.argmax else None
         zlabel = torch.empty(M, device=dev, dtype=torch.float32)
         _linear_logprobs_fwd_kernel[(triton.cdiv(M, tiles.block_m) * splits,)](
             hidden,
@@ -477,8 +552,7 @@ def linear_logprobs_fwd(
             1.0 / temperature,
             HAS_BIAS=bias is not None,
             HAS_SOFTCAP=softcap is not None,
-            RETURN_ENTROPY=return_entropy,
-            RETURN_ARGMAX=return_argmax,
+            **flags,
             **_gemm_args(hidden, weight, tiles, align),
         )
         _linear_logprobs_combine_kernel[(triton.cdiv(M, _COMBINE_BLOCK),)](
@@ -491,21 +565,23 @@ def linear_logprobs_fwd(
             lse,
             logp if entropy is None else entropy,
             labels if argmax is None else argmax,
+            logp if log_sum_sq_probs is None else log_sum_sq_probs,
+            logp if mean_logits is None else mean_logits,
             M,
             splits,
             splits * M,
             V,
             ignore_index,
             BLOCK=_COMBINE_BLOCK,
-            RETURN_ENTROPY=return_entropy,
-            RETURN_ARGMAX=return_argmax,
+            **flags,
         )
 
-    candidates = tile_candidates("fwd", hidden.dtype, align > 1)
-    flags = (bias is not None, softcap is not None, return_entropy, return_argmax)
-    key = ("linear_logprobs_fwd", dev, hidden.dtype, align > 1, H, V, triton.next_power_of_2(M), *flags)
+    kernel = "fwd_extras" if outputs.log_sum_sq_probs or outputs.mean_logits else "fwd"
+    candidates = tile_candidates(kernel, hidden.dtype, align > 1)
+    key = ("linear_logprobs_fwd", dev, hidden.dtype, align > 1, H, V, triton.next_power_of_2(M), bias is not None)
+    key += (softcap is not None, *outputs)
     launch(pick_fastest(key, candidates, launch))
-    return logp, lse, entropy, argmax
+    return logp, lse, *extras
 
 
 def linear_logprobs_bwd(
@@ -529,6 +605,10 @@ def linear_logprobs_bwd(
     into da ([M, chunk], unit stride over the chunk, any float dtype). Inputs as for `linear_logprobs_fwd`; lse,
     dlogp, entropy, dentropy: [M] fp32 contiguous; the entropy term is added when dentropy is given.
     """
+    vectors = {"rows": rows, "labels": labels, "lse": lse, "dlogp": dlogp, "entropy": entropy, "dentropy": dentropy}
+    _check_layout(hidden, weight, bias, **vectors)
+    if da.stride(1) != 1:
+        raise ValueError(f"da must have unit stride over its columns; got strides {da.stride()}")
     B, T, H = hidden.shape
     M, chunk = da.shape
     if M == 0 or chunk == 0:
@@ -576,57 +656,49 @@ def linear_logprobs_bwd(
 # ----------------------------------------------------------------------------- compile check
 
 
-def _signature(kernel, ty: str) -> dict[str, str]:
-    """Triton types of a kernel's runtime arguments, for hidden/weight in dtype `ty`."""
-    sig = {}
-    for name in (p.name for p in kernel.params if not p.is_constexpr):
-        if name in ("p_h", "p_w", "p_bias", "p_da"):
-            sig[name] = f"*{ty}"
-        elif name in ("p_rows", "p_labels", "p_argmax"):
-            sig[name] = "*i64"
-        elif name == "p_split_argmax":
-            sig[name] = "*i32"
-        elif name.startswith("p_"):
-            sig[name] = "*fp32"
-        else:
-            sig[name] = "fp32" if name in ("logit_scale", "softcap", "inv_temperature") else "i32"
-    return sig
+def _launch_case(dtype: torch.dtype, N: int, H: int, V: int, outputs: Outputs, backward: bool = True) -> None:
+    """Forward (then backward) launches on meta hidden [1, N, H] (every row scored) and weight [V, H], with bias and
+    softcap whenever `outputs` asks for an extra. The backward runs over 5376-column chunks, what the default 256 MiB
+    budget gives at N=16384, H=4096 in bf16."""
+    hidden, weight, bias = meta(1, N, H, dtype=dtype), meta(V, H, dtype=dtype), meta(V, dtype=dtype)
+    rows, labels = meta(N, dtype=torch.int64), meta(N, dtype=torch.int64)
+    bias, softcap = (bias, 30.0) if any(outputs) else (None, None)
+    # The forward's vocabulary splits follow the SM count: an H100's 132, not the meta device's 1.
+    with unittest.mock.patch(f"{__name__}._sm_count", lambda device: 132):
+        _, lse, entropy, *_ = linear_logprobs_fwd(hidden, weight, bias, rows, labels, -100, 1.0, softcap, 1.0, outputs)
+    chunk = 5376
+    da = meta(N, chunk, dtype=dtype)
+    for v0 in range(0, V, chunk) if backward else ():
+        args = (lse, lse, entropy, entropy, da[:, : min(chunk, V - v0)], v0, -100, 1.0, softcap, 1.0)
+        linear_logprobs_bwd(hidden, weight, bias, rows, labels, *args)
 
 
-def compile_specs() -> list[CompileSpec]:
-    specs = []
-    for kernel, name in ((_linear_logprobs_fwd_kernel, "fwd"), (_linear_logprobs_bwd_kernel, "bwd")):
-        extras = ("RETURN_ENTROPY", "RETURN_ARGMAX") if name == "fwd" else ("HAS_ENTROPY_GRAD",)
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            ty = TRITON_DTYPE[dtype]
-            # Every optional feature off, then on, with 16-byte aligned rows and H % BLOCK_K == 0 (the target
-            # shapes); then all on with an odd H, whose rows load unaligned and whose last K block is masked.
-            for features, aligned in ((False, True), (True, True), (True, False)):
-                for tiles in tile_candidates(name, dtype, aligned):
-                    constexprs = {
-                        "BLOCK_M": tiles.block_m,
-                        "BLOCK_V": tiles.block_v,
-                        "BLOCK_K": tiles.block_k,
-                        "GROUP_M": _GROUP_M,
-                        "ALIGN": 16 // dtype.itemsize if aligned else 1,
-                        "EVEN_K": aligned,
-                        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-                        "HAS_BIAS": features,
-                        "HAS_SOFTCAP": features,
-                        **dict.fromkeys(extras, features),
-                    }
-                    tile = "x".join(map(str, tiles[:3])) + f" w{tiles.num_warps} s{tiles.num_stages}"
-                    label = f"{name} {ty} features={features}" + ("" if aligned else " odd H") + f" {tile}"
-                    sig = _signature(kernel, ty)
-                    specs.append(CompileSpec(kernel, label, sig, constexprs, tiles.num_warps, tiles.num_stages))
-    for extras in (False, True):
-        specs.append(
-            CompileSpec(
-                _linear_logprobs_combine_kernel,
-                f"combine extras={extras}",
-                _signature(_linear_logprobs_combine_kernel, "fp32"),
-                {"BLOCK": _COMBINE_BLOCK, "RETURN_ENTROPY": extras, "RETURN_ARGMAX": extras},
-                4,
-            )
-        )
-    return specs
+def compile_specs() -> list[LaunchCase]:
+    """The target (bf16 N=16384 H=4096 V=128256) without extras (predicted), fp16 and fp32, an odd vocabulary (32001)
+    and an odd hidden size (4097: rows not 16-byte aligned, a masked last K block); each without extras, with entropy
+    and argmax, and with every extra (its own tile table)."""
+    N, H, V = 16384, 4096, 128256
+    trips = {
+        "_linear_logprobs_fwd_kernel": lambda a: (a["tiles_per_split"], triton.cdiv(a["H"], a["BLOCK_K"])),
+        "_linear_logprobs_combine_kernel": lambda a: (a["S"],),
+        "_linear_logprobs_bwd_kernel": lambda a: (triton.cdiv(a["H"], a["BLOCK_K"]),),
+    }
+    cases = [
+        LaunchCase(
+            f"{name} bf16 N={N} H={H} V={V}",
+            functools.partial(_launch_case, torch.bfloat16, N, H, V, Outputs(), backward),
+            flops=(2 if backward else 1) * 2 * N * H * V,
+            trips=trips,
+        )  # fmt: skip
+        for name, backward in (("fwd", False), ("fwd+bwd kernels", True))
+    ]
+    shapes = [(torch.bfloat16, N, H, V), (torch.float16, N, H, V), (torch.float32, 4096, H, V)]
+    shapes += [(torch.bfloat16, 4096, H, 32001)]
+    shapes += [(dtype, 4096, 4097, 32001) for dtype in (torch.bfloat16, torch.float16, torch.float32)]
+    for (dtype, n, h, v), outputs in itertools.product(shapes, (Outputs(), Outputs(True, True), Outputs(*[True] * 4))):
+        if outputs == Outputs() and (dtype, n) == (torch.bfloat16, N):
+            continue  # the target cases above
+        extras = ",".join(name for name, on in outputs._asdict().items() if on) or "none"
+        label = f"{TRITON_DTYPE[dtype]} N={n} H={h} V={v} extras={extras}"
+        cases.append(LaunchCase(label, functools.partial(_launch_case, dtype, n, h, v, outputs)))
+    return cases

@@ -21,11 +21,14 @@ log-prob 0 here (the combine across shards adds the owner's); only a label outsi
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from . import TRITON_DTYPE, CompileSpec
+from . import TRITON_DTYPE, LaunchCase, meta
 
 _LOAD_BYTES = 16  # one 128-bit load
 _REPS = 4  # 16-byte loads per thread per iteration: 16 KiB tiles at 8 warps
@@ -90,6 +93,15 @@ def _load_tile(p_row, v0, o_t, mask, PAIRS: tl.constexpr):
         return tl.load(p_tile)
     else:
         return tl.load(p_tile, mask=mask, other=0)
+
+
+@triton.jit
+def _both(mask, other_mask):
+    """mask & other_mask, where other_mask None means all true."""
+    if other_mask is None:
+        return mask
+    else:
+        return mask & other_mask
 
 
 @triton.jit
@@ -299,8 +311,8 @@ def _token_logprobs_bwd_kernel(
     p_drow = _row_start(p_dlogits, i_n, T, stride_db, stride_dt)
     local, ignored, owned, valid = _label_state(p_labels, i_n, ignore_index, v_offset, V, vocab_total)
     c = inv_temperature * LOG2E
-    lse = tl.load(p_lse + i_n)
-    ref = lse * LOG2E  # p = 2^(x c - ref)
+    o_x = _tile_offsets(REPS, THREADS, VEC, ALIGNED)  # the backward stays in the load shape: nothing is reduced
+    o_t = _tile_offsets(REPS, THREADS, VEC // 2, ALIGNED) if PAIRS else o_x
     # d/dz of g logp + gh H = g onehot - p (g + gh (ln p + H)); d/dx = d/dz / temperature. A label outside the
     # vocabulary made a NaN log-prob: its gradient is NaN too, never a silent wrong value.
     g = tl.where(ignored, 0.0, tl.load(p_dlogp + i_n))
@@ -310,34 +322,34 @@ def _token_logprobs_bwd_kernel(
         entropy = tl.load(p_entropy + i_n)
         k0 = g + gh * entropy
         k1 = gh * LN2  # ln p = d ln 2
-        v_end = V
+        read = None  # every row is read
+        ref = tl.load(p_lse + i_n) * LOG2E  # p = 2^(x c - ref)
     else:
         k0 = g
         k1 = 0.0
-        v_end = tl.where(ignored, 0, V)  # an ignored row's gradient is 0: nothing to read
-    v_full = v_end // TILE * TILE
+        # An ignored row's gradient is 0: its loads are predicated off by a mask that is the same in every iteration,
+        # so it reads nothing, and its tiles are 2^0 * 0. One loop for every row (a separate loop of zero stores is a
+        # second loop in SASS). (A scalar mask would do, but the interpreter rejects a loaded scalar's as a mask.)
+        read = o_t < tl.where(ignored, 0, TILE)
+        ref = tl.where(ignored, 0.0, tl.load(p_lse + i_n) * LOG2E)
+    v_full = V // TILE * TILE
     # The label's 1 - p comes from its log-prob (the forward's, relative to the row max), not from 2^(x c - ref),
     # which carries the rounding of lse: 1e-6 absolute at lse ~ 10, all of 1 - p when p is near 1.
     logp_label = tl.load(p_logp + i_n)
 
-    o_x = _tile_offsets(REPS, THREADS, VEC, ALIGNED)  # the backward stays in the load shape: nothing is reduced
-    o_t = _tile_offsets(REPS, THREADS, VEC // 2, ALIGNED) if PAIRS else o_x
-    b_next = _load_tile(p_row, 0, o_t, o_t < v_full // (2 if PAIRS else 1), PAIRS)  # software-pipelined, see forward
+    b_next = _load_tile(p_row, 0, o_t, _both(o_t < v_full // (2 if PAIRS else 1), read), PAIRS)  # pipelined
     for v0 in range(0, v_full - TILE, TILE):
         b_dx = _dlogits_tile(_unpack(b_next, DTYPE, PAIRS), c, ref, k0, k1, HAS_ENTROPY_GRAD)
         tl.store(p_drow + v0 + o_x, b_dx.to(p_dlogits.dtype.element_ty))
-        b_next = _load_tile(p_row, v0 + TILE, o_t, None, PAIRS)  # after the store: dlogits may alias the logits
+        b_next = _load_tile(p_row, v0 + TILE, o_t, read, PAIRS)  # after the store: dlogits may alias the logits
     if v_full > 0:
         b_dx = _dlogits_tile(_unpack(b_next, DTYPE, PAIRS), c, ref, k0, k1, HAS_ENTROPY_GRAD)
         tl.store(p_drow + (v_full - TILE) + o_x, b_dx.to(p_dlogits.dtype.element_ty))
-    if v_full < v_end:  # the last, partial tile
-        m_t = o_t < (v_end - v_full) // (2 if PAIRS else 1)
+    if v_full < V:  # the last, partial tile
+        m_t = _both(o_t < (V - v_full) // (2 if PAIRS else 1), read)
         b_x = _unpack(_load_tile(p_row, v_full, o_t, m_t, PAIRS), DTYPE, PAIRS)
         b_dx = _dlogits_tile(b_x, c, ref, k0, k1, HAS_ENTROPY_GRAD)
-        tl.store(p_drow + v_full + o_x, b_dx.to(p_dlogits.dtype.element_ty), mask=o_x < v_end - v_full)
-    for v0 in range(v_end, V, TILE):  # the rows not read: zeros
-        zeros = tl.zeros(o_x.shape, p_dlogits.dtype.element_ty)
-        tl.store(p_drow + v0 + o_x, zeros, mask=o_x < V - v0)
+        tl.store(p_drow + v_full + o_x, b_dx.to(p_dlogits.dtype.element_ty), mask=o_x < V - v_full)
 
     # The label's term, once per row instead of a compare per logit: after every thread's tile stores.
     tl.debug_barrier()
@@ -464,39 +476,48 @@ def token_logprobs_bwd(
     )
 
 
-def compile_specs() -> list[CompileSpec]:
-    specs = []
-    scalars = {"T": "i32", "stride_b": "i32", "stride_t": "i32"}
-    vocab = {"V": "i32", "v_offset": "i32", "vocab_total": "i32", "ignore_index": "i32", "inv_temperature": "fp32"}
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        ty = TRITON_DTYPE[dtype]
-        for V in (32001, 128256):  # rows unaligned, and 16-byte aligned
-            config = _config(torch.empty(1, 1, V, dtype=dtype, device="meta"))
-            num_warps = config.pop("num_warps")
-            for extras in (False, True):
-                signature = {"p_logits": f"*{ty}", "p_labels": "*i64", "p_logp": "*fp32", "p_lse": "*fp32"}
-                signature |= {"p_entropy": "*fp32", "p_argmax": "*i64", "p_log_sum_sq": "*fp32", "p_mean": "*fp32"}
-                flags = dict.fromkeys(("RETURN_ENTROPY", "RETURN_ARGMAX", "RETURN_SUM_SQ", "RETURN_MEAN"), extras)
-                specs.append(
-                    CompileSpec(
-                        _token_logprobs_fwd_kernel,
-                        f"fwd {ty} V={V} extras={extras}",
-                        signature | scalars | vocab,
-                        config | flags,
-                        num_warps,
-                    )
-                )
-            for entropy_grad in (False, True):
-                signature = {"p_logits": f"*{ty}", "p_dlogits": f"*{ty}", "p_labels": "*i64", "p_lse": "*fp32"}
-                signature |= {"p_logp": "*fp32", "p_dlogp": "*fp32", "p_entropy": "*fp32", "p_dentropy": "*fp32"}
-                signature |= scalars | {"stride_db": "i32", "stride_dt": "i32"} | vocab
-                specs.append(
-                    CompileSpec(
-                        _token_logprobs_bwd_kernel,
-                        f"bwd {ty} V={V} entropy_grad={entropy_grad}",
-                        signature,
-                        config | {"HAS_ENTROPY_GRAD": entropy_grad},
-                        num_warps,
-                    )
-                )
-    return specs
+_EXTRAS = ("entropy", "argmax", "sum_sq", "mean")  # token_logprobs_fwd's optional outputs, in its order
+
+
+def _launch_case(dtype: torch.dtype, B: int, T: int, V: int, extras: tuple, backward: bool, pad_t: int = 0) -> None:
+    """Forward (then backward) launches on meta logits [B, T, V], sliced from [B, T + pad_t, V] when pad_t > 0, with
+    the optional outputs named in `extras` (of _EXTRAS)."""
+    logits = meta(B, T + pad_t, V, dtype=dtype)[:, :T]
+    labels = meta(B * T, dtype=torch.int64)
+    logp, lse, entropy, *_ = token_logprobs_fwd(logits, labels, -100, 1.0, *(name in extras for name in _EXTRAS))
+    if backward:
+        dlogits = meta(B, T, V, dtype=dtype)
+        token_logprobs_bwd(logits, dlogits, labels, lse, logp, logp, entropy, entropy, -100, 1.0)
+
+
+def _tiles(args: dict) -> tuple[int]:
+    """Trip count of either kernel's loop over a row: its whole tiles but the last (which, like a partial one, is
+    folded after the loop)."""
+    return (max(args["V"] // (args["REPS"] * args["THREADS"] * args["VEC"]) - 1, 0),)
+
+
+def compile_specs() -> list[LaunchCase]:
+    """The target (bf16 N=16384 V=128256, which fastalign.logprobs views as [1, N, V]) with no extras and with entropy
+    and argmax; every extra, fp16/fp32 at that V and at an odd one, a sliced logits[:, :-1] (B=8, T=257) and a single
+    token (N = T = 1 specializes)."""
+    N, V = 16384, 128256
+    trips = {"_token_logprobs_fwd_kernel": _tiles, "_token_logprobs_bwd_kernel": _tiles}
+    cases = [
+        LaunchCase(
+            f"{name} {'fwd+bwd' if bwd else 'fwd'} bf16 N={N} V={V}",
+            functools.partial(_launch_case, torch.bfloat16, 1, N, V, extras, bwd),
+            bytes=(3 if bwd else 1) * N * V * 2,
+            target=75 if bwd else 85,
+            trips=trips,
+        )
+        for extras, name in (((), "token_logprobs"), (_EXTRAS[:2], "token_stats(entropy, argmax)"))
+        for bwd in (False, True)
+    ]
+    shapes = [(torch.bfloat16, V), (torch.float16, V), (torch.float32, V)]
+    shapes += [(dtype, 32001) for dtype in (torch.bfloat16, torch.float16, torch.float32)]
+    for (dtype, v), extras in itertools.product(shapes, ((), _EXTRAS)):
+        label = f"fwd+bwd {TRITON_DTYPE[dtype]} N=4096 V={v} extras={','.join(extras) or 'none'}"
+        cases.append(LaunchCase(label, functools.partial(_launch_case, dtype, 1, 4096, v, extras, True)))
+    sliced = functools.partial(_launch_case, torch.bfloat16, 8, 257, 50257, _EXTRAS, True, 1)
+    one_token = functools.partial(_launch_case, torch.bfloat16, 1, 1, V, _EXTRAS, True)
+    return cases + [LaunchCase("sliced [:, :-1] bf16 B=8 T=257 V=50257", sliced), LaunchCase("one token", one_token)]

@@ -9,8 +9,9 @@ slots, each starting on a TILE boundary, and is cut into tiles `tiles` [n_tiles,
 elements costs one program of a launch, not a launch.
 
 - OnDARE is one pass (`_ondare_step_kernel`): moments, Δ, the random keep, the merge with τ,
-  the update and the weight decay. The keep is Philox keyed on (seed, step, parameter index,
-  global element index), so it is the same however the parameter is sharded or tiled.
+  the update and the weight decay. The keep is a counter-based hash of the global element index
+  under a key of (seed, parameter index, step) (`_dare_keep`), so it is the same however the
+  parameter is sharded or tiled, and fastalign.optim computes the same bits in torch ops.
 - OnTIES writes Δ to a flat fp32 buffer while histogramming the top digit of |Δ|
   (`_ties_delta_kernel`); radix_select.py finishes the exact top-k threshold; then one apply
   pass (`_ties_apply_kernel`) keeps the top k, elects signs against τ and updates.
@@ -22,12 +23,15 @@ no-op without a host sync.
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, TRITON_DTYPE, CompileSpec
-from .radix_select import RADIX_DIGITS
+from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta
+from .radix_select import RADIX_DIGITS, radix_histogram, radix_tie_count
 
 # Columns of the slot table.
 SLOT_FIELDS = (
@@ -39,12 +43,23 @@ SLOT_FIELDS = (
     "cached_delta",  # fp32 Δ accumulated between merges (0 when online_step == 1)
     "flat_offset",  # where the slot starts in the launch's flat index space (a multiple of TILE)
     "global_offset",  # global element index of the shard's first element
-    "param_index",  # the parameter's index in the optimizer, part of the random key
+    "dare_key",  # 32-bit key of the parameter's random keeps: fastalign.optim's dare_key(seed, index)
 )
 N_FIELDS = tl.constexpr(len(SLOT_FIELDS))
-_PARAM, _GRAD, _EXP_AVG, _EXP_AVG_SQ, _REF_DELTA, _CACHED, _FLAT_OFFSET, _GLOBAL_OFFSET, _PARAM_INDEX = (
+_PARAM, _GRAD, _EXP_AVG, _EXP_AVG_SQ, _REF_DELTA, _CACHED, _FLAT_OFFSET, _GLOBAL_OFFSET, _DARE_KEY = (
     tl.constexpr(i) for i in range(len(SLOT_FIELDS))
 )
+
+# The DARE keep hashes with triple32 (C. Wellons, hash-prospector: xorshift-multiply rounds on
+# 32 bits, exhaustively measured avalanche bias 0.0209, the level of a random permutation). Its
+# 32-bit multiplies keep their exact low bits in int32 torch ops, so the torch path computes the
+# same bits. HASH_SHIFTS[i] precedes HASH_MULTIPLIERS[i]; the last shift ends the hash.
+HASH_SHIFTS = (17, 11, 15, 14)
+HASH_MULTIPLIERS = (0xED5AD4BB, 0xAC4C1B51, 0x31848BAB)
+GOLDEN = 0x9E3779B9  # 2**32 / φ: spreads the high word of a global index over 32 bits
+_S0, _S1, _S2, _S3 = (tl.constexpr(x) for x in HASH_SHIFTS)
+_M0, _M1, _M2 = (tl.constexpr(x) for x in HASH_MULTIPLIERS)
+_GOLDEN = tl.constexpr(GOLDEN)
 
 # Elements per loop iteration and per tile. A DARE tile is short, for load balance; a TIES tile
 # is long, because each of its programs adds a 2048-bin histogram into global memory with
@@ -123,14 +138,31 @@ def _adam_delta(p_grad, p_m, p_v, o, m, inv_scale, step_size, beta1, beta2, eps,
 
 
 @triton.jit
-def _dare_keep(seed, idx, t, param_index, keep31):
-    """Bernoulli keep with P = keep31 / 2**31, from Philox-4x32-10 with key = seed and counter
-    = (idx low 32 bits, idx high 32 bits, t, param_index). fastalign.optim mirrors it in torch."""
-    c0 = (idx & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (idx >> 32).to(tl.uint32)
-    zero = c0 * 0
-    r, _, _, _ = tl.philox(seed, c0, c1, zero + t.to(tl.uint32), zero + param_index.to(tl.uint32))
-    return (r >> 1).to(tl.int32, bitcast=True) < keep31
+def _triple32(x):
+    """triple32 of uint32 x (a bijection of 32-bit words)."""
+    x ^= x >> _S0
+    x *= _M0
+    x ^= x >> _S1
+    x *= _M1
+    x ^= x >> _S2
+    x *= _M2
+    return x ^ (x >> _S3)
+
+
+@triton.jit
+def _step_key(dare_key, t):
+    """uint32 key of one parameter's keeps at step t (t = 0 draws τ's)."""
+    return _triple32((dare_key ^ t).to(tl.uint32))
+
+
+@triton.jit
+def _dare_keep(idx, step_key, keep_below):
+    """Bernoulli keep of int64 global element indices idx: P = (keep_below + 2**30) / 2**31.
+
+    h = triple32(low word of idx ^ step_key ^ GOLDEN · high word), read as int32 and shifted right
+    by 1, is uniform on [-2**30, 2**30); the keep is h < keep_below."""
+    x = idx.to(tl.uint32) ^ step_key ^ ((idx >> 32).to(tl.uint32) * _GOLDEN)
+    return (_triple32(x).to(tl.int32, bitcast=True) >> 1) < keep_below
 
 
 # ----------------------------------------------------------------------------- OnDARE
@@ -138,8 +170,8 @@ def _dare_keep(seed, idx, t, param_index, keep31):
 
 @triton.jit
 def _ondare_block(
-    p_param, p_grad, p_m, p_v, p_tau, p_c, o, end, global_offset, t, param_index, merge,
-    step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha, inv_p, keep31, seed,
+    p_param, p_grad, p_m, p_v, p_tau, p_c, o, end, global_offset, step_key, merge,
+    step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha, inv_p, keep_below,
     HAS_TAU: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, SUMS_ONLY: tl.constexpr,
     ACCUMULATE: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
@@ -154,7 +186,9 @@ def _ondare_block(
             _st(p_c, o, tl.where(merge, 0.0, c + d), m, MASKED)
         d = d + c
     if DROP:
-        kept = tl.where(_dare_keep(seed, global_offset + o, t, param_index, keep31), d * inv_p, 0.0)
+        # A NaN Δ (from a NaN or ±inf gradient) is always kept, so θ turns NaN as AdamW's would.
+        keep = _dare_keep(global_offset + o, step_key, keep_below) | (d != d)
+        kept = tl.where(keep, d * inv_p, 0.0)
     else:
         kept = d
     s_abs = tl.zeros((), tl.float32)
@@ -164,7 +198,7 @@ def _ondare_block(
         s_kept = tl.sum(tl.abs(kept), 0)
     else:
         if RESCALE:
-            kept = tl.minimum(tl.maximum(kept * factor, -bound), bound)
+            kept = tl.clamp(kept * factor, -bound, bound, propagate_nan=tl.PropagateNan.ALL)
         upd = (1.0 - alpha) * kept
         if HAS_TAU:
             upd += alpha * _ld(p_tau, o, m, MASKED)
@@ -193,8 +227,7 @@ def _ondare_step_kernel(
     lr_wd,  # lr · weight_decay
     alpha,
     inv_p,  # 1 / reserve_p
-    keep31,  # round(reserve_p · 2**31)
-    seed,
+    keep_below,  # keep_threshold(reserve_p): the keep is hash < keep_below
     online_step,
     PARAM_DTYPE: tl.constexpr,
     TAU_DTYPE: tl.constexpr,
@@ -230,7 +263,7 @@ def _ondare_step_kernel(
         if ACCUMULATE:
             p_c = _ptr(p_slot, _CACHED, tl.float32, ALIGNED)
         global_offset = tl.load(p_slot + _GLOBAL_OFFSET)
-        param_index = tl.load(p_slot + _PARAM_INDEX)
+        step_key = _step_key(tl.load(p_slot + _DARE_KEY), t)
         step_size = tl.load(p_step_size + slot)
         inv_scale = 1.0 / tl.load(p_grad_scale)
         factor = 1.0
@@ -240,17 +273,17 @@ def _ondare_step_kernel(
             bound = tl.load(p_rescale + slot * 2 + 1)
         for b0 in range(begin, full_end, BLOCK):
             a, k = _ondare_block(
-                p_param, p_grad, p_m, p_v, p_tau, p_c, b0 + tl.arange(0, BLOCK), end, global_offset, t,
-                param_index, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha,
-                inv_p, keep31, seed, HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, False,
+                p_param, p_grad, p_m, p_v, p_tau, p_c, b0 + tl.arange(0, BLOCK), end, global_offset, step_key,
+                merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha, inv_p, keep_below,
+                HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, False,
             )  # fmt: skip
             s_abs += a
             s_kept += k
         if full_end < end:
             a, k = _ondare_block(
-                p_param, p_grad, p_m, p_v, p_tau, p_c, full_end + tl.arange(0, BLOCK), end, global_offset, t,
-                param_index, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha,
-                inv_p, keep31, seed, HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, True,
+                p_param, p_grad, p_m, p_v, p_tau, p_c, full_end + tl.arange(0, BLOCK), end, global_offset,
+                step_key, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha, inv_p,
+                keep_below, HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, True,
             )  # fmt: skip
             s_abs += a
             s_kept += k
@@ -335,16 +368,19 @@ def _ties_apply_block(
     m = o < end
     d = _ld(p_delta, o, m, MASKED)
     key = (d.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
-    # Top k: keys above the threshold, and the first `budget` copies of it in index order.
+    # Top k: keys above the threshold, and the first `budget` copies of it in index order. A NaN Δ
+    # (a NaN or ±inf gradient) ranks above every magnitude and survives the election: θ turns NaN
+    # there, as AdamW's would, instead of silently freezing.
+    nan = d != d
     tie = m & (key == threshold)
     rank = tl.cumsum(tie.to(tl.int32), 0) - 1  # among this block's copies; `taken` came before
-    d = tl.where((key > threshold) | (tie & (rank < budget - taken)), d, 0.0)
+    d = tl.where((key > threshold) | (tie & (rank < budget - taken)) | nan, d, 0.0)
     if HAS_TAU:
         # Elect the sign of τ + Δ (≥ 0 counts as +) and zero what disagrees with it.
         tau = _ld(p_tau, o, m, MASKED)
         positive = tau + d >= 0
         tau = tl.where(tl.where(positive, tau > 0, tau < 0), tau, 0.0)
-        d = tl.where(tl.where(positive, d > 0, d < 0), d, 0.0)
+        d = tl.where(tl.where(positive, d > 0, d < 0) | nan, d, 0.0)
         upd = alpha * tau + (1.0 - alpha) * d
     else:
         upd = (1.0 - alpha) * d
@@ -436,8 +472,8 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 
 def keep_threshold(reserve_p: float) -> int:
-    """Philox outputs r keep an element when (r >> 1) < this: P(keep) = reserve_p to 2**-31."""
-    return min(max(round(reserve_p * 2**31), 1), 2**31 - 1)
+    """The int32 `keep_below` of _dare_keep: P(keep) = reserve_p to 2**-31 (never 0 or 1)."""
+    return min(max(round(reserve_p * 2**31), 1), 2**31 - 1) - 2**30
 
 
 def ondare_step(
@@ -456,7 +492,6 @@ def ondare_step(
     lr_wd: float,
     alpha: float,
     reserve_p: float,
-    seed: int,
     online_step: int,
     rescale: torch.Tensor | None = None,
     sums_only: bool = False,
@@ -488,7 +523,6 @@ def ondare_step(
         alpha,
         1.0 / reserve_p,
         keep_threshold(reserve_p) if drop else 0,
-        seed,
         online_step,
         PARAM_DTYPE=_TL_DTYPE[param_dtype],
         TAU_DTYPE=_TL_DTYPE[tau_dtype or torch.float32],
@@ -601,136 +635,76 @@ def nonfinite(
 # ----------------------------------------------------------------------------- compile check
 
 
-def compile_specs() -> list[CompileSpec]:
-    specs = []
-    table = {"p_slots": "*i64", "p_tiles": "*i64"}
-    dare_sig = {
-        **table,
-        "p_step_size": "*fp32",
-        "p_t": "*i64",
-        "p_rescale": "*fp32",
-        "p_sums": "*fp32",
-        "p_skip": "*fp32",
-        "p_grad_scale": "*fp32",
-        "beta1": "fp32",
-        "beta2": "fp32",
-        "eps": "fp32",
-        "lr_wd": "fp32",
-        "alpha": "fp32",
-        "inv_p": "fp32",
-        "keep31": "i32",
-        "seed": "i64",
-        "online_step": "i32",
-    }
-    shift, bits = RADIX_DIGITS[0]
-    for param_dtype in (torch.float32, torch.bfloat16, torch.float16):
-        pty = TRITON_DTYPE[param_dtype]
-        for tau_dtype in (torch.bfloat16, torch.float32, None):
-            tty = TRITON_DTYPE[tau_dtype] if tau_dtype else "none"
-            # The plain step, everything on, and the L1-sum pass of `rescale`.
-            for drop, rescale, sums, accumulate in ((True, False, False, False), (True, True, False, True),
-                                                    (True, True, True, True)):  # fmt: skip
-                specs.append(
-                    CompileSpec(
-                        _ondare_step_kernel,
-                        f"ondare {pty} tau={tty} drop={drop} rescale={rescale} sums={sums} acc={accumulate}",
-                        dare_sig,
-                        {
-                            "PARAM_DTYPE": _TL_DTYPE[param_dtype],
-                            "TAU_DTYPE": _TL_DTYPE[tau_dtype or torch.float32],
-                            "HAS_TAU": tau_dtype is not None,
-                            "DROP": drop,
-                            "RESCALE": rescale,
-                            "SUMS_ONLY": sums,
-                            "ACCUMULATE": accumulate,
-                            "ORDINARY_ONLY": False,
-                            "ALIGNED": True,
-                            "BLOCK": BLOCK,
-                        },
-                        _NUM_WARPS,
-                    )
-                )
-            for accumulate in (False, True):
-                specs.append(
-                    CompileSpec(
-                        _ties_apply_kernel,
-                        f"ties apply {pty} tau={tty} acc={accumulate}",
-                        {
-                            **table,
-                            "p_delta": "*fp32",
-                            "p_threshold": "*i64",
-                            "p_budget": "*i64",
-                            "p_skip": "*fp32",
-                            "lr_wd": "fp32",
-                            "alpha": "fp32",
-                        },  # fmt: skip
-                        {
-                            "PARAM_DTYPE": _TL_DTYPE[param_dtype],
-                            "TAU_DTYPE": _TL_DTYPE[tau_dtype or torch.float32],
-                            "HAS_TAU": tau_dtype is not None,
-                            "ACCUMULATE": accumulate,
-                            "ALIGNED": True,
-                            "BLOCK": BLOCK,
-                        },
-                        _NUM_WARPS,
-                    )
-                )
-        specs.append(
-            CompileSpec(
-                _ondare_step_kernel,
-                f"ondare {pty} ordinary-only unaligned",
-                dare_sig,
-                {
-                    "PARAM_DTYPE": _TL_DTYPE[param_dtype],
-                    "TAU_DTYPE": tl.float32,
-                    "HAS_TAU": False,
-                    "DROP": False,
-                    "RESCALE": False,
-                    "SUMS_ONLY": False,
-                    "ACCUMULATE": True,
-                    "ORDINARY_ONLY": True,
-                    "ALIGNED": False,
-                    "BLOCK": BLOCK,
-                },
-                _NUM_WARPS,
-            )
-        )
-        for accumulate in (False, True):
-            specs.append(
-                CompileSpec(
-                    _ties_delta_kernel,
-                    f"ties delta {pty} acc={accumulate}",
-                    {
-                        **table,
-                        "p_step_size": "*fp32",
-                        "p_t": "*i64",
-                        "p_delta": "*fp32",
-                        "p_hist": "*i64",
-                        "p_skip": "*fp32",
-                        "p_grad_scale": "*fp32",
-                        "beta1": "fp32",
-                        "beta2": "fp32",
-                        "eps": "fp32",
-                        "online_step": "i32",
-                    },  # fmt: skip
-                    {
-                        "PARAM_DTYPE": _TL_DTYPE[param_dtype],
-                        "ACCUMULATE": accumulate,
-                        "ALIGNED": True,
-                        "SHIFT": shift,
-                        "BITS": bits,
-                        "BLOCK": BLOCK,
-                    },
-                    _NUM_WARPS,
-                )
-            )
-        specs.append(
-            CompileSpec(
-                _nonfinite_kernel,
-                f"nonfinite {pty}",
-                {**table, "p_flag": "*fp32"},
-                {"PARAM_DTYPE": _TL_DTYPE[param_dtype], "ALIGNED": True, "BLOCK": BLOCK},
-                _NUM_WARPS,
-            )
-        )
-    return specs
+def _decoder_1b() -> list[int]:
+    """Sizes of a 1B decoder's parameters (fastalign.bench.optim's model): embedding, 14 layers, final norm."""
+    hidden, ffn = 2048, 8192
+    layer = [hidden * hidden] * 4 + [ffn * hidden] * 3 + [hidden] * 2
+    return [32000 * hidden] + layer * 14 + [hidden]
+
+
+def _launch_case(method: str, param_dtype, tau_dtype, rescale=False, online_step=1, aligned=True) -> None:
+    """One optimizer step over `_decoder_1b`'s tables, launched as fastalign.optim._launch.kernel_step does (with the
+    skip_nonfinite check when rescale is on)."""
+    numels = _decoder_1b()
+    S, flat = len(numels), sum(triton.cdiv(n, BLOCK) * BLOCK for n in numels)
+    slots = meta(S, len(SLOT_FIELDS), dtype=torch.int64)
+    dare_tiles = meta(sum(triton.cdiv(n, DARE_TILE) for n in numels), 3, dtype=torch.int64)
+    ties_tiles = meta(sum(triton.cdiv(n, TIES_TILE) for n in numels), 3, dtype=torch.int64)
+    step_size, t, flag, per_slot = meta(S), meta(S, dtype=torch.int64), meta(), meta(S, dtype=torch.int64)
+    adam = dict(beta1=0.9, beta2=0.999, eps=1e-8, online_step=online_step, aligned=aligned)
+    if rescale:
+        nonfinite(slots, dare_tiles, flag, param_dtype=param_dtype, aligned=aligned)
+    if method == "ondare":
+        dare = dict(adam, param_dtype=param_dtype, tau_dtype=tau_dtype, lr_wd=1e-7, alpha=0.2, reserve_p=0.3)
+        if rescale:
+            ondare_step(slots, dare_tiles, step_size, t, flag, flag, sums_only=True, **dare)
+        ondare_step(slots, dare_tiles, step_size, t, flag, flag, rescale=meta(S, 2) if rescale else None, **dare)
+        return
+    if online_step > 1:
+        ondare_step(slots, dare_tiles, step_size, t, flag, flag, param_dtype=param_dtype, tau_dtype=None, lr_wd=1e-7,
+                    alpha=0.0, reserve_p=1.0, ordinary_only=True, **adam)  # fmt: skip
+    delta, _ = ties_delta(slots, ties_tiles, step_size, t, flag, flag, flat, param_dtype=param_dtype, **adam)
+    for shift, bits in RADIX_DIGITS[1:]:
+        radix_histogram(delta, ties_tiles, per_slot, shift, bits)
+    radix_tie_count(delta, ties_tiles, per_slot)
+    ties_apply(slots, ties_tiles, delta, per_slot, meta(ties_tiles.shape[0], dtype=torch.int64), flag,
+               param_dtype=param_dtype, tau_dtype=tau_dtype, lr_wd=1e-7, alpha=0.2, online_step=online_step,
+               aligned=aligned)  # fmt: skip
+
+
+def compile_specs() -> list[LaunchCase]:
+    """The targets (a 1B-parameter fp32 model, τ in bf16: OnDARE and OnTIES steps), then every parameter dtype and τ
+    dtype with rescale and online_step > 1, and an unaligned shard."""
+    numel = sum(_decoder_1b())
+    # Every program loops over the BLOCKs of one tile (a few tiles of small parameters are shorter).
+    dare_trips = {"_ondare_step_kernel": lambda a: (DARE_TILE // a["BLOCK"],)}
+    ties = ("_ties_delta_kernel", "_radix_histogram_kernel", "_radix_tie_count_kernel", "_ties_apply_kernel")
+    ties_trips = dict.fromkeys(ties, lambda a: (TIES_TILE // a["BLOCK"],))
+    # What a step must move per parameter: read gradient, θ, both moments and τ (bf16); write θ and both moments.
+    floor = numel * (4 + 4 + 4 + 16 + 2)
+    cases = [
+        LaunchCase(
+            f"ondare step fp32 params={numel / 1e9:.2f}B tau=bf16",
+            functools.partial(_launch_case, "ondare", torch.float32, torch.bfloat16),
+            bytes=floor,
+            target=70,
+            trips=dare_trips,
+        ),  # fmt: skip
+        LaunchCase(
+            f"onties step fp32 params={numel / 1e9:.2f}B tau=bf16",
+            functools.partial(_launch_case, "onties", torch.float32, torch.bfloat16),
+            bytes=floor,
+            target=50,
+            trips=ties_trips,
+        ),  # fmt: skip
+    ]
+    for method, param_dtype, tau_dtype in itertools.product(
+        ("ondare", "onties"), (torch.float32, torch.bfloat16, torch.float16), (torch.bfloat16, torch.float32, None)
+    ):
+        label = f"{method} {TRITON_DTYPE[param_dtype]} tau={TRITON_DTYPE.get(tau_dtype, 'none')} rescale online_step=2"
+        run = functools.partial(_launch_case, method, param_dtype, tau_dtype, rescale=True, online_step=2)
+        cases.append(LaunchCase(label, run))
+    for method in ("ondare", "onties"):
+        run = functools.partial(_launch_case, method, torch.bfloat16, torch.bfloat16, aligned=False)
+        cases.append(LaunchCase(f"{method} bf16 unaligned shard", run))
+    return cases

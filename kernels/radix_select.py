@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, CompileSpec
+from . import INTERPRET, LaunchCase, meta
 
 # (shift, bits) of each digit of the 31-bit magnitude key, most significant first.
 RADIX_DIGITS = ((20, 11), (10, 10), (0, 10))
@@ -127,25 +127,14 @@ def radix_tie_count(x: torch.Tensor, tiles: torch.Tensor, threshold: torch.Tenso
     return count
 
 
-def compile_specs() -> list[CompileSpec]:
-    sig = {"p_x": "*fp32", "p_tiles": "*i64", "p_prefix": "*i64", "p_hist": "*i64"}
-    specs = [
-        CompileSpec(
-            _radix_histogram_kernel,
-            f"digit shift={shift} bits={bits}",
-            sig,
-            {"SHIFT": shift, "BITS": bits, "BLOCK": _BLOCK},
-            _NUM_WARPS,
-        )
-        for shift, bits in RADIX_DIGITS[1:]  # the first digit is histogrammed by the producer
-    ]
-    specs.append(
-        CompileSpec(
-            _radix_tie_count_kernel,
-            "ties",
-            {"p_x": "*fp32", "p_tiles": "*i64", "p_threshold": "*i64", "p_count": "*i64"},
-            {"BLOCK": _BLOCK},
-            _NUM_WARPS,
-        )
-    )
-    return specs
+def compile_specs() -> list[LaunchCase]:
+    """The digits after the first (the producer histograms that) and the tie count over 1B keys in 256K-key tiles;
+    kernels/online_merge.py launches them within the OnTIES step too."""
+
+    def launch() -> None:
+        keys, tiles, per_slot = meta(2**30), meta(2**12, 3, dtype=torch.int64), meta(114, dtype=torch.int64)
+        for shift, bits in RADIX_DIGITS[1:]:
+            radix_histogram(keys, tiles, per_slot, shift, bits)
+        radix_tie_count(keys, tiles, per_slot)
+
+    return [LaunchCase("fp32 keys=2^30 tiles=4096", launch)]

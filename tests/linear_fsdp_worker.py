@@ -6,7 +6,8 @@ A tiny causal LM runs under FSDP2 (fully_shard) two ways:
 - "tied": the lm_head is tied to the input embedding, both in the root unit, as transformers models are wrapped
   (after the root's forward FSDP2 leaves them unsharded).
 The loss, and every gradient, must match the same model in one process fed both ranks' batches, with FSDP2's
-gradient averaging.
+gradient averaging. `losses_main` runs the fused-linear losses (DPO, KTO, IFT, cross-entropy) on the "dtensor"
+layout, on both strategies.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from torch.distributed.tensor import DTensor
 
 from fastalign import linear_token_logprobs
 from fastalign._backend import forced_backend
+from fastalign.linear_losses import (
+    cross_entropy_from_hidden,
+    dpo_loss_from_hidden,
+    ift_loss_from_hidden,
+    kto_loss_from_hidden,
+)
 
 V, H, B, T = 301, 32, 2, 9
 
@@ -50,13 +57,40 @@ def loss_of(model: TinyLM, rank: int) -> torch.Tensor:
     return -logp.sum() / (labels != -100).sum()
 
 
+def fused_loss(name: str, strategy: str):
+    """loss_of(model, rank) for one fused-linear loss on the rank's batch."""
+    ref_logps = torch.full((B,), -20.0)
+
+    def loss_of(model: TinyLM, rank: int) -> torch.Tensor:
+        ids, labels = batch(rank)
+        head = (model(ids), model.lm_head.weight, labels)
+        kwargs = {"bias": model.lm_head.bias, "strategy": strategy}
+        if name == "dpo":
+            half = {"ref_chosen_logps": ref_logps[: B // 2], "ref_rejected_logps": ref_logps[B // 2 :]}
+            return dpo_loss_from_hidden(*head, **kwargs, **half)[0]
+        if name == "kto":
+            desirable = torch.tensor([True, False])
+            return kto_loss_from_hidden(*head, desirable, **kwargs, ref_logps=ref_logps, kl=0.1)[0]
+        if name == "ift":
+            return ift_loss_from_hidden(*head, **kwargs)
+        return cross_entropy_from_hidden(*head, **kwargs)[0]
+
+    return loss_of
+
+
 def main(rank: int, backend: str) -> None:
     with forced_backend("torch") if backend == "torch" else contextlib.nullcontext():
         for layout in ("dtensor", "tied"):
             check(rank, layout)
 
 
-def check(rank: int, layout: str) -> None:
+def losses_main(rank: int) -> None:
+    for name in ("dpo", "kto", "ift", "ce"):
+        for strategy in ("fast", "lean"):
+            check(rank, "dtensor", fused_loss(name, strategy))
+
+
+def check(rank: int, layout: str, loss_of=loss_of) -> None:
     """One layout: the sharded model's loss and gradients against the same model in one process."""
     torch.manual_seed(0)
     reference = TinyLM(tied=layout == "tied")

@@ -4,6 +4,10 @@ Each case trains a small model for a few steps three ways and checks they agree 
 the whole model in one process (computed on every rank, no collectives), the same model under
 FSDP2 (fully_shard, with uneven and empty shards), and flat ZeRO-style partitions (FlatShard).
 Then a torch.distributed.checkpoint save/load round trip must continue the same trajectory.
+
+The FSDP2 optimizer is built after fully_shard, or (`after_prepare`) in accelerate's order: on the
+whole model, whose parameters accelerate then swaps for the sharded ones
+(fsdp2_switch_optimizer_parameters), as the HF Trainer does.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from fastalign._backend import forced_backend
 from fastalign.optim import FlatShard, OnlineMergeAdamW
@@ -70,28 +75,57 @@ def train_flat(source, slices, opt, n):
                 p.copy_(gathered.view(p.shape))
 
 
+def shard(model: torch.nn.Module) -> torch.nn.Module:
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def sharded_with_optimizer(hp: dict, after_prepare: bool, steps_before: int = 0, **kwargs):
+    """(FSDP2 model, its optimizer); τ is given whole, as reference_delta(like=...) gives it
+    before sharding. With after_prepare, the optimizer first takes steps_before steps on the whole
+    model, so the state that is re-sliced holds values."""
+    model = make_model()
+    tau = taus(model)
+    if not after_prepare:
+        shard(model)
+        return model, OnlineMergeAdamW(model.named_parameters(), lr=0.02, ref_delta=tau, **hp, **kwargs)
+    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
+
+    opt = OnlineMergeAdamW(model.named_parameters(), lr=0.02, ref_delta=tau, **hp, **kwargs)
+    train(model, opt, steps_before)
+    whole = list(model.parameters())
+    shard(model)
+    fsdp2_switch_optimizer_parameters(opt, {old.data_ptr: new for old, new in zip(whole, model.parameters())})
+    return model, opt
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def check_case(name: str, hp: dict, tmp: str) -> None:
+def check_case(name: str, hp: dict, tmp: str, after_prepare: bool = False) -> None:
     rank = dist.get_rank()
     whole = make_model()
     whole_opt = OnlineMergeAdamW(whole.named_parameters(), lr=0.02, ref_delta=taus(whole), **hp)
     train(whole, whole_opt, 3)
 
-    sharded = make_model()
-    for layer in sharded:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(sharded)
-    sharded_opt = OnlineMergeAdamW(sharded.named_parameters(), lr=0.02, ref_delta=taus(whole), **hp)
-    train(sharded, sharded_opt, 3)
+    steps_before = 1 if after_prepare else 0
+    sharded, sharded_opt = sharded_with_optimizer(hp, after_prepare, steps_before)
+    train(sharded, sharded_opt, 3 - steps_before, first=steps_before)
     for (n, p), q in zip(sharded.named_parameters(), whole.parameters()):
         assert torch.equal(full(p), q), f"{name}: FSDP2 {n} differs from one process"
         for key, value in whole_opt.state[q].items():
-            assert torch.equal(full(sharded_opt.state[p][key]), value), f"{name}: FSDP2 state {n}.{key}"
+            state = sharded_opt.state[p][key]
+            assert isinstance(state, DTensor) == (key != "step"), f"{name}: FSDP2 state {n}.{key} is not sharded"
+            assert torch.equal(full(state), value), f"{name}: FSDP2 state {n}.{key}"
+    if not after_prepare:
+        check_flat_shards(name, hp, whole, rank)
+    check_checkpoint(name, hp, tmp, sharded, sharded_opt, after_prepare)
 
+
+def check_flat_shards(name: str, hp: dict, whole: torch.nn.Module, rank: int) -> None:
     # ZeRO-style flat partitions, split unevenly (rank 0 holds 40% of every parameter).
     source = make_model()
     slices, flat_params, shards = [], [], {}
@@ -108,16 +142,13 @@ def check_case(name: str, hp: dict, tmp: str) -> None:
     for p, q in zip(source.parameters(), whole.parameters()):
         assert torch.equal(p, q), f"{name}: flat shards differ from one process"
 
-    # Save with torch.distributed.checkpoint, load into a fresh model and optimizer, go on.
+
+def check_checkpoint(name: str, hp: dict, tmp: str, sharded, sharded_opt, after_prepare: bool) -> None:
+    """Save with torch.distributed.checkpoint, load into a fresh model and optimizer, go on."""
     model_sd, optim_sd = get_state_dict(sharded, sharded_opt)
-    path = os.path.join(tmp, name)
+    path = os.path.join(tmp, f"{name}-{after_prepare}")
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-    resumed = make_model()
-    for layer in resumed:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(resumed)
-    resumed_opt = OnlineMergeAdamW(resumed.named_parameters(), lr=0.02, ref_delta=taus(whole), seed=99, **hp)
+    resumed, resumed_opt = sharded_with_optimizer(hp, after_prepare, seed=99)
     model_sd, optim_sd = get_state_dict(resumed, resumed_opt)
     loaded = {"model": model_sd, "optim": optim_sd}
     dcp.load(loaded, checkpoint_id=path)
@@ -133,7 +164,7 @@ def check_case(name: str, hp: dict, tmp: str) -> None:
             assert resumed_opt.state[q][key].dtype == value.dtype
 
 
-def main(rank: int, tmp: str, backend: str, names: list[str]) -> None:
+def main(rank: int, tmp: str, backend: str, names: list[str], after_prepare: bool = False) -> None:
     with forced_backend("torch") if backend == "torch" else contextlib.nullcontext():
         for name in names:
-            check_case(name, CASES[name], tmp)
+            check_case(name, CASES[name], tmp, after_prepare)

@@ -104,7 +104,16 @@ def test_aot_sorts_across_the_batch(device):
 # ----------------------------------------------------------------------------- TRL as a second oracle
 
 
-def _trl_dpo(per_token_logps, completion_mask, ref_chosen, ref_rejected, **config):
+TRL_DEFAULTS = {
+    "ld_alpha": None,
+    "f_divergence_type": "reverse_kl",
+    "f_alpha_divergence_coef": 0.5,
+    "use_weighting": False,
+}
+
+
+def _trl_dpo(per_token_logps, completion_mask, ref_chosen, ref_rejected, *, log_sum_sq_probs=None, discopop_tau=0.05,
+             **config):  # fmt: skip
     """Runs TRL 1.16's DPOTrainer._compute_loss on given per-token log-probs, through a stand-in model."""
     dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
     outputs = SimpleNamespace(
@@ -112,21 +121,19 @@ def _trl_dpo(per_token_logps, completion_mask, ref_chosen, ref_rejected, **confi
         entropy=torch.zeros_like(per_token_logps),
         mean_logits=torch.zeros_like(per_token_logps),
         is_top1=torch.zeros_like(per_token_logps, dtype=torch.bool),
+        log_sum_sq_probs=log_sum_sq_probs,
     )
     identity = SimpleNamespace(device=per_token_logps.device, gather=lambda x: x, gather_for_metrics=lambda x: x)
     trainer = SimpleNamespace(
         model=SimpleNamespace(training=True),
         accelerator=identity,
         aux_loss_enabled=False,
-        ld_alpha=None,
         precompute_ref_logps=True,
-        f_divergence_type="reverse_kl",
-        use_weighting=False,
-        args=SimpleNamespace(discopop_tau=0.05),
+        args=SimpleNamespace(discopop_tau=discopop_tau),
         _metrics=defaultdict(lambda: defaultdict(list)),
         _total_train_tokens=0,
         _tp_size=1,
-        **config,
+        **{**TRL_DEFAULTS, **config},
     )
     inputs = {
         "input_ids": torch.zeros_like(completion_mask),
@@ -142,28 +149,72 @@ def _trl_dpo(per_token_logps, completion_mask, ref_chosen, ref_rejected, **confi
     return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
 
-@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
-def test_matches_trl_dpo_trainer(loss_type, device):
-    B, T = 3, 9
+def trl_batch(B, T, device):
+    """Per-token log-probs [2B, T - 1] of a batch whose completion mask has a prompt column and holes, and
+    reference sums [B] (chosen, rejected)."""
     completion_mask = (torch.rand(2 * B, T, device=device) < 0.7).long()
     completion_mask[:, 0] = 0  # the prompt: TRL counts lengths on the unshifted mask, log-probs on the shifted one
     completion_mask[0, 1:] = 1
     shift_mask = completion_mask[:, 1:]
     per_token = torch.where(shift_mask.bool(), -torch.rand(2 * B, T - 1, device=device) * 3, 0.0)
-    ref_chosen, ref_rejected = -torch.rand(2, B, device=device) * 10
+    # Log-ratios of a few nats: forward KL's 1 - e^-u and DiscoPOP's e^-z stay finite in TRL's float32.
+    ref_chosen, ref_rejected = (per_token.sum(-1) + torch.randn(2 * B, device=device) * 1.5).chunk(2)
+    return completion_mask, per_token, ref_chosen, ref_rejected
+
+
+# TRL's options beyond the loss type: (options, the loss types they are checked with).
+F_DIVERGENCE_CASES = [
+    pytest.param({"f_divergence_type": f, "f_alpha_divergence_coef": 0.3}, t, id=f"{f}-{t}")
+    for f in ("forward_kl", "js_divergence", "alpha_divergence")
+    for t in ("sigmoid", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft", "sigmoid_norm")
+]
+TOKEN_OPTION_CASES = [
+    *[pytest.param({"ld_alpha": 0.4}, t, id=f"ld_alpha-{t}") for t in DPO_LOSS_TYPES],
+    *[
+        pytest.param({"use_weighting": True}, t, id=f"wpo-{t}")
+        for t in DPO_LOSS_TYPES
+        if t not in ("aot", "aot_unpaired", "sft")  # TRL refuses the sorted types, and fails on sft (in-place)
+    ],
+    pytest.param({"discopop_tau": 0.3}, "discopop", id="discopop_tau"),
+    pytest.param(
+        {"ld_alpha": 0.0, "use_weighting": True, "f_divergence_type": "js_divergence"}, "sigmoid", id="ld+wpo+js"
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_matches_trl_dpo_trainer(loss_type, device):
+    check_against_trl(loss_type, {}, device)
+
+
+@pytest.mark.parametrize("options, loss_type", F_DIVERGENCE_CASES + TOKEN_OPTION_CASES)
+def test_options_match_trl_dpo_trainer(options, loss_type, device):
+    check_against_trl(loss_type, options, device)
+
+
+def check_against_trl(loss_type, options, device):
+    B, T = 3, 9
+    completion_mask, per_token, ref_chosen, ref_rejected = trl_batch(B, T, device)
+    lssp = -torch.rand(per_token.shape, device=device) * 4  # log sum_v p_v^2 <= 0
     ls, beta = LABEL_SMOOTHING.get(loss_type, 0.0), BETA.get(loss_type, 0.3)
     trl_loss, trl_metrics = _trl_dpo(
-        per_token, completion_mask, ref_chosen, ref_rejected, loss_types=[loss_type], loss_weights=[1.0], beta=beta,
-        label_smoothing=ls,
+        per_token, completion_mask, ref_chosen, ref_rejected, log_sum_sq_probs=lssp, loss_types=[loss_type],
+        loss_weights=[1.0], beta=beta, label_smoothing=ls, **options,
     )  # fmt: skip
-    logps, lengths = per_token.sum(-1), shift_mask.sum(-1)
-    loss, metrics = fastalign.dpo_loss(
-        *logps.chunk(2), ref_chosen, ref_rejected, beta=beta, loss_type=loss_type, label_smoothing=ls,
-        chosen_lengths=lengths[:B], rejected_lengths=lengths[B:],
+    loss, metrics = fastalign.dpo.dpo_loss_from_token_logps(
+        per_token, completion_mask[:, 1:].bool(), ref_chosen, ref_rejected, log_sum_sq_probs=lssp, beta=beta,
+        loss_type=loss_type, label_smoothing=ls, **options,
     )  # fmt: skip
     torch.testing.assert_close(loss, trl_loss, rtol=1e-5, atol=1e-6)
     for name, value in metrics.items():
         assert trl_metrics[name] == pytest.approx(value.item(), rel=1e-5, abs=1e-6), name
+    if not options:  # the [B] sums API is the same loss (the token path sums in float64)
+        logps, lengths = per_token.double().sum(-1), completion_mask[:, 1:].sum(-1)
+        loss_of_sums, _ = fastalign.dpo_loss(
+            *logps.chunk(2), ref_chosen, ref_rejected, beta=beta, loss_type=loss_type, label_smoothing=ls,
+            chosen_lengths=lengths[:B], rejected_lengths=lengths[B:],
+        )  # fmt: skip
+        torch.testing.assert_close(loss_of_sums.float(), loss, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- fused DPOLoss
@@ -196,17 +247,17 @@ def test_fused_dpo_matches_reference_and_composition(B, T, V, dtype, loss_type, 
     loss, metrics = module(x, labels, ref_chosen, ref_rejected)
     loss.backward(torch.tensor(1.7, device=device))
 
-    # Composition of the public pieces: token_logprobs, a masked sum, dpo_loss.
+    # Composition of the public pieces: token_logprobs, a masked sum (in float64, as DPOLoss), dpo_loss.
     y = logits.clone().requires_grad_(True)
-    logps = fastalign.token_logprobs(y, labels).sum(-1)
+    logps = fastalign.token_logprobs(y, labels).double().sum(-1)
     lengths = (labels != IGNORE).sum(-1)
     composed, composed_metrics = fastalign.dpo_loss(
         *logps.chunk(2), ref_chosen, ref_rejected, beta=0.5, loss_type=loss_type,
         chosen_lengths=lengths[:B], rejected_lengths=lengths[B:],
     )  # fmt: skip
     composed.backward(torch.tensor(1.7, device=device))
-    assert torch.equal(loss, composed) and torch.equal(x.grad, y.grad)
-    assert all(torch.equal(metrics[k], composed_metrics[k]) for k in metrics)
+    assert torch.equal(loss, composed.float()) and torch.equal(x.grad, y.grad)
+    assert all(torch.equal(metrics[k], composed_metrics[k].float()) for k in metrics)
 
     x64 = logits.detach().double().requires_grad_(True)
     loss64, _ = ref.dpo_loss_from_logits(x64, labels, ref_chosen.double(), ref_rejected.double(), beta=0.5,
@@ -227,7 +278,7 @@ def test_fused_dpo_with_reference_logits_and_inplace_backward(backend, device):
     x = base[:, :-1].clone().requires_grad_(True)
     loss, _ = module(x, labels, ref_logits=ref_logits)
     (expected,) = torch.autograd.grad(loss, x)
-    ref_logps = fastalign.token_logprobs(ref_logits, labels).sum(-1)
+    ref_logps = fastalign.token_logprobs(ref_logits, labels).double().sum(-1)
     torch.testing.assert_close(loss, module(x, labels, *ref_logps.chunk(2))[0], rtol=0, atol=0)
 
     leaf = base.clone().requires_grad_(True)
@@ -336,10 +387,11 @@ def test_fused_kto_matches_composition(backend, device):
     loss, metrics = fastalign.KTOLoss(beta=0.2)(x, labels, desirable, kl=0.05, ref_logits=ref_logits)
     loss.backward()
     y = logits.clone().requires_grad_(True)
-    ref_logps = fastalign.token_logprobs(ref_logits, labels).sum(-1)
-    composed, _ = fastalign.kto_loss(fastalign.token_logprobs(y, labels).sum(-1), ref_logps, desirable, 0.05, beta=0.2)
+    ref_logps = fastalign.token_logprobs(ref_logits, labels).double().sum(-1)  # float64 sums, as KTOLoss
+    logps = fastalign.token_logprobs(y, labels).double().sum(-1)
+    composed, _ = fastalign.kto_loss(logps, ref_logps, desirable, 0.05, beta=0.2)
     composed.backward()
-    assert torch.equal(loss, composed) and torch.equal(x.grad, y.grad) and (x.grad[3] == 0).all()
+    assert torch.equal(loss, composed.float()) and torch.equal(x.grad, y.grad) and (x.grad[3] == 0).all()
     x64 = logits.double()
     logps64 = ref_logprobs.token_logprobs(x64, labels).sum(-1)
     ref64 = ref_logprobs.token_logprobs(ref_logits.double(), labels).sum(-1)

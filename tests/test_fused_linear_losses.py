@@ -1,25 +1,36 @@
-"""FusedLinearDPOLoss and FusedLinearIFTLoss: against composing linear_token_logprobs with dpo_loss / ift_loss,
-and against the float64 eager references (log-probs from the full logits, then the eager losses)."""
+"""The fused-linear losses (DPO family, KTO, IFT, cross-entropy) on both strategies, against composing
+linear_token_logprobs with the losses, and against the float64 eager references (log-probs from the full logits,
+then the eager losses), every gradient included (hidden, weight, bias)."""
 
 from __future__ import annotations
 
 import inspect
+import math
 
+import linear_fsdp_worker
 import pytest
 import torch
+import triton.runtime.interpreter as triton_interpreter
+from distributed import run_on_processes
+from torch.utils._python_dispatch import TorchDispatchMode
 from utils import GRAD_RTOL, rel_err
 
 import fastalign
-from fastalign.dpo import DPO_LOSS_TYPES
+import fastalign.linear_losses as losses_module
+from fastalign._backend import forced_backend
+from fastalign.dpo import DPO_LOSS_TYPES, KTO_LOSS_TYPES
+from fastalign.linear_losses import cross_entropy_from_hidden, kto_loss_from_hidden
 from fastalign.reference import dpo as ref_dpo
 from fastalign.reference import ift as ref_ift
 from fastalign.reference import linear_logprobs as ref
 
 IGNORE = -100
 B, T, H, V = 2, 13, 40, 517
+STRATEGIES = ["fast", "lean"]
+BATCH_COUPLED = ("aot", "aot_unpaired")
 
 
-def make_batch(device, dtype=torch.float32, batch=2 * B):
+def make_batch(device, dtype=torch.float32, batch=2 * B, T=T, H=H, V=V):
     hidden = torch.randn(batch, T, H, device=device).to(dtype)
     weight = (torch.randn(V, H, device=device) * 2 / H**0.5).to(dtype)
     bias = torch.randn(V, device=device).to(dtype)
@@ -29,39 +40,59 @@ def make_batch(device, dtype=torch.float32, batch=2 * B):
     return hidden, weight, bias, labels
 
 
-def sequence_logps_64(hidden, weight, bias, labels):
-    return ref.linear_token_logprobs(hidden, weight, labels, bias, IGNORE).sum(-1)
+def leaves_of(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def sequence_logps_64(hidden, weight, bias, labels, **head):
+    return ref.linear_token_logprobs(hidden, weight, labels, bias, IGNORE, **head).sum(-1)
 
 
 def dpo_kwargs(loss_type):
     return {"beta": 0.2, "loss_type": loss_type, "label_smoothing": 0.1 if loss_type in ("exo_pair", "robust") else 0.0}
 
 
+def check_grads(leaves, leaves64, tol):
+    for leaf, leaf64, name in zip(leaves, leaves64, ("hidden", "weight", "bias")):
+        assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, name
+        assert torch.isfinite(leaf.grad).all(), name
+        if leaf64.grad.abs().max() > 0:  # sppo_hard, for one, can have a zero gradient
+            assert rel_err(leaf.grad, leaf64.grad) < tol, name
+
+
+# ----------------------------------------------------------------------------- DPO
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
-def test_dpo_matches_float64_and_the_composition(loss_type, backend, device):
+def test_dpo_matches_float64_and_the_composition(loss_type, strategy, backend, device):
     hidden, weight, bias, labels = make_batch(device)
     ref_logps = torch.randn(2 * B, device=device) - 20
-    module = fastalign.FusedLinearDPOLoss(**dpo_kwargs(loss_type))
-
-    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    loss, metrics = module(
-        *leaves[:2], labels, leaves[2], ref_chosen_logps=ref_logps[:B], ref_rejected_logps=ref_logps[B:]
-    )
-    loss.backward()
+    module = fastalign.FusedLinearDPOLoss(**dpo_kwargs(loss_type), strategy=strategy)
+    leaves = leaves_of(hidden, weight, bias)
+    reference = {"ref_chosen_logps": ref_logps[:B], "ref_rejected_logps": ref_logps[B:]}
+    if strategy == "fast" and loss_type in BATCH_COUPLED:
+        with pytest.raises(ValueError, match="strategy='fast' needs a loss that decomposes"):
+            module(*leaves[:2], labels, leaves[2], **reference)
+        return
+    loss, metrics = module(*leaves[:2], labels, leaves[2], **reference)
+    (2.5 * loss).backward()  # grad_output != 1
 
     # The composition the module stands for: the op, then dpo_loss with lengths from the labels.
     lengths = (labels != IGNORE).sum(-1)
-    composed = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    composed = leaves_of(hidden, weight, bias)
     logps = fastalign.linear_token_logprobs(*composed[:2], labels, composed[2]).sum(-1)
     loss_c, metrics_c = fastalign.dpo_loss(
         logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], chosen_lengths=lengths[:B], rejected_lengths=lengths[B:],
         **dpo_kwargs(loss_type),
     )  # fmt: skip
-    loss_c.backward()
+    (2.5 * loss_c).backward()
     torch.testing.assert_close(loss, loss_c)
     assert metrics.keys() == metrics_c.keys()
+    for name in metrics:
+        torch.testing.assert_close(metrics[name], metrics_c[name])
     for leaf, leaf_c in zip(leaves, composed):
-        torch.testing.assert_close(leaf.grad, leaf_c.grad)
+        assert rel_err(leaf.grad, leaf_c.grad) < 1e-5
 
     leaves64 = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
     logps64 = sequence_logps_64(*leaves64, labels)
@@ -78,17 +109,32 @@ def test_dpo_matches_float64_and_the_composition(loss_type, backend, device):
     # The gradient is checked with the loss taken at the op's own fp32 sums and the float64 Jacobian of the sums:
     # near DiscoPOP's switch point the loss turns the sums' fp32 rounding (1e-7) into 1e-3 of its gradient, an
     # ill-conditioning no fp32 log-prob op avoids; the sums themselves are checked just above.
-    reference_loss(logps64 + (logps.detach().double() - logps64.detach())).backward()
-    for leaf, leaf64 in zip(leaves, leaves64):
-        if leaf64.grad.abs().max() > 0:  # sppo_hard, for one, can have a zero gradient
-            assert rel_err(leaf.grad, leaf64.grad) < 1e-4
+    (2.5 * reference_loss(logps64 + (logps.detach().double() - logps64.detach()))).backward()
+    check_grads(leaves, leaves64, 1e-4)
+
+
+def test_auto_takes_fast_for_decomposable_losses_and_lean_otherwise(backend, device, monkeypatch):
+    """auto: fast unless the loss sorts across the batch, or a unit's d logits exceed max(budget, 4 V H bytes)."""
+    hidden, weight, bias, labels = make_batch(device)
+    ran = []
+    real_stats, real_fast = losses_module.linear_token_stats, losses_module._FastFusedLinearLoss.apply
+    monkeypatch.setattr(losses_module, "linear_token_stats", lambda *a, **k: ran.append("lean") or real_stats(*a, **k))
+    monkeypatch.setattr(losses_module._FastFusedLinearLoss, "apply", lambda *a: ran.append("fast") or real_fast(*a))
+    reference = {"ref_chosen_logps": torch.zeros(B, device=device), "ref_rejected_logps": torch.zeros(B, device=device)}
+    for loss_type, budget, expected in (("sigmoid", None, "fast"), ("aot", None, "lean"), ("ipo", 1, "fast")):
+        fastalign.FusedLinearDPOLoss(loss_type=loss_type, memory_budget=budget)(hidden, weight, labels, **reference)
+        assert ran.pop() == expected, loss_type
+    # A pair of 2 x 13 rows of V fp32 logits is 53 KB; with H = 4 the accumulator is only 8 KB.
+    small = (hidden[..., :4].contiguous(), weight[:, :4].contiguous())
+    fastalign.FusedLinearDPOLoss(memory_budget=2**14)(*small, labels, **reference)
+    assert ran.pop() == "lean"
 
 
 def test_dpo_reference_hidden_states_run_without_grad(backend, device):
     hidden, weight, bias, labels = make_batch(device, torch.bfloat16)
     ref_hidden = (hidden.float() + 0.1 * torch.randn_like(hidden.float())).bfloat16().requires_grad_(True)
     ref_weight = weight.clone().requires_grad_(True)
-    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    leaves = leaves_of(hidden, weight, bias)
     module = fastalign.FusedLinearDPOLoss(beta=0.1)
     loss, _ = module(*leaves[:2], labels, leaves[2], ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=bias)
     loss.backward()
@@ -102,12 +148,14 @@ def test_dpo_reference_hidden_states_run_without_grad(backend, device):
     torch.testing.assert_close(shared, expected)
 
 
-def test_dpo_completion_fully_masked(backend, device):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dpo_completion_fully_masked(strategy, backend, device):
     hidden, weight, bias, labels = make_batch(device, torch.bfloat16)
     labels[1] = IGNORE  # the second chosen completion is empty
-    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    loss, _ = fastalign.FusedLinearDPOLoss(beta=0.1)(
-        *leaves[:2], labels, leaves[2], ref_chosen_logps=torch.zeros(B), ref_rejected_logps=torch.zeros(B)
+    leaves = leaves_of(hidden, weight, bias)
+    zeros = torch.zeros(B, device=device)
+    loss, _ = fastalign.FusedLinearDPOLoss(beta=0.1, strategy=strategy)(
+        *leaves[:2], labels, leaves[2], ref_chosen_logps=zeros, ref_rejected_logps=zeros
     )
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(leaf.grad).all() for leaf in leaves)
@@ -128,47 +176,449 @@ def test_dpo_bad_inputs(device):
         module(hidden, weight, labels, ref_weight=weight, **logps)
     with pytest.raises(ValueError, match="ref_hidden must have shape"):
         module(hidden, weight, labels, ref_hidden=hidden[:, 1:])
+    with pytest.raises(ValueError, match="labels must have shape"):
+        module(hidden, weight, labels[:, 1:], **logps)
     with pytest.raises(ValueError, match="beta"):
         fastalign.FusedLinearDPOLoss(beta=0.0)
     with pytest.raises(ValueError, match="loss_type"):
         fastalign.FusedLinearDPOLoss(loss_type="nope")
+    with pytest.raises(ValueError, match=r"strategy must be one of \['auto', 'fast', 'lean'\]"):
+        fastalign.FusedLinearDPOLoss(strategy="quick")
+    with pytest.raises(ValueError, match="strategy='fast' needs a loss that decomposes.*'aot'"):
+        fastalign.FusedLinearDPOLoss(loss_type=["sigmoid", "aot"], strategy="fast")(hidden, weight, labels, **logps)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dpo_token_level_options_match_the_composition(strategy, backend, device):
+    """LD-DPO, WPO (log sum p^2 from the same pass), f-divergence, per-example outputs (mean logits), a reference
+    from hidden states summed with the same LD weights: as linear_token_stats then dpo_loss_from_token_logps."""
+    hidden, weight, bias, labels = make_batch(device)
+    labels[2, 4:7] = IGNORE  # chosen and rejected of a pair differ in length: LD-DPO's verbose tail
+    ref_hidden = hidden + 0.2 * torch.randn_like(hidden)
+    options = dict(ld_alpha=0.4, use_weighting=True, f_divergence_type="js_divergence", return_per_example=True)
+    leaves = leaves_of(hidden, weight, bias)
+    module = fastalign.FusedLinearDPOLoss(beta=0.3, strategy=strategy, softcap=6.0, **options)
+    loss, metrics, per_example = module(*leaves[:2], labels, leaves[2], ref_hidden=ref_hidden, ref_bias=bias)
+    (1.5 * loss).backward()
+
+    head = {"ignore_index": IGNORE, "softcap": 6.0}
+    composed = leaves_of(hidden, weight, bias)
+    stats = fastalign.linear_token_stats(
+        *composed[:2], labels, composed[2], **head, entropy=False, argmax=False, log_sum_sq_probs=True, mean_logits=True
+    )
+    mask = labels != IGNORE
+    ref_token_logps = fastalign.linear_token_logprobs(ref_hidden, weight, labels, bias, **head)
+    ref_sums = fastalign.dpo.sequence_logps(ref_token_logps, mask, ld_alpha=0.4)
+    loss_c, metrics_c, per_example_c = fastalign.dpo.dpo_loss_from_token_logps(
+        stats.logprobs, mask, *ref_sums.chunk(2), log_sum_sq_probs=stats.log_sum_sq_probs,
+        mean_logits=stats.mean_logits, beta=0.3, **options,
+    )  # fmt: skip
+    (1.5 * loss_c).backward()
+    torch.testing.assert_close(loss, loss_c)
+    for got, expected in ((metrics, metrics_c), (per_example, per_example_c)):
+        assert got.keys() == expected.keys()
+        for name in got:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5)
+    assert "logits/chosen" in per_example
+    for leaf, leaf_c in zip(leaves, composed):
+        assert rel_err(leaf.grad, leaf_c.grad) < 1e-5
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_kto_options_match_the_composition(strategy, backend, device):
+    hidden, weight, bias, labels = make_batch(device, batch=3)
+    desirable = torch.tensor([True, False, False], device=device)
+    ref_logps = torch.randn(3, device=device) - 20
+    options = dict(average_log_prob=True, clamp_kl=False, return_per_example=True)
+    leaves = leaves_of(hidden, weight, bias)
+    module = fastalign.FusedLinearKTOLoss(beta=0.2, strategy=strategy, **options)
+    loss, metrics, per_example = module(*leaves[:2], labels, desirable, leaves[2], ref_logps=ref_logps, kl=-0.3)
+    loss.backward()
+
+    composed = leaves_of(hidden, weight, bias)
+    stats = fastalign.linear_token_stats(
+        *composed[:2], labels, composed[2], entropy=False, argmax=False, mean_logits=True
+    )
+    mask = labels != IGNORE
+    loss_c, metrics_c, per_example_c = fastalign.kto_loss(
+        stats.logprobs.sum(-1), ref_logps, desirable, -0.3, beta=0.2, lengths=mask.sum(-1), **options
+    )
+    loss_c.backward()
+    torch.testing.assert_close(loss, loss_c)
+    for name in metrics_c:
+        torch.testing.assert_close(metrics[name], metrics_c[name])
+    logits = torch.where(mask, stats.mean_logits, 0.0).sum(-1) / mask.sum(-1)
+    torch.testing.assert_close(per_example.pop("logits"), logits)
+    for name in per_example_c:
+        torch.testing.assert_close(per_example[name], per_example_c[name])
+    for leaf, leaf_c in zip(leaves, composed):
+        assert rel_err(leaf.grad, leaf_c.grad) < 1e-5
 
 
 def test_dpo_module_options_come_in_dpoloss_order():
     """A positional DPOLoss(...) call means the same to FusedLinearDPOLoss(...): only the last option differs."""
-    dpo = list(inspect.signature(fastalign.DPOLoss).parameters)
-    fused = list(inspect.signature(fastalign.FusedLinearDPOLoss).parameters)
+
+    def positional(cls):
+        return [n for n, p in inspect.signature(cls).parameters.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
+
+    dpo, fused = positional(fastalign.DPOLoss), positional(fastalign.FusedLinearDPOLoss)
     assert fused[:-1] == dpo[:-1] and (dpo[-1], fused[-1]) == ("inplace_backward", "memory_budget")
 
 
+# ----------------------------------------------------------------------------- KTO
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("loss_type", KTO_LOSS_TYPES)
+def test_kto_matches_float64(loss_type, strategy, backend, device):
+    hidden, weight, bias, labels = make_batch(device, batch=3)
+    desirable = torch.tensor([True, False, True], device=device)
+    ref_logps, kl = torch.randn(3, device=device) - 20, 0.7
+    kwargs = {"beta": 0.3, "desirable_weight": 1.3, "undesirable_weight": 0.8, "loss_type": loss_type}
+    leaves = leaves_of(hidden, weight, bias)
+    module = fastalign.FusedLinearKTOLoss(**kwargs, strategy=strategy)
+    loss, metrics = module(*leaves[:2], labels, desirable, leaves[2], ref_logps=ref_logps, kl=kl)
+    (0.6 * loss).backward()
+
+    leaves64 = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
+    logps64 = sequence_logps_64(*leaves64, labels)
+    loss64, metrics64 = ref_dpo.kto_loss(logps64, ref_logps.double(), desirable, kl, **kwargs)
+    (0.6 * loss64).backward()
+    assert abs(loss.item() - loss64.item()) <= 1e-5 * max(1.0, abs(loss64.item()))
+    for name in metrics64:
+        assert abs(metrics[name].item() - metrics64[name].item()) <= 1e-4 * max(1.0, abs(metrics64[name].item()))
+    check_grads(leaves, leaves64, 1e-4)
+
+
+def test_kto_reference_hidden_states(backend, device):
+    hidden, weight, bias, labels = make_batch(device, batch=3)
+    desirable = torch.tensor([False, True, True], device=device)
+    ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
+    ref_logps = fastalign.linear_token_logprobs(ref_hidden, weight, labels, bias).sum(-1)
+    for strategy in STRATEGIES:
+        got, _ = kto_loss_from_hidden(
+            hidden, weight, labels, desirable, bias, ref_hidden=ref_hidden, ref_bias=bias, kl=0.1, strategy=strategy
+        )
+        expected, _ = kto_loss_from_hidden(
+            hidden, weight, labels, desirable, bias, ref_logps=ref_logps, kl=0.1, strategy=strategy
+        )
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="pass ref_logps, or ref_hidden"):
+        kto_loss_from_hidden(hidden, weight, labels, desirable, kl=0.1)
+    with pytest.raises(ValueError, match="kl"):
+        kto_loss_from_hidden(hidden, weight, labels, desirable, ref_logps=ref_logps)
+
+
+# ----------------------------------------------------------------------------- IFT
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("gamma", [0.0, 0.95, 1.0])
-def test_ift_matches_float64_and_the_composition(gamma, backend, device):
+def test_ift_matches_float64_and_the_composition(gamma, strategy, backend, device):
     hidden, weight, bias, labels = make_batch(device, torch.bfloat16, batch=3)
     labels[2] = IGNORE  # a sequence with nothing to learn: contributes 0
-    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    loss = fastalign.FusedLinearIFTLoss(gamma=gamma)(*leaves[:2], labels, leaves[2])
+    leaves = leaves_of(hidden, weight, bias)
+    loss = fastalign.FusedLinearIFTLoss(gamma=gamma, strategy=strategy)(*leaves[:2], labels, leaves[2])
     loss.backward()
 
-    composed = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    composed = leaves_of(hidden, weight, bias)
     token_logps = fastalign.linear_token_logprobs(*composed[:2], labels, composed[2])
     loss_c = fastalign.ift_loss(token_logps, labels != IGNORE, gamma=gamma)
     loss_c.backward()
     torch.testing.assert_close(loss, loss_c)
     for leaf, leaf_c in zip(leaves, composed):
-        torch.testing.assert_close(leaf.grad, leaf_c.grad)
+        assert rel_err(leaf.grad, leaf_c.grad) < GRAD_RTOL[torch.bfloat16]
 
     leaves64 = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
     logps64 = ref.linear_token_logprobs(leaves64[0], leaves64[1], labels, leaves64[2], IGNORE)
     loss64 = ref_ift.ift_loss(logps64, labels != IGNORE, gamma=gamma)
     loss64.backward()
     assert abs(loss.item() - loss64.item()) <= 1e-5 * abs(loss64.item())
-    for leaf, leaf64 in zip(leaves, leaves64):
-        assert rel_err(leaf.grad, leaf64.grad) < GRAD_RTOL[torch.bfloat16]
+    check_grads(leaves, leaves64, GRAD_RTOL[torch.bfloat16])
 
 
 def test_ift_bad_inputs(device):
     hidden, weight, bias, labels = make_batch(device)
     with pytest.raises(ValueError, match="gamma"):
         fastalign.FusedLinearIFTLoss(gamma=1.5)
-    with pytest.raises(ValueError, match=r"hidden must have shape \[B, T, H\]"):
+    with pytest.raises(ValueError, match=r"hidden must have shape \[batch, T, H\]"):
         fastalign.FusedLinearIFTLoss()(hidden[0], weight, labels[0])
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(
+    "reduction, label_smoothing", [("mean", 0.0), ("sum", 0.0), ("mean", 0.1), ("none", 0.0)], ids=str
+)
+def test_cross_entropy_matches_float64(reduction, label_smoothing, strategy, backend, device):
+    hidden, weight, bias, labels = make_batch(device, batch=3)
+    head = {"softcap": 4.0, "temperature": 1.3}
+    kwargs = {"reduction": reduction, "label_smoothing": label_smoothing, **head}
+    leaves = leaves_of(hidden, weight, bias)
+    module = fastalign.FusedLinearCrossEntropyLoss(**kwargs, entropy=True, accuracy=True, strategy=strategy)
+    lean_only = reduction == "none"
+    if (strategy == "fast" and lean_only) or (strategy == "lean" and label_smoothing):
+        with pytest.raises(ValueError, match="strategy"):
+            module(*leaves[:2], labels, leaves[2])
+        return
+    loss, metrics = module(*leaves[:2], labels, leaves[2])
+    g = torch.randn(loss.shape, device=device)
+    (loss * g).sum().backward()
+
+    leaves64 = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
+    loss64 = ref.linear_cross_entropy(*leaves64[:2], labels, leaves64[2], IGNORE, reduction, label_smoothing, **head)
+    (loss64 * g).sum().backward()
+    assert loss.dtype == torch.float32 and loss.shape == loss64.shape
+    assert rel_err(loss, loss64) < 1e-5
+    check_grads(leaves, leaves64, 1e-4)
+
+    z64 = ref.linear_logits(*[t.detach() for t in leaves64], **head)
+    valid = labels != IGNORE
+    entropy64 = ref.linear_token_entropy(*[t.detach() for t in leaves64], **head)[valid].mean()
+    assert abs(metrics["entropy"].item() - entropy64.item()) < 1e-5 * entropy64.item()
+    accuracy = (z64.argmax(-1) == labels)[valid].double().mean()
+    assert metrics["mean_token_accuracy"].item() == pytest.approx(accuracy.item())
+
+
+def test_cross_entropy_counts_accuracy_and_ignores_padding(backend, device):
+    """A head whose every prediction is right scores accuracy 1; a batch with nothing to learn gives loss 0."""
+    hidden = torch.eye(16, device=device)[None, :, :]  # [1, 16, 16]
+    weight = 10 * torch.eye(16, device=device)
+    labels = torch.arange(16, device=device)[None]
+    labels[0, :3] = IGNORE
+    for strategy in STRATEGIES:
+        loss, metrics = cross_entropy_from_hidden(hidden, weight, labels, accuracy=True, strategy=strategy)
+        assert metrics["mean_token_accuracy"].item() == 1.0 and loss.item() < 1e-3
+        leaf = hidden.clone().requires_grad_(True)
+        empty, _ = cross_entropy_from_hidden(leaf, weight, torch.full_like(labels, IGNORE), strategy=strategy)
+        empty.backward()
+        assert empty.item() == 0 and (leaf.grad == 0).all()
+
+
+def test_cross_entropy_bad_inputs(device):
+    hidden, weight, bias, labels = make_batch(device)
+    with pytest.raises(ValueError, match=r"reduction must be one of \['mean', 'sum', 'none'\]"):
+        cross_entropy_from_hidden(hidden, weight, labels, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        cross_entropy_from_hidden(hidden, weight, labels, label_smoothing=1.0)
+    with pytest.raises(ValueError, match="labels holds 517, outside"):
+        cross_entropy_from_hidden(hidden, weight, torch.full_like(labels, V))
+    with pytest.raises(TypeError, match="weight must be float32"):
+        cross_entropy_from_hidden(hidden, weight.long(), labels)
+
+
+# ----------------------------------------------------------------------------- every loss, harder inputs
+
+
+def _smoothing(strategy):
+    return 0.05 if strategy == "fast" else 0.0  # label smoothing is fast-only
+
+
+def _losses(device, R):
+    """name -> (call(hidden, weight, labels, bias, **kw) -> loss, float64 reference of the same inputs)."""
+    half = R // 2
+    ref_logps = torch.randn(R, device=device) - 15
+    desirable = torch.arange(R, device=device) % 3 != 0
+    dpo_ref = {"ref_chosen_logps": ref_logps[:half], "ref_rejected_logps": ref_logps[half:]}
+
+    def dpo64(h, w, y, b):
+        sums = sequence_logps_64(h, w, b, y)
+        lengths = (y != IGNORE).sum(-1)
+        return ref_dpo.dpo_loss(
+            sums[:half], sums[half:], ref_logps[:half].double(), ref_logps[half:].double(), beta=0.5,
+            loss_type="ipo", chosen_lengths=lengths[:half], rejected_lengths=lengths[half:],
+        )[0]  # fmt: skip
+
+    return {
+        "dpo": (
+            lambda *a, **k: fastalign.linear_losses.dpo_loss_from_hidden(*a, **dpo_ref, beta=0.5, loss_type="ipo", **k)[
+                0
+            ],
+            dpo64,
+        ),
+        "kto": (
+            lambda h, w, y, b, **k: kto_loss_from_hidden(h, w, y, desirable, b, ref_logps=ref_logps, kl=0.2, **k)[0],
+            lambda h, w, y, b: ref_dpo.kto_loss(sequence_logps_64(h, w, b, y), ref_logps.double(), desirable, 0.2)[0],
+        ),
+        "ift": (
+            lambda *a, **k: fastalign.linear_losses.ift_loss_from_hidden(*a, **k),
+            lambda h, w, y, b: ref_ift.ift_loss(ref.linear_token_logprobs(h, w, y, b, IGNORE), y != IGNORE),
+        ),
+        "ce": (lambda *a, **k: cross_entropy_from_hidden(*a, label_smoothing=_smoothing(k["strategy"]), **k)[0], None),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name", ["dpo", "kto", "ift", "ce"])
+def test_every_loss_odd_sizes_empty_rows_and_dtypes(name, strategy, dtype, backend, device):
+    """H 33 and V 1031 (odd: unaligned rows, ragged tiles), T 1, a sequence with no label that counts, a budget that
+    splits the batch (and units) into several chunks, grad_output 3.5; float64 reference, every gradient."""
+    R = 4
+    hidden, weight, bias, labels = make_batch(device, dtype, batch=R, T=7, H=33, V=1031)
+    labels[:, :1] = IGNORE
+    labels[2] = IGNORE
+    call, reference = _losses(device, R)[name]
+    smoothing = _smoothing(strategy)
+    for T_cut, budget in ((7, 5 * 1031 * 4), (1, None)):
+        h, w, y = hidden[:, :T_cut], weight, labels[:, :T_cut].clone()
+        y[0, 0] = 5  # T = 1 still has a label that counts
+        leaves = leaves_of(h, w, bias)
+        loss = call(*leaves[:2], y, leaves[2], strategy=strategy, memory_budget=budget)
+        (3.5 * loss).backward()
+        leaves64 = [t.double().requires_grad_(True) for t in (h, w, bias)]
+        if reference is None:
+            loss64 = ref.linear_cross_entropy(*leaves64[:2], y, leaves64[2], IGNORE, label_smoothing=smoothing)
+        else:
+            loss64 = reference(leaves64[0], leaves64[1], y, leaves64[2])
+        (3.5 * loss64).backward()
+        tol = 1e-5 if dtype == torch.float32 else 1e-3
+        assert abs(loss.item() - loss64.item()) <= tol * max(1.0, abs(loss64.item())), (T_cut, loss, loss64)
+        check_grads(leaves, leaves64, 1e-4 if dtype == torch.float32 else GRAD_RTOL[dtype])
+        assert (leaves[0].grad[2] == 0).all()
+
+
+def test_autocast_fast_computes_in_the_autocast_dtype(backend, device):
+    hidden, weight, bias, labels = make_batch(device)
+    leaves = leaves_of(hidden, weight, bias)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss, _ = cross_entropy_from_hidden(*leaves[:2], labels, leaves[2], strategy="fast")
+    loss.backward()
+    expected, _ = cross_entropy_from_hidden(hidden.bfloat16(), weight.bfloat16(), labels, bias.bfloat16())
+    torch.testing.assert_close(loss, expected)
+    assert all(leaf.grad.dtype == torch.float32 and torch.isfinite(leaf.grad).all() for leaf in leaves)
+
+
+# ----------------------------------------------------------------------------- the property fast relies on
+
+
+def _unit_gradient(loss_of, logps, unit_rows, other_rows):
+    """d loss / d logps at unit_rows, with the log-probs of other_rows perturbed."""
+    perturbed = logps.clone()
+    perturbed[other_rows] += 10 * torch.randn_like(perturbed[other_rows])  # enough to reorder sorted margins
+    leaf = perturbed.requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_of(leaf), leaf)
+    return grad[unit_rows]
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_the_loss_decomposes_over_pairs_unless_it_sorts_the_batch(loss_type):
+    """fast's one assumption: the gradient at a pair's log-probs does not depend on the other pairs' values."""
+    R, T_ = 16, 5
+    mask = torch.rand(R, T_) < 0.7
+    ref_logps = torch.randn(R, dtype=torch.float64) - 10
+    lengths = mask.sum(-1)
+
+    def loss_of(logps):
+        sums = torch.where(mask, logps, 0.0).sum(-1)
+        return fastalign.dpo.paired_dpo_loss(sums, lengths, *ref_logps.chunk(2), **dpo_kwargs(loss_type))[0]
+
+    logps = -torch.rand(R, T_, dtype=torch.float64) * 3
+    unit, others = [0, R // 2], [r for r in range(R) if r not in (0, R // 2)]  # the pair (0, R/2) and the rest
+    first = _unit_gradient(loss_of, logps, unit, others)
+    changed = any(not torch.equal(first, _unit_gradient(loss_of, logps, unit, others)) for _ in range(3))
+    assert changed == (loss_type in BATCH_COUPLED)
+
+
+def test_kto_ift_and_cross_entropy_decompose_over_sequences():
+    R, T_ = 4, 6
+    mask = torch.rand(R, T_) < 0.8
+    desirable = torch.tensor([True, False, True, False])
+    ref_logps = torch.randn(R)
+    losses = {
+        "kto": lambda lp: fastalign.kto_loss(torch.where(mask, lp, 0.0).sum(-1), ref_logps, desirable, 0.3)[0],
+        "ift": lambda lp: fastalign.ift_loss(lp, mask),
+        "ce": lambda lp: -torch.where(mask, lp, 0.0).sum() / mask.sum(),
+    }
+    logps = -torch.rand(R, T_) * 3
+    for name, loss_of in losses.items():
+        first = _unit_gradient(loss_of, logps, [1], [0, 2, 3])
+        assert torch.equal(first, _unit_gradient(loss_of, logps, [1], [0, 2, 3])), name
+
+
+# ----------------------------------------------------------------------------- matmul FLOPs
+
+
+class MatmulFlops(TorchDispatchMode):
+    """Counts the FLOPs of every torch matrix product (mm, addmm and addmm_, bmm, baddbmm, mv, addmv, dot) run
+    inside it, and of every tl.dot that Triton's interpreter runs meanwhile."""
+
+    _OPS = {"mm": (0, 1), "addmm": (1, 2), "addmm_": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2), "baddbmm_": (1, 2)}
+    _OPS |= {"mv": (0, 1), "addmv": (1, 2), "addmv_": (1, 2), "dot": (0, 1)}
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.flops = 0
+        builder = triton_interpreter.InterpreterBuilder
+        real_dot = builder.create_dot
+
+        def counting_dot(interp, a, b, *args):
+            *batch, m, k = a.data.shape
+            self.flops += 2 * math.prod(batch) * m * k * b.data.shape[-1]
+            return real_dot(interp, a, b, *args)
+
+        monkeypatch.setattr(builder, "create_dot", counting_dot)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        operands = self._OPS.get(func.overloadpacket.__name__)
+        if operands is not None:
+            a, b = (args[i] for i in operands)
+            k = a.shape[-1]
+            rows = math.prod(a.shape[:-1])
+            self.flops += 2 * rows * k * (b.shape[-1] if b.dim() > 1 else 1)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "interpret"])
+@pytest.mark.parametrize("name", ["dpo", "kto", "ift", "ce"])
+def test_matmul_flops_fast_6_lean_8_and_2_more_for_a_computed_reference(name, backend_name, monkeypatch):
+    """Exact counts, forward + backward, N the scored rows: fast 6 N H V, lean 8 N H V (tile-aligned sizes, so the
+    interpreted tl.dot tiles hold no padding), and 2 N H V more when the DPO/KTO reference comes from ref_hidden."""
+    R, T_, H_, V_ = 4, 40, 64, 256
+    hidden, weight, bias, labels = make_batch(torch.device("cpu"), batch=R, T=T_, H=H_, V=V_)
+    labels = torch.randint(0, V_, (R, T_))
+    labels[:, :8] = IGNORE  # N = 4 * 32 = 128 scored rows: two 64-row tiles
+    nhv = 128 * H_ * V_
+    reference = {
+        "dpo": lambda rh: (
+            {"ref_hidden": rh}
+            if rh is not None
+            else {"ref_chosen_logps": torch.zeros(2)} | {"ref_rejected_logps": torch.zeros(2)}
+        ),
+        "kto": lambda rh: {"ref_hidden": rh, "kl": 0.1} if rh is not None else {"ref_logps": torch.zeros(R), "kl": 0.1},
+    }
+    desirable = torch.tensor([True, False, True, True])
+    calls = {
+        "dpo": lambda *a, **k: fastalign.linear_losses.dpo_loss_from_hidden(*a, **k)[0],
+        "kto": lambda h, w, y, b, **k: kto_loss_from_hidden(h, w, y, desirable, b, **k)[0],
+        "ift": fastalign.linear_losses.ift_loss_from_hidden,
+        "ce": lambda *a, **k: cross_entropy_from_hidden(*a, **k)[0],
+    }
+    with forced_backend(backend_name):
+        for strategy, expected in (("fast", 6), ("lean", 8)):
+            for with_reference in (False, True) if name in reference else (False,):
+                kwargs = {"strategy": strategy}
+                if name in reference:
+                    kwargs |= reference[name](hidden + 0.5 if with_reference else None)
+                leaves = leaves_of(hidden, weight, bias)
+                with MatmulFlops(monkeypatch) as counter:
+                    calls[name](*leaves[:2], labels, leaves[2], **kwargs).backward()
+                want = expected + 2 * with_reference
+                assert want * nhv <= counter.flops <= (want + 0.05) * nhv, (
+                    strategy,
+                    with_reference,
+                    counter.flops / nhv,
+                )
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+def test_fsdp2_fast_and_lean_equal_unsharded(device):
+    """The lm_head as an FSDP2 DTensor (gathered once) under each fused-linear loss and strategy, on 2 gloo
+    processes: loss and every gradient equal to the unsharded model fed both ranks' batches."""
+    if device.type != "cpu":
+        pytest.skip("gloo on the CPU")
+    run_on_processes(linear_fsdp_worker.losses_main)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastalign.kernels.ift import ift_inputs_embeds_fwd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from utils import GRAD_RTOL, VALUE_RTOL, rel_err
 
 import fastalign
+from fastalign.kernels.ift import ift_inputs_embeds_fwd
 from fastalign.reference import ift as ref
 
 IGNORE = -100

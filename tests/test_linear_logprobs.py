@@ -10,7 +10,6 @@ import linear_fsdp_worker
 import pytest
 import torch
 from distributed import run_on_processes
-from fastalign.kernels import linear_logprobs as linear_kernels
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from utils import GRAD_RTOL, VALUE_RTOL, rel_err
@@ -19,6 +18,7 @@ import fastalign
 import fastalign.linear_logprobs as linear_module
 from fastalign import kernels as kernels_module
 from fastalign._backend import forced_backend
+from fastalign.kernels import linear_logprobs as linear_kernels
 from fastalign.reference import linear_logprobs as ref
 
 IGNORE = -100
@@ -36,12 +36,15 @@ def make_inputs(shape, H, V, dtype, device, ignore_frac=0.25, bias=True):
 
 
 def check_against_reference(
-    hidden, weight, bias, labels, grad_scale=None, entropy_grad=True, memory_budget=None, **head
+    hidden, weight, bias, labels, grad_scale=None, entropy_grad=True, memory_budget=None, extras=False, **head
 ):
-    """Forward and backward of linear_token_stats vs float64, with random upstream gradients."""
+    """Forward and backward of linear_token_stats vs float64, with random upstream gradients; with `extras`, the
+    log(sum p^2) and mean logit outputs too."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight)]
     leaves.append(None if bias is None else bias.detach().clone().requires_grad_(True))
-    stats = fastalign.linear_token_stats(*leaves[:2], labels, leaves[2], memory_budget=memory_budget, **head)
+    stats = fastalign.linear_token_stats(
+        *leaves[:2], labels, leaves[2], memory_budget=memory_budget, log_sum_sq_probs=extras, mean_logits=extras, **head
+    )
     g = torch.randn(labels.shape, device=labels.device) if grad_scale is None else grad_scale
     ge = torch.randn(labels.shape, device=labels.device) if entropy_grad else torch.zeros(labels.shape)
     (stats.logprobs * g + stats.entropy * ge).sum().backward()
@@ -60,6 +63,9 @@ def check_against_reference(
     picked = z64.gather(-1, stats.argmax.unsqueeze(-1)).squeeze(-1)
     assert (picked >= z64.max(-1).values - 1e-5).all()
     assert (stats.logprobs[labels == IGNORE] == 0).all()
+    if extras:
+        for got, expected in zip(stats[3:], ref.linear_token_extras(*leaves64, **head)):
+            assert rel_err(got, expected) < VALUE_RTOL[dtype] * 10
     for leaf, leaf64, name in zip(leaves, leaves64, ("hidden", "weight", "bias")):
         if leaf is None:
             continue
@@ -95,6 +101,55 @@ def test_logit_chain_and_grad_output(head, backend, device):
     check_against_reference(hidden, weight, None, labels, grad_scale=2.5, entropy_grad=False, **head)
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param({}, id="plain"),
+        pytest.param({"temperature": 0.7, "softcap": 3.0, "logit_scale": 1.7}, id="all"),
+    ],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_extras_match_float64_at_every_position(head, dtype, backend, device):
+    """log(sum p^2) and the mean logit, from the forward's one pass: float32 at every position (ignored rows too),
+    not differentiable; asking for them changes neither the log-probs nor any gradient."""
+    hidden, weight, bias, labels = make_inputs((3, 37), 67, 1031, dtype, device)
+    labels[1] = IGNORE
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    stats = fastalign.linear_token_stats(
+        *leaves[:2], labels, leaves[2], entropy=False, argmax=False, log_sum_sq_probs=True, mean_logits=True, **head
+    )
+    lssp64, mean64 = ref.linear_token_extras(*[t.double() for t in (hidden, weight, bias)], **head)
+    for got, expected in ((stats.log_sum_sq_probs, lssp64), (stats.mean_logits, mean64)):
+        assert got.dtype == torch.float32 and got.shape == labels.shape and not got.requires_grad
+        assert rel_err(got, expected) < VALUE_RTOL[dtype] * 10
+    assert stats.entropy is None and stats.argmax is None
+
+    g = torch.randn(labels.shape, device=device)
+    (stats.logprobs * g).sum().backward()
+    plain = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    logp = fastalign.linear_token_logprobs(*plain[:2], labels, plain[2], **head)
+    (logp * g).sum().backward()
+    torch.testing.assert_close(stats.logprobs, logp)
+    for leaf, leaf_plain in zip(leaves, plain):
+        torch.testing.assert_close(leaf.grad, leaf_plain.grad)
+
+    only_one = fastalign.linear_token_stats(hidden, weight, labels, bias, entropy=False, argmax=False, mean_logits=True)
+    assert only_one.log_sum_sq_probs is None and rel_err(only_one.mean_logits, ref.linear_token_extras(
+        hidden.double(), weight.double(), bias.double())[1]) < VALUE_RTOL[dtype] * 10  # fmt: skip
+
+
+def test_extras_agree_with_trls_fused_head(backend, device):
+    """TRL 1.16's ChunkedLogProbFunction defines the same two outputs (log_sum_sq_probs, mean_logits)."""
+    chunked = pytest.importorskip("trl.kernels.chunked_logprob")
+    hidden, weight, bias, labels = make_inputs((50,), 64, 777, torch.float32, device, ignore_frac=0.0)
+    head = {"temperature": 0.8, "softcap": 5.0, "logit_scale": 1.3}
+    ours = fastalign.linear_token_stats(hidden, weight, labels, bias, log_sum_sq_probs=True, mean_logits=True, **head)
+    outputs = ("log_sum_sq_probs", "mean_logits")
+    trl = chunked.ChunkedLogProbFunction.apply(hidden, weight, bias, labels, 0.8, 256, 5.0, 1.3, outputs)
+    torch.testing.assert_close(ours.log_sum_sq_probs, trl[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.mean_logits, trl[3], rtol=1e-5, atol=1e-5)
+
+
 GPU_TILES = sorted({tiles for candidates in linear_kernels._TILES.values() for tiles in candidates})
 
 
@@ -104,7 +159,7 @@ def test_every_gpu_tile_candidate_matches_reference(tiles, device, monkeypatch):
     vocabulary several column tiles, the last one ragged; H a multiple of every BLOCK_K (the aligned loads)."""
     monkeypatch.setattr(linear_kernels, "tile_candidates", lambda kernel, dtype, aligned=True: (tiles,))
     V = 2 * tiles.block_v + 77
-    check_against_reference(*make_inputs((2, tiles.block_m - 3), 128, V, torch.bfloat16, device))
+    check_against_reference(*make_inputs((2, tiles.block_m - 3), 128, V, torch.bfloat16, device), extras=True)
     check_against_reference(*make_inputs((1, 9), 128, V, torch.float32, device), memory_budget=2**16)
 
 
@@ -181,6 +236,39 @@ def test_non_contiguous_inputs(layout, backend, device):
     labels[0, 0] = IGNORE
     assert not (hidden.is_contiguous() and weight.is_contiguous())
     check_against_reference(hidden, weight, None, labels)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("layout", ["bias-every-other", "padded-rows"])
+def test_strided_views_read_and_get_the_right_elements(layout, dtype, backend, device):
+    """Issue 16.1: views of larger tensors (a bias big[::2]; hidden and weight rows padded past H) must be read at
+    their own strides, and their gradients land on those elements of the base tensor, and nowhere else."""
+    H, V = 40, 333
+    pad = 0 if layout == "bias-every-other" else 3
+    bases = [
+        torch.randn(3, 7, H + pad, device=device),
+        torch.randn(V, H + 5 * (pad > 0), device=device) * 2 / H**0.5,
+        torch.randn(2 * V, device=device),
+    ]
+    bases = [b.to(dtype).requires_grad_(True) for b in bases]
+    views = (bases[0][..., :H], bases[1][:, :H], bases[2][::2])
+    assert not views[2].is_contiguous() and (pad == 0 or not views[1].is_contiguous())
+    labels = torch.randint(0, V, (3, 7), device=device)
+    labels[0, :2] = IGNORE
+    stats = fastalign.linear_token_stats(*views[:2], labels, views[2], argmax=False)
+    g, ge = torch.randn(labels.shape, device=device), torch.randn(labels.shape, device=device)
+    (stats.logprobs * g + stats.entropy * ge).sum().backward()
+
+    leaves64 = [v.detach().double().requires_grad_(True) for v in views]
+    logp64 = ref.linear_token_logprobs(leaves64[0], leaves64[1], labels, leaves64[2], IGNORE)
+    ent64 = ref.linear_token_entropy(*leaves64)
+    (logp64 * g + ent64 * ge).sum().backward()
+    assert rel_err(stats.logprobs, logp64) < 1e-5 and rel_err(stats.entropy, ent64) < 1e-5
+    grads = (bases[0].grad[..., :H], bases[1].grad[:, :H], bases[2].grad[::2])
+    for grad, leaf64, name in zip(grads, leaves64, ("hidden", "weight", "bias")):
+        assert rel_err(grad, leaf64.grad) < GRAD_RTOL[dtype], name
+    assert (bases[0].grad[..., H:] == 0).all() and (bases[1].grad[:, H:] == 0).all()
+    assert (bases[2].grad[1::2] == 0).all()
 
 
 def test_every_position_masked(backend, device):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastalign.kernels.logprobs import token_logprobs_bwd, token_logprobs_fwd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from utils import GRAD_RTOL, VALUE_RTOL, rel_err
 
 import fastalign
 from fastalign._backend import as_btv
+from fastalign.kernels.logprobs import token_logprobs_bwd, token_logprobs_fwd
 from fastalign.reference import logprobs as ref
 
 IGNORE = -100

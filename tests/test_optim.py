@@ -17,14 +17,14 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from fastalign.kernels import online_merge as kernels
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from utils import rel_err
 
 from fastalign._backend import forced_backend
-from fastalign.optim import OnlineMergeAdamW, reference_delta
-from fastalign.optim._torch_path import dare_keep
+from fastalign.kernels import online_merge as kernels
+from fastalign.optim import OnlineMergeAdamW, _dare, reference_delta
+from fastalign.optim._dare import dare_keep, dare_key
 from fastalign.reference import online_merge as ref
 
 SHAPES = [(1000,), (37, 3), (5,), (2, 700)]  # crosses tiles and blocks under the interpreter
@@ -109,9 +109,9 @@ def dare_keeps(opt, params, seed, reserve_p):
 
 
 @triton.jit
-def _keep_kernel(p_out, offset, n, t, param_index, keep31, seed, BLOCK: tl.constexpr):
+def _keep_kernel(p_out, offset, n, t, key, keep_below, BLOCK: tl.constexpr):
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = kernels._dare_keep(seed, offset + o, t, param_index, keep31)
+    keep = kernels._dare_keep(offset + o, kernels._step_key(key, t), keep_below)
     tl.store(p_out + o, keep.to(tl.int8), mask=o < n)
 
 
@@ -121,30 +121,105 @@ def _keep_kernel(p_out, offset, n, t, param_index, keep31, seed, BLOCK: tl.const
         pytest.param(0, 1, 0, 0, 0.5, id="seed0"),
         pytest.param(2**40 + 7, 123456, 77, 2**32 - 300, 0.1, id="idx-crosses-2^32-seed-above-2^32"),
         pytest.param(12345, 0, 3, 5 * 2**33, 0.9, id="t0-large-offset"),
+        pytest.param(2**63 - 1, 2**24, 2**20, 2**31 - 500, 1e-9, id="largest-seed-p-tiny"),
     ],
 )
-def test_torch_philox_matches_the_kernels_bit_for_bit(seed, t, param_index, offset, reserve_p, device):
+def test_torch_keep_matches_the_kernels_bit_for_bit(seed, t, param_index, offset, reserve_p, device):
     n = 1000
     out = torch.empty(n, dtype=torch.int8, device=device)
-    keep31 = kernels.keep_threshold(reserve_p)
-    _keep_kernel[(triton.cdiv(n, 256),)](out, offset, n, t, param_index, keep31, seed, BLOCK=256)
+    keep_below = kernels.keep_threshold(reserve_p)
+    _keep_kernel[(triton.cdiv(n, 256),)](out, offset, n, t, dare_key(seed, param_index), keep_below, BLOCK=256)
     expected = dare_keep(seed, t, param_index, offset, n, reserve_p, device)
     assert torch.equal(out.bool(), expected)
+    # And both equal the definition, evaluated on Python integers.
+    key = _dare.step_key(dare_key(seed, param_index), t)
+    for i in (0, 1, 299, 300, 999):
+        idx = offset + i
+        word = (idx & 0xFFFFFFFF) ^ key ^ ((idx >> 32) * kernels.GOLDEN & 0xFFFFFFFF)
+        assert bool(expected[i]) == (_dare._int32(_dare._triple32(word)) >> 1 < keep_below)
 
 
-def test_dare_keep_is_bernoulli_and_keyed():
-    n, p = 20000, 0.3
-    keep = dare_keep(7, 5, 2, 0, n, p, "cpu")
-    assert abs(int(keep.sum()) - n * p) < 5 * math.sqrt(n * p * (1 - p))
+def test_triple32_is_the_published_function():
+    """hash-prospector's triple32 fixes 0; a few outputs computed by hand from its definition."""
+    assert _dare._triple32(0) == 0
+    x = 1
+    x ^= x >> 17
+    x = x * 0xED5AD4BB & 0xFFFFFFFF
+    x ^= x >> 11
+    x = x * 0xAC4C1B51 & 0xFFFFFFFF
+    x ^= x >> 15
+    x = x * 0x31848BAB & 0xFFFFFFFF
+    x ^= x >> 14
+    assert _dare._triple32(1) == x
+
+
+# Statistics of the keeps. The hash is deterministic, so each bound is checked once, at ~5 sigma.
+def _keeps(seed=7, t=5, param_index=2, offset=0, n=1 << 16, p=0.3):
+    return dare_keep(seed, t, param_index, offset, n, p, "cpu")
+
+
+def _hash_words(seed, t, param_index, n, offset=0):
+    """The 32-bit hash outputs (as int64) behind the keeps of n consecutive elements."""
+    out = torch.empty(n, dtype=torch.int64)
+    hasher = _dare.KeepHasher(n, torch.device("cpu"))
+    key = _dare.step_key(dare_key(seed, param_index), t)
+    hasher.place(0, key, offset, n)
+    out.copy_(hasher.hash(n, torch.empty(n, dtype=torch.int32)).long() & 0xFFFFFFFF)
+    return out
+
+
+@pytest.mark.parametrize("p", [1e-3, 0.1, 0.3, 0.5, 0.9])
+def test_dare_keep_rate_is_binomial(p):
+    for seed, t, index, offset in ((7, 5, 2, 0), (0, 1, 0, 0), (2**62, 99, 400, 3 * 2**32 - 7000)):
+        n = 1 << 16
+        kept = int(_keeps(seed, t, index, offset, n, p).sum())
+        assert abs(kept - n * p) < 5 * math.sqrt(n * p * (1 - p)), (seed, t, index, kept)
+
+
+def test_dare_keeps_are_uncorrelated_across_neighbours_steps_parameters_and_seeds():
+    n, p = 1 << 16, 0.3
+    keep = _keeps(n=n, p=p).float()
+    sigma = math.sqrt(p * p * (1 - p * p) / n)
+    for lag in (1, 2, 3, 7, 16, 64, 1024):  # P(both kept) = p² at every lag
+        both = (keep[lag:] * keep[:-lag]).mean().item()
+        assert abs(both - p * p) < 5 * sigma * math.sqrt(n / (n - lag)), lag
     # Any slice of the global index range draws the same keeps: sharding cannot change them.
-    assert torch.equal(dare_keep(7, 5, 2, 1234, 999, p, "cpu"), keep[1234 : 1234 + 999])
+    assert torch.equal(_keeps(offset=1234, n=999, p=p), keep.bool()[1234 : 1234 + 999])
     for other in (
-        dare_keep(8, 5, 2, 0, n, p, "cpu"),
-        dare_keep(7, 6, 2, 0, n, p, "cpu"),
-        dare_keep(7, 5, 3, 0, n, p, "cpu"),
-    ):
-        agree = (other == keep).float().mean().item()
-        assert abs(agree - (p * p + (1 - p) ** 2)) < 0.02  # independent draws
+        dict(t=6), dict(t=4), dict(param_index=3), dict(param_index=1), dict(seed=8), dict(seed=7 + 2**32),
+    ):  # fmt: skip
+        agree = (_keeps(**{**dict(n=n, p=p), **other}).float() * keep).mean().item()
+        assert abs(agree - p * p) < 5 * sigma, other  # independent draws: P(both kept) = p²
+
+
+def test_dare_hash_bits_are_uniform_and_pairs_independent():
+    """Chi-square tests (255 degrees of freedom; 5 sigma is 255 + 5·√510 ≈ 368) on the top byte of
+    the hash, on the low byte, and on the pair (top nibble of element i, of element i + 1)."""
+    bound = 255 + 5 * math.sqrt(2 * 255)
+    for seed, t, index in ((0, 0, 0), (7, 5, 2), (2**40, 3, 9)):
+        words = _hash_words(seed, t, index, 1 << 16)
+        for cells in ((words >> 24), (words & 255), ((words[:-1] >> 28) << 4) | (words[1:] >> 28)):
+            counts = torch.bincount(cells, minlength=256).double()
+            expected = cells.numel() / 256
+            assert ((counts - expected) ** 2 / expected).sum().item() < bound, (seed, t, index)
+
+
+def test_dare_hash_avalanche():
+    """Flipping one bit of the element index flips each output bit with probability 1/2 (the hash
+    evaluated from its definition, on Python integers; the tests above tie it to the kernels)."""
+    n = 1 << 12
+    key = _dare.step_key(dare_key(3, 1), 2)
+
+    def word(i: int) -> int:
+        return _dare._triple32((i & 0xFFFFFFFF) ^ key ^ ((i >> 32) * kernels.GOLDEN & 0xFFFFFFFF))
+
+    base = [i * 40503 for i in range(n)]
+    h = torch.tensor([word(i) for i in base], dtype=torch.int64)
+    bits = torch.arange(32)
+    for flip in (0, 1, 5, 13, 31, 33):
+        changed = h ^ torch.tensor([word(i ^ (1 << flip)) for i in base], dtype=torch.int64)
+        rate = ((changed[:, None] >> bits) & 1).double().mean(0)
+        assert ((rate - 0.5).abs() < 5 * 0.5 / math.sqrt(n)).all(), (flip, rate)
 
 
 # ----------------------------------------------------------------------------- OnDARE
@@ -420,6 +495,39 @@ def test_grad_scale_found_inf_and_skip_nonfinite(method, backend, device):
                 assert torch.equal(value, before[i][key]), key  # the step counter included
 
 
+@pytest.mark.parametrize(
+    "method, with_tau, rescale",
+    [("ondare", True, False), ("ondare", False, True), ("onties", True, False), ("onties", False, False)],
+)
+def test_nonfinite_gradient_turns_theta_nan_as_adamw(method, with_tau, rescale, backend, device):
+    """Without skip_nonfinite, a NaN or ±inf gradient is never dropped silently (issue 16): DARE
+    keeps a NaN Δ whatever its draw, TIES ranks it first and lets it through the sign election,
+    so θ turns NaN at that element at once, as torch.optim.AdamW's does."""
+    params = make_params([(1000,), (37, 3)], torch.float32, device)
+    taus = make_taus(params) if with_tau else None
+    opt = OnlineMergeAdamW(
+        params, lr=1e-2, method=method, reserve_p=0.05, alpha=0.3 if with_tau else 0.0, ref_delta=taus,
+        rescale=rescale,
+    )  # fmt: skip
+    adamw_param = torch.nn.Parameter(params[0].detach().clone())
+    adamw = torch.optim.AdamW([adamw_param], lr=1e-2)
+    grads = random_grads(params)
+    poisoned = torch.tensor([5, 17, 400, 999], device=device)
+    grads[0][poisoned] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan")], device=device)
+    for p, g in zip(params, grads):
+        p.grad = g
+    adamw_param.grad = grads[0].clone()
+    opt.step()
+    adamw.step()
+    assert torch.equal(params[0].isnan().nonzero().view(-1), poisoned)
+    assert torch.equal(adamw_param.isnan(), params[0].isnan())
+    assert torch.isfinite(params[1]).all()
+    for key in ("exp_avg", "exp_avg_sq"):  # the moments hold the non-finite values too, as AdamW's do
+        moment = opt.state[params[0]][key]
+        assert torch.equal((~torch.isfinite(moment)).nonzero().view(-1), poisoned)
+        assert torch.equal(moment.isnan(), adamw.state[adamw_param][key].isnan())
+
+
 def test_torch_grad_scaler(device):
     if device.type != "cpu":
         pytest.skip("the CPU GradScaler path")
@@ -510,6 +618,7 @@ def test_bad_input(device):
         ({"ref_delta": {"other.weight": torch.zeros(4, 3)}}, ValueError, "no parameter has"),
         ({"ref_delta": [torch.zeros(4, 3), torch.zeros(4, 3)]}, ValueError, "one entry per parameter"),
         ({"ref_delta": {"layer.weight": [1.0]}}, TypeError, "layer.weight must be a floating-point tensor"),
+        ({"ref_delta": {"layer.weight": torch.full((4, 3), float("nan"), device=device)}}, ValueError, "holds NaN"),
     ]:
         with pytest.raises(error, match=match):
             OnlineMergeAdamW(named, **kwargs)

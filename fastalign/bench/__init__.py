@@ -1,9 +1,16 @@
 """`fastalign bench`: fastalign against eager PyTorch and the installed peers, side by side.
 
-Each suite module (SUITES) returns `Case`s for a size. A case builds its inputs, times one
-callable, and reports time, throughput, the % of the ceiling measured in this run (device copy
-bandwidth, or cuBLAS bf16 GEMM FLOP/s for compute-bound ops) and peak extra memory. Speedups are
-reported only for cases whose correctness check passed at that size in the same run.
+Each suite module (SUITES) returns `Case`s for a size. A case builds its inputs, times one callable, and reports
+time, throughput, the % of a ceiling measured in this run and peak extra memory. Speedups are reported only for
+cases whose correctness check passed at that size in the same run.
+
+Ceilings (`Ceilings`), each measured once per run on first use:
+- bytes-bound cases: a device copy (read + write bytes per second). On a GPU one 1 GiB copy (HBM). On a CPU a copy
+  of a buffer the size of the case's working set, so that a case that fits in a cache compares with that cache's
+  bandwidth, not with DRAM's.
+- FLOP-bound cases: a GEMM. On a GPU cuBLAS bf16 at 8192^3. On a CPU the faster of a GEMM in the case's dtype and
+  one in fp32 (an implementation may upcast), at 1024^3.
+On a CPU each is the better of a run on torch's threads and one on a single thread (see `Ceilings._best`).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import datetime
 import gc
 import importlib
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -27,7 +35,15 @@ import torch
 
 from fastalign.kernels import tuned_configs
 
-SUITES = ["logprobs", "losses", "optim", "linear"]
+# Suite module -> the ops its cases time (`--only` takes these names; a test keeps them equal to the cases').
+SUITES = {
+    "logprobs": ("token_logprobs",),
+    "losses": ("DPOLoss", "IFTLoss", "ift_loss", "ift_inputs_embeds"),
+    "optim": ("ondare_step", "onties_step"),
+    "linear": ("linear_token_logprobs", "FusedLinearDPOLoss", "FusedLinearIFTLoss"),
+}
+OPS = tuple(op for ops in SUITES.values() for op in ops)
+RESULTS_DIR = "benches/results"
 
 
 @dataclass
@@ -57,19 +73,22 @@ class Env:
 # ----------------------------------------------------------------------------- measurement
 
 
-def time_ms(fn: Callable[[], Any], cuda: bool) -> float:
+def time_ms(fn: Callable[[], Any], cuda: bool, best: bool = False, warm: bool = False) -> float:
+    """The median time of fn in ms (the fastest with `best`, for ceilings): triton's do_bench on a GPU; on a CPU a
+    warm-up call (none if `warm`: the caller just ran fn), then 2 calls or more, for up to 0.3 s."""
     if cuda:
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
-    fn()  # warm-up
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="min" if best else "median"))
+    if not warm:
+        fn()
     times = []
-    deadline = time.perf_counter() + 0.5
-    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 20):
+    deadline = time.perf_counter() + 0.3
+    while len(times) < 2 or (time.perf_counter() < deadline and len(times) < 20):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return min(times) if best else statistics.median(times)
 
 
 _libc = None
@@ -118,28 +137,79 @@ def peak_extra_bytes(fn: Callable[[], Any], cuda: bool) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def copy_bandwidth_gbps(env: Env) -> float:
-    """Device-to-device copy bandwidth (read + write bytes per second), measured now."""
-    n = (1 << 30 if env.cuda else 1 << 26) // 4
-    src = torch.randn(n, device=env.device)
+def copy_bandwidth_gbps(env: Env, nbytes: int = 1 << 30) -> float:
+    """Device copy bandwidth (read + write bytes per second) through a buffer of `nbytes`, measured now."""
+    src = torch.randn(max(nbytes // 4, 1024), device=env.device)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), env.cuda)
+    ms = time_ms(lambda: dst.copy_(src), env.cuda, best=True)
     return 2 * src.numel() * 4 / ms / 1e6
 
 
-def gemm_tflops(env: Env) -> float:
-    """bf16 matmul throughput measured now (cuBLAS on a GPU): the compute ceiling."""
+def gemm_tflops(env: Env, dtype: torch.dtype = torch.bfloat16) -> float:
+    """GEMM throughput in `dtype` measured now (cuBLAS on a GPU, 8192^3; 1024^3 on a CPU)."""
     n = 8192 if env.cuda else 1024
-    a = torch.randn(n, n, device=env.device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=env.device, dtype=torch.bfloat16)
-    ms = time_ms(lambda: a @ b, env.cuda)
+    gen = torch.Generator(device=env.device).manual_seed(0)
+    a = torch.randn(n, n, device=env.device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=env.device, dtype=dtype, generator=gen)
+    ms = time_ms(lambda: a @ b, env.cuda, best=True)
     return 2 * n**3 / ms / 1e9
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Ceilings:
+    """The ceiling of each case, measured in this run on first use and kept by name (see the module docstring)."""
+
+    def __init__(self, env: Env):
+        self.env = env
+        self.values: dict[str, float] = {}  # name -> GB/s or TFLOP/s
+
+    def of(self, case: Case) -> tuple[str, float]:
+        """(name, value) of the case's ceiling: GB/s for a bytes floor, TFLOP/s for a FLOPs floor."""
+        if case.flops:
+            dtypes = ["bf16"] if self.env.cuda else sorted({case.dtype, "fp32"})
+            name = f"{'/'.join(dtypes)} GEMM"
+            if name not in self.values:
+                self.values[name] = self._best(lambda: max(gemm_tflops(self.env, _DTYPES[d]) for d in dtypes))
+        else:
+            # The working set rounded up to a power of two, at least 64 KiB; one buffer of half of it is copied.
+            size = 1 << 30 if self.env.cuda else 1 << max(16, (max(case.bytes, 1) - 1).bit_length())
+            name = f"copy {_fmt_bytes(size)}"
+            if name not in self.values:
+                self.values[name] = self._best(lambda: copy_bandwidth_gbps(self.env, size // 2))
+        return name, self.values[name]
+
+    def _best(self, measure: Callable[[], float]) -> float:
+        """The measurement, on a CPU the better of torch's threads and one thread: a busy machine can stall a
+        multi-threaded copy 100-fold (a descheduled thread holds up each parallel region), never a single thread."""
+        threads = torch.get_num_threads()
+        if self.env.cuda or threads == 1:
+            return measure()
+        try:
+            torch.set_num_threads(1)
+            single = measure()
+        finally:
+            torch.set_num_threads(threads)
+        return max(measure(), single)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n} {unit}"
+        n //= 1024
+    return f"{n} GiB"
 
 
 # ----------------------------------------------------------------------------- running
 
 
 def _git_commit() -> str:
+    """The checkout's commit (with "-dirty" if it has changes), or FASTALIGN_COMMIT where there is no .git (a copied
+    working tree, as on the GPU machine)."""
+    if os.environ.get("FASTALIGN_COMMIT"):
+        return os.environ["FASTALIGN_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
@@ -155,17 +225,21 @@ def device_name(env: Env) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()}"
 
 
-def run_case(case: Case, env: Env, ceilings: dict[str, float]) -> dict:
+def run_case(case: Case, env: Env, ceilings: Ceilings) -> dict:
     fn = case.setup()
-    ms = time_ms(fn, env.cuda)
-    peak = peak_extra_bytes(fn, env.cuda)
+    if env.cuda:
+        ms = time_ms(fn, True)
+        peak = peak_extra_bytes(fn, True)
+    else:  # the memory measurement is the warm-up call
+        peak = peak_extra_bytes(fn, False)
+        ms = time_ms(fn, False, warm=True)
     del fn
+    ceiling, ceiling_value = ceilings.of(case)
     if case.flops:
         throughput, unit = case.flops / ms / 1e9, "TFLOP/s"
-        pct = 100 * throughput / ceilings["gemm_tflops"] if ceilings.get("gemm_tflops") else None
     else:
         throughput, unit = case.bytes / ms / 1e6, "GB/s"
-        pct = 100 * throughput / ceilings["copy_gbps"]
+    pct = 100 * throughput / ceiling_value
     return {
         "op": case.op,
         "impl": case.impl,
@@ -173,33 +247,32 @@ def run_case(case: Case, env: Env, ceilings: dict[str, float]) -> dict:
         "shape": case.shape,
         "dtype": case.dtype,
         "ms": round(ms, 4),
-        "throughput": round(throughput, 2),
+        "throughput": float(f"{throughput:.4g}"),
         "throughput_unit": unit,
-        "pct_of_peak": None if pct is None else round(pct, 1),
+        "pct_of_peak": round(pct, 1),
+        "ceiling": ceiling,
         "peak_mem_mb": round(peak / 2**20, 1) if peak >= 0 else None,
         **case.extra,
     }
 
 
-def collect_cases(env: Env, only: list[str] | None) -> list[Case]:
+def collect_cases(env: Env, only: list[str] | None = None) -> list[Case]:
+    """Every suite's cases for env, or only those of the ops named in `only` (names from OPS)."""
+    unknown = sorted(set(only or ()) - set(OPS))
+    if unknown:
+        raise ValueError(f"unknown op(s) {', '.join(unknown)}; --only takes: {', '.join(OPS)}")
     cases = []
-    for suite in SUITES:
+    for suite, ops in SUITES.items():
+        if only and not set(only) & set(ops):
+            continue
         module = importlib.import_module(f"fastalign.bench.{suite}")
         cases += [c for c in module.cases(env) if not only or c.op in only]
     return cases
 
 
-def main(json_path: str | None = None, plot_path: str | None = None, size: str | None = None, only=None) -> int:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    env = Env(device, size or ("target" if device.type == "cuda" else "small"))
-    cases = collect_cases(env, only)
-    if not cases:
-        print(f"no benchmark matches --only {only}", file=sys.stderr)
-        return 2
-    ceilings = {"copy_gbps": copy_bandwidth_gbps(env)}
-    if any(c.flops for c in cases):
-        ceilings["gemm_tflops"] = gemm_tflops(env)
-    meta = {
+def environment(env: Env) -> dict:
+    """What every record and results file carries about the machine and the code."""
+    return {
         "device": device_name(env),
         "torch": torch.__version__,
         "triton": _triton_version(),
@@ -207,40 +280,99 @@ def main(json_path: str | None = None, plot_path: str | None = None, size: str |
         "date": datetime.date.today().isoformat(),
         "size": env.size,
     }
-    print(f"fastalign bench on {meta['device']} ({env.size} sizes); ceilings: " + _fmt_ceilings(ceilings))
 
+
+def headline(env: Env) -> str:
+    """The first line of `fastalign bench`: what the rows measure, and where the GPU results are."""
+    if env.cuda:
+        return (
+            f"fastalign bench on {device_name(env)} ({env.size} sizes): the compiled Triton kernels against eager "
+            "PyTorch and the installed peers; % of ceilings measured in this run."
+        )
+    return (
+        f"fastalign bench on {device_name(env)} ({env.size} sizes). On a CPU, fastalign's rows run its chunked torch "
+        "fallback (what CPU tensors get; the Triton kernels need a GPU), so they show memory and correctness, not "
+        f"kernel speed. GPU results: {RESULTS_DIR}/*.json and README 'Performance' (`fastalign gpu-check` makes them)."
+    )
+
+
+def run_cases(
+    env: Env, cases: list[Case], deadline: float | None = None, progress: bool = True
+) -> tuple[list[dict], list[dict], Ceilings]:
+    """Checks and times each case in order. Returns (records, skipped, ceilings).
+
+    With a `deadline` (time.monotonic()), no case starts after it: those are skipped with the reason "budget".
+    A case that raises is skipped with its error; a failed correctness check is recorded, never a speedup.
+    """
+    from tqdm.auto import tqdm
+
+    ceilings = Ceilings(env)
+    meta = environment(env)
     checked: dict[int, str] = {}  # id(check) -> "ok" or the failure
-    records = []
-    for case in cases:
+    records, skipped = [], []
+    tty = progress and sys.stderr.isatty()
+    bar = tqdm(cases, unit="case", disable=not tty, file=sys.stderr, dynamic_ncols=True)
+    for i, case in enumerate(bar):
+        name = f"{case.op} {case.impl} {case.mode} {case.shape} {case.dtype}"
+        bar.set_description(f"{case.op} {case.impl} {case.mode}"[:48])
+        if progress and not tty:  # a log gets a line per case instead of a bar
+            print(f"[{i + 1}/{len(cases)}] {name}", file=sys.stderr, flush=True)
+        if deadline is not None and time.monotonic() > deadline:
+            skipped.append({"case": name, "reason": "budget"})
+            continue
         if case.check is not None and id(case.check) not in checked:
             try:
                 case.check()
                 checked[id(case.check)] = "ok"
             except Exception as exc:  # a wrong result is reported, never timed as a win
                 checked[id(case.check)] = f"{type(exc).__name__}: {exc}"
-                print(f"CHECK FAILED {case.op} {case.shape} {case.dtype}: {exc}", file=sys.stderr)
+                bar.write(f"CHECK FAILED {case.op} {case.shape} {case.dtype}: {exc}", file=sys.stderr)
         try:
             rec = run_case(case, env, ceilings)
         except Exception as exc:  # a peer that fails at this size is reported, not fatal
-            print(f"skipped {case.op}/{case.impl}/{case.mode}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            skipped.append({"case": name, "reason": f"{type(exc).__name__}: {exc}"})
+            bar.write(f"skipped {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
             continue
+        finally:
+            _free(env)
         rec["correct"] = checked.get(id(case.check)) if case.check is not None else None
         rec.update(meta)
         records.append(rec)
-        _free(env)
-
+    bar.close()
     _add_speedups(records)
-    print_table(records)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    return records, skipped, ceilings
+
+
+def write_results(path: str | Path, env: Env, records: list[dict], skipped: list[dict], ceilings: Ceilings,
+                  **extra) -> None:  # fmt: skip
+    """The results file: environment, ceilings, the GPU tuner's choices, records, skipped cases, and `extra`."""
+    results = {
+        **environment(env),
+        "ceilings": ceilings.values,
         # The launch configs the GPU tuner picked for this run's shapes, so a record can be reproduced.
-        results = {**meta, "ceilings": ceilings, "autotuned": tuned_configs(), "records": records}
-        Path(json_path).write_text(json.dumps(results, indent=1) + "\n")
+        "autotuned": tuned_configs(),
+        **extra,
+        "records": records,
+        "skipped": skipped,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=1) + "\n")
+
+
+def main(json_path: str | None = None, plot_path: str | None = None, size: str | None = None, only=None) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = Env(device, size or ("target" if device.type == "cuda" else "small"))
+    print(headline(env), flush=True)
+    cases = collect_cases(env, only)
+    records, skipped, ceilings = run_cases(env, cases)
+    print_table(records, ceilings)
+    if json_path:
+        write_results(json_path, env, records, skipped, ceilings)
         print(f"wrote {json_path}")
     if plot_path:
-        plot(records, plot_path, meta)
-    failed = [v for v in checked.values() if v != "ok"]
-    return 1 if failed else 0
+        plot(records, plot_path, environment(env))
+    failed = [r for r in records if r["correct"] not in (None, "ok")]
+    return 1 if failed or not records else 0
 
 
 def _free(env: Env) -> None:
@@ -258,13 +390,6 @@ def _triton_version() -> str:
         return "none"
 
 
-def _fmt_ceilings(ceilings: dict[str, float]) -> str:
-    parts = [f"copy {ceilings['copy_gbps']:.0f} GB/s"]
-    if "gemm_tflops" in ceilings:
-        parts.append(f"bf16 GEMM {ceilings['gemm_tflops']:.1f} TFLOP/s")
-    return ", ".join(parts)
-
-
 def _add_speedups(records: list[dict]) -> None:
     """speedup_vs_eager = eager ms / this ms, for records whose group passed its correctness check."""
     eager = {(r["op"], r["mode"], r["shape"], r["dtype"]): r["ms"] for r in records if r["impl"] == "eager"}
@@ -274,23 +399,37 @@ def _add_speedups(records: list[dict]) -> None:
         r["speedup_vs_eager"] = round(base / r["ms"], 2) if base and ok else None
 
 
-def print_table(records: list[dict]) -> None:
-    head = f"{'op':<22} {'impl':<18} {'mode':<8} {'shape':<26} {'dtype':<5} {'ms':>9} {'throughput':>16} "
-    head += f"{'%peak':>6} {'peak MB':>9} {'vs eager':>8}  check"
+COLUMNS = """\
+columns: time ms per call (lower is better) | throughput: GB/s of the bytes the op must move, or TFLOP/s (higher is
+better) | % ceiling: of the ceiling measured for the case in this run, listed below (higher is better) | peak MB:
+extra memory while it runs (lower is better) | speedup: eager's time / this time (higher is better; shown only where
+fastalign's correctness check passed)"""
+
+
+def print_table(records: list[dict], ceilings: Ceilings | None = None) -> None:
+    head = f"{'op':<22} {'impl':<18} {'mode':<8} {'shape':<26} {'dtype':<5} {'time ms':>9} {'throughput':>16} "
+    head += f"{'% ceiling':>9} {'peak MB':>9} {'speedup':>8}  check"
+    print(COLUMNS)
     print(head)
     print("-" * len(head))
     for r in records:
-        tp = f"{r['throughput']:.1f} {r['throughput_unit']}"
-        pct = "" if r["pct_of_peak"] is None else f"{r['pct_of_peak']:.1f}"
+        tp = f"{r['throughput']:.3g} {r['throughput_unit']}"
         mem = "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
         spd = "" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x"
         print(
             f"{r['op']:<22} {r['impl']:<18} {r['mode']:<8} {r['shape']:<26} {r['dtype']:<5} {r['ms']:>9.3f} "
-            f"{tp:>16} {pct:>6} {mem:>9} {spd:>8}  {r['correct'] or ''}"
+            f"{tp:>16} {r['pct_of_peak']:>9.1f} {mem:>9} {spd:>8}  {r['correct'] or ''}"
+        )
+    if ceilings is not None:
+        units = {name: "TFLOP/s" if "GEMM" in name else "GB/s" for name in ceilings.values}
+        print(
+            "ceilings measured in this run: " + ", ".join(f"{n} {v:.3g} {units[n]}" for n, v in ceilings.values.items())
         )
 
 
 def plot(records: list[dict], path: str, meta: dict) -> None:
+    """Per op, mode and shape: each implementation's speedup over eager and its peak memory relative to eager's, on
+    log scales, one bar per implementation (eager is the line at 1)."""
     try:
         import matplotlib
 
@@ -299,22 +438,45 @@ def plot(records: list[dict], path: str, meta: dict) -> None:
     except ImportError:
         print("matplotlib is not installed (pip install 'fastalign[bench]'); no plot written", file=sys.stderr)
         return
-    groups = sorted({(r["op"], r["mode"], r["shape"], r["dtype"]) for r in records})
-    impls = sorted({r["impl"] for r in records}, key=lambda i: (i != "fastalign", i != "eager", i))
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(groups)), 5))
-    width = 0.8 / max(1, len(impls))
-    for k, impl in enumerate(impls):
-        by_group = {(r["op"], r["mode"], r["shape"], r["dtype"]): r for r in records if r["impl"] == impl}
-        xs = [i + k * width for i, g in enumerate(groups) if g in by_group]
-        axes[0].bar(xs, [by_group[g]["ms"] for g in groups if g in by_group], width, label=impl)
-        axes[1].bar(xs, [by_group[g]["peak_mem_mb"] or 0 for g in groups if g in by_group], width, label=impl)
-    labels = [f"{op}\n{mode} {dtype}\n{shape}" for op, mode, shape, dtype in groups]
-    for ax, title in zip(axes, ("time (ms, lower is better)", "peak extra memory (MB)")):
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], labels, fontsize=7)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"fastalign bench: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}")
-    fig.tight_layout()
+    key = lambda r: (r["op"], r["mode"], r["shape"], r["dtype"])
+    eager = {key(r): r for r in records if r["impl"] == "eager"}
+    impls = sorted({r["impl"] for r in records} - {"eager"}, key=lambda i: (not i.startswith("fastalign"), i))
+    colors = {impl: f"C{k}" for k, impl in enumerate(impls)}
+    bars, ticks, y = [], [], 0.0  # bars: (y, impl, speedup, memory ratio)
+    for group, base in eager.items():
+        rows = sorted(
+            (r for r in records if key(r) == group and r["impl"] != "eager"), key=lambda r: impls.index(r["impl"])
+        )
+        if not rows:
+            continue
+        for r in rows:
+            mem = (
+                r["peak_mem_mb"] / base["peak_mem_mb"] if r["peak_mem_mb"] is not None and base["peak_mem_mb"] else None
+            )
+            bars.append((y, r["impl"], r["speedup_vs_eager"], mem))
+            y += 1
+        op, mode, shape, dtype = group
+        ticks.append((y - (len(rows) + 1) / 2, f"{op} {mode} {dtype}\n{shape}"))
+        y += 0.8  # a gap between groups
+    fig, axes = plt.subplots(1, 2, figsize=(13, 1.5 + 0.28 * y), sharey=True)
+    for ax, column in zip(axes, (2, 3)):
+        for impl in impls:
+            mine = [b for b in bars if b[1] == impl and b[column]]
+            values = [b[column] for b in mine]
+            drawn = ax.barh([b[0] for b in mine], values, 0.8, color=colors[impl], label=impl)
+            ax.bar_label(drawn, [f"{v:.2f}x" if v < 10 else f"{v:.0f}x" for v in values], fontsize=7, padding=2)
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.grid(axis="x", which="both", alpha=0.3)
+        ax.margins(x=0.12)
+    axes[0].set_title("speedup over eager (log scale, higher is better)", fontsize=10)
+    axes[1].set_title("peak extra memory / eager's (log scale, lower is better)", fontsize=10)
+    axes[0].set_yticks([t for t, _ in ticks], [label for _, label in ticks], fontsize=8)
+    axes[0].invert_yaxis()
+    axes[1].legend(fontsize=8, loc="best")
+    fig.suptitle(f"fastalign bench: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     print(f"wrote {path}")

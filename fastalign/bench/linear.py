@@ -3,13 +3,16 @@
 - linear_token_logprobs: fastalign against eager (hidden @ W.T in the inputs' dtype, then float32
   log_softmax + gather) and TRL's chunked fused log-prob head (trl.kernels.ChunkedLogProbFunction, what
   `add_fused_lm_head` runs), on N valid tokens.
-- FusedLinearDPOLoss: against eager and Liger's LigerFusedLinearDPOLoss on the same DPO batch, the reference
-  log-probs computed from reference hidden states and weight by every implementation.
-- FusedLinearIFTLoss: against eager.
+- FusedLinearDPOLoss (sigmoid, the reference log-probs given): the fast and lean strategies side by side, against
+  eager, TRL's fused head followed by its DPO loss (what TRL's DPOTrainer runs), and Liger's LigerFusedLinearDPOLoss
+  without its reference model (Liger takes no precomputed reference log-probs: the same matmuls).
+- FusedLinearIFTLoss: fast and lean against eager.
 
-Throughput counts the FLOPs the op must do: 2 N H V forward, 8 N H V forward + backward (the logits are
-recomputed in backward, and both gradient GEMMs run), plus 2 N H V for a DPO reference pass. Correctness is
-checked against a float32 computation of the full logits, a chunk of rows at a time, gradients included.
+Throughput counts the FLOPs the op must do on its N scored tokens: for linear_token_logprobs 2 N H V forward and
+8 N H V forward + backward (its gradient comes after the op, so the backward recomputes the logits); for the losses
+2 N H V forward and 6 N H V forward + backward (forward, d hidden, d weight), which fastalign's fast strategy does
+and its lean one exceeds by the recompute. Correctness is checked against a float32 computation of the full
+logits, a chunk of rows at a time, gradients included.
 """
 
 from __future__ import annotations
@@ -105,14 +108,16 @@ def _trl_head():
 
 
 def _liger_dpo(cuda: bool):
+    """Liger's fused DPO without its reference model: it takes no precomputed reference log-probs, and this runs the
+    same matmuls as fastalign given them (its loss then reads a reference of 0)."""
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
     except Exception:
         return None
-    loss = LigerFusedLinearDPOLoss(ignore_index=IGNORE, beta=0.1, compiled=cuda, use_ref_model=True)
+    loss = LigerFusedLinearDPOLoss(ignore_index=IGNORE, beta=0.1, compiled=cuda, use_ref_model=False)
 
-    def fn(hidden, weight, labels, ref_hidden, ref_weight):
-        return loss(weight, hidden, labels, None, ref_hidden, ref_weight, None)[0]
+    def fn(hidden, weight, labels, ref_chosen, ref_rejected):
+        return loss(weight, hidden, labels)[0]
 
     return fn
 
@@ -122,11 +127,12 @@ def _liger_dpo(cuda: bool):
 
 def _cases(env, op, shapes, impls, make_inputs, flops_of, check_for, per_token=False):
     """make_inputs(shape, requires_grad) -> (hidden, weight, labels, ...); impls[name](*inputs) -> a scalar loss,
-    or per-token log-probs shaped like the labels (per_token), which get a random upstream gradient."""
+    or per-token log-probs shaped like the labels (per_token), which get a random upstream gradient.
+    check_for(shape, impl) -> the correctness check of a fastalign implementation at that shape."""
     out = []
     for shape in shapes:
         rows, T, H, V, dtype = shape
-        check = check_for(shape)
+        checks = {impl: check_for(shape, impl) for impl in impls if impl.startswith("fastalign")}
         for mode in ("fwd", "fwd+bwd") if env.cuda else ("fwd+bwd",):  # the CPU run stays short
             for impl, fn in impls.items():
 
@@ -146,7 +152,7 @@ def _cases(env, op, shapes, impls, make_inputs, flops_of, check_for, per_token=F
                         dtype=DTYPE_NAMES[dtype],
                         setup=setup,
                         flops=flops_of(shape, mode),
-                        check=check if impl.startswith("fastalign") else None,
+                        check=checks.get(impl),
                         # Peak memory includes the returned gradients; this is their size.
                         extra={"grad_mb": round(_grad_bytes(shape, mode) / 2**20, 1)},
                     )
@@ -174,14 +180,24 @@ def _shapes(env: Env, gpu: list, cpu_small: tuple) -> list:
 def _inputs(env: Env, shape, requires_grad: bool, prompt: bool):
     """(hidden, weight, labels) of a shape; with `prompt`, the first quarter of each row is ignored."""
     rows, T, H, V, dtype = shape
-    hidden, weight, labels = _head(rows, T, H, V, dtype, env.device, T // 4 if prompt else 0)
+    hidden, weight, labels = _head(rows, T, H, V, dtype, env.device, _prompt(T) if prompt else 0)
     return hidden.requires_grad_(requires_grad), weight.requires_grad_(requires_grad), labels
 
 
-def _flops(shape, mode: str, reference_pass: bool = False) -> int:
-    """2 N H V forward, 8 N H V forward + backward, plus 2 N H V for a reference model's forward."""
+def _flops(shape, mode: str) -> int:
+    """linear_token_logprobs: 2 N H V forward, 8 N H V forward + backward."""
     rows, T, H, V, _ = shape
-    return ((2 if mode == "fwd" else 8) + (2 if reference_pass else 0)) * rows * T * H * V
+    return (2 if mode == "fwd" else 8) * rows * T * H * V
+
+
+def _loss_flops(prompt_of):
+    """A loss's floor on its scored tokens (T - prompt per row): 2 N H V forward, 6 N H V forward + backward."""
+
+    def flops(shape, mode: str) -> int:
+        rows, T, H, V, _ = shape
+        return (2 if mode == "fwd" else 6) * rows * (T - prompt_of(T)) * H * V
+
+    return flops
 
 
 _TARGET = (8, 2048, 4096, 128256, torch.bfloat16)  # N = 16384 tokens, H = 4096, V = 128256
@@ -196,7 +212,7 @@ def _logprobs_cases(env: Env) -> list[Case]:
     def make_inputs(shape, requires_grad):
         return _inputs(env, shape, requires_grad, prompt=False)  # N valid tokens
 
-    def check_for(shape):
+    def check_for(shape, impl):
         def check():
             hidden, weight, labels = make_inputs(shape, False)
             g = _upstream_grad(labels)
@@ -208,30 +224,42 @@ def _logprobs_cases(env: Env) -> list[Case]:
     return _cases(env, "linear_token_logprobs", shapes, impls, make_inputs, _flops, check_for, per_token=True)
 
 
+def _prompt(T: int) -> int:
+    return T // 4
+
+
+def _trl_dpo():
+    head = _trl_head()
+    if head is None:
+        return None
+
+    def fn(hidden, weight, labels, ref_chosen, ref_rejected):
+        # TRL's DPOTrainer: per-token log-probs from the fused head, summed over the completion, then its sigmoid loss.
+        chosen, rejected = head(hidden, weight, labels).sum(-1).chunk(2)
+        margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+        return -torch.nn.functional.logsigmoid(0.1 * margin).mean()
+
+    return fn
+
+
 def _dpo_cases(env: Env) -> list[Case]:
     shapes = _shapes(env, [_TARGET], (4, 64, 128, 4000, torch.float32))  # 2B sequences, the chosen ones first
-    fused = fastalign.FusedLinearDPOLoss(beta=0.1)
-    impls = {
-        "fastalign": lambda h, w, y, rh, rw: fused(h, w, y, ref_hidden=rh, ref_weight=rw)[0],
-        "eager": _eager_dpo,
-    }
-    if (liger := _liger_dpo(env.cuda)) is not None:
-        impls["liger"] = liger
+    impls = {f"fastalign-{strategy}": _fused_dpo(strategy) for strategy in ("fast", "lean")}
+    impls["eager"] = _eager_dpo
+    for name, peer in (("trl", _trl_dpo()), ("liger", _liger_dpo(env.cuda))):
+        if peer is not None:
+            impls[name] = peer
 
     def make_inputs(shape, requires_grad):
         hidden, weight, labels = _inputs(env, shape, requires_grad, prompt=True)
         gen = torch.Generator(device=env.device).manual_seed(3)
-        noise = torch.randn(hidden.shape, device=env.device, generator=gen).to(hidden.dtype)
-        return hidden, weight, labels, (hidden + 0.1 * noise).detach(), weight.detach()
+        ref_logps = torch.randn(labels.shape[0], device=env.device, generator=gen) - 3 * labels.shape[1]
+        return hidden, weight, labels, *ref_logps.chunk(2)
 
-    def check_for(shape):
+    def check_for(shape, impl):
         def check():
-            hidden, weight, labels, ref_hidden, ref_weight = make_inputs(shape, False)
+            hidden, weight, labels, ref_chosen, ref_rejected = make_inputs(shape, False)
             lengths = (labels != IGNORE).sum(-1)
-            with torch.no_grad():
-                ref_chosen, ref_rejected = (
-                    fastalign.linear_token_logprobs(ref_hidden, ref_weight, labels).sum(-1).chunk(2)
-                )
 
             def loss_of_logps(logp):
                 chosen, rejected = logp.sum(-1).chunk(2)
@@ -239,45 +267,43 @@ def _dpo_cases(env: Env) -> list[Case]:
                 kwargs = {"beta": 0.1, "chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
                 return ref_dpo.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, **kwargs)[0]
 
-            reference = {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+            fused = impls[impl]
             _check_against_float32(
-                loss_of_logps, hidden, weight, labels, lambda h, w: fused(h, w, labels, **reference)[0]
+                loss_of_logps, hidden, weight, labels, lambda h, w: fused(h, w, labels, ref_chosen, ref_rejected)
             )
 
         return check
 
-    flops = lambda shape, mode: _flops(shape, mode, reference_pass=True)
-    return _cases(env, "FusedLinearDPOLoss", shapes, impls, make_inputs, flops, check_for)
+    return _cases(env, "FusedLinearDPOLoss", shapes, impls, make_inputs, _loss_flops(_prompt), check_for)
 
 
-def _eager_dpo(hidden, weight, labels, ref_hidden, ref_weight):
-    with torch.no_grad():
-        ref_logps = ref.linear_token_logprobs(ref_hidden, ref_weight, labels).sum(-1)
-    rc, rr = ref_logps.chunk(2)
+def _fused_dpo(strategy: str):
+    loss = fastalign.FusedLinearDPOLoss(beta=0.1, strategy=strategy)
+    return lambda h, w, y, rc, rr: loss(h, w, y, ref_chosen_logps=rc, ref_rejected_logps=rr)[0]
+
+
+def _eager_dpo(hidden, weight, labels, ref_chosen, ref_rejected):
     logits = torch.nn.functional.linear(hidden, weight)
-    return ref_dpo.dpo_loss_from_logits(logits, labels, rc, rr, beta=0.1)[0]
+    return ref_dpo.dpo_loss_from_logits(logits, labels, ref_chosen, ref_rejected, beta=0.1)[0]
 
 
 def _ift_cases(env: Env) -> list[Case]:
     shapes = _shapes(env, [_TARGET], (4, 64, 128, 4000, torch.float32))
-    fused = fastalign.FusedLinearIFTLoss()
-    impls = {
-        "fastalign": fused,
-        "eager": lambda h, w, y: ref_ift.ift_loss_from_logits(torch.nn.functional.linear(h, w), y),
-    }
+    impls = {f"fastalign-{s}": fastalign.FusedLinearIFTLoss(strategy=s) for s in ("fast", "lean")}
+    impls["eager"] = lambda h, w, y: ref_ift.ift_loss_from_logits(torch.nn.functional.linear(h, w), y)
 
     def make_inputs(shape, requires_grad):
         return _inputs(env, shape, requires_grad, prompt=True)
 
-    def check_for(shape):
+    def check_for(shape, impl):
         def check():
             hidden, weight, labels = make_inputs(shape, False)
             eager = lambda logp: ref_ift.ift_loss(logp, labels != IGNORE)
-            _check_against_float32(eager, hidden, weight, labels, lambda h, w: fused(h, w, labels))
+            _check_against_float32(eager, hidden, weight, labels, lambda h, w: impls[impl](h, w, labels))
 
         return check
 
-    return _cases(env, "FusedLinearIFTLoss", shapes, impls, make_inputs, _flops, check_for)
+    return _cases(env, "FusedLinearIFTLoss", shapes, impls, make_inputs, _loss_flops(_prompt), check_for)
 
 
 def cases(env: Env) -> list[Case]:

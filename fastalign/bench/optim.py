@@ -13,7 +13,7 @@ import torch
 
 from fastalign.bench import Case, Env
 from fastalign.optim import OnlineMergeAdamW
-from fastalign.optim._torch_path import dare_keep
+from fastalign.optim._dare import dare_keep
 from fastalign.reference import online_merge as ref
 
 HP = dict(lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, reserve_p=0.3, alpha=0.2, clip=1.0)
@@ -66,7 +66,7 @@ def _torch_fused_works(device) -> bool:
 
 def _make_check(method, shapes, device):
     """One step from a mid-training state (spread-out moments) against the float64 reference,
-    one parameter at a time; OnDARE's keeps are the Philox draws, OnTIES's near-threshold
+    one parameter at a time; OnDARE's keeps are the hash draws, OnTIES's near-threshold
     entries are left out where float32 may legitimately reorder them."""
 
     def check():

@@ -8,6 +8,8 @@ transformers patch and IFTTrainer never import TRL).
 - DPOTrainer / KTOTrainer: TRL's trainers on fastalign's head, losses and OnlineMergeAdamW.
 - IFTTrainer: the two-pass Intuitive Fine-Tuning step as a transformers.Trainer.
 - reference_adapter: the reference model as a PEFT adapter (or the base, adapters disabled).
+- patch_trl / unpatch_trl: every stock TRL trainer's per-token log-probs (its fused head and its logits
+  helpers) on fastalign's ops, TRL's loss math unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ _EXPORTS = {
     "IFTTrainer": "ift",
     "DPOTrainer": "trl_trainers",
     "KTOTrainer": "trl_trainers",
+    "patch_trl": "trl_patch",
+    "unpatch_trl": "trl_patch",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import sys
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from transformers.utils import ModelOutput
 
 import fastalign
-from fastalign._backend import TORCH_CHUNK_BYTES, check_positive
+from fastalign._backend import check_positive
 
 IGNORE_INDEX = -100
 
@@ -43,8 +44,10 @@ class FusedCausalLMOutput(ModelOutput):
     - logprobs: log-prob of each next-token label; differentiable.
     - entropy: entropy of the next-token distribution (with `return_entropy=True`); differentiable.
     - argmax: greedy next token, int64 (with `return_argmax=True`).
-    - mean_logits: mean of the scaled logits over the vocabulary, no gradient (with
+    - mean_logits: mean of the scaled logits over the vocabulary, float32, no gradient (with
       `return_mean_logits=True`; TRL's `logits/chosen` metric).
+    - log_sum_sq_probs: log(sum_v p_v^2) of the next-token distribution, float32, no gradient (with
+      `return_log_sum_sq_probs=True`; WPO's weights).
     - label_mask: where the label is not ignored.
     """
 
@@ -53,6 +56,7 @@ class FusedCausalLMOutput(ModelOutput):
     entropy: torch.Tensor | None = None
     argmax: torch.Tensor | None = None
     mean_logits: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
     label_mask: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
 
@@ -86,30 +90,6 @@ def _check_lm_head(lm_head: torch.nn.Module) -> None:
         )
 
 
-@torch.no_grad()
-def _mean_logits(hidden, weight, bias, labels, logit_scale, softcap, temperature) -> torch.Tensor:
-    """Mean over the vocabulary of the scaled logits at the labelled positions, without the logits.
-
-    Without softcapping the mean is linear in the weight, so it is h . mean(W) + mean(b); with it,
-    the labelled rows are scored a bounded chunk at a time. float32 throughout, autocast or not.
-    """
-    mask = labels != IGNORE_INDEX
-    out = torch.zeros(labels.shape, device=hidden.device, dtype=torch.float32)
-    h, weight = hidden[mask].float(), weight.float()
-    bias = None if bias is None else bias.float()
-    with torch.autocast(hidden.device.type, enabled=False):
-        if softcap is None:
-            out[mask] = (h @ weight.mean(0) + (0.0 if bias is None else bias.mean())) * (logit_scale / temperature)
-            return out
-        means = h.new_empty(h.shape[0])
-        rows = max(1, TORCH_CHUNK_BYTES // (4 * weight.shape[0]))
-        for r0 in range(0, h.shape[0], rows):
-            z = torch.nn.functional.linear(h[r0 : r0 + rows], weight, bias) * logit_scale
-            means[r0 : r0 + rows] = (softcap * torch.tanh(z / softcap)).mean(-1) / temperature
-        out[mask] = means
-    return out
-
-
 def _moe_aux_loss(model, backbone_outputs, attention_mask) -> torch.Tensor | None:
     router_logits = getattr(backbone_outputs, "router_logits", None)
     if router_logits is None or not hasattr(model, "num_experts"):
@@ -120,30 +100,26 @@ def _moe_aux_loss(model, backbone_outputs, attention_mask) -> torch.Tensor | Non
     return load_balancing_loss_func(router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
 
 
-def _call_head(lm_head, hidden, labels, head, entropy, argmax, mean_logits):
-    """(TokenStats, mean logits or None) of the head on `hidden`, computed inside lm_head's own call.
+def _call_head(lm_head, hidden, labels, head, extras: dict[str, bool]):
+    """TokenStats of the head on `hidden` (with the `extras` of linear_token_stats asked for), computed inside
+    lm_head's own call.
 
     Calling the module rather than reading its weight lets FSDP2 gather a separately sharded head
     for this call and reduce-scatter its gradient, as for any other layer.
     """
-    scale, softcap, temperature = head["logit_scale"], head["softcap"], head["temperature"]
 
     def head_forward(hidden, labels):
-        stats = fastalign.linear_token_stats(
+        return fastalign.linear_token_stats(
             hidden,
             lm_head.weight,
             labels,
             lm_head.bias,
             ignore_index=IGNORE_INDEX,
-            temperature=temperature,
-            softcap=softcap,
-            logit_scale=scale,
-            entropy=entropy,
-            argmax=argmax,
+            temperature=head["temperature"],
+            softcap=head["softcap"],
+            logit_scale=head["logit_scale"],
+            **extras,
         )
-        if not mean_logits:
-            return stats, None
-        return stats, _mean_logits(hidden, lm_head.weight, lm_head.bias, labels, scale, softcap, temperature)
 
     previous = lm_head.__dict__.get("forward")
     lm_head.forward = head_forward
@@ -156,6 +132,47 @@ def _call_head(lm_head, hidden, labels, head, entropy, argmax, mean_logits):
             lm_head.forward = previous
 
 
+_BYPASSED = (
+    "fastalign: the model patched with patch_causal_lm was {how}, so fastalign's head did not run. "
+    "TRL's trainers call their own fused head (model(..., fused_lm_head=True), from add_fused_lm_head), which "
+    "patch_causal_lm does not reach. Under TRL's trainers use `from fastalign.integrations import patch_trl; "
+    "patch_trl()` instead (or fastalign.integrations.DPOTrainer / KTOTrainer)."
+)
+
+
+class _BypassCheck:
+    """Forward pre-hook on the backbone of a patched model, and the patched forward's call depth: warns once when
+    the backbone runs outside the patched forward, i.e. another head computes the outputs (TRL's fused head,
+    installed after the patch, calls the backbone directly). An object, not a closure, so that a deep copy of
+    the model gets its own."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.warned = False
+
+    def __call__(self, module, args) -> None:
+        if self.depth == 0:
+            self.warn("bypassed: its backbone ran outside the patched forward")
+
+    def warn(self, how: str) -> None:
+        if not self.warned:
+            self.warned = True
+            warnings.warn(_BYPASSED.format(how=how), UserWarning, stacklevel=3)
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module | None:
+    backbone = model.base_model
+    return None if backbone is model else backbone
+
+
+def _remove_bypass_check(model: torch.nn.Module) -> None:
+    backbone = _backbone(model)
+    if backbone is not None:
+        for key, hook in list(backbone._forward_pre_hooks.items()):
+            if isinstance(hook, _BypassCheck):
+                del backbone._forward_pre_hooks[key]
+
+
 def _fused_forward(
     self,
     *args,
@@ -165,13 +182,28 @@ def _fused_forward(
     return_entropy: bool = False,
     return_argmax: bool = False,
     return_mean_logits: bool = False,
+    return_log_sum_sq_probs: bool = False,
     **kwargs,
 ):
     head = self._fastalign_head
     original = types.MethodType(head["original_forward"], self)
+    if kwargs.pop("fused_lm_head", False):
+        # TRL's head was installed before the patch and its trainer calls it through this forward: let it run.
+        if head["previous_forward"] is None:
+            raise TypeError("fused_lm_head=True needs TRL's add_fused_lm_head head, which this model lacks")
+        head["bypass"].warn("called with TRL's fused_lm_head=True")
+        extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+        extra = {k: v for k, v in extra.items() if v is not None}
+        return head["previous_forward"](*args, fused_lm_head=True, **extra, **kwargs)
+    extras = {
+        "entropy": return_entropy,
+        "argmax": return_argmax,
+        "mean_logits": return_mean_logits,
+        "log_sum_sq_probs": return_log_sum_sq_probs,
+    }
     if labels is None and shift_labels is None:
-        if return_entropy or return_argmax or return_mean_logits:
-            raise ValueError("return_entropy/return_argmax/return_mean_logits need labels (or shift_labels)")
+        if any(extras.values()):
+            raise ValueError(f"return_{'/return_'.join(extras)} need labels (or shift_labels)")
         return original(*args, **kwargs)
 
     kwargs["use_cache"] = False
@@ -190,19 +222,24 @@ def _fused_forward(
     _check_lm_head(lm_head)
     # With the model split across devices (device_map), the backbone may end on another device.
     hidden, labels = hidden.to(lm_head.weight.device), labels.to(lm_head.weight.device)
-    stats, mean_logits = _call_head(lm_head, hidden, labels, head, return_entropy, return_argmax, return_mean_logits)
+    stats = _call_head(lm_head, hidden, labels, head, extras)
     mask = labels != IGNORE_INDEX
     count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     loss = -stats.logprobs.sum() / count
     aux_loss = _moe_aux_loss(self, backbone_outputs, kwargs.get("attention_mask"))
     if aux_loss is not None:
         loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss.to(loss.device)
+
+    def labelled(x, fill=0.0):
+        return None if x is None else torch.where(mask, x, fill)
+
     return FusedCausalLMOutput(
         loss=loss,
         logprobs=stats.logprobs,
-        entropy=None if stats.entropy is None else torch.where(mask, stats.entropy, 0.0),
-        argmax=None if stats.argmax is None else torch.where(mask, stats.argmax, IGNORE_INDEX),
-        mean_logits=mean_logits,
+        entropy=labelled(stats.entropy),
+        argmax=labelled(stats.argmax, IGNORE_INDEX),
+        mean_logits=labelled(stats.mean_logits),
+        log_sum_sq_probs=labelled(stats.log_sum_sq_probs),
         label_mask=mask,
         aux_loss=aux_loss,
     )
@@ -227,8 +264,11 @@ def patch_causal_lm(
 
     The patched forward takes, besides the model's own arguments, `labels` (aligned with input_ids,
     shifted inside, -100 ignored) or pre-shifted `shift_labels`, `num_items_in_batch`, and the
-    flags `return_entropy`, `return_argmax`, `return_mean_logits`. Called without labels it is the
-    model's own forward. Patching again replaces the settings; `unpatch_causal_lm` undoes it.
+    flags `return_entropy`, `return_argmax`, `return_mean_logits`, `return_log_sum_sq_probs`. Called without
+    labels it is the model's own forward. Patching again replaces the settings; `unpatch_causal_lm` undoes it.
+
+    Stock TRL trainers call their own fused head (`add_fused_lm_head`), which bypasses this forward: it then
+    warns once (the backbone ran outside it, or it got TRL's `fused_lm_head=True`) and names `patch_trl()`.
 
     Returns the model, patched in place.
     """
@@ -240,7 +280,14 @@ def patch_causal_lm(
     head = getattr(target, "_fastalign_head", None)
     if head is None:
         # An instance-level forward installed before us (e.g. TRL's fused head) is kept for unpatching.
-        head = {"previous_forward": target.__dict__.get("forward"), "original_forward": type(target).forward}
+        head = {
+            "previous_forward": target.__dict__.get("forward"),
+            "original_forward": type(target).forward,
+            "bypass": _BypassCheck(),
+        }
+        backbone = _backbone(target)
+        if backbone is not None:
+            backbone.register_forward_pre_hook(head["bypass"])
     head.update(
         temperature=float(temperature),
         logit_scale=config_scale if logit_scale is None else float(logit_scale),
@@ -251,7 +298,12 @@ def patch_causal_lm(
     # wraps() keeps the model's own signature: generate() and Trainer inspect it.
     @functools.wraps(head["original_forward"])
     def forward(self, *args, **kwargs):
-        return _fused_forward(self, *args, **kwargs)
+        bypass = self._fastalign_head["bypass"]
+        bypass.depth += 1
+        try:
+            return _fused_forward(self, *args, **kwargs)
+        finally:
+            bypass.depth -= 1
 
     target.forward = types.MethodType(forward, target)
     return model
@@ -263,6 +315,7 @@ def unpatch_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     head = target.__dict__.pop("_fastalign_head", None)
     if head is None:
         return model
+    _remove_bypass_check(target)
     if head["previous_forward"] is None:
         del target.forward
     else:

@@ -17,6 +17,7 @@ import trl
 from trl.models.utils import disable_gradient_checkpointing
 
 import fastalign
+from fastalign.dpo import check_dpo_options, dpo_loss_from_token_logps, sequence_logps
 from fastalign.integrations.adapters import is_peft_model, reference_adapter
 from fastalign.integrations.causal_lm import IGNORE_INDEX, is_patched, patch_causal_lm
 
@@ -32,12 +33,11 @@ _KTO_NON_MODEL_KEYS = {
     "ref_logps",
     "ref_KL_logps",
 }
-DISCOPOP_TAU = 0.05  # fastalign.dpo_loss fixes DiscoPOP's tau at the paper's value
 
 
-def _sequence_logps(outputs, seq_len: int) -> torch.Tensor:
+def _real_positions(per_token: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
     # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens.
-    return outputs.logprobs[:, -seq_len:].sum(-1)
+    return None if per_token is None else per_token[:, -seq_len:]
 
 
 class _FastalignMixin:
@@ -90,7 +90,8 @@ class _FastalignMixin:
         return self.model, reference_adapter(unwrapped, name)
 
     def _reference_logps(self, model, model_kwargs: dict, labels: torch.Tensor) -> torch.Tensor:
-        """[B] reference log-probs, from `model` (None: the trainer's reference)."""
+        """[B, T - 1] reference per-token log-probs of the shifted labels, from `model` (None: the trainer's
+        reference)."""
         reference, context = self._reference()
         if model is not None and model is not reference:
             reference, context = model, contextlib.nullcontext()
@@ -102,7 +103,7 @@ class _FastalignMixin:
             self.accelerator.autocast(),
         ):
             outputs = self._fused(reference)(**kwargs, labels=labels)
-        return _sequence_logps(outputs, labels.size(1) - 1)
+        return _real_positions(outputs.logprobs, labels.size(1) - 1)
 
     def _model_kwargs(self, inputs: dict) -> dict:
         kwargs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
@@ -187,9 +188,12 @@ class DPOTrainer(_FastalignMixin, trl.DPOTrainer):
       dict or a safetensors file), optionally "reference" (the SFT model; default: ref_model), and any
       other OnlineMergeAdamW keyword (method, reserve_p, alpha, ...). lr, betas, eps and weight decay
       come from the DPOConfig. tau = reference - base is built once, at optimizer creation.
+    - average_log_prob: the losses compare per-token means of the completion log-probs instead of sums
+      (Liger's option; default False, as TRL).
 
-    Every DPOConfig.loss_type is supported, with loss_weights and label_smoothing; ld_alpha,
-    use_weighting, a non-default f_divergence_type and a discopop_tau other than 0.05 raise.
+    Every DPOConfig loss option is honoured: loss_type (lists, with loss_weights), label_smoothing,
+    ld_alpha (LD-DPO), use_weighting (WPO), f_divergence_type with f_alpha_divergence_coef, discopop_tau.
+    use_liger_kernel applies Liger's layer kernels only, as TRL 1.16 does; the head and loss stay fastalign's.
     Logs TRL's metrics under TRL's names.
     """
 
@@ -197,51 +201,61 @@ class DPOTrainer(_FastalignMixin, trl.DPOTrainer):
     _non_model_keys = _DPO_NON_MODEL_KEYS
     _always_log_logits = True
 
+    def __init__(self, *args, average_log_prob: bool = False, **kwargs):
+        self.average_log_prob = average_log_prob  # set before TRL's __init__, which may precompute through us
+        super().__init__(*args, **kwargs)
+
     def _check_supported(self, args) -> None:
-        unsupported = {
-            "ld_alpha": args.ld_alpha is not None,
+        # fastalign's messages (the argument and its valid values) before TRL's set-up work.
+        check_dpo_options(args.beta, args.loss_type, args.loss_weights, args.label_smoothing, **self._dpo_options(args))
+
+    def _dpo_options(self, args) -> dict[str, Any]:
+        """The DPOConfig options that `fastalign.dpo.dpo_loss_from_token_logps` takes beside beta and loss types."""
+        return {
+            "average_log_prob": self.average_log_prob,
+            "ld_alpha": args.ld_alpha,
             "use_weighting": args.use_weighting,
-            "f_divergence_type": args.f_divergence_type != "reverse_kl",
-            "discopop_tau": "discopop" in args.loss_type and args.discopop_tau != DISCOPOP_TAU,
+            "f_divergence_type": args.f_divergence_type,
+            "f_alpha_divergence_coef": args.f_alpha_divergence_coef,
+            "discopop_tau": args.discopop_tau,
         }
-        bad = [name for name, flag in unsupported.items() if flag]
-        if bad:
-            raise ValueError(
-                f"fastalign's DPOTrainer does not support DPOConfig {bad} (f_divergence_type must be 'reverse_kl', "
-                f"discopop_tau {DISCOPOP_TAU}); use trl.DPOTrainer for these"
-            )
 
     def compute_ref_log_probs(self, model, inputs):
-        """Reference log-probs of one padded batch: ([B] chosen, [B] rejected)."""
+        """Reference log-probs of one padded batch: ([B] chosen, [B] rejected) sums over each completion,
+        LD-weighted with ld_alpha, as TRL computes them; float64, as the loss sums the policy's."""
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
-        return self._reference_logps(model, self._model_kwargs(inputs), labels).chunk(2, dim=0)
+        token_logps = self._reference_logps(model, self._model_kwargs(inputs), labels).double()
+        mask = inputs["completion_mask"][:, 1:].bool()
+        return sequence_logps(token_logps, mask, ld_alpha=self.ld_alpha).chunk(2, dim=0)
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         model_kwargs = self._model_kwargs(inputs)
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, IGNORE_INDEX)
+        wpo = {"return_log_sum_sq_probs": True} if self.use_weighting else {}
         outputs = self._fused(model)(
-            **model_kwargs, labels=labels, return_entropy=True, return_argmax=True, return_mean_logits=True
+            **model_kwargs, labels=labels, return_entropy=True, return_argmax=True, return_mean_logits=True, **wpo
         )
         shift_mask = completion_mask[:, 1:]
-        chosen_logps, rejected_logps = _sequence_logps(outputs, shift_mask.size(1)).chunk(2, dim=0)
+        seq_len = shift_mask.size(1)
         if self.precompute_ref_logps:
             ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(None, inputs)
-        chosen_lengths, rejected_lengths = completion_mask.sum(1).chunk(2, dim=0)
-        loss, metrics = fastalign.dpo_loss(
-            chosen_logps,
-            rejected_logps,
+        # The scored tokens: ipo and sigmoid_norm divide by their count (TRL counts the unshifted completion
+        # mask there, one more only when a completion starts at the first position, i.e. without a prompt).
+        loss, metrics = dpo_loss_from_token_logps(
+            _real_positions(outputs.logprobs, seq_len),
+            shift_mask.bool(),
             ref_chosen_logps,
             ref_rejected_logps,
+            log_sum_sq_probs=_real_positions(getattr(outputs, "log_sum_sq_probs", None), seq_len),
             beta=self.beta,
             loss_type=self.loss_types,
             loss_weights=self.loss_weights,
             label_smoothing=self.label_smoothing,
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
+            **self._dpo_options(self.args),
         )
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
@@ -249,7 +263,6 @@ class DPOTrainer(_FastalignMixin, trl.DPOTrainer):
         half = shift_mask.size(0) // 2
         self._log_token_metrics(mode, inputs, outputs, shift_mask, slice(0, half), slice(half, None))
         chosen_mask = shift_mask[:half].bool()
-        seq_len = shift_mask.size(1)
         correct = outputs.argmax[:half, -seq_len:] == labels[:half, 1:]
         tokens = self._gather_sum(chosen_mask.sum())
         accuracy = self._gather_sum((correct & chosen_mask).sum()) / tokens if tokens else 0.0
@@ -280,8 +293,8 @@ class KTOTrainer(_FastalignMixin, trl.KTOTrainer):
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs of one padded batch: ([B] completions, [B] KL completions or None)."""
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
-        logps = self._reference_logps(model, self._model_kwargs(inputs), labels)
-        kl_logps = self._reference_logps(model, *self._kl_inputs(inputs)) if self.calculate_KL else None
+        logps = self._reference_logps(model, self._model_kwargs(inputs), labels).sum(-1)
+        kl_logps = self._reference_logps(model, *self._kl_inputs(inputs)).sum(-1) if self.calculate_KL else None
         return logps, kl_logps
 
     def _compute_loss(self, model, inputs, return_outputs):
@@ -291,7 +304,7 @@ class KTOTrainer(_FastalignMixin, trl.KTOTrainer):
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
         outputs = self._fused(model)(**model_kwargs, labels=labels, return_entropy=True, return_mean_logits=True)
         shift_mask = batch["completion_mask"][:, 1:]
-        logps = _sequence_logps(outputs, shift_mask.size(1))
+        logps = _real_positions(outputs.logprobs, shift_mask.size(1)).sum(-1)
         desirable = torch.as_tensor(batch["label"], dtype=torch.bool, device=logps.device)
 
         if self.precompute_ref_logps:
@@ -303,7 +316,7 @@ class KTOTrainer(_FastalignMixin, trl.KTOTrainer):
             kl_kwargs, kl_labels = self._kl_inputs(batch)
             with torch.no_grad():
                 kl_outputs = self._fused(model)(**kl_kwargs, labels=kl_labels)
-            kl = (_sequence_logps(kl_outputs, kl_labels.size(1) - 1) - ref_kl_logps).mean()
+            kl = (_real_positions(kl_outputs.logprobs, kl_labels.size(1) - 1).sum(-1) - ref_kl_logps).mean()
             kl = self.accelerator.gather_for_metrics(kl.detach().reshape(1)).mean()
         loss, metrics = fastalign.kto_loss(
             logps,

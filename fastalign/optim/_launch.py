@@ -27,7 +27,7 @@ class Slot:
     step: torch.Tensor  # [] fp32, the number of steps taken
     offset: int  # global index of the first local element
     numel: int  # elements of the whole parameter
-    index: int  # the parameter's index in the optimizer
+    dare_key: int  # key of the parameter's DARE keeps (_dare.dare_key of the seed and its index)
 
 
 @dataclass
@@ -140,7 +140,7 @@ def kernel_step(
             0 if s.cached_delta is None else s.cached_delta.data_ptr(),
             off,
             s.offset,
-            s.index,
+            s.dare_key,
         ]
         for s, off in zip(launch.slots, tables.flat_offsets)
     ]
@@ -153,7 +153,7 @@ def kernel_step(
 
     if hp["method"] == "ondare":
         dare = dict(common, param_dtype=launch.param_dtype, tau_dtype=launch.tau_dtype, lr_wd=lr_wd, alpha=hp["alpha"])
-        dare.update(reserve_p=hp["reserve_p"], seed=hp["seed"])
+        dare.update(reserve_p=hp["reserve_p"])
         rescale = None
         if hp["rescale"]:
             sums = K.ondare_step(slots, tables.dare_tiles, step_size, t, skip, grad_scale, sums_only=True, **dare)
@@ -167,7 +167,7 @@ def kernel_step(
     if hp["online_step"] > 1:  # the slots on an ordinary step take the plain Δ
         K.ondare_step(
             slots, tables.dare_tiles, step_size, t, skip, grad_scale, param_dtype=launch.param_dtype,
-            tau_dtype=None, lr_wd=lr_wd, alpha=0.0, reserve_p=1.0, seed=0, ordinary_only=True, **common,
+            tau_dtype=None, lr_wd=lr_wd, alpha=0.0, reserve_p=1.0, ordinary_only=True, **common,
         )  # fmt: skip
     delta, first_hist = K.ties_delta(
         slots, tables.ties_tiles, step_size, t, skip, grad_scale, tables.flat_numel, param_dtype=launch.param_dtype,

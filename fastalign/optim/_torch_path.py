@@ -1,97 +1,90 @@
-"""The optimizer's torch path (CPU tensors outside the Triton interpreter), and the pieces of it
-every backend shares: the Philox keep of DARE, bit for bit the one the kernels draw, and the
-TIES top-k mask. Construction sparsifies τ with these on every backend.
+"""The optimizer's torch path (CPU tensors outside the Triton interpreter), and the TIES top-k
+selection that every backend shares (construction sparsifies τ with it).
+
+The step goes through a launch in bundles: ranges of parameter shards of at most `_dare.CHUNK`
+elements in all (small shards together, large ones cut). A bundle takes a fixed number of torch
+ops, foreach ops over its ranges or flat ops over reused chunk-sized buffers, so the Python cost of
+an op is paid per bundle, not per parameter, the temporaries stay a few chunks (in cache), and the
+state is updated in place. OnTIES holds the float32 Δ of whole shards, a chunk's worth at once (or
+one larger shard), while it selects. The arithmetic is the kernels' in float32 (a few roundings
+ordered differently), with the same random keeps and the same top-k rule. It syncs freely: it is
+meant for CPU tensors.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
 from fastalign.kernels.online_merge import keep_threshold
 from fastalign.kernels.radix_select import RADIX_DIGITS
-from fastalign.optim._launch import Launch, Slot, rescale_factors, select_counts
-from fastalign.optim._select import radix_select, tie_budget
+from fastalign.optim._dare import CHUNK, KeepHasher, chunks, step_key
+from fastalign.optim._launch import Launch, Slot, rescale_factors
+from fastalign.optim._select import radix_select, tie_budget, topk_count
 
-# Philox-4x32-10 with Triton's constants (triton.language.random.philox_impl).
-_M32 = 0xFFFFFFFF
-_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
-_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
-# Elements per chunk of the int64 Philox temporaries: on a CPU small enough to stay in cache, on a
-# GPU large enough that launches do not dominate.
-_CHUNK = {"cpu": 1 << 14, "cuda": 1 << 24}
-
-
-def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(high, low) 32 bits of a · b for a < 2**32 and int64 b < 2**32, without int64 overflow."""
-    p_lo = (b & 0xFFFF).mul_(a)  # < 2**48
-    p_hi = (b >> 16).mul_(a)  # < 2**48
-    s = (p_hi & 0xFFFF).bitwise_left_shift_(16).add_(p_lo)
-    return p_hi.bitwise_right_shift_(16).add_(s >> 32).bitwise_and_(_M32), s.bitwise_and_(_M32)
-
-
-def philox(seed: int, c0, c1, c2, c3, rounds: int = 10):
-    """Philox-4x32 of counters held in int64 tensors (values < 2**32), keyed by a 64-bit seed."""
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    for _ in range(rounds):
-        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
-        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b.bitwise_xor_(c1).bitwise_xor_(k0), lo_b, hi_a.bitwise_xor_(c3).bitwise_xor_(k1), lo_a
-        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
-    return c0, c1, c2, c3
-
-
-def dare_keep(seed: int, t: int, param_index: int, offset: int, numel: int, reserve_p: float, device) -> torch.Tensor:
-    """[numel] bool: DARE's keep of global elements offset .. offset + numel - 1 at step t
-    (t = 0 for τ), as the kernels draw it."""
-    keep31 = keep_threshold(reserve_p)
-    out = torch.empty(numel, dtype=torch.bool, device=device)
-    chunk = _CHUNK.get(torch.device(device).type, 1 << 20)
-    for c in range(0, numel, chunk):
-        idx = torch.arange(offset + c, offset + min(c + chunk, numel), device=device)
-        fill = torch.zeros_like(idx)
-        r, _, _, _ = philox(seed, idx & _M32, idx >> 32, fill + (t & _M32), fill + (param_index & _M32))
-        out[c : c + idx.numel()] = (r >> 1) < keep31
-    return out
+Segment = tuple[Slot, int, int]  # a shard and a range [begin, end) of its elements
 
 
 def magnitude_key(x: torch.Tensor) -> torch.Tensor:
-    """int32 key of float32 x that orders like |x|."""
+    """int32 key of float32 x that orders like |x| (NaN above every magnitude)."""
     return x.view(torch.int32) & 0x7FFFFFFF
 
 
-def topk_masks(xs: list[torch.Tensor], ks: list[int], active: list[bool], offsets: list[int], group) -> list:
-    """Keep masks of the top ks[i] magnitudes of each flat float32 shard xs[i] (None where not
-    active), by the rule in _select.py, selected across `group`. Every process of the group
-    must pass the same slots."""
-    device = xs[0].device if xs else torch.device("cpu")
-    keys = [magnitude_key(x) for x in xs]
+def topk_select(x: torch.Tensor, lengths: list[int], ks: list[int], selects: list[bool], offsets: list[int], group):
+    """Zeroes all but the top ks[i] magnitudes of each shard of x where selects[i], in place.
+
+    x: flat float32, the shards side by side (`lengths`); ks[i] entries of the whole parameter are
+    kept; offsets[i]: the global index of shard i's first element. The rule is _select.py's (ties
+    at the threshold go to smaller global indices), selected across `group`; a NaN is always kept.
+    A fixed number of torch ops for any number of shards; every process of the group must pass the
+    same parameters in the same order."""
+    n_slots, device = len(lengths), x.device
+    slot_ids = torch.arange(n_slots, dtype=torch.int32, device=device)
+    key = magnitude_key(x)
+    # The keys that match the digits chosen so far, shard after shard, and how many each shard has.
+    candidates, counts = key, torch.tensor(lengths, device=device)
+    local = []  # each digit's histogram of this process's keys (radix_select sums them in place)
 
     def histogram(prefix: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
-        rows = [
-            torch.bincount((key[(key >> (shift + bits)) == p] >> shift) & (2**bits - 1), minlength=2**bits)
-            if p >= 0
-            else torch.zeros(2**bits, dtype=torch.int64, device=device)
-            for key, p in zip(keys, prefix.tolist())
-        ]
-        return torch.stack(rows)
+        nonlocal candidates, counts
+        if local:  # keep the candidates whose higher digits are the chosen ones
+            match = (candidates >> (shift + bits)) == _spread(prefix.to(torch.int32), counts)
+            candidates = candidates.masked_select(match)
+            chosen = (prefix & (2 ** RADIX_DIGITS[len(local) - 1][1] - 1)).clamp_min(0)
+            counts = torch.where(prefix >= 0, local[-1].gather(1, chosen.view(-1, 1)).view(-1), 0)
+        bins = (candidates >> shift).bitwise_and_(2**bits - 1).bitwise_or_(_spread(slot_ids << bits, counts))
+        local.append(torch.bincount(bins, minlength=n_slots << bits).view(n_slots, 2**bits))
+        return local[-1].clone()
 
-    active_t = torch.tensor(active, dtype=torch.bool, device=device)
-    th = radix_select(
-        histogram(torch.where(active_t, 0, -1), *RADIX_DIGITS[0]),
-        histogram,
-        torch.tensor(ks, dtype=torch.int64, device=device),
-        active_t,
-        group,
-    )
-    thresholds = th.key.tolist()
-    local_ties = torch.stack([(key == T).sum() for key, T in zip(keys, thresholds)])
-    budgets = tie_budget(th, local_ties, torch.tensor(offsets, dtype=torch.int64, device=device), group).tolist()
-    masks = []
-    for key, T, budget, on in zip(keys, thresholds, budgets, active):
-        tie = key == T
-        masks.append((key > T) | (tie & (tie.cumsum(0) <= budget)) if on else None)
-    return masks
+    active = torch.tensor(selects, dtype=torch.bool, device=device)
+    first = histogram(torch.where(active, 0, -1), *RADIX_DIGITS[0])
+    th = radix_select(first, histogram, torch.tensor(ks, dtype=torch.int64, device=device), active, group)
+    del candidates
+    last_digit = (th.key & (2 ** RADIX_DIGITS[-1][1] - 1)).clamp_min(0)
+    local_ties = torch.where(active, local[-1].gather(1, last_digit.view(-1, 1)).view(-1), 0)
+    budget = tie_budget(th, local_ties, torch.tensor(offsets, dtype=torch.int64, device=device), group)
+    threshold = torch.where(active, th.key, -1)  # -1: every key is above it
+    keep = key >= _spread(threshold.to(torch.int32), torch.tensor(lengths, device=device))
+    keep |= x.isnan()
+    start = 0
+    for i, (n, partial) in enumerate(zip(lengths, (budget < local_ties).tolist())):
+        if partial:  # only the first budget[i] copies of the threshold, in index order
+            ties = (key[start : start + n] == threshold[i]).nonzero().view(-1)
+            keep[start : start + n][ties[int(budget[i]) :]] = False
+        start += n
+    x.masked_fill_(~keep, 0.0)
+
+
+def _spread(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """values[s] repeated counts[s] times, as int32: a cumulative sum of the steps between
+    consecutive shards' values, placed where each shard starts (repeat_interleave would build an
+    int64 index of the whole output)."""
+    n = int(counts.sum())
+    steps = torch.zeros(n + 1, dtype=torch.int32, device=values.device)
+    steps.index_add_(0, torch.cumsum(counts, 0) - counts, torch.diff(values, prepend=values.new_zeros(1)))
+    return torch.cumsum(steps[:n], 0, dtype=torch.int32, out=steps[:n])
 
 
 def nonfinite(launch: Launch, flag: torch.Tensor) -> None:
@@ -100,87 +93,231 @@ def nonfinite(launch: Launch, flag: torch.Tensor) -> None:
         flag.copy_(torch.maximum(flag, (~torch.isfinite(s.grad)).any().float()))
 
 
+def bundles(slots: list[Slot], size: int) -> Iterator[list[Segment]]:
+    """Segments of at most `size` elements in all: small shards share a bundle, large ones are cut
+    (by `_dare.chunks`, so a segment's DARE hash inputs are one run of low words)."""
+    bundle, total = [], 0
+    for s in slots:
+        for begin, end in chunks(s.offset, s.param.numel(), size):
+            if bundle and total + end - begin > size:
+                yield bundle
+                bundle, total = [], 0
+            bundle.append((s, begin, end))
+            total += end - begin
+    if bundle:
+        yield bundle
+
+
+def _views(tensors: list[torch.Tensor | None], segments: list[Segment]) -> list:
+    return [None if x is None else x.view(-1)[b:e] for x, (_, b, e) in zip(tensors, segments)]
+
+
+class _Step:
+    """One step of one launch; the kernels' arithmetic, a bundle at a time."""
+
+    def __init__(self, launch: Launch, grad_scale):
+        self.launch, self.hp = launch, launch.hp
+        self.inv_scale = 1.0 / float(grad_scale) if grad_scale is not None else None
+        self.lr_wd = self.hp["lr"] * self.hp["weight_decay"]
+        self.size = min(CHUNK, max(1, sum(s.param.numel() for s in launch.slots)))
+        buffer = lambda: torch.empty(self.size, dtype=torch.float32, device=launch.device)  # noqa: E731
+        self.delta, self.denom = buffer(), buffer()
+        self.mask = self.denom  # a float 0/1 mask, made once the denominators are used up
+        self.grad32 = buffer() if launch.param_dtype != torch.float32 or self.inv_scale is not None else None
+        self.theta32 = buffer() if launch.param_dtype != torch.float32 else None
+        self.hasher = KeepHasher(self.size, launch.device) if self.hp["reserve_p"] < 1 else None
+        self.keep_below = torch.tensor(keep_threshold(self.hp["reserve_p"]), dtype=torch.int32, device=launch.device)
+        self.inv_p = torch.tensor(1.0 / self.hp["reserve_p"], dtype=torch.float32).item()  # the kernels' float32 1/p
+
+    @staticmethod
+    def split(buffer: torch.Tensor, segments: list[Segment]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the used part of a chunk buffer, its views of each segment's length)."""
+        lengths = [e - b for _, b, e in segments]
+        flat = buffer[: sum(lengths)]
+        return flat, list(flat.split(lengths))
+
+    def adam(self, segments: list[Segment], sizes: list[float], out: list[torch.Tensor], store: bool = True):
+        """Δ = -size · m / (√v + eps) of each segment into the views `out`; the moments are updated
+        in place (into scratch copies unless `store`)."""
+        beta1, beta2 = self.hp["betas"]
+        grads = _views([s.grad for s, _, _ in segments], segments)
+        if self.grad32 is not None:
+            flat, g32 = self.split(self.grad32, segments)
+            torch._foreach_copy_(g32, grads)
+            if self.inv_scale is not None:
+                flat.mul_(self.inv_scale)
+            grads = g32
+        m = _views([s.exp_avg for s, _, _ in segments], segments)
+        v = _views([s.exp_avg_sq for s, _, _ in segments], segments)
+        if not store:
+            m, v = [x.clone() for x in m], [x.clone() for x in v]
+        torch._foreach_mul_(m, beta1)
+        torch._foreach_add_(m, grads, alpha=1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        flat, denom = self.split(self.denom, segments)
+        torch._foreach_copy_(denom, v)
+        flat.sqrt_().add_(self.hp["eps"])
+        torch._foreach_zero_(out)
+        torch._foreach_addcdiv_(out, m, denom, [-size for size in sizes])  # 0 + (-size) · (m / denom)
+        return out
+
+    def update(self, segments: list[Segment], upd: list[torch.Tensor], rollback: list[torch.Tensor] | None) -> None:
+        """θ += upd (after θ -= rollback), then θ -= lr · wd · θ, rounded once to θ's dtype."""
+        params = _views([s.param for s, _, _ in segments], segments)
+        theta = params
+        if self.theta32 is not None:
+            _, theta = self.split(self.theta32, segments)
+            torch._foreach_copy_(theta, params)
+        if rollback is not None:
+            torch._foreach_sub_(theta, rollback)
+        torch._foreach_add_(theta, upd)
+        if self.lr_wd:
+            torch._foreach_add_(theta, theta, alpha=-self.lr_wd)
+        if theta is not params:
+            torch._foreach_copy_(params, theta)
+
+    def merge(self, segments: list[Segment], flat: torch.Tensor, kept: list[torch.Tensor]) -> None:
+        """θ += (1 - alpha) · kept + alpha · τ, rolling back and clearing the accumulated Δ."""
+        alpha = self.hp["alpha"]
+        if alpha:
+            flat.mul_(1 - alpha)
+        if any(s.ref_delta is not None for s, _, _ in segments):
+            tau_flat, tau = self.tau32(segments)
+            flat.add_(tau_flat, alpha=alpha)
+        self.finish(segments, kept)
+
+    def tau32(self, segments: list[Segment]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """τ of each segment (0 without τ) as float32, side by side in the denominators' buffer (a
+        conversion into a buffer: a mixed-dtype foreach op would allocate it)."""
+        tau_flat, tau = self.split(self.denom, segments)
+        for x, (s, _, _) in zip(tau, segments):
+            if s.ref_delta is None:
+                x.zero_()
+        with_tau = [(x, s.ref_delta.view(-1)[b:e]) for x, (s, b, e) in zip(tau, segments) if s.ref_delta is not None]
+        if with_tau:
+            torch._foreach_copy_([x for x, _ in with_tau], [t for _, t in with_tau])
+        return tau_flat, tau
+
+    def finish(self, segments: list[Segment], upd: list[torch.Tensor]) -> None:
+        cached = _views([s.cached_delta for s, _, _ in segments], segments)
+        rollback = cached if segments[0][0].cached_delta is not None else None
+        self.update(segments, upd, rollback)
+        if rollback is not None:
+            torch._foreach_zero_(rollback)
+
+    def ordinary(self, slots: list[Slot], sizes: dict[int, float]) -> None:
+        """Steps between merges (online_step > 1): θ and the accumulated Δ take the plain Δ."""
+        for segments in bundles(slots, self.size):
+            _, d = self.split(self.delta, segments)
+            self.adam(segments, [sizes[id(s)] for s, _, _ in segments], d)
+            torch._foreach_add_(_views([s.cached_delta for s, _, _ in segments], segments), d)
+            self.update(segments, d, None)
+
+    def kept_delta(self, segments, sizes, ts, store: bool = True, sums=None) -> tuple[torch.Tensor, list]:
+        """Δ (plus the accumulated Δ) of each segment after DARE's drop, scaled by 1/reserve_p; with
+        `sums` ({slot id: [2] float64}), adds each shard's L1 norms of Δ before and after the drop."""
+        flat, d = self.split(self.delta, segments)
+        self.adam(segments, [sizes[id(s)] for s, _, _ in segments], d, store)
+        if segments[0][0].cached_delta is not None:
+            torch._foreach_add_(d, _views([s.cached_delta for s, _, _ in segments], segments))
+        if sums is not None:
+            for (s, _, _), x in zip(segments, d):
+                sums[id(s)][0] += x.abs().sum(dtype=torch.float64)
+        if self.hasher is not None:
+            at = 0
+            for s, b, e in segments:
+                self.hasher.place(at, step_key(s.dare_key, ts[id(s)]), s.offset + b, e - b)
+                at += e - b
+            # A dropped NaN Δ stays NaN (NaN · 0): θ turns NaN, as AdamW's would.
+            keep = self.mask[:at].copy_(self.hasher.keep(at, self.keep_below, self.mask))  # -1.0 or 0.0
+            flat.mul_(keep).mul_(-self.inv_p)
+        if sums is not None:
+            for (s, _, _), x in zip(segments, d):
+                sums[id(s)][1] += x.abs().sum(dtype=torch.float64)
+        return flat, d
+
+    def dare(self, slots: list[Slot], sizes: dict[int, float], ts: dict[int, int]) -> None:
+        """Merge steps of OnDARE: Δ (plus the accumulated Δ), dropped, rescaled, merged."""
+        hp = self.hp
+        bounds = None
+        if hp["rescale"]:  # a first pass, without writing, for each shard's L1 norms of Δ
+            table = torch.zeros(len(slots), 2, dtype=torch.float64, device=self.launch.device)
+            sums = dict(zip(map(id, slots), table))
+            for segments in bundles(slots, self.size):
+                self.kept_delta(segments, sizes, ts, store=False, sums=sums)
+            if self.launch.group is not None:
+                dist.all_reduce(table, group=self.launch.group)
+            bounds = dict(zip(map(id, slots), rescale_factors(table, hp["eps"], hp["clip"]).tolist()))
+        for segments in bundles(slots, self.size):
+            flat, d = self.kept_delta(segments, sizes, ts)
+            if bounds is not None:
+                for (s, _, _), x in zip(segments, d):
+                    factor, bound = bounds[id(s)]
+                    x.mul_(factor).clamp_(-bound, bound)
+            self.merge(segments, flat, d)
+
+    def ties(self, slots: list[Slot], sizes: dict[int, float]) -> None:
+        """Merge steps of OnTIES: Δ of whole shards, their top k, the sign election, the merge."""
+        # Δ of whole shards, a chunk's worth at once (or one larger shard): the selection takes a
+        # fixed number of ops per group, and temporaries of ~20 bytes per element.
+        for group in _whole_groups(slots, self.size):
+            lengths = [s.param.numel() for s in group]
+            delta = torch.empty(sum(lengths), dtype=torch.float32, device=self.launch.device)
+            whole = dict(zip(map(id, group), delta.split(lengths)))
+            for segments in bundles(group, self.size):
+                d = [whole[id(s)][b:e] for s, b, e in segments]
+                self.adam(segments, [sizes[id(s)] for s, _, _ in segments], d)
+                if segments[0][0].cached_delta is not None:
+                    torch._foreach_add_(d, _views([s.cached_delta for s, _, _ in segments], segments))
+            ks = [topk_count(self.hp["reserve_p"], s.numel) for s in group]
+            selects = [k < s.numel for k, s in zip(ks, group)]
+            if any(selects):
+                topk_select(delta, lengths, ks, selects, [s.offset for s in group], self.launch.group)
+            at = 0
+            for segments in bundles(group, self.size):
+                n = sum(e - b for _, b, e in segments)
+                self.elect(segments, delta[at : at + n])
+                at += n
+
+    def elect(self, segments: list[Segment], flat: torch.Tensor) -> None:
+        """TIES's sign election and merge on a bundle's Δ (`flat`, the segments side by side): the
+        sign of τ + Δ (>= 0 counts as +) wins and the entries of τ and Δ of the other sign are
+        zeroed; a NaN Δ passes (NaN · 0), so θ turns NaN. A shard without τ has τ = 0."""
+        d = list(flat.split([e - b for _, b, e in segments]))
+        tau_flat, _ = self.tau32(segments)
+        positive = torch.add(tau_flat, flat, out=self.delta[: flat.numel()]) >= 0  # (the chunk buffer is free)
+        flat.masked_fill_(torch.ne(flat > 0, positive), 0.0)
+        tau_flat.masked_fill_(torch.ne(tau_flat > 0, positive), 0.0)
+        alpha = self.hp["alpha"]
+        flat.mul_(1 - alpha).add_(tau_flat, alpha=alpha)
+        self.finish(segments, d)
+
+
+def _whole_groups(slots: list[Slot], size: int) -> Iterator[list[Slot]]:
+    """Whole shards in groups of at most `size` elements in all, or one larger shard alone."""
+    group, total = [], 0
+    for s in slots:
+        n = s.param.numel()
+        if group and total + n > size:
+            yield group
+            group, total = [], 0
+        group.append(s)
+        total += n
+    if group:
+        yield group
+
+
 def torch_step(launch: Launch, t: torch.Tensor, step_size: torch.Tensor, skip, grad_scale) -> None:
-    """The step of kernels/online_merge.py in torch ops, one slot at a time (it syncs freely: it
-    is meant for CPU tensors)."""
+    """The step of kernels/online_merge.py in torch ops."""
     if skip is not None and bool(skip):
         return
-    hp = launch.hp
-    beta1, beta2 = hp["betas"]
-    inv_scale = 1.0 / float(grad_scale) if grad_scale is not None else 1.0
-    lr_wd = hp["lr"] * hp["weight_decay"]
-    deltas, merges = [], []
-    for s, ti, size in zip(launch.slots, t.tolist(), step_size.tolist()):
-        g = s.grad.reshape(-1).float() * inv_scale
-        m, v = s.exp_avg.view(-1), s.exp_avg_sq.view(-1)
-        m.mul_(beta1).add_((1 - beta1) * g)
-        v.mul_(beta2).add_((1 - beta2) * g * g)
-        d = -size * (m / (v.sqrt() + hp["eps"]))
-        merge = ti % hp["online_step"] == 0
-        if s.cached_delta is not None:
-            c = s.cached_delta.view(-1)
-            if merge:
-                d = d + c  # rolled back from the parameter below
-            else:
-                _update(s, d, lr_wd)
-                c.add_(d)
-        deltas.append(d)
-        merges.append(merge)
-    updates = (_dare_updates if hp["method"] == "ondare" else _ties_updates)(launch, deltas, merges, t.tolist())
-    for s, upd, merge in zip(launch.slots, updates, merges):
-        if merge:
-            if s.cached_delta is not None:
-                upd = upd - s.cached_delta.view(-1)
-                s.cached_delta.zero_()
-            _update(s, upd, lr_wd)
-
-
-def _update(s: Slot, upd: torch.Tensor, lr_wd: float) -> None:
-    """θ += upd, then the decoupled weight decay θ -= lr · wd · θ, rounded once to θ's dtype."""
-    theta = s.param.view(-1).float() + upd
-    s.param.view(-1).copy_(theta - lr_wd * theta)
-
-
-def _dare_updates(launch: Launch, deltas, merges, ts) -> list[torch.Tensor]:
-    hp = launch.hp
-    p = hp["reserve_p"]
-    inv_p = torch.tensor(1.0 / p, dtype=torch.float32).item()  # the kernels' float32 1/p
-    kept = []
-    for s, d, merge, t in zip(launch.slots, deltas, merges, ts):
-        if merge and p < 1.0:
-            d = torch.where(dare_keep(hp["seed"], t, s.index, s.offset, d.numel(), p, d.device), d * inv_p, 0.0)
-        kept.append(d)
-    if hp["rescale"]:
-        sums = torch.tensor(
-            [[float(d.abs().sum()), float(k.abs().sum())] if merge else [0.0, 0.0] for d, k, merge in
-             zip(deltas, kept, merges)], dtype=torch.float64, device=launch.device,
-        )  # fmt: skip
-        if launch.group is not None:
-            dist.all_reduce(sums, group=launch.group)
-        for i, (factor, bound) in enumerate(rescale_factors(sums, hp["eps"], hp["clip"]).tolist()):
-            kept[i] = (kept[i] * factor).clamp(-bound, bound)
-    alpha = hp["alpha"]
-    return [
-        (1 - alpha) * k + (alpha * s.ref_delta.view(-1).float() if s.ref_delta is not None else 0.0)
-        for s, k in zip(launch.slots, kept)
-    ]
-
-
-def _ties_updates(launch: Launch, deltas, merges, ts) -> list[torch.Tensor]:
-    ks, selects = select_counts(launch)
-    active = [m and sel for m, sel in zip(merges, selects)]
-    masks = topk_masks(deltas, ks, active, [s.offset for s in launch.slots], launch.group)
-    alpha = launch.hp["alpha"]
-    updates = []
-    for s, d, mask in zip(launch.slots, deltas, masks):
-        if mask is not None:
-            d = torch.where(mask, d, 0.0)
-        if s.ref_delta is None:
-            updates.append((1 - alpha) * d)
-            continue
-        tau = s.ref_delta.view(-1).float()
-        positive = tau + d >= 0
-        tau = torch.where(torch.where(positive, tau > 0, tau < 0), tau, 0.0)
-        d = torch.where(torch.where(positive, d > 0, d < 0), d, 0.0)
-        updates.append(alpha * tau + (1 - alpha) * d)
-    return updates
+    step = _Step(launch, grad_scale)
+    ts = {id(s): ti for s, ti in zip(launch.slots, t.tolist())}
+    sizes = {id(s): size for s, size in zip(launch.slots, step_size.tolist())}
+    merging = [s for s in launch.slots if ts[id(s)] % launch.hp["online_step"] == 0]
+    ordinary = [s for s in launch.slots if ts[id(s)] % launch.hp["online_step"]]
+    if ordinary:
+        step.ordinary(ordinary, sizes)
+    if merging:
+        (step.dare(merging, sizes, ts) if launch.hp["method"] == "ondare" else step.ties(merging, sizes))

@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor
 
 from fastalign._backend import backend_for
 from fastalign.optim import _torch_path
+from fastalign.optim._dare import dare_keep, dare_key
 from fastalign.optim._launch import Launch, Slot, kernel_nonfinite, kernel_step, step_sizes
 from fastalign.optim._layout import FlatShard, Layout, layout_of, like_param, local_part, local_tensor
 from fastalign.optim._select import topk_count
@@ -123,6 +124,7 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
         self.ref_delta_dtype = ref_delta_dtype
         self.skip_nonfinite = bool(skip_nonfinite)
         self._flat_shards = dict(flat_shards or {})
+        self._params: list[torch.Tensor] = []  # in param_groups order: what each position held
         self._index: dict[torch.Tensor, int] = {}
         self._names: dict[torch.Tensor, str] = {}
         self._layouts: dict[torch.Tensor, Layout] = {}
@@ -157,17 +159,19 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         _check_group({**self.defaults, **param_group})
+        if self._constructed:
+            self._follow_swapped_params()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         names = group.get("param_names", [None] * len(group["params"]))
         for p, name in zip(group["params"], names):
-            self._register(p, name)
+            self._params.append(p)
+            self._register(p, name, len(self._params) - 1)
         if self._constructed:  # a group added later starts without τ
             for p in group["params"]:
                 self._init_state(p, group, None)
 
-    def _register(self, p: torch.Tensor, name: str | None) -> None:
-        index = len(self._index)
+    def _register(self, p: torch.Tensor, name: str | None, index: int) -> None:
         self._index[p] = index
         self._names[p] = name or f"parameter {index} (shape {tuple(p.shape)})"
         name = self._names[p]
@@ -176,6 +180,39 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
         self._layouts[p] = layout_of(p, self._flat_shards.get(p), name)
         if not local_tensor(p).is_contiguous():
             raise ValueError(f"{name} must be contiguous (its local shard, for a DTensor)")
+
+    def _follow_swapped_params(self) -> None:
+        """Re-keys everything kept per parameter when param_groups hold new tensors in the places of
+        the old ones, as after accelerate's FSDP2 prepare (fsdp2_switch_optimizer_parameters swaps
+        each parameter for its sharded DTensor after the optimizer was built). The new tensor takes
+        the old one's index (so the DARE keeps do not change), name and state; the state, made for
+        the old layout, is re-sliced to the new local shard, so the trajectory goes on exactly.
+        Called by step, state_dict and load_state_dict: a check of identities when nothing moved."""
+        current = [p for g in self.param_groups for p in g["params"]]
+        if len(current) != len(self._params):
+            raise RuntimeError(
+                f"param_groups hold {len(current)} parameters where OnlineMergeAdamW registered "
+                f"{len(self._params)}; add parameters with add_param_group"
+            )
+        for index, (old, new) in enumerate(zip(self._params, current)):
+            if new is not old:
+                self._swap_param(index, old, new)
+
+    def _swap_param(self, index: int, old: torch.Tensor, new: torch.Tensor) -> None:
+        name = self._names[old]
+        if tuple(new.shape) != tuple(old.shape) or new.dtype != old.dtype:
+            raise ValueError(
+                f"{name} ({tuple(old.shape)} {old.dtype}) was replaced in param_groups by a tensor of "
+                f"{tuple(new.shape)} {new.dtype}; a replacement must be the same parameter, resharded"
+            )
+        if old in self._flat_shards:
+            raise ValueError(f"{name} is a flat shard (flat_shards); it cannot be replaced in param_groups")
+        for table in (self._index, self._names, self._layouts):
+            del table[old]
+        state = self.state.pop(old, {})
+        self._params[index] = new
+        self._register(new, name, index)
+        self.state[new] = {key: self._loaded(new, key, value) for key, value in state.items()}
 
     def _ref_delta_entries(self, ref_delta) -> dict[torch.Tensor, torch.Tensor]:
         params = [p for g in self.param_groups for p in g["params"]]
@@ -208,13 +245,7 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
         if not isinstance(entry, torch.Tensor) or not entry.is_floating_point():
             raise TypeError(f"ref_delta for {name} must be a floating-point tensor; got {type(entry).__name__}")
         if isinstance(entry, DTensor):
-            same = (
-                isinstance(p, DTensor)
-                and entry.shape == p.shape
-                and entry.device_mesh == p.device_mesh
-                and entry.placements == p.placements
-            )
-            if not same:
+            if not _laid_out_like(entry, p):
                 raise ValueError(
                     f"ref_delta for {name} is a DTensor {tuple(entry.shape)} {getattr(entry, 'placements', '')} "
                     "not laid out like the parameter"
@@ -226,6 +257,8 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
             part = local_part(entry, layout, local)
         if part.device != local.device:
             raise ValueError(f"ref_delta for {name} must be on {local.device}, like the parameter; got {part.device}")
+        if not bool(torch.isfinite(part).all()):  # TIES's sign election would drop a NaN τ silently
+            raise ValueError(f"ref_delta for {name} holds NaN or ±inf")
         return part.float().contiguous()
 
     def _init_state(self, p: torch.Tensor, group: dict, entry) -> None:
@@ -244,20 +277,19 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
 
     def _sparsify_ref_delta(self, p: torch.Tensor, group: dict, tau: torch.Tensor) -> torch.Tensor:
         """τ's one-time sparsification (the same on every backend): ondare keeps each entry with
-        probability reserve_p (Philox at step 0), scales by 1/reserve_p, clamps to ±clip;
+        probability reserve_p (the DARE keep of step 0), scales by 1/reserve_p, clamps to ±clip;
         onties keeps the top int(reserve_p·numel) magnitudes."""
         layout, reserve_p = self._layouts[p], group["reserve_p"]
         flat = tau.view(-1)
         if group["method"] == "ondare":
             if reserve_p < 1.0:
-                keep = _torch_path.dare_keep(
-                    group["seed"], 0, self._index[p], layout.offset, flat.numel(), reserve_p, flat.device
-                )
+                keep = dare_keep(group["seed"], 0, self._index[p], layout.offset, flat.numel(), reserve_p, flat.device)
                 flat = torch.where(keep, flat * torch.tensor(1.0 / reserve_p, dtype=torch.float32).item(), 0.0)
             return flat.clamp(-group["clip"], group["clip"]).view(tau.shape)
         k = topk_count(reserve_p, layout.numel)
-        (mask,) = _torch_path.topk_masks([flat], [k], [k < layout.numel], [layout.offset], layout.group)
-        return (flat if mask is None else torch.where(mask, flat, 0.0)).view(tau.shape)
+        flat = flat.clone()
+        _torch_path.topk_select(flat, [flat.numel()], [k], [k < layout.numel], [layout.offset], layout.group)
+        return flat.view(tau.shape)
 
     # ------------------------------------------------------------------------- step
 
@@ -284,7 +316,7 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
                     step=state["step"],
                     offset=layout.offset,
                     numel=layout.numel,
-                    index=self._index[p],
+                    dare_key=dare_key(group["seed"], self._index[p]),
                 )
                 key = (local.device, local.dtype, None if tau is None else tau.dtype, layout.group)
                 buckets.setdefault(key, []).append(slot)
@@ -332,6 +364,7 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._follow_swapped_params()
         launches = self._launches()
         skip = self._skip_flags(launches)
         grad_scale = getattr(self, "grad_scale", None)
@@ -356,10 +389,15 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------- state dict
 
+    def state_dict(self) -> dict[str, Any]:
+        self._follow_swapped_params()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads hyperparameters and state without casting the state to the parameters' dtype:
         moments stay fp32 and τ keeps its stored dtype (torch.optim would cast both to the
         parameter's dtype). Values are copied to the parameter's device and layout."""
+        self._follow_swapped_params()
         saved = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         params = [p for g in self.param_groups for p in g["params"]]
@@ -370,14 +408,33 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
             self.state[p] = {key: self._loaded(p, key, value) for key, value in saved[i].items()}
 
     def _loaded(self, p: torch.Tensor, key: str, value):
+        """A state value for p: this process's part of it, on p's device, in the state's dtype.
+        value is laid out like p, or whole, or a DTensor of another layout (gathered first), or
+        on the meta device (a model built there before it was sharded: only zeros can be kept)."""
         if not isinstance(value, torch.Tensor):
             return value
         local = local_tensor(p)
+        dtype = torch.float32 if key in _MOMENT_KEYS or key == "step" else value.dtype
+        if value.device.type == "meta" and local.device.type != "meta":
+            if key not in _MOMENT_KEYS and key != "step":
+                raise ValueError(f"state {key!r} of {self._names[p]} is on the meta device; its values are lost")
+            value = torch.zeros(value.shape, dtype=dtype)
         if key == "step":
             return local_tensor(value).detach().to(local.device, torch.float32).reshape(()).clone()
-        dtype = torch.float32 if key in _MOMENT_KEYS else value.dtype
-        if isinstance(value, DTensor):
+        if isinstance(value, DTensor) and _laid_out_like(value, p):
             value = value.to_local()
-        elif isinstance(p, DTensor) or tuple(value.shape) != tuple(local.shape):
-            value = local_part(value, self._layouts[p], local)  # a whole-parameter tensor
+        else:
+            if isinstance(value, DTensor):
+                value = value.full_tensor()
+            if isinstance(p, DTensor) or tuple(value.shape) != tuple(local.shape):
+                value = local_part(value, self._layouts[p], local)  # a whole-parameter tensor
         return like_param(value.detach().to(local.device, dtype).contiguous().clone(), p)
+
+
+def _laid_out_like(value: DTensor, p: torch.Tensor) -> bool:
+    return (
+        isinstance(p, DTensor)
+        and value.shape == p.shape
+        and value.device_mesh == p.device_mesh
+        and value.placements == p.placements
+    )

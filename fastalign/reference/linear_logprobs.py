@@ -52,3 +52,38 @@ def linear_token_entropy(
 ) -> torch.Tensor:
     """Entropy of the softmax of the transformed logits at every position: [..., H] -> [...]."""
     return ref.token_entropy(linear_logits(hidden, weight, bias, temperature, softcap, logit_scale))
+
+
+def linear_token_extras(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log(sum_v p_v^2), mean_v z) of the transformed logits z at every position: [..., H] -> two [...]."""
+    z = linear_logits(hidden, weight, bias, temperature, softcap, logit_scale)
+    return torch.logsumexp(2 * torch.log_softmax(z, -1), -1), z.mean(-1)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    **head,
+) -> torch.Tensor:
+    """F.cross_entropy of the transformed logits; "mean" divides by the count of labels that are not ignore_index,
+    clamped to >= 1 (0 for a batch with none, where F.cross_entropy gives NaN)."""
+    z = linear_logits(hidden, weight, bias, **head)
+    per_token = torch.nn.functional.cross_entropy(
+        z.flatten(0, -2), labels.flatten(), ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    ).view(labels.shape)
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    return total / (labels != ignore_index).sum().clamp(min=1) if reduction == "mean" else total

@@ -19,11 +19,13 @@ import torch.nn.functional as F
 
 def topk_mask(x: torch.Tensor, reserve_p: float) -> torch.Tensor:
     """Keeps the int(reserve_p · numel) largest |x|, the smaller index first among equals; all of
-    x when that number is below 1."""
+    x when that number is below 1. NaN ranks above every magnitude (as its float32 bits do)."""
     k = int(reserve_p * x.numel())
     if k < 1:
         return torch.ones_like(x, dtype=torch.bool)
-    order = torch.sort(-x.abs().reshape(-1), stable=True).indices
+    flat = x.reshape(-1)
+    order = torch.sort(-flat.abs().nan_to_num(0.0), stable=True).indices
+    order = order[torch.sort((~flat.isnan()[order]).to(torch.uint8), stable=True).indices]
     mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
     mask[order[:k]] = True
     return mask.view(x.shape)
@@ -62,7 +64,8 @@ def sparsify_ref_delta(
 
 
 def _elect(tau: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """TIES's sign election: s = +1 where τ + Δ >= 0; the entries whose sign differs are zeroed."""
+    """TIES's sign election: s = +1 where τ + Δ >= 0; the entries whose sign differs are zeroed (by
+    a product, so a NaN Δ stays NaN)."""
     s = torch.where(tau + delta >= 0, 1.0, -1.0).to(tau.dtype)
     return tau * (torch.sign(tau) == s), delta * (torch.sign(delta) == s)
 
@@ -113,8 +116,8 @@ class OnlineMergeReference:
             self.sparsified[i] = delta
             tau = self.ref_delta[i] if self.ref_delta is not None and self.ref_delta[i] is not None else None
             tau = torch.zeros_like(delta) if tau is None else tau
-            if self.method == "ondare":
-                kept = delta if self.p == 1 else torch.where(keeps[i], delta / self.p, 0.0)
+            if self.method == "ondare":  # a NaN Δ is always kept: θ turns NaN, as AdamW's does
+                kept = delta if self.p == 1 else torch.where(keeps[i] | delta.isnan(), delta / self.p, 0.0)
                 before = delta.abs().sum()
                 if self.rescale and before >= 1e-8:
                     kept = (kept * before / (kept.abs().sum() + self.eps)).clamp(-self.clip, self.clip)

@@ -1,0 +1,249 @@
+"""`fastalign gpu-check`: what a GPU says about fastalign, in one command and one time budget.
+
+On the GPU machine, from the repository root, with no network (fastalign need not be installed there):
+
+    FASTALIGN_COMMIT=<commit> python3 -m fastalign.cli gpu-check [--budget 300]
+
+(FASTALIGN_COMMIT names the commit where the copied tree has no .git.)
+
+In order, and no new step or case starts once the budget (seconds, from the start) is spent:
+0. Peers. If `.gpu-wheels/` exists (`benches/gpu_wheels.sh` fills it on a machine with network; carry it along), its
+   wheels are installed with `pip install --no-index --no-deps --target` into a temporary folder that goes first on
+   the path. Otherwise the peers the machine lacks (trl, liger-kernel, peft) are skipped, and the output and the
+   JSON say so.
+1. Correctness, compiled: the float64-reference tests of every public op (`TEST_SELECTION`: forward and every
+   gradient, V 32001/128256, T 1/257, H 4097, bf16/fp16/fp32, NaN-poisoned outputs, the out-of-range-label NaN path,
+   `strict`) in a pytest subprocess with FASTALIGN_TEST_DEVICE=cuda, stopped after CORRECTNESS_SECONDS.
+2. Benchmarks: the `fastalign bench --size target` cases with % of the copy bandwidth and of cuBLAS bf16 TFLOP/s
+   measured in the same run, each group after its correctness check at that size; the first group of every suite
+   runs before the second of any, so a short budget still covers every suite.
+3. Results: `benches/results/<gpu>-<date>.json`: the bench's schema (device, torch/triton versions, commit, ceilings,
+   one record per measurement, skipped cases and why) plus `gpu_check` (budget, peers, correctness, what was cut).
+   `fastalign report --write` then regenerates README's Performance table from the committed files.
+
+`--rehearse` runs the same code on the CPU, so that no GPU minute is lost to a typo: the command re-executes itself
+with TRITON_INTERPRET=1 (the kernels run in Triton's interpreter), runs a few tests (REHEARSE_SELECTION) and the
+bench's smallest ops (REHEARSE_OPS) at CPU sizes, and writes the same JSON schema to a temporary folder unless --out
+says where.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WHEELS_DIR = REPO / ".gpu-wheels"
+PEERS = {"trl": "trl", "liger_kernel": "liger-kernel", "peft": "peft"}  # module -> distribution
+CORRECTNESS_SECONDS = 90
+# The float64-reference tests of every public op, compiled; the torch-path variants are not what a GPU runs.
+TEST_FILES = (
+    "tests/test_logprobs.py",
+    "tests/test_linear_logprobs.py",
+    "tests/test_fused_linear_losses.py",
+    "tests/test_dpo.py",
+    "tests/test_ift.py",
+    "tests/test_optim.py",
+)
+TEST_SELECTION = (*TEST_FILES, "-k", "not torch- and not fsdp")
+REHEARSE_SELECTION = ("tests/test_logprobs.py", "-k", "strict or nan_for_out_of_range")
+REHEARSE_OPS = ["ift_loss", "ift_inputs_embeds"]
+# Seconds kept back from the benchmarks for writing the results.
+RESERVE_SECONDS = 5
+_OUTCOME = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+_TEST_ID = re.compile(r"(\S+\.py::\S+)")
+_PROGRESS = re.compile(r"\[\s*\d+%\]")
+
+
+@dataclass
+class Clock:
+    budget: float
+    start: float = field(default_factory=time.monotonic)
+
+    def left(self) -> float:
+        return self.budget - (time.monotonic() - self.start)
+
+    @property
+    def deadline(self) -> float:
+        return self.start + self.budget
+
+
+def install_peers(wheels: Path, target: Path) -> dict:
+    """Installs the wheels in `wheels` into `target` (first on sys.path and PYTHONPATH) if the folder exists; returns
+    what each peer is now: its version, or why it is missing."""
+    status: dict = {"wheels": str(wheels), "installed_from_wheels": False}
+    files = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
+    if files:
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
+        cmd += ["--disable-pip-version-check", "--target", str(target), *map(str, files)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode == 0:
+            sys.path.insert(0, str(target))
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
+            importlib.invalidate_caches()
+            status["installed_from_wheels"] = True
+        else:
+            status["install_error"] = (done.stderr or done.stdout).strip().splitlines()[-1:]
+    else:
+        status["note"] = (
+            f"no wheels in {wheels} (run benches/gpu_wheels.sh on a machine with network; carry the folder)"
+        )
+    for module, dist in PEERS.items():
+        status[module] = _version(module, dist)
+    return status
+
+
+def _version(module: str, dist: str) -> str:
+    """The version of an importable module's distribution, or "missing: <why>"."""
+    try:
+        importlib.import_module(module)
+        return importlib.metadata.version(dist)
+    except Exception as exc:  # an import that fails for any reason makes the peer missing
+        return f"missing: {type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def run_tests(selection: tuple[str, ...], seconds: float, device: str, log: Path) -> dict:
+    """Runs pytest on `selection` in a subprocess for at most `seconds`; returns the counts of each outcome, the
+    failing test ids, and whether it was cut off. The whole output goes to `log`."""
+    env = {**os.environ, "FASTALIGN_TEST_DEVICE": device, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if device == "cuda":
+        env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--tb=line", *selection]
+    if device == "cuda" and importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", str(min(8, os.cpu_count() or 1))]  # Triton compiles in parallel
+    counts: Counter = Counter()
+    failed: list[str] = []
+    start = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+
+        def read() -> None:
+            for line in proc.stdout:
+                out.write(line)
+                outcome, test = _OUTCOME.search(line), _TEST_ID.search(line)
+                if outcome and test and _PROGRESS.search(line):  # a result line, not the summary's repeat
+                    counts[outcome.group(1)] += 1
+                    if outcome.group(1) in ("FAILED", "ERROR"):
+                        failed.append(test.group(1))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=max(1.0, seconds))
+            cut = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            cut = True
+        reader.join(timeout=10)
+    return {
+        "command": " ".join(cmd[1:]),
+        "device": device,
+        "seconds": round(time.monotonic() - start, 1),
+        "returncode": None if cut else proc.returncode,
+        "cut_off_by_budget": cut,
+        "outcomes": dict(counts),
+        "failed": failed,
+        "log": str(log),
+    }
+
+
+def prioritized(cases: list) -> list:
+    """The cases with each suite's first group (op, shape, dtype) first, then every suite's second, and so on."""
+    from fastalign.bench import SUITES
+
+    suite_of = {op: i for i, ops in enumerate(SUITES.values()) for op in ops}
+    rank: dict[tuple, int] = {}
+    seen: dict[int, int] = {}
+    for case in cases:
+        group = (case.op, case.shape, case.dtype)
+        if group not in rank:
+            suite = suite_of[case.op]
+            rank[group] = seen.get(suite, 0)
+            seen[suite] = rank[group] + 1
+    return sorted(cases, key=lambda c: (rank[c.op, c.shape, c.dtype], suite_of[c.op]))
+
+
+def results_path(device: str) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    return REPO / "benches" / "results" / f"{slug}-{datetime.date.today().isoformat()}.json"
+
+
+def _correctness(clock: Clock, rehearse: bool, log: Path, cut: list[str]) -> dict:
+    selection = REHEARSE_SELECTION if rehearse else TEST_SELECTION
+    seconds = min(CORRECTNESS_SECONDS, clock.left() - RESERVE_SECONDS)
+    if seconds <= 1:
+        cut.append("correctness tests (budget)")
+        return {"skipped": "budget"}
+    print(f"correctness: pytest {' '.join(selection)} (at most {seconds:.0f} s)", flush=True)
+    tests = run_tests(selection, seconds, "cpu" if rehearse else "cuda", log)
+    cut_off = " (cut off by the budget)" if tests["cut_off_by_budget"] else ""
+    print(f"correctness: {tests['outcomes']} in {tests['seconds']} s{cut_off}", flush=True)
+    for test in tests["failed"]:
+        print(f"  FAILED {test}")
+    if cut_off:
+        cut.append(f"correctness tests after {tests['seconds']} s (budget)")
+    return tests
+
+
+def main(budget: float = 300, rehearse: bool = False, out: str | None = None) -> int:
+    if rehearse and os.environ.get("TRITON_INTERPRET") != "1":
+        # The interpreter must be chosen before the kernels are decorated, i.e. before fastalign is imported.
+        cmd = [sys.executable, "-m", "fastalign.cli", "gpu-check", "--rehearse", "--budget", str(budget)]
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        return subprocess.call([*cmd, *(["--out", out] if out else [])], env=env)
+    clock = Clock(budget)
+    import torch
+
+    from fastalign import bench
+
+    if not rehearse and not torch.cuda.is_available():
+        print("gpu-check: no CUDA device here; `fastalign gpu-check --rehearse` runs the same steps on the CPU")
+        return 2
+    env = bench.Env(torch.device("cpu" if rehearse else "cuda"), "small" if rehearse else "target")
+    meta = bench.environment(env)
+    work = Path(tempfile.mkdtemp(prefix="fastalign-gpu-check-"))
+    mode = " --rehearse (CPU, Triton interpreter)" if rehearse else ""
+    print(f"gpu-check{mode}: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']},"
+          f" budget {budget:.0f} s", flush=True)  # fmt: skip
+
+    peers = install_peers(WHEELS_DIR, work / "peers")
+    note = f" ({peers['note']})" if "note" in peers else ""
+    print("peers: " + ", ".join(f"{name} {peers[name]}" for name in PEERS) + note, flush=True)
+    cut = [f"peer {name}: {peers[name]}" for name in PEERS if peers[name].startswith("missing")]
+
+    tests = _correctness(clock, rehearse, work / "pytest.log", cut)
+
+    cases = prioritized(bench.collect_cases(env, REHEARSE_OPS if rehearse else None))
+    print(f"benchmarks: {len(cases)} cases, for {max(0.0, clock.left() - RESERVE_SECONDS):.0f} s", flush=True)
+    records, skipped, ceilings = bench.run_cases(env, cases, deadline=clock.deadline - RESERVE_SECONDS)
+    bench.print_table(records, ceilings)
+    cut += [f"{s['case']}: {s['reason']}" for s in skipped]
+
+    path = Path(out) if out else (work / "results.json" if rehearse else results_path(meta["device"]))
+    seconds = round(time.monotonic() - clock.start, 1)
+    summary = {"budget_s": budget, "rehearse": rehearse, "seconds": seconds, "peers": peers, "correctness": tests}
+    bench.write_results(path, env, records, skipped, ceilings, gpu_check={**summary, "cut": cut})
+    print(f"wrote {path}" + ("" if rehearse else "; commit it, then `fastalign report --write` for README's table"))
+    wrong = [r for r in records if r["correct"] not in (None, "ok")]
+    failed_tests = bool(tests.get("failed")) or tests.get("returncode") not in (None, 0)
+    print(f"gpu-check: {len(records)} measurements, {len(wrong)} wrong results, tests "
+          f"{'FAILED' if failed_tests else 'ok'}, {seconds} s; cut or skipped ({len(cut)}):", flush=True)  # fmt: skip
+    for item in cut:
+        print(f"  {item}")
+    return 1 if wrong or failed_tests else 0

@@ -1,0 +1,721 @@
+"""Fused-linear losses: the DPO family, KTO, IFT and token cross-entropy straight from the last hidden states and
+the lm_head weight, without the [tokens, vocab] logits, on two strategies.
+
+- lean: the per-token log-probs through `linear_token_stats`, then the loss by autograd. The backward recomputes
+  the logits: 8 N H V matmul FLOPs (forward 2, recompute 2, d hidden 2, d weight 2). No [V, H] buffer. Every loss.
+- fast: the gradient is computed inside the forward, at 6 N H V (forward 2, d hidden 2, d weight 2). The scored
+  rows are cut into chunks of whole units (a DPO pair, a sequence, or a token for cross-entropy: the rows whose
+  values the gradient of one row's log-prob depends on). Per chunk: the fp32 logits by one GEMM; per row the
+  log-sum-exp and the label's log-prob; the loss's gradient with respect to the chunk's per-token log-probs;
+  d logits in place over the chunk; d hidden for the chunk by a GEMM; d weight accumulated in fp32 across chunks
+  (the gradient itself for an fp32 weight). The backward only scales the stored gradients by grad_output.
+
+The fast path needs the loss to decompose over units: the gradient at one unit's log-probs must not depend on the
+log-probs of other units. Then one mechanism serves every loss: the loss (the same function the lean path
+differentiates) is evaluated on batch-shaped log-probs whose entries outside the chunk are detached placeholders,
+and autograd's gradient is read at the chunk's entries. What each loss relies on:
+- DPO: each pair's loss reads the pair's two sums (and lengths, from the labels); "sft" averages over a token
+  count that comes from the labels. "aot"/"aot_unpaired" sort the margins across the batch: lean only.
+- KTO: each example's loss reads its own sum; the KL estimate is an input, detached (as TRL has it).
+- IFT: each sequence's loss reads that sequence's log-probs only.
+- Cross-entropy: each token's loss reads its own log-prob (and mean log-prob, for label smoothing); the mean
+  divides by a token count from the labels. reduction="none" returns per-token losses whose weights in the
+  weight gradient are not known in the forward: lean only.
+
+A unit longer than the memory budget allows (say a DPO pair of 2 x 2048 tokens at V = 128256) is computed a slice
+of rows at a time: each row's d log-prob / d logits goes into a buffer in the GEMMs' operand dtype (bf16 for bf16
+inputs: half the fp32 logits), and is scaled by the loss's gradient once the unit is complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fastalign._backend import as_btv, backend_for, check_labels, label_range_error
+from fastalign.dpo import (
+    check_dpo_options,
+    check_kto_options,
+    check_paired_batch,
+    dpo_loss_from_token_logps,
+    kto_loss,
+    reference_logps,
+    sequence_logps,
+)
+from fastalign.ift import check_gamma, ift_loss
+from fastalign.kernels.fused_linear_loss import logits_grad, logits_stats
+from fastalign.kernels.linear_logprobs import Outputs
+from fastalign.linear_logprobs import (
+    _fast_mm,
+    _Head,
+    _prepare,
+    _rows_of,
+    linear_token_logprobs,
+    linear_token_stats,
+)
+
+STRATEGIES = ("auto", "fast", "lean")
+_NONE = Outputs()  # no per-token extras
+# Rows per block of the torch path's elementwise work, so its temporaries stay near 16 MB whatever the chunk.
+_TORCH_BLOCK_ELEMENTS = 2**22
+
+
+# Per-token values a loss may read besides the label log-probs, [R, T] float32 each: log sum_v p_v^2 and mean_v z
+# (no gradient, as linear_token_stats returns them), and mean_v log p_v (differentiable: label smoothing; fast only).
+TOKEN_EXTRAS = ("log_sum_sq_probs", "mean_logits", "mean_logps")
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """A loss of the per-token log-probs, the same function for both strategies.
+
+    loss_of(logps [R, T] float32, extras {name: [R, T]}) -> (scalar loss, metrics, ...), differentiable in logps
+    and extras["mean_logps"]. unit: "pair" (rows p and R/2 + p), "sequence" or "token": the rows whose log-probs the
+    gradient at one row's log-prob depends on. not_fast: why the loss cannot take the fast path, or None. extras:
+    the names of TOKEN_EXTRAS that loss_of reads.
+    """
+
+    loss_of: Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple]
+    unit: str
+    not_fast: str | None = None
+    extras: tuple[str, ...] = ()
+
+
+def check_strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)}; got {strategy!r}")
+    return strategy
+
+
+# ---------------------------------------------------------------------------------------------- matmuls
+
+
+def _logits_into(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> None:
+    """out [rows, V] fp32 = h @ weight.T, accumulated in fp32 (bf16/fp16 CPU operands: a vocabulary piece at a
+    time, so no fp32 copy of the weight exists)."""
+    if _fast_mm(h, weight) or h.dtype == torch.float32:
+        kwargs = {"out_dtype": torch.float32} if h.dtype != torch.float32 else {}
+        torch.mm(h, weight.T, out=out, **kwargs)
+        return
+    h32 = h.float()
+    for v0, v1 in _pieces(weight.shape[0], h.shape[0] + weight.shape[1]):
+        torch.mm(h32, weight[v0:v1].float().T, out=out[:, v0:v1])
+
+
+def _dlogits_times_weight(d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """d [rows, V] @ weight [V, H] as fp32 [rows, H]."""
+    if _fast_mm(d, weight) or (d.dtype == weight.dtype == torch.float32):
+        kwargs = {"out_dtype": torch.float32} if d.dtype != torch.float32 else {}
+        return torch.mm(d, weight, **kwargs)
+    out = torch.zeros(d.shape[0], weight.shape[1], device=d.device)
+    for v0, v1 in _pieces(weight.shape[0], d.shape[0] + weight.shape[1]):
+        out.addmm_(d[:, v0:v1].float(), weight[v0:v1].float())
+    return out
+
+
+def _accumulate_dweight(acc: torch.Tensor, d: torch.Tensor, h: torch.Tensor) -> None:
+    """acc [V, H] fp32 += d.T @ h, accumulated in fp32."""
+    if _fast_mm(d, h):
+        torch.addmm(acc, d.T, h, out_dtype=torch.float32, out=acc)
+    elif d.dtype == h.dtype == torch.float32:
+        acc.addmm_(d.T, h)
+    else:
+        h32 = h.float()
+        for v0, v1 in _pieces(acc.shape[0], d.shape[0] + h.shape[1]):
+            acc[v0:v1].addmm_(d[:, v0:v1].float().T, h32)
+
+
+def _pieces(V: int, floats_per_column: int) -> list[tuple[int, int]]:
+    """Vocabulary pieces whose fp32 upcasts stay near 16 MB: the CPU path for bf16/fp16 operands."""
+    width = max(64, _TORCH_BLOCK_ELEMENTS // max(1, floats_per_column))
+    return [(v0, min(V, v0 + width)) for v0 in range(0, V, width)]
+
+
+# ---------------------------------------------------------------------------------------------- elementwise (torch)
+# The torch path works in place on the chunk buffer, which holds the raw logits a, then log p (after `_torch_stats`),
+# then d logits (after `_torch_dlogits`): a fresh [rows, V] temporary costs more in page faults than its arithmetic.
+
+
+def _torch_chain_(a: torch.Tensor, bias: torch.Tensor | None, head: _Head) -> torch.Tensor:
+    """a -> z = softcap * tanh(logit_scale * (a + bias) / softcap) / temperature, in place."""
+    if bias is not None:
+        a += bias.float()
+    if head.logit_scale != 1.0:
+        a *= head.logit_scale
+    if head.softcap is not None:
+        a.div_(head.softcap).tanh_().mul_(head.softcap)
+    if head.temperature != 1.0:
+        a /= head.temperature
+    return a
+
+
+def _row_blocks(rows: int, V: int) -> list[tuple[int, int]]:
+    step = max(1, _TORCH_BLOCK_ELEMENTS // V)
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def _torch_stats(a, bias, labels, head: _Head, outputs: Outputs):
+    """`logits_stats` on the torch path, turning a [rows, V] fp32 into log p in place."""
+    z = _torch_chain_(a, bias, head)
+    z_label = z.gather(1, labels[:, None]).squeeze(1)
+    torch.ops.aten._log_softmax.out(z, 1, False, out=z)  # row by row: safe in place
+    logp = z
+    lse = z_label - logp.gather(1, labels[:, None]).squeeze(1)
+    entropy = argmax = log_sum_sq = mean = None
+    blocks = _row_blocks(*a.shape)
+    if outputs.entropy:
+        entropy = torch.cat([-(logp[r0:r1].exp() * logp[r0:r1]).sum(1) for r0, r1 in blocks])
+    if outputs.argmax:
+        argmax = logp.argmax(1)  # the first maximum of z, as torch.argmax
+    if outputs.log_sum_sq_probs:
+        log_sum_sq = torch.cat([torch.logsumexp(2 * logp[r0:r1], 1) for r0, r1 in blocks])
+    if outputs.mean_logits:
+        mean = logp.mean(1) + lse
+    return lse, z_label, entropy, argmax, log_sum_sq, mean
+
+
+def _torch_dlogits(a, labels, lse, coef, coef_mean, head: _Head) -> None:
+    """`logits_grad` on the torch path: `a` holds log p (from `_torch_stats`) and becomes d logits in place."""
+    V = a.shape[1]
+    scale = head.logit_scale / head.temperature
+    for r0, r1 in _row_blocks(*a.shape):
+        logp, c = a[r0:r1], coef[r0:r1, None]
+        if head.softcap is not None:  # 1 - tanh^2, with tanh = z * temperature / softcap and z = log p + lse
+            th = (logp + lse[r0:r1, None]).mul_(head.temperature / head.softcap)
+            chain = th.mul_(th).neg_().add_(1).mul_(scale)
+        d = logp.exp_()  # p
+        if coef_mean is None:
+            d *= -c
+        else:  # d log p(label) / dz = onehot - p;  d mean_v log p_v / dz = 1 / V - p
+            d.mul_(-(c + coef_mean[r0:r1, None])).add_(coef_mean[r0:r1, None] / V)
+        d.scatter_add_(1, labels[r0:r1, None], c)
+        if head.softcap is not None:
+            d *= chain
+        elif scale != 1.0:
+            d *= scale
+
+
+# ---------------------------------------------------------------------------------------------- fast path
+
+
+@dataclass(frozen=True)
+class _Fast:
+    """One fast call's plan: the loss, the head, and which per-token extras to return."""
+
+    objective: _Objective
+    labels: torch.Tensor  # [R, T] int64
+    head: _Head
+    outputs: Outputs  # entropy / argmax at the scored rows, for the loss's metrics
+    use_kernels: bool
+
+
+def _unit_order(objective: _Objective, R: int) -> list[int]:
+    """Sequences in unit order: a DPO pair's chosen row p is followed by its rejected row R/2 + p."""
+    if objective.unit != "pair":
+        return list(range(R))
+    return [r for p in range(R // 2) for r in (p, R // 2 + p)]
+
+
+def _scored_rows_by_unit(labels: torch.Tensor, vocab: int, ignore_index: int, order: list[int]):
+    """([M] int64 scored rows of labels.view(-1), in unit order; per-sequence counts of scored rows, host ints).
+
+    The call's one host sync: the counts, and a check that every label is in [0, vocab) or ignore_index."""
+    R, T = labels.shape
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    *counts, n_bad = torch.cat([valid.sum(1), bad.sum().view(1)]).tolist()
+    if n_bad:
+        raise label_range_error("labels", labels, bad, vocab, ignore_index)
+    rank = torch.empty(R, dtype=torch.int64, device=labels.device)
+    rank[torch.tensor(order, device=labels.device)] = torch.arange(R, device=labels.device)
+    key = rank[:, None] * T + torch.arange(T, device=labels.device)
+    key = torch.where(valid, key, R * T).view(-1)
+    return torch.argsort(key, stable=True)[: sum(counts)], counts
+
+
+def _chunks(unit_rows: list[int], limit: int, splittable: bool) -> list[tuple[int, int, bool]]:
+    """(first, end, whole) row ranges over the units in order: whole units, at most `limit` rows where they fit;
+    a unit longer than that alone, marked whole=False. Token units (splittable) cut anywhere."""
+    total = sum(unit_rows)
+    if splittable:
+        return [(r0, min(total, r0 + limit), True) for r0 in range(0, total, limit)]
+    chunks, start, end = [], 0, 0
+    for n in unit_rows:
+        if end + n - start > limit and end > start:
+            chunks.append((start, end, True))
+            start = end
+        end += n
+        if end - start > limit:
+            chunks.append((start, end, False))
+            start = end
+    if end > start:
+        chunks.append((start, end, True))
+    return chunks
+
+
+def _loss_gradient(objective: _Objective, logps, extras: dict, rows, logp_c, mean_c):
+    """d loss / d (log-probs, mean log-probs) at `rows` of the flat [R * T] log-probs, the other entries held as
+    detached placeholders: exact for a loss that decomposes over units, each chunk holding whole units."""
+    with torch.enable_grad():
+        leaves = [logp_c.detach().requires_grad_(True)]
+        lp = logps.view(-1).index_put((rows,), leaves[0]).view_as(logps)
+        extras = dict(extras)
+        if mean_c is not None:
+            leaves.append(mean_c.detach().requires_grad_(True))
+            means = extras["mean_logps"]
+            extras["mean_logps"] = means.view(-1).index_put((rows,), leaves[1]).view_as(means)
+        loss = objective.loss_of(lp, extras)[0]
+        grads = torch.autograd.grad(loss, leaves)
+    return grads[0].float(), None if mean_c is None else grads[1].float()
+
+
+def _stats(a, bias, labels, head: _Head, outputs: Outputs, use_kernels: bool):
+    if use_kernels:
+        return logits_stats(a, bias, labels, head.temperature, head.softcap, head.logit_scale, outputs)
+    return _torch_stats(a, bias, labels, head, outputs)
+
+
+def _dlogits(a, out, bias, labels, lse, coef, coef_mean, head: _Head, use_kernels: bool) -> None:
+    if use_kernels:
+        logits_grad(a, out, bias, labels, lse, coef, coef_mean, head.temperature, head.softcap, head.logit_scale)
+    else:
+        if out.data_ptr() != a.data_ptr():
+            raise AssertionError("the torch path writes d logits over log p, in place")
+        _torch_dlogits(out, labels, lse, coef, coef_mean, head)
+
+
+class _FastFusedLinearLoss(torch.autograd.Function):
+    """(loss, per-token log-probs [R, T], entropy, argmax, then TOKEN_EXTRAS) with the gradients of the loss computed
+    in the forward; only the loss is differentiable. The per-token values are 0 where the label is ignored."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, plan: _Fast):
+        head, objective = plan.head, plan.objective
+        x = as_btv(hidden)
+        R, T = plan.labels.shape
+        H, V = x.shape[2], weight.shape[0]
+        dev = x.device
+        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        order = _unit_order(objective, R)
+        rows, counts = _scored_rows_by_unit(plan.labels, V, head.ignore_index, order)
+        if objective.unit == "pair":
+            unit_rows = [counts[p] + counts[R // 2 + p] for p in range(R // 2)]
+        else:
+            unit_rows = [counts[r] for r in order]
+        # d logits goes into the GEMMs' operand dtype: the inputs' dtype on the kernel paths (tensor-core GEMMs, the
+        # fp32 logits in a buffer of their own), fp32 on the torch path (in place over the logits).
+        d_dtype = x.dtype if plan.use_kernels else torch.float32
+        separate = d_dtype != torch.float32
+        limit = max(1, head.memory_budget // (V * (4 + (d_dtype.itemsize if separate else 0))))
+        chunks = _chunks(unit_rows, limit, objective.unit == "token")
+
+        flat_labels = plan.labels.reshape(-1)
+        logps = torch.zeros(R, T, device=dev)
+        # Per token, at the scored rows: the metrics' entropy and argmax, then the extras the loss reads.
+        per_token = {
+            "entropy": torch.zeros(R, T, device=dev) if plan.outputs.entropy else None,
+            "argmax": torch.zeros(R, T, device=dev, dtype=torch.int64) if plan.outputs.argmax else None,
+            **{name: torch.zeros(R, T, device=dev) if name in objective.extras else None for name in TOKEN_EXTRAS},
+        }
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dh = torch.zeros(R * T, H, device=dev, dtype=x.dtype) if need_h else None
+        dw = torch.zeros(V, H, device=dev) if need_w else None  # fp32 across chunks
+        db = torch.zeros(V, device=dev) if need_b else None
+        wanted = Outputs(
+            plan.outputs.entropy,
+            plan.outputs.argmax,
+            "log_sum_sq_probs" in objective.extras,
+            "mean_logits" in objective.extras or "mean_logps" in objective.extras,
+        )
+        smoothing = "mean_logps" in objective.extras
+        # One buffer for every chunk (a fresh one per chunk would page-fault it in again), one more for the fp32
+        # logits when d logits has a dtype of its own.
+        d_buf = torch.empty(max((r1 - r0 for r0, r1, _ in chunks), default=0), V, device=dev, dtype=d_dtype)
+        a_buf = torch.empty(min(limit, rows.numel()), V, device=dev) if separate else None
+
+        with torch.autocast(dev.type, enabled=False):
+            for r0, r1, whole in chunks:
+                rows_c, n = rows[r0:r1], r1 - r0
+                h_c, lab_c = _rows_of(x, rows_c), flat_labels[rows_c]
+                d = d_buf[:n]
+                logp_c = torch.empty(n, device=dev)
+                mean_c = torch.empty(n, device=dev) if smoothing else None
+                # Whole units: one slice; d logits is written once the loss's gradient is known. A unit longer than
+                # the budget: slices, each row's d log p / d logits written at once, scaled by the gradient after.
+                for s0 in range(0, n, n if whole else limit):
+                    s1 = min(n, s0 + limit) if not whole else n
+                    a = a_buf[: s1 - s0] if separate else d[s0:s1]
+                    _logits_into(a, h_c[s0:s1], weight)
+                    lse, z_label, *values = _stats(a, bias, lab_c[s0:s1], head, wanted, plan.use_kernels)
+                    logp_c[s0:s1] = z_label - lse
+                    if mean_c is not None:
+                        mean_c[s0:s1] = values[-1] - lse
+                    found = dict(zip(("entropy", "argmax", "log_sum_sq_probs", "mean_logits"), values))
+                    for name, value in found.items():
+                        if per_token.get(name) is not None:
+                            per_token[name].view(-1)[rows_c[s0:s1]] = value
+                    if not whole:
+                        ones = torch.ones(s1 - s0, device=dev)
+                        _dlogits(a, d[s0:s1], bias, lab_c[s0:s1], lse, ones, None, head, plan.use_kernels)
+                logps.view(-1)[rows_c] = logp_c
+                if mean_c is not None:
+                    per_token["mean_logps"].view(-1)[rows_c] = mean_c
+                extras = {name: per_token[name] for name in objective.extras}
+                coef, coef_mean = _loss_gradient(objective, logps, extras, rows_c, logp_c, mean_c)
+                if whole:
+                    _dlogits(a, d, bias, lab_c, lse, coef, coef_mean, head, plan.use_kernels)
+                    h_w = h_c
+                else:  # the rows' scale moves onto the [n, H] side of each GEMM
+                    h_w = (h_c.float() * coef[:, None]).to(d_dtype if separate else torch.float32)
+                if need_h:
+                    dh_c = _dlogits_times_weight(d, weight)
+                    dh[rows_c] = (dh_c if whole else dh_c.mul_(coef[:, None])).to(dh.dtype)
+                if need_w:
+                    _accumulate_dweight(dw, d, h_w)
+                if need_b and whole:
+                    db += d.sum(0, dtype=torch.float32)
+                elif need_b:
+                    for s0 in range(0, n, limit):  # fp32 products, a slice of rows at a time
+                        db += coef[s0 : s0 + limit] @ d[s0 : s0 + limit].float()
+
+        loss = objective.loss_of(logps, {name: per_token[name] for name in objective.extras})[0]
+        ctx.grads = (None if dh is None else dh.view(hidden.shape), dw, db)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(logps, *(t for t in per_token.values() if t is not None))
+        return loss, logps, *per_token.values()
+
+    @staticmethod
+    def backward(ctx, dloss, *_non_differentiable):
+        """Scales the gradients the forward computed by grad_output."""
+        (dh, dw, db), (w_dtype, b_dtype) = ctx.grads, ctx.dtypes
+        ctx.grads = None
+        scale = dloss.float()
+        if dh is not None and dh.dtype == torch.float32:
+            dh.mul_(scale)
+        elif dh is not None:  # in fp32: grad_output rounded to bf16 would scale every element off by up to 2**-9
+            flat = dh.view(-1, dh.shape[-1])
+            for r0, r1 in _row_blocks(*flat.shape):
+                flat[r0:r1] = flat[r0:r1].float().mul_(scale)
+        if dw is not None:
+            dw = dw.mul_(scale).to(w_dtype)
+        if db is not None:
+            db = db.mul_(scale).to(b_dtype)
+        return dh, dw, db, None
+
+
+# ---------------------------------------------------------------------------------------------- both strategies
+
+
+def _strategy_for(strategy: str, objective: _Objective, hidden, weight, head: _Head, use_kernels: bool) -> str:
+    """The strategy a call runs: auto takes fast unless the loss cannot, or its largest unit's d logits would take
+    more memory than max(memory_budget, the fp32 [V, H] d-weight accumulator that fast holds anyway)."""
+    check_strategy(strategy)
+    if objective.not_fast is not None:
+        if strategy == "fast":
+            raise ValueError(f"strategy='fast' needs a loss that decomposes over examples: {objective.not_fast}")
+        return "lean"
+    if strategy != "auto":
+        return strategy
+    V, H = weight.shape
+    rows = {"pair": 2 * hidden.shape[1], "sequence": hidden.shape[1], "token": 1}[objective.unit]
+    unit_bytes = rows * V * (hidden.element_size() if use_kernels else 4)
+    return "fast" if unit_bytes <= max(head.memory_budget, 4 * V * H) else "lean"
+
+
+def _fused_linear_loss(
+    hidden, weight, labels, bias, objective: _Objective, head_args: dict, strategy: str, outputs: Outputs = _NONE
+) -> tuple[tuple, torch.Tensor | None, torch.Tensor | None]:
+    """(what objective.loss_of returns, entropy, argmax) on the log-probs of hidden [R, T, H] under weight [V, H];
+    entropy and argmax ([R, T], no gradient) when asked for in `outputs`, valid wherever the label counts."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden must have shape [batch, T, H]; got {got}")
+    hidden, weight, bias, head = _prepare(hidden, weight, labels, bias, **head_args)
+    use_kernels = backend_for(hidden) != "torch"
+    if _strategy_for(strategy, objective, hidden, weight, head, use_kernels) == "lean":
+        if "mean_logps" in objective.extras:
+            raise ValueError("label_smoothing > 0 needs strategy 'fast' or 'auto' (the lean path has no mean log-prob)")
+        stats = linear_token_stats(
+            hidden,
+            weight,
+            labels,
+            bias,
+            **head_args,
+            entropy=outputs.entropy,
+            argmax=outputs.argmax,
+            log_sum_sq_probs="log_sum_sq_probs" in objective.extras,
+            mean_logits="mean_logits" in objective.extras,
+        )
+        extras = {name: getattr(stats, name) for name in objective.extras}
+        entropy = None if stats.entropy is None else stats.entropy.detach()
+        return objective.loss_of(stats.logprobs, extras), entropy, stats.argmax
+    plan = _Fast(objective, labels.to(torch.int64), head, outputs, use_kernels)
+    loss, logps, entropy, argmax, *values = _FastFusedLinearLoss.apply(hidden, weight, bias, plan)
+    with torch.no_grad():  # the metrics (the loss came out of the forward, with its gradient)
+        result = objective.loss_of(logps, {name: v for name, v in zip(TOKEN_EXTRAS, values) if v is not None})
+    return (loss, *result[1:]), entropy, argmax
+
+
+def _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget) -> dict:
+    return {
+        "ignore_index": ignore_index,
+        "temperature": temperature,
+        "softcap": softcap,
+        "logit_scale": logit_scale,
+        "memory_budget": memory_budget,
+    }
+
+
+def _reference_sums(names, ref_logps, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, ld_alpha):
+    """The reference's per-sequence sums (LD-weighted as the policy's with ld_alpha): as given, or from ref_hidden
+    under no_grad (2 N H V FLOPs)."""
+    if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
+        raise ValueError("ref_weight and ref_bias need ref_hidden")
+    ref_w = (weight if ref_weight is None else ref_weight).detach()
+    ref_b = None if ref_bias is None else ref_bias.detach()
+    mask = labels != head_args["ignore_index"]
+
+    def compute(h):
+        return sequence_logps(linear_token_logprobs(h, ref_w, labels, ref_b, **head_args), mask, ld_alpha=ld_alpha)
+
+    return reference_logps(dict(zip(names, ref_logps)), "ref_hidden", ref_hidden, hidden, "hidden", compute)
+
+
+# ---------------------------------------------------------------------------------------------- the losses
+
+
+def dpo_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    memory_budget: int | None = None,
+    strategy: str = "auto",
+    **options,
+):
+    """`fastalign.dpo_loss` straight from the policy's last hidden states and the lm_head weight.
+
+    Args:
+        hidden: [2B, T, H], the B chosen rows first, then the B rejected ones; weight: [V, H]; bias: [V] or None.
+        labels: [2B, T] int64 aligned with hidden (the caller shifts); ignore_index marks prompt and padding.
+        ref_chosen_logps, ref_rejected_logps: [B] reference sums over the completions (LD-weighted with ld_alpha,
+            as TRL precomputes them); or instead
+        ref_hidden: [2B, T, H'] the reference model's hidden states, projected under no_grad by ref_weight
+            ([V, H'], default `weight`, as when the reference shares the policy's lm_head) and ref_bias.
+        temperature, softcap, logit_scale: the logits, as in `linear_token_stats`.
+        memory_budget: bytes for the logits-sized buffers (default 256 MiB); see `strategy`.
+        strategy: "auto" (default), "fast" or "lean" (see the module docstring). fast computes the gradient in the
+            forward at 6 N H V FLOPs, holding an fp32 [V, H] d-weight accumulator (none for an fp32 weight) and
+            the d logits of whole pairs; lean recomputes the logits in the backward (8 N H V) and holds no [V, H]
+            buffer. auto takes fast unless the loss type sorts across the batch ("aot", "aot_unpaired") or a
+            pair's d logits (2 T rows x V, in the inputs' dtype on a GPU) exceed max(memory_budget, the
+            accumulator's size).
+        beta, loss_type, loss_weights, label_smoothing, **options: `dpo_loss_from_token_logps`'s (every `dpo_loss`
+            option, ld_alpha, use_weighting, return_per_example); the completion lengths come from the labels.
+
+    Returns:
+        (loss, metrics), or (loss, metrics, per_example) with return_per_example, as `fastalign.dpo_loss`.
+    """
+    check_paired_batch("hidden", hidden, "[2B, T, H]")
+    token_options = {k: options[k] for k in ("ld_alpha", "use_weighting") if k in options}
+    dpo_options = {k: v for k, v in options.items() if k != "return_per_example"}
+    types = [t for t, _ in check_dpo_options(beta, loss_type, loss_weights, label_smoothing, **dpo_options)]
+    head_args = _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget)
+    ref_chosen, ref_rejected = _reference_sums(
+        ("ref_chosen_logps", "ref_rejected_logps"),
+        (ref_chosen_logps, ref_rejected_logps),
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        hidden,
+        weight,
+        labels,
+        head_args,
+        token_options.get("ld_alpha"),
+    )
+    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
+    mask = labels != ignore_index
+    kwargs = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing)
+
+    def loss_of(logps, extras):
+        return dpo_loss_from_token_logps(logps, mask, ref_chosen, ref_rejected, **extras, **kwargs, **options)
+
+    extras = ("log_sum_sq_probs",) * bool(options.get("use_weighting")) + ("mean_logits",) * bool(
+        options.get("return_per_example")
+    )
+    coupled = [t for t in types if t in ("aot", "aot_unpaired")]
+    not_fast = f"loss_type {coupled} sorts the margins across the batch" if coupled else None
+    objective = _Objective(loss_of, "pair", not_fast, extras)
+    return _fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0]
+
+
+def kto_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    desirable: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ref_logps: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    kl: torch.Tensor | float | None = None,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    memory_budget: int | None = None,
+    strategy: str = "auto",
+    **options,
+):
+    """`fastalign.kto_loss` straight from the policy's last hidden states [B, T, H] and the lm_head weight [V, H].
+
+    labels: [B, T] int64 aligned with hidden; desirable: [B] bool. The reference comes as ref_logps [B] or as
+    ref_hidden [B, T, H'] (with ref_weight, ref_bias; under no_grad). kl: TRL's batch KL estimate, detached.
+    options: `kto_loss`'s (average_log_prob, clamp_kl, return_per_example; the lengths come from the labels, and
+    the per-example outputs add logits, the mean logit over each completion's tokens). strategy: as in
+    `dpo_loss_from_hidden`, with a sequence as the unit (every KTO loss type decomposes: the KL is an input).
+    """
+    check_kto_options(beta, desirable_weight, undesirable_weight, loss_type, **{
+        k: v for k, v in options.items() if k != "return_per_example"
+    })  # fmt: skip
+    head_args = _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget)
+    (ref,) = _reference_sums(
+        ("ref_logps",), (ref_logps,), ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, None
+    )
+    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
+    mask = labels != ignore_index
+    lengths = mask.sum(-1)
+    kwargs = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+
+    def loss_of(logps, extras):
+        result = kto_loss(
+            sequence_logps(logps, mask), ref, desirable, kl, loss_type=loss_type, lengths=lengths, **kwargs, **options
+        )
+        if "mean_logits" in extras:
+            with torch.no_grad():
+                result[2]["logits"] = (torch.where(mask, extras["mean_logits"], 0.0).sum(-1) / lengths.clamp(min=1)).to(
+                    result[0].dtype
+                )
+        return result
+
+    extras = ("mean_logits",) * bool(options.get("return_per_example"))
+    objective = _Objective(loss_of, "sequence", None, extras)
+    return _fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0]
+
+
+def ift_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    gamma: float = 0.95,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    memory_budget: int | None = None,
+    strategy: str = "auto",
+) -> torch.Tensor:
+    """`fastalign.ift_loss` straight from hidden [B, T, H], weight [V, H] and labels [B, T] (aligned; the caller
+    shifts). strategy: as in `dpo_loss_from_hidden`, with a sequence as the unit."""
+    gamma = check_gamma(gamma)
+    head_args = _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget)
+    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
+    mask = labels != ignore_index
+
+    def loss_of(logps, _extras):
+        return (ift_loss(logps, mask, gamma=gamma),)
+
+    objective = _Objective(loss_of, "sequence")
+    return _fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0][0]
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def cross_entropy_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    entropy: bool = False,
+    accuracy: bool = False,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    memory_budget: int | None = None,
+    strategy: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Token cross-entropy (the SFT loss) of `labels` under the logits hidden @ weight.T, as F.cross_entropy.
+
+    Args:
+        hidden: [B, T, H]; weight: [V, H]; bias: [V] or None; labels: [B, T] int64 aligned with hidden (the caller
+            shifts), ignore_index where no loss is taken.
+        reduction: "mean" over the tokens that count (default; 0 when none does), "sum", or "none" ([B, T],
+            0 where ignored; lean only: a per-token loss's weights in the weight gradient are unknown in the
+            forward).
+        label_smoothing: in [0, 1) (default 0): (1 - eps) * NLL + eps * mean_v(-log p_v), as F.cross_entropy;
+            fast only.
+        entropy, accuracy: also return metrics["entropy"], the mean entropy of softmax(z) over the tokens that
+            count, and metrics["mean_token_accuracy"], the fraction of them whose argmax is the label (what
+            TRL's SFTTrainer logs). No gradient flows through them.
+        strategy: as in `dpo_loss_from_hidden`, with a token as the unit (no whole-sequence buffer).
+
+    Returns:
+        (loss, metrics): the loss (float32) and the metrics asked for.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}; got {reduction!r}")
+    if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1):
+        raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
+    head_args = _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget)
+    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
+    mask = labels != ignore_index
+    count = mask.sum().clamp(min=1)
+    eps = float(label_smoothing)
+
+    def loss_of(logps, extras):
+        nll = -logps if eps == 0 else -(1 - eps) * logps - eps * torch.where(mask, extras["mean_logps"], 0.0)
+        if reduction == "none":
+            return (nll,)
+        return (nll.sum() / count if reduction == "mean" else nll.sum(),)
+
+    not_fast = "reduction='none'" if reduction == "none" else None
+    objective = _Objective(loss_of, "token", not_fast, ("mean_logps",) * (eps > 0))
+    (loss,), ent, amax = _fused_linear_loss(
+        hidden, weight, labels, bias, objective, head_args, strategy, Outputs(entropy=entropy, argmax=accuracy)
+    )
+    metrics = {}
+    if entropy:
+        metrics["entropy"] = torch.where(mask, ent, 0.0).sum() / count
+    if accuracy:
+        metrics["mean_token_accuracy"] = (mask & (amax == labels)).sum() / count
+    return loss, metrics

@@ -1,0 +1,284 @@
+"""Elementwise kernels of the fast fused-linear losses, around cuBLAS GEMMs that make the fp32 logits.
+
+The caller computes a = hidden @ weight.T in fp32 for a chunk of rows (torch.mm with out_dtype=torch.float32), then:
+- `_logits_stats_kernel`: one program per row folds the row's logits z = chain(a + bias) into online statistics:
+  log-sum-exp, z at the label, and on request the entropy, the argmax, log(sum p^2) and the mean of z.
+- `_logits_grad_kernel`: once the loss's gradient with respect to each row's log-prob (coef) and mean log-prob
+  (coef_mean) is known, writes d loss / d a = chain' * (coef * (onehot - p) + coef_mean * (1 / V - p)) in the
+  GEMMs' operand dtype, over the logits buffer itself or into another one.
+
+Logit chain, per element (as in kernels/linear_logprobs.py): y = logit_scale * (a + b); c = softcap * tanh(y /
+softcap) (or y); z = c / temperature.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta
+from .linear_logprobs import Outputs
+
+# Columns per iteration: 16 KB of fp32 logits per load.
+_BLOCK_V = 4096 if not INTERPRET else 256
+_NUM_WARPS = 8
+_NEG = tl.constexpr(-1e30)
+
+
+@triton.jit
+def _chain(
+    a, p_bias, o_v, m_v, logit_scale, softcap, inv_temperature, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr
+):
+    """z = softcap * tanh(logit_scale * (a + bias) / softcap) / temperature, from fp32 a."""
+    y = a
+    if HAS_BIAS:
+        y += tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32)
+    y = y * logit_scale
+    if HAS_SOFTCAP:
+        # tanh(x) = 2 * sigmoid(2x) - 1: exact to fp32 rounding, and in every Triton version.
+        y = softcap * (2.0 * tl.sigmoid(2.0 * y / softcap) - 1.0)
+    return y * inv_temperature
+
+
+@triton.jit
+def _logits_stats_kernel(
+    p_a,  # [M, V] fp32 raw logits hidden @ weight.T, row stride stride_a
+    p_bias,  # [V] unit stride, if HAS_BIAS
+    p_labels,  # [M] int64, each in [0, V)
+    p_lse,  # [M] fp32 out
+    p_zlabel,  # [M] fp32 out: z at the label
+    p_entropy,  # [M] fp32 out, if RETURN_ENTROPY
+    p_argmax,  # [M] int64 out: the first maximum, if RETURN_ARGMAX
+    p_log_sum_sq,  # [M] fp32 out: log sum_v p_v^2, if RETURN_LOG_SUM_SQ_PROBS
+    p_mean,  # [M] fp32 out: mean_v z, if RETURN_MEAN_LOGITS
+    stride_a,
+    V,
+    logit_scale,
+    softcap,
+    inv_temperature,
+    BLOCK_V: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    RETURN_ENTROPY: tl.constexpr,
+    RETURN_ARGMAX: tl.constexpr,
+    RETURN_LOG_SUM_SQ_PROBS: tl.constexpr,
+    RETURN_MEAN_LOGITS: tl.constexpr,
+):
+    i_m = tl.program_id(0).to(tl.int64)
+    p_row = p_a + i_m * stride_a
+    label = tl.load(p_labels + i_m)
+    m_run = tl.full((), float("-inf"), tl.float32)
+    s_run = tl.zeros((), tl.float32)
+    t_run = tl.zeros((), tl.float32)
+    q_run = tl.zeros((), tl.float32)
+    z_sum = tl.zeros((), tl.float32)
+    i_best = tl.zeros((), tl.int32)
+    z_label = tl.zeros((), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        a = tl.load(p_row + o_v, mask=m_v, other=0.0)
+        z = _chain(a, p_bias, o_v, m_v, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
+        if RETURN_MEAN_LOGITS:
+            z_sum += tl.sum(tl.where(m_v, z, 0.0), 0)
+        z = tl.where(m_v, z, _NEG)
+        b_max = tl.max(z, 0)
+        m_new = tl.maximum(m_run, b_max)
+        if RETURN_ARGMAX:
+            # Strict > keeps the first maximum, as torch.argmax does.
+            b_first = tl.min(tl.where(z == b_max, o_v, V), 0)
+            i_best = tl.where(b_max > m_run, b_first, i_best)
+        z_label += tl.sum(tl.where(o_v == label, z, 0.0), 0)
+        alpha = tl.exp(m_run - m_new)
+        b_e = tl.exp(z - m_new)
+        s_run = s_run * alpha + tl.sum(b_e, 0)
+        if RETURN_ENTROPY:
+            t_run = t_run * alpha + tl.sum(b_e * z, 0)
+        if RETURN_LOG_SUM_SQ_PROBS:
+            q_run = q_run * (alpha * alpha) + tl.sum(b_e * b_e, 0)
+        m_run = m_new
+    lse = m_run + tl.log(s_run)
+    tl.store(p_lse + i_m, lse)
+    tl.store(p_zlabel + i_m, z_label)
+    if RETURN_ENTROPY:
+        tl.store(p_entropy + i_m, lse - t_run / s_run)
+    if RETURN_ARGMAX:
+        tl.store(p_argmax + i_m, i_best.to(tl.int64))
+    if RETURN_LOG_SUM_SQ_PROBS:
+        tl.store(p_log_sum_sq + i_m, tl.log(q_run) - 2.0 * tl.log(s_run))
+    if RETURN_MEAN_LOGITS:
+        tl.store(p_mean + i_m, z_sum / V)
+
+
+@triton.jit
+def _logits_grad_kernel(
+    p_a,  # [M, V] fp32 raw logits, row stride stride_a
+    p_out,  # [M, V] out, row stride stride_out, any float dtype; may be p_a itself (each element read, then written)
+    p_bias,  # [V] unit stride, if HAS_BIAS
+    p_labels,  # [M] int64
+    p_lse,  # [M] fp32
+    p_coef,  # [M] fp32: d loss / d log p(label)
+    p_coef_mean,  # [M] fp32: d loss / d mean_v log p_v, if HAS_MEAN
+    stride_a,
+    stride_out,
+    V,
+    logit_scale,
+    softcap,
+    inv_temperature,
+    BLOCK_V: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_MEAN: tl.constexpr,
+):
+    i_m = tl.program_id(0).to(tl.int64)
+    o_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_v = o_v < V
+    a = tl.load(p_a + i_m * stride_a + o_v, mask=m_v, other=0.0)
+    z = _chain(a, p_bias, o_v, m_v, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
+    p = tl.exp(z - tl.load(p_lse + i_m))
+    coef = tl.load(p_coef + i_m)
+    # d log p(label) / dz = onehot - p;  d mean_v log p_v / dz = 1 / V - p
+    if HAS_MEAN:
+        coef_mean = tl.load(p_coef_mean + i_m)
+        dz = coef_mean / V - (coef + coef_mean) * p
+    else:
+        dz = -coef * p
+    dz += tl.where(o_v == tl.load(p_labels + i_m), coef, 0.0)
+    # Back through temperature, softcap and logit_scale: dz/da = logit_scale / temperature * (1 - tanh^2).
+    da = dz * (inv_temperature * logit_scale)
+    if HAS_SOFTCAP:
+        th = z * (1.0 / (inv_temperature * softcap))
+        da = da * (1.0 - th * th)
+    tl.store(p_out + i_m * stride_out + o_v, da.to(p_out.dtype.element_ty), mask=m_v)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _check_rows(a: torch.Tensor, bias: torch.Tensor | None, **vectors: torch.Tensor | None) -> None:
+    """The launchers' layout contract: fp32 logits with unit column stride, contiguous per-row vectors and bias."""
+    if a.dtype != torch.float32 or a.dim() != 2 or a.stride(1) != 1:
+        raise ValueError(f"a must be fp32 [M, V] with unit stride over V; got {a.dtype} strides {a.stride()}")
+    for name, t in {"bias": bias, **vectors}.items():
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous; got strides {t.stride()}")
+
+
+def _chain_args(temperature: float, softcap: float | None, logit_scale: float) -> tuple[float, float, float]:
+    return logit_scale, 1.0 if softcap is None else softcap, 1.0 / temperature
+
+
+def logits_stats(
+    a: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    logit_scale: float,
+    outputs: Outputs,
+) -> tuple[torch.Tensor, ...]:
+    """a: [M, V] fp32 raw logits (hidden @ weight.T); bias: [V] or None; labels: [M] int64 in [0, V).
+
+    Returns (lse, z at the label, entropy, argmax, log sum p^2, mean z), each [M] (argmax int64, the rest fp32); the
+    last four are None unless asked for in `outputs`."""
+    _check_rows(a, bias, labels=labels)
+    M, V = a.shape
+    dev = a.device
+    lse, z_label = torch.empty(M, device=dev), torch.empty(M, device=dev)
+    entropy = torch.empty(M, device=dev) if outputs.entropy else None
+    argmax = torch.empty(M, device=dev, dtype=torch.int64) if outputs.argmax else None
+    log_sum_sq = torch.empty(M, device=dev) if outputs.log_sum_sq_probs else None
+    mean = torch.empty(M, device=dev) if outputs.mean_logits else None
+    if M:
+        _logits_stats_kernel[(M,)](
+            a,
+            a if bias is None else bias,
+            labels,
+            lse,
+            z_label,
+            lse if entropy is None else entropy,
+            labels if argmax is None else argmax,
+            lse if log_sum_sq is None else log_sum_sq,
+            lse if mean is None else mean,
+            a.stride(0),
+            V,
+            *_chain_args(temperature, softcap, logit_scale),
+            BLOCK_V=_BLOCK_V,
+            HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=softcap is not None,
+            RETURN_ENTROPY=outputs.entropy,
+            RETURN_ARGMAX=outputs.argmax,
+            RETURN_LOG_SUM_SQ_PROBS=outputs.log_sum_sq_probs,
+            RETURN_MEAN_LOGITS=outputs.mean_logits,
+            num_warps=_NUM_WARPS,
+        )
+    return lse, z_label, entropy, argmax, log_sum_sq, mean
+
+
+def logits_grad(
+    a: torch.Tensor,
+    out: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    coef_mean: torch.Tensor | None,
+    temperature: float,
+    softcap: float | None,
+    logit_scale: float,
+) -> None:
+    """Writes d loss / d a into out ([M, V], unit column stride, any float dtype; may be `a` itself) for a loss with
+    d loss / d log p(label) = coef and d loss / d mean_v log p_v = coef_mean ([M] fp32, or None) at each row."""
+    _check_rows(a, bias, labels=labels, lse=lse, coef=coef, coef_mean=coef_mean)
+    if out.shape != a.shape or out.stride(1) != 1:
+        raise ValueError(f"out must have a's shape {tuple(a.shape)} and unit column stride; got {tuple(out.shape)}")
+    M, V = a.shape
+    if M == 0:
+        return
+    _logits_grad_kernel[(M, triton.cdiv(V, _BLOCK_V))](
+        a,
+        out,
+        a if bias is None else bias,
+        labels,
+        lse,
+        coef,
+        coef if coef_mean is None else coef_mean,
+        a.stride(0),
+        out.stride(0),
+        V,
+        *_chain_args(temperature, softcap, logit_scale),
+        BLOCK_V=_BLOCK_V,
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_MEAN=coef_mean is not None,
+        num_warps=_NUM_WARPS,
+    )
+
+
+# ----------------------------------------------------------------------------- compile check
+
+
+def _launch_case(grad_dtype: torch.dtype, m: int, v: int, features: bool) -> None:
+    """Stats then gradient over one chunk of meta fp32 logits, the gradient written in the GEMMs' operand dtype."""
+    a, labels, coef = meta(m, v), meta(m, dtype=torch.int64), meta(m)
+    bias = meta(v, dtype=grad_dtype) if features else None
+    softcap = 30.0 if features else None
+    lse, *_ = logits_stats(a, bias, labels, 0.7, softcap, 1.0, Outputs(*[features] * 4))
+    logits_grad(a, meta(m, v, dtype=grad_dtype), bias, labels, lse, coef, coef if features else None, 0.7, softcap, 1.0)
+
+
+def compile_specs() -> list[LaunchCase]:
+    """A chunk of 1024 rows at the target vocabulary (128256) and an odd one (32001), per GEMM dtype; without and
+    with every feature (bias, softcap, every extra, the mean-log-prob gradient)."""
+    return [
+        LaunchCase(
+            f"{TRITON_DTYPE[dtype]} M=1024 V={v} features={features}",
+            functools.partial(_launch_case, dtype, 1024, v, features),
+        )
+        for dtype in (torch.bfloat16, torch.float16, torch.float32)
+        for v in (128256, 32001)
+        for features in (False, True)
+    ]

@@ -1,0 +1,154 @@
+"""The plumbing of `fastalign bench` and `fastalign gpu-check` on the CPU: the budget cut-off and its skip records, the
+results schema, README's generated table, the pytest runner, the peers' wheels. (CI also runs `gpu-check --rehearse`
+end to end.)"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+import zipfile
+
+import pytest
+import torch
+
+from fastalign import bench, gpu_check
+from fastalign.bench import report
+
+
+def _case(op="token_logprobs", impl="fastalign", shape="N=4", check=None, setup=None) -> bench.Case:
+    x = torch.randn(1024)
+    return bench.Case(op, impl, "fwd", shape, "fp32", setup or (lambda: lambda: x * 2), bytes=8 * 1024, check=check)
+
+
+def test_only_takes_the_suites_op_names():
+    env = bench.Env(torch.device("cpu"), "small")
+    for suite, ops in bench.SUITES.items():
+        module = importlib.import_module(f"fastalign.bench.{suite}")
+        assert {c.op for c in module.cases(env)} == set(ops), suite
+    with pytest.raises(ValueError, match="unknown op.*nope.*token_logprobs"):
+        bench.collect_cases(env, ["nope"])
+    assert {c.op for c in bench.collect_cases(env, ["ift_loss"])} == {"ift_loss"}
+
+
+def test_budget_cut_off_skips_every_later_case_and_says_why():
+    env = bench.Env(torch.device("cpu"), "small")
+    cases = [_case(), _case(impl="eager")]
+    records, skipped, _ = bench.run_cases(env, cases, deadline=time.monotonic() - 1, progress=False)
+    assert records == [] and [s["reason"] for s in skipped] == ["budget", "budget"]
+    assert skipped[0]["case"] == "token_logprobs fastalign fwd N=4 fp32"
+
+
+def test_records_carry_ceilings_checks_and_speedups_only_when_correct():
+    env = bench.Env(torch.device("cpu"), "small")
+
+    def wrong():
+        raise AssertionError("off by one")
+
+    def broken():
+        raise RuntimeError("no such peer")
+
+    cases = [_case(check=lambda: None), _case(impl="eager"), _case(shape="N=8", check=wrong), _case(shape="N=8",
+             impl="eager"), _case(impl="trl", setup=broken)]  # fmt: skip
+    records, skipped, ceilings = bench.run_cases(env, cases, progress=False)
+    assert [(r["impl"], r["shape"]) for r in records] == [(c.impl, c.shape) for c in cases[:4]]
+    assert skipped == [{"case": "token_logprobs trl fwd N=4 fp32", "reason": "RuntimeError: no such peer"}]
+    ok, _, bad, _ = records
+    assert ok["correct"] == "ok" and ok["speedup_vs_eager"] is not None
+    assert bad["correct"] == "AssertionError: off by one" and bad["speedup_vs_eager"] is None
+    assert ok["ceiling"] in ceilings.values and "copy" in ok["ceiling"]
+    expected = 100 * ok["throughput"] / ceilings.values[ok["ceiling"]]  # the record rounds % to 0.1
+    assert ok["pct_of_peak"] == pytest.approx(expected, rel=1e-3, abs=0.051)
+
+
+def test_suites_take_turns_under_a_budget():
+    cases = [
+        _case(op="token_logprobs", shape="a"),
+        _case(op="token_logprobs", shape="a", impl="eager"),
+        _case(op="token_logprobs", shape="b"),
+        _case(op="ondare_step", shape="c"),
+        _case(op="linear_token_logprobs", shape="d"),
+    ]
+    order = [(c.op, c.shape, c.impl) for c in gpu_check.prioritized(cases)]
+    assert order == [
+        ("token_logprobs", "a", "fastalign"),
+        ("token_logprobs", "a", "eager"),
+        ("ondare_step", "c", "fastalign"),
+        ("linear_token_logprobs", "d", "fastalign"),
+        ("token_logprobs", "b", "fastalign"),
+    ]
+
+
+def test_results_file_and_the_generated_table(tmp_path):
+    env = bench.Env(torch.device("cpu"), "small")
+    records, skipped, ceilings = bench.run_cases(env, [_case(check=lambda: None), _case(impl="eager")], progress=False)
+    path = tmp_path / "results" / "nvidia-h200-2026-12-01.json"
+    bench.write_results(path, env, records, skipped, ceilings, gpu_check={"budget_s": 300, "cut": []})
+    results = json.loads(path.read_text())
+    for key in ("device", "torch", "triton", "commit", "date", "ceilings", "records", "skipped", "gpu_check"):
+        assert key in results, key
+    for key in ("op", "impl", "mode", "shape", "dtype", "ms", "throughput", "pct_of_peak", "ceiling", "peak_mem_mb",
+                "speedup_vs_eager", "correct", "device", "commit"):  # fmt: skip
+        assert key in results["records"][0], key
+    table = report.table(path.parent).splitlines()
+    assert len(table) == 2 + 2 and table[0].startswith("| GPU |")
+    assert "| token_logprobs | fwd | N=4 | fp32 | fastalign |" in table[2] and "| ok |" in table[2]
+    assert report.table(tmp_path / "none") == report.EMPTY
+
+
+def test_readme_performance_table_is_the_generated_one():
+    assert report.readme_table() == report.table(), "run `fastalign report --write`"
+
+
+def test_report_write_replaces_only_the_table(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Performance\n\nintro\n\n{report.BEGIN}\nold\n{report.END}\n\n## Next\n")
+    assert report.main(write=True, readme=readme) == 0
+    assert (
+        readme.read_text()
+        == f"# x\n\n## Performance\n\nintro\n\n{report.BEGIN}\n{report.table()}\n{report.END}\n\n## Next\n"
+    )
+
+
+def test_pytest_runner_counts_outcomes_and_stops_at_its_budget(tmp_path):
+    tests = tmp_path / "test_sample.py"
+    tests.write_text("import time\n\ndef test_ok():\n    pass\n\ndef test_wrong():\n    assert 1 == 2\n")
+    done = gpu_check.run_tests((str(tests),), 120, "cpu", tmp_path / "log")
+    assert done["outcomes"] == {"PASSED": 1, "FAILED": 1} and not done["cut_off_by_budget"]
+    assert len(done["failed"]) == 1 and done["failed"][0].endswith("test_sample.py::test_wrong")
+    assert done["returncode"] == 1
+    slow = tmp_path / "test_slow.py"
+    slow.write_text("import time\n\ndef test_sleeps():\n    time.sleep(60)\n")
+    start = time.monotonic()
+    done = gpu_check.run_tests((str(slow),), 3, "cpu", tmp_path / "log2")
+    assert done["cut_off_by_budget"] and done["returncode"] is None and time.monotonic() - start < 30
+
+
+def _wheel(folder, name="fastalign_fake_peer", version="1.0"):
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    dist = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name}/__init__.py", "VALUE = 42\n")
+        z.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        z.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{dist}/RECORD", "")
+    return path
+
+
+def test_peers_come_from_carried_wheels_or_are_reported_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "")
+    status = gpu_check.install_peers(tmp_path / "absent", tmp_path / "site")
+    assert not status["installed_from_wheels"] and "no wheels in" in status["note"]
+    assert set(gpu_check.PEERS) <= set(status)
+    monkeypatch.setitem(gpu_check.PEERS, "fastalign_fake_peer", "fastalign_fake_peer")
+    status = gpu_check.install_peers(tmp_path, tmp_path / "site")  # tmp_path holds no wheel yet
+    assert status["fastalign_fake_peer"].startswith("missing: ModuleNotFoundError")
+    _wheel(tmp_path)
+    status = gpu_check.install_peers(tmp_path, tmp_path / "site")
+    assert status["installed_from_wheels"] and status["fastalign_fake_peer"] == "1.0"
+    assert importlib.import_module("fastalign_fake_peer").VALUE == 42
+    assert str(tmp_path / "site") in sys.path and str(tmp_path / "site") in os.environ["PYTHONPATH"]
+    sys.modules.pop("fastalign_fake_peer")
