@@ -479,15 +479,18 @@ def token_logprobs_bwd(
 _EXTRAS = ("entropy", "argmax", "sum_sq", "mean")  # token_logprobs_fwd's optional outputs, in its order
 
 
-def _launch_case(dtype: torch.dtype, B: int, T: int, V: int, extras: tuple, backward: bool, pad_t: int = 0) -> None:
+def _launch_case(
+    dtype: torch.dtype, B: int, T: int, V: int, extras: tuple, backward: bool, pad_t: int = 0, shard: tuple = ()
+) -> None:
     """Forward (then backward) launches on meta logits [B, T, V], sliced from [B, T + pad_t, V] when pad_t > 0, with
-    the optional outputs named in `extras` (of _EXTRAS)."""
+    the optional outputs named in `extras` (of _EXTRAS); shard = (vocab_offset, vocab_total) of a vocabulary slice."""
     logits = meta(B, T + pad_t, V, dtype=dtype)[:, :T]
     labels = meta(B * T, dtype=torch.int64)
-    logp, lse, entropy, *_ = token_logprobs_fwd(logits, labels, -100, 1.0, *(name in extras for name in _EXTRAS))
+    flags = (name in extras for name in _EXTRAS)
+    logp, lse, entropy, *_ = token_logprobs_fwd(logits, labels, -100, 1.0, *flags, *shard)
     if backward:
         dlogits = meta(B, T, V, dtype=dtype)
-        token_logprobs_bwd(logits, dlogits, labels, lse, logp, logp, entropy, entropy, -100, 1.0)
+        token_logprobs_bwd(logits, dlogits, labels, lse, logp, logp, entropy, entropy, -100, 1.0, *shard)
 
 
 def _tiles(args: dict) -> tuple[int]:
@@ -498,8 +501,8 @@ def _tiles(args: dict) -> tuple[int]:
 
 def compile_specs() -> list[LaunchCase]:
     """The target (bf16 N=16384 V=128256, which fastalign.logprobs views as [1, N, V]) with no extras and with entropy
-    and argmax; every extra, fp16/fp32 at that V and at an odd one, a sliced logits[:, :-1] (B=8, T=257) and a single
-    token (N = T = 1 specializes)."""
+    and argmax; every extra, fp16/fp32 at that V and at an odd one, a sliced logits[:, :-1] (B=8, T=257), a single
+    token (N = T = 1 specializes) and a vocabulary slice."""
     N, V = 16384, 128256
     trips = {"_token_logprobs_fwd_kernel": _tiles, "_token_logprobs_bwd_kernel": _tiles}
     cases = [
@@ -520,4 +523,7 @@ def compile_specs() -> list[LaunchCase]:
         cases.append(LaunchCase(label, functools.partial(_launch_case, dtype, 1, 4096, v, extras, True)))
     sliced = functools.partial(_launch_case, torch.bfloat16, 8, 257, 50257, _EXTRAS, True, 1)
     one_token = functools.partial(_launch_case, torch.bfloat16, 1, 1, V, _EXTRAS, True)
-    return cases + [LaunchCase("sliced [:, :-1] bf16 B=8 T=257 V=50257", sliced), LaunchCase("one token", one_token)]
+    # Shard(-1) logits: rank 2 of 4's slice of V (the offset and total are runtime arguments).
+    vocab_shard = functools.partial(_launch_case, torch.bfloat16, 1, 4096, V // 4, _EXTRAS, True, 0, (V // 2, V))
+    cases += [LaunchCase("sliced [:, :-1] bf16 B=8 T=257 V=50257", sliced), LaunchCase("one token", one_token)]
+    return cases + [LaunchCase(f"vocab shard bf16 N=4096 V={V // 4} of {V}", vocab_shard)]

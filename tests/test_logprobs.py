@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logprobs_dtensor_worker
 import pytest
 import torch
+from distributed import run_on_processes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from utils import GRAD_RTOL, VALUE_RTOL, rel_err
@@ -245,6 +247,16 @@ def test_empty_input(backend, device):
 def test_random_shapes(B, T, V, temperature, dtype, device):
     logits, labels = make_inputs((B, T), V, dtype, device)
     check_against_reference(logits, labels, temperature=temperature)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_logits(world, backend, device):
+    """Shard(-1) DTensor logits on 2 and 4 gloo processes match the op on the whole logits in one process: every
+    output and d logits, fp32 and bf16, uneven slices, labels in every slice, ignored rows, a slice of -inf logits
+    only; replicated logits and an out-of-range label raise. See tests/logprobs_dtensor_worker.py."""
+    if device.type != "cpu":
+        pytest.skip("gloo on the CPU")
+    run_on_processes(logprobs_dtensor_worker.main, backend, world, world=world)
 
 
 # ----------------------------------------------------------------------------- bad input
