@@ -213,15 +213,57 @@ def _local_bias(bias: torch.Tensor | None, shard: VocabShard) -> torch.Tensor | 
 # ---------------------------------------------------------------------------------------------- linear head
 
 
-def _logits_at(hidden, weight, bias, index, head) -> torch.Tensor:
-    """fp32 [N] logits z[n, index[n]] of the rows hidden [N, H] under weight [V_r, H] (the head's transform)."""
-    z = torch.einsum("nh,nh->n", hidden.float(), weight[index].float())
-    if bias is not None:
-        z = z + bias[index].float()
-    z = z * head.logit_scale
-    if head.softcap is not None:
-        z = head.softcap * torch.tanh(z / head.softcap)
-    return z / head.temperature
+_ROW_BLOCK = 4096  # rows per block of the fp32 dot products below: their temporaries stay 2 x 4096 x H floats
+
+
+class _RowLogits(torch.autograd.Function):
+    """fp32 [N] logits z[n, index[n]] of the rows of hidden [..., H] (N rows) under weight [V_r, H] and bias [V_r]
+    (the head's transform), accumulated in fp32. It saves only its inputs and [N] floats: autograd through a gather
+    would keep the gathered weight rows and fp32 copies, 2 N H floats, until the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, index, head):
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        a = torch.empty(rows.shape[0], device=rows.device)
+        for r0 in range(0, rows.shape[0], _ROW_BLOCK):
+            r1 = r0 + _ROW_BLOCK
+            a[r0:r1] = (rows[r0:r1].float() * weight[index[r0:r1]].float()).sum(-1)
+        if bias is not None:
+            a += bias[index].float()
+        a *= head.logit_scale
+        ctx.save_for_backward(hidden, weight, bias, index, a)
+        ctx.head = head
+        z = a if head.softcap is None else head.softcap * torch.tanh(a / head.softcap)
+        return z / head.temperature
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, index, a = ctx.saved_tensors
+        head = ctx.head
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        ga = grad.float() * (head.logit_scale / head.temperature)  # d z / d (hidden . weight + bias)
+        if head.softcap is not None:
+            ga = ga * (1 - torch.tanh(a / head.softcap).square())
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        dh = torch.empty(rows.shape, device=rows.device, dtype=hidden.dtype) if need_h else None
+        dw = torch.zeros(weight.shape, device=weight.device) if need_w else None  # fp32, rows may repeat
+        for r0 in range(0, rows.shape[0], _ROW_BLOCK):
+            r1 = r0 + _ROW_BLOCK
+            g = ga[r0:r1, None]
+            if need_h:
+                dh[r0:r1] = g * weight[index[r0:r1]].float()
+            if need_w:
+                dw.index_add_(0, index[r0:r1], g * rows[r0:r1].float())
+        db = None
+        if need_b:
+            db = torch.zeros(bias.shape, device=bias.device).index_add_(0, index, ga).to(bias.dtype)
+        return (
+            None if dh is None else dh.view(hidden.shape),
+            None if dw is None else dw.to(weight.dtype),
+            db,
+            None,
+            None,
+        )
 
 
 def linear_head_stats(hidden, weight, labels, bias, head, outputs, shard: VocabShard, local_stats):
@@ -258,13 +300,12 @@ def linear_head_stats(hidden, weight, labels, bias, head, outputs, shard: VocabS
     local = torch.where(here, local, torch.where(keep, 0, head.ignore_index)).view(labels.shape)
     logp_r, entropy_r, argmax_r, sq_r, mean_r = local_stats(x, w_local, local, b_local, outputs)
 
-    x_rows = x.reshape(-1, x.shape[-1])
-    z_label = _logits_at(x_rows, w_local, b_local, local.reshape(-1).clamp(min=0), head)
+    z_label = _RowLogits.apply(x, w_local, b_local, local.reshape(-1).clamp(min=0), head)
     lse_r = z_label - logp_r.reshape(-1)  # differentiable: d lse_r / d logits = the slice's softmax
     with torch.no_grad():
         argmax_logit = argmax_index = None
         if argmax_r is not None:
-            argmax_logit = _logits_at(x_rows, w_local, b_local, argmax_r.reshape(-1), head)
+            argmax_logit = _RowLogits.apply(x, w_local, b_local, argmax_r.reshape(-1), head)
             argmax_index = argmax_r.reshape(-1) + shard.start
     stats = combine_vocab_stats(
         group,
