@@ -77,6 +77,11 @@ def main(rank: int, backend: str, world: int) -> None:
                 assert torch.isfinite(grad).all()
                 assert rel_err(grad, whole.grad) < GRAD_RTOL[dtype], rel_err(grad, whole.grad)
                 assert (grad[2, :3] == 0).all() or extras  # ignored rows: no gradient without the entropy's
+            # In place: d logits overwrites the local buffer of the (non-leaf) DTensor logits; same as token_logprobs.
+            leaf = distribute_tensor(logits, mesh, [Shard(-1)]).requires_grad_(True)
+            logp = fastalign.token_logprobs(leaf * 1, labels, temperature=0.7, inplace_backward=True)
+            (logp * g).sum().backward()
+            assert torch.equal(leaf.grad.full_tensor(), grad)
 
         logits, labels = inputs(world, torch.float32)
         with contextlib.suppress(ValueError):

@@ -252,8 +252,8 @@ def test_random_shapes(B, T, V, temperature, dtype, device):
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_logits(world, backend, device):
     """Shard(-1) DTensor logits on 2 and 4 gloo processes match the op on the whole logits in one process: every
-    output and d logits, fp32 and bf16, uneven slices, labels in every slice, ignored rows, a slice of -inf logits
-    only; replicated logits and an out-of-range label raise. See tests/logprobs_dtensor_worker.py."""
+    output and d logits (also in place), fp32 and bf16, uneven slices, labels in every slice, ignored rows, a slice
+    of -inf logits only; replicated logits and an out-of-range label raise. See tests/logprobs_dtensor_worker.py."""
     if device.type != "cpu":
         pytest.skip("gloo on the CPU")
     run_on_processes(logprobs_dtensor_worker.main, backend, world, world=world)
