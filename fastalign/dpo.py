@@ -80,6 +80,7 @@ class _Pairs(NamedTuple):
     f_divergence_type: str
     f_alpha_divergence_coef: float
     discopop_tau: float
+    averaged: bool  # the four log-probs are already per-token means (average_log_prob)
 
     @property
     def chosen_logratios(self) -> torch.Tensor:
@@ -104,7 +105,10 @@ class _Pairs(NamedTuple):
 
     @property
     def per_token_score_margin(self) -> torch.Tensor:
-        """`score_margin` with each side divided by its completion length (clamped to >= 1)."""
+        """`score_margin` with each side divided by its completion length (clamped to >= 1); `score_margin` itself
+        when the log-probs are already per-token means (average_log_prob): "ipo" and "sigmoid_norm" divide once."""
+        if self.averaged:
+            return self.score_margin
         chosen = self.scores(self.chosen_logratios) / self.chosen_lengths.clamp(min=1)
         return chosen - self.scores(self.rejected_logratios) / self.rejected_lengths.clamp(min=1)
 
@@ -289,12 +293,6 @@ def check_dpo_options(
     if "exo_pair" in types and label_smoothing == 0:
         raise ValueError("label_smoothing must be > 0 for loss_type 'exo_pair' (the EXO paper uses 1e-3)")
     _check_flag("average_log_prob", average_log_prob)
-    normalised = [t for t in types if t in ("ipo", "sigmoid_norm")]
-    if average_log_prob and normalised:
-        raise ValueError(
-            f"average_log_prob=True cannot be combined with loss_type {normalised}: 'ipo' and 'sigmoid_norm' "
-            "divide by the completion lengths themselves"
-        )
     if f_divergence_type not in F_DIVERGENCE_TYPES:
         raise ValueError(f"f_divergence_type {f_divergence_type!r} is not one of {list(F_DIVERGENCE_TYPES)}")
     unsupported = [t for t in types if t not in F_DIVERGENCE_LOSS_TYPES]
@@ -455,7 +453,8 @@ def dpo_loss(
             and average_log_prob (clamped to >= 1).
         average_log_prob: the losses compare per-token means: all four inputs are divided by the lengths
             (default False). "sft" still averages the NLL over all chosen tokens of the batch; "ipo" and
-            "sigmoid_norm", which divide by the lengths themselves, refuse it.
+            "sigmoid_norm", which compare per-token means anyway, take the means as they are (no second
+            division): under reverse KL the same loss as without the option.
         f_divergence_type: f-DPO's regulariser, one of F_DIVERGENCE_TYPES (default "reverse_kl", DPO's).
             The others replace each log-ratio u by f'(e^u) in the loss types of F_DIVERGENCE_LOSS_TYPES:
             forward_kl 1 - e^-u, js_divergence log 2 + log sigmoid(u), alpha_divergence
@@ -566,6 +565,7 @@ def _dpo(
         f_divergence_type,
         float(f_alpha_divergence_coef),
         float(discopop_tau),
+        average_log_prob,
     )
     per_pair = sum(weight * _PER_SEQUENCE[t](pairs) for t, weight in terms)
     if pair_weights is not None:

@@ -14,6 +14,7 @@ softcap) (or y); z = c / temperature.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import triton
@@ -261,24 +262,30 @@ def logits_grad(
 # ----------------------------------------------------------------------------- compile check
 
 
-def _launch_case(grad_dtype: torch.dtype, m: int, v: int, features: bool) -> None:
-    """Stats then gradient over one chunk of meta fp32 logits, the gradient written in the GEMMs' operand dtype."""
-    a, labels, coef = meta(m, v), meta(m, dtype=torch.int64), meta(m)
-    bias = meta(v, dtype=grad_dtype) if features else None
-    softcap = 30.0 if features else None
-    lse, *_ = logits_stats(a, bias, labels, 0.7, softcap, 1.0, Outputs(*[features] * 4))
-    logits_grad(a, meta(m, v, dtype=grad_dtype), bias, labels, lse, coef, coef if features else None, 0.7, softcap, 1.0)
+def _launch_case(dtype: torch.dtype, M: int, V: int, features: bool) -> None:
+    """One chunk of the fast forward on meta tensors: the stats of M rows of fp32 logits [M, V], then d logits in the
+    inputs' dtype (a buffer of its own for bf16/fp16, over the logits for fp32). With `features`: bias, softcap,
+    every extra and label smoothing's mean term."""
+    a, labels = meta(M, V), meta(M, dtype=torch.int64)
+    bias, softcap = (meta(V, dtype=dtype), 30.0) if features else (None, None)
+    lse, *_ = logits_stats(a, bias, labels, 1.0, softcap, 1.0, Outputs(*[features] * 4))
+    out = a if dtype == torch.float32 else meta(M, V, dtype=dtype)
+    coef_mean = meta(M) if features else None
+    logits_grad(a, out, bias, labels, lse, meta(M), coef_mean, 1.0, softcap, 1.0)
 
 
 def compile_specs() -> list[LaunchCase]:
-    """A chunk of 1024 rows at the target vocabulary (128256) and an odd one (32001), per GEMM dtype; without and
-    with every feature (bias, softcap, every extra, the mean-log-prob gradient)."""
-    return [
-        LaunchCase(
-            f"{TRITON_DTYPE[dtype]} M=1024 V={v} features={features}",
-            functools.partial(_launch_case, dtype, 1024, v, features),
-        )
-        for dtype in (torch.bfloat16, torch.float16, torch.float32)
-        for v in (128256, 32001)
-        for features in (False, True)
-    ]
+    """The target's chunk (bf16 V=128256: 348 rows fill the default 256 MiB budget at 6 bytes per logit), without and
+    with every feature; fp16 and fp32 (d logits in place); each at an odd vocabulary (32001) too."""
+    M, V = 348, 128256
+    trips = {"_logits_stats_kernel": lambda a: (triton.cdiv(a["V"], a["BLOCK_V"]),)}
+    shapes = list(itertools.product((torch.bfloat16, torch.float16, torch.float32), (V, 32001)))
+    cases = []
+    for (dtype, v), features in itertools.product(shapes, (False, True)):
+        # Floor: the stats read the fp32 logits; the gradient reads them again and writes d logits.
+        floor = M * v * (4 + 4 + dtype.itemsize)
+        label = f"chunk {TRITON_DTYPE[dtype]} M={M} V={v} features={features}"
+        target = (dtype, v, features) == (torch.bfloat16, V, False)
+        launch = functools.partial(_launch_case, dtype, M, v, features)
+        cases.append(LaunchCase(label, launch, bytes=floor if target else 0, trips=trips))
+    return cases

@@ -22,7 +22,6 @@ from fastalign.dpo import sequence_logps as reduce_tokens
 from fastalign.reference import dpo as ref
 
 IGNORE = -100
-NOT_AVERAGED = ("ipo", "sigmoid_norm")  # they divide by the lengths themselves and refuse average_log_prob
 
 
 def options_for(loss_type: str) -> dict:
@@ -112,7 +111,7 @@ def test_discopop_extreme_margins_are_finite_and_exact(dtype):
 # ----------------------------------------------------------------------------- average_log_prob
 
 
-@pytest.mark.parametrize("loss_type", [t for t in DPO_LOSS_TYPES if t not in NOT_AVERAGED])
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 def test_average_log_prob_matches_float64_reference(loss_type, device):
     policy, reference, lengths = sequence_logps(5, device)
     check_dpo_against_reference(policy, reference, lengths, -0.8, average_log_prob=True, **options_for(loss_type))
@@ -142,13 +141,21 @@ def test_average_log_prob_is_the_mean_token_weighting(device):
         assert averaged[1]["logps/chosen"].item() == pytest.approx(means[:B].mean().item(), rel=1e-6)
 
 
-def test_average_log_prob_refuses_the_length_normalised_types():
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
+def test_average_log_prob_leaves_the_length_normalised_types_as_they_are(loss_type, device):
+    """They compare per-token means already: under reverse KL the option changes nothing (not a second division);
+    under forward KL they take the f-divergence of the mean log-ratio."""
+    policy, reference, lengths = sequence_logps(6, device)
+    kw = {"chosen_lengths": lengths[0], "rejected_lengths": lengths[1], "loss_type": loss_type, "beta": 0.3}
+    averaged = fastalign.dpo_loss(*policy, *reference, average_log_prob=True, **kw)[0]
+    torch.testing.assert_close(averaged, fastalign.dpo_loss(*policy, *reference, **kw)[0], rtol=1e-6, atol=0)
+    check_dpo_against_reference(policy, reference, lengths, -0.8, average_log_prob=True, f_divergence_type="forward_kl",
+                                **kw)  # fmt: skip
+    fastalign.DPOLoss(loss_type=loss_type, average_log_prob=True)  # accepted
+
+
+def test_average_log_prob_bad_inputs():
     policy, reference, lengths = sequence_logps(2, "cpu")
-    for loss_type in NOT_AVERAGED:
-        with pytest.raises(
-            ValueError, match=rf"average_log_prob=True cannot be combined with loss_type \['{loss_type}'\]"
-        ):
-            fastalign.DPOLoss(loss_type=loss_type, average_log_prob=True)
     with pytest.raises(ValueError, match=r"\['average_log_prob'\] needs chosen_lengths and rejected_lengths"):
         fastalign.dpo_loss(*policy, *reference, average_log_prob=True)
     with pytest.raises(TypeError, match="average_log_prob must be True or False; got 1"):

@@ -5,6 +5,7 @@ applies Liger's layer kernels and keeps fastalign's head, as TRL 1.16 keeps its 
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -137,6 +138,21 @@ def test_bad_dpo_config_options_raise_before_trl(tok, rows, tmp_path):
         dpo_trainer(DPOTrainer, tok, rows, tmp_path, policy, reference, discopop_tau=-1.0, loss_type=["discopop"])
 
 
+@pytest.fixture
+def restore_transformers_globals():
+    """Liger's layer kernels replace module globals of transformers (modeling_llama's LlamaRMSNorm, LlamaMLP,
+    apply_rotary_pos_emb) for every model built afterwards; put back each one this test changed, so that later
+    test files build stock Llamas."""
+    saved = {name: dict(vars(m)) for name, m in list(sys.modules.items()) if name.startswith("transformers") and m}
+    yield
+    for name, before in saved.items():
+        module = getattr(sys.modules.get(name), "__dict__", {})
+        for key, value in before.items():
+            if module.get(key) is not value:
+                module[key] = value
+
+
+@pytest.mark.usefixtures("restore_transformers_globals")
 def test_use_liger_kernel_keeps_fastalign_head(tok, rows, tmp_path):
     """TRL 1.16 turns use_liger_kernel into Liger's layer kernels only (no fused linear cross-entropy), applied
     when training starts; fastalign's head, installed at construction, is still the one that runs."""
@@ -149,3 +165,11 @@ def test_use_liger_kernel_keeps_fastalign_head(tok, rows, tmp_path):
     apply_liger_kernel(trainer.model, trainer.args.liger_kernel_config)  # what Trainer.train() does first
     assert is_patched(trainer.model)
     assert trainer.model.model.norm.forward.__func__.__module__.startswith("liger_kernel")  # the layer kernels
+
+
+def test_liger_layer_kernels_do_not_outlive_their_test():
+    """Runs after test_use_liger_kernel_keeps_fastalign_head (file order): a Llama built now is stock."""
+    from transformers.models.llama import modeling_llama
+
+    for name in ("LlamaRMSNorm", "LlamaMLP", "apply_rotary_pos_emb"):
+        assert getattr(modeling_llama, name).__module__ == modeling_llama.__name__, name

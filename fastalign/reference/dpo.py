@@ -12,11 +12,14 @@ from fastalign.reference.logprobs import token_logprobs
 
 
 def _log_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    return -torch.log1p(torch.exp(-x))
+    # log(1 / (1 + e^-x)), for x < 0 as x - log(1 + e^x): no exp overflows (f-divergence scores reach |x| > 709).
+    # Each branch sees only its half-line, so the branch not taken has finite values and gradients.
+    positive, negative = torch.clamp(x, min=0), torch.clamp(x, max=0)
+    return torch.where(x >= 0, -torch.log1p(torch.exp(-positive)), negative - torch.log1p(torch.exp(negative)))
 
 
 def _sigmoid(x: torch.Tensor) -> torch.Tensor:
-    return 1 / (1 + torch.exp(-x))
+    return torch.exp(_log_sigmoid(x))
 
 
 def _f_prime(u: torch.Tensor, f_divergence_type: str, alpha: float) -> torch.Tensor:
@@ -36,9 +39,9 @@ def _f_prime(u: torch.Tensor, f_divergence_type: str, alpha: float) -> torch.Ten
     raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}")
 
 
-def _per_sequence(loss_type, pc, pr, rc, rr, lc, lr, sums_c, beta, eps, f_div, f_alpha, tau):
+def _per_sequence(loss_type, pc, pr, rc, rr, lc, lr, sums_c, beta, eps, f_div, f_alpha, tau, averaged=False):
     """One loss type's per-pair loss [B]: pc/pr policy chosen/rejected values, rc/rr reference, lc/lr lengths,
-    sums_c the plain chosen sums of "sft"."""
+    sums_c the plain chosen sums of "sft"; averaged: pc..rr are per-token means already."""
     chosen_ratio, rejected_ratio = pc - rc, pr - rr
     chosen_score, rejected_score = _f_prime(chosen_ratio, f_div, f_alpha), _f_prime(rejected_ratio, f_div, f_alpha)
     h = chosen_score - rejected_score  # DPO's implicit reward margin / beta (under reverse KL)
@@ -47,8 +50,11 @@ def _per_sequence(loss_type, pc, pr, rc, rr, lc, lr, sums_c, beta, eps, f_div, f
     if loss_type == "hinge":
         return torch.clamp(1 - beta * h, min=0)
     if loss_type in ("ipo", "sigmoid_norm"):
-        lc, lr = torch.clamp(lc.to(pc.dtype), min=1), torch.clamp(lr.to(pc.dtype), min=1)
-        h_per_token = chosen_score / lc - rejected_score / lr
+        if averaged:
+            h_per_token = h
+        else:
+            lc, lr = torch.clamp(lc.to(pc.dtype), min=1), torch.clamp(lr.to(pc.dtype), min=1)
+            h_per_token = chosen_score / lc - rejected_score / lr
         if loss_type == "ipo":
             return (h_per_token - 1 / (2 * beta)) ** 2
         return -_log_sigmoid(beta * h_per_token)
@@ -120,7 +126,7 @@ def dpo_loss(
     for t, w in zip(types, weights):
         per_pair = _per_sequence(
             t, pc, pr, rc, rr, chosen_lengths, rejected_lengths, sums_c, beta, label_smoothing,
-            f_divergence_type, f_alpha_divergence_coef, discopop_tau,
+            f_divergence_type, f_alpha_divergence_coef, discopop_tau, average_log_prob,
         )  # fmt: skip
         if pair_weights is not None:
             per_pair = per_pair * pair_weights
