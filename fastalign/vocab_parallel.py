@@ -155,8 +155,9 @@ class VocabShard:
 
 def vocab_shard(weight: torch.Tensor, name: str = "weight") -> VocabShard | None:
     """The VocabShard of a vocab-parallel weight (a DTensor, Shard(0) on the mesh dim named "tp", replicated on
-    the others); None for any other tensor, including DTensors on meshes without a "tp" dim (FSDP2 / HSDP weights,
-    which the callers gather). Raises ValueError for a "tp" layout that cannot be vocab-parallel."""
+    the others); None for any other tensor, including DTensors replicated on "tp" or on meshes without a "tp" dim
+    (FSDP2 / HSDP weights, which the callers gather). Raises ValueError for a "tp" layout that cannot be
+    vocab-parallel."""
     try:
         from torch.distributed.tensor import DTensor, Replicate, Shard
     except ImportError:  # torch without distributed
@@ -169,6 +170,8 @@ def vocab_shard(weight: torch.Tensor, name: str = "weight") -> VocabShard | None
         return None
     tp = dim_names.index(TP_DIM)
     placements = weight.placements
+    if isinstance(placements[tp], Replicate):  # e.g. accelerate's mesh with TP off: FSDP's, gathered by the caller
+        return None
     if not (isinstance(placements[tp], Shard) and placements[tp].dim == 0 and type(placements[tp]) is Shard):
         raise ValueError(
             f"{name} is a DTensor on the mesh dim {TP_DIM!r} with placement {placements[tp]}; a vocab-parallel head "

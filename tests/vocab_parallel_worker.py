@@ -170,6 +170,11 @@ def errors_main(rank: int, world: int) -> None:
     if world == 4:
         mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
         cases.append((distribute_tensor(weight, mesh2, [Shard(0), Shard(0)]), "replicated on the others"))
+        # Replicate on "tp" (accelerate's mesh with TP off, FSDP on "dp"): not vocab-parallel, gathered as before.
+        fsdp_like = distribute_tensor(weight, mesh2, [Shard(0), Replicate()])
+        assert torch.equal(
+            linear_token_logprobs(hidden, fsdp_like, labels), linear_token_logprobs(hidden, weight, labels)
+        )
     for w, message in cases:
         try:
             linear_token_logprobs(hidden, w, labels.clamp(max=w.shape[0] - 1))
