@@ -371,7 +371,7 @@ def _ties_delta_kernel(
         p_c = p_m
         if ACCUMULATE:
             p_c = _ptr(p_slot, _CACHED, tl.float32, ALIGNED)
-        p_d = p_delta + flat_offset
+        p_d = p_delta + tl.multiple_of(flat_offset, BLOCK)  # slots start on BLOCKs of the Δ buffer: 16-byte accesses
         step_size = tl.load(p_step_size + slot)
         inv_scale = 1.0 / tl.load(p_grad_scale)
         b_hist = tl.zeros([2**BITS], dtype=tl.int32)
@@ -449,7 +449,7 @@ def _ties_apply_kernel(
         p_c = p_param
         if ACCUMULATE:
             p_c = _ptr(p_slot, _CACHED, tl.float32, ALIGNED)
-        p_d = p_delta + flat_offset
+        p_d = p_delta + tl.multiple_of(flat_offset, BLOCK)  # slots start on BLOCKs of the Δ buffer: 16-byte accesses
         budget = tl.load(p_budget + i_t)
         taken = tl.zeros((), tl.int64)
         for b0 in range(begin, full_end, BLOCK):
