@@ -289,7 +289,7 @@ def _ondare_step_kernel(
         if ACCUMULATE:
             p_c = _ptr(p_slot, _CACHED, tl.float32, ALIGNED)
         global_offset = tl.load(p_slot + _GLOBAL_OFFSET)
-        run = tl.load(p_slot + _RUN)
+        run_len = tl.load(p_slot + _RUN)
         run_stride = tl.load(p_slot + _RUN_STRIDE)
         step_key = _step_key(tl.load(p_slot + _DARE_KEY), t)
         step_size = tl.load(p_step_size + slot)
@@ -301,7 +301,7 @@ def _ondare_step_kernel(
             bound = tl.load(p_rescale + slot * 2 + 1)
         for b0 in range(begin, full_end, BLOCK):
             a, k = _ondare_block(
-                p_param, p_grad, p_m, p_v, p_tau, p_c, b0 + tl.arange(0, BLOCK), end, global_offset, run,
+                p_param, p_grad, p_m, p_v, p_tau, p_c, b0 + tl.arange(0, BLOCK), end, global_offset, run_len,
                 run_stride, step_key, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd,
                 alpha, inv_p, keep_below, HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, False,
             )  # fmt: skip
@@ -310,7 +310,7 @@ def _ondare_step_kernel(
         if full_end < end:
             a, k = _ondare_block(
                 p_param, p_grad, p_m, p_v, p_tau, p_c, full_end + tl.arange(0, BLOCK), end, global_offset,
-                run, run_stride, step_key, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps,
+                run_len, run_stride, step_key, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps,
                 lr_wd, alpha, inv_p, keep_below, HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, True,
             )  # fmt: skip
             s_abs += a
@@ -371,7 +371,7 @@ def _ties_delta_kernel(
         p_c = p_m
         if ACCUMULATE:
             p_c = _ptr(p_slot, _CACHED, tl.float32, ALIGNED)
-        p_d = p_delta + flat_offset
+        p_d = p_delta + tl.multiple_of(flat_offset, BLOCK)  # slots start on BLOCKs of the Δ buffer: 16-byte accesses
         step_size = tl.load(p_step_size + slot)
         inv_scale = 1.0 / tl.load(p_grad_scale)
         b_hist = tl.zeros([2**BITS], dtype=tl.int32)
@@ -449,7 +449,7 @@ def _ties_apply_kernel(
         p_c = p_param
         if ACCUMULATE:
             p_c = _ptr(p_slot, _CACHED, tl.float32, ALIGNED)
-        p_d = p_delta + flat_offset
+        p_d = p_delta + tl.multiple_of(flat_offset, BLOCK)  # slots start on BLOCKs of the Δ buffer: 16-byte accesses
         budget = tl.load(p_budget + i_t)
         taken = tl.zeros((), tl.int64)
         for b0 in range(begin, full_end, BLOCK):
