@@ -10,10 +10,13 @@ only when given); log-probs, entropy and argmax are those of softmax(z).
   logits tiles and writes d a = d loss / d (hidden @ weight.T + bias) into the chunk buffer; two GEMMs then add
   d hidden += d a @ W[chunk] into an fp32 accumulator and write d W[chunk] = d a.T @ hidden with fp32
   accumulation. Deterministic (no atomics), and bf16 rounding touches each gradient once, at the end.
-- The torch path (CPU outside the interpreter, other devices) runs the same chunk loop in fp32 torch ops.
+- The torch path (CPU outside the interpreter, other devices) runs the same chunk loop in fp32 torch ops. When the
+  whole vocabulary fits one forward chunk, it takes one fused log_softmax and keeps the fp32 log-probs for the
+  backward instead of recomputing the logits (6 N H V, as eager PyTorch): they are within `memory_budget`, and a
+  CPU is short of FLOPs, not memory.
 
-Costs of one call: 8 N H V FLOPs for forward + backward (the backward recomputes the logits), and one host
-sync, to count the rows that are scored and reject labels outside [0, V).
+Costs of one call: 8 N H V FLOPs for forward + backward (the backward recomputes the logits; 6 where the torch path
+keeps them), and one host sync, to count the rows that are scored and reject labels outside [0, V).
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ import torch
 from fastalign._backend import as_btv, backend_for, check_float, check_labels, check_positive, label_range_error
 from fastalign.kernels.linear_logprobs import Outputs, bwd_chunk_multiple, linear_logprobs_bwd, linear_logprobs_fwd
 from fastalign.logprobs import TokenStats
+from fastalign.vocab_parallel import linear_head_stats, vocab_shard
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 """Bytes for the logits-sized temporaries of one call (the backward's vocabulary chunk); see `linear_token_stats`."""
 
+# Rows per block of the torch path's elementwise work, so its temporaries stay near 16 MB whatever the chunk.
+_TORCH_BLOCK_ELEMENTS = 2**22
 # torch.mm(..., out_dtype=torch.float32) from bf16/fp16 operands: CUDA, torch >= 2.8.
 _MM_OUT_DTYPE = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 8)
 
@@ -98,26 +104,78 @@ def _vocab_chunk(V: int, budget: int, bytes_per_column: int, multiple: int) -> i
 # ---------------------------------------------------------------------------------------------- torch path
 
 
+def _torch_chain_(a: torch.Tensor, bias: torch.Tensor | None, head: _Head) -> torch.Tensor:
+    """a -> z = softcap * tanh(logit_scale * (a + bias) / softcap) / temperature, in place."""
+    if bias is not None:
+        a += bias.float()
+    if head.logit_scale != 1.0:
+        a *= head.logit_scale
+    if head.softcap is not None:
+        a.div_(head.softcap).tanh_().mul_(head.softcap)
+    if head.temperature != 1.0:
+        a /= head.temperature
+    return a
+
+
+def _row_blocks(rows: int, V: int) -> list[tuple[int, int]]:
+    step = max(1, _TORCH_BLOCK_ELEMENTS // V)
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def _torch_stats(a, bias, labels, head: _Head, outputs: Outputs):
+    """The contract of `fastalign.kernels.fused_linear_loss.logits_stats` in torch ops, over every column at once:
+    a [rows, V] fp32 raw logits becomes log p in place (one fused log_softmax; labels in [0, V))."""
+    z = _torch_chain_(a, bias, head)
+    z_label = z.gather(1, labels[:, None]).squeeze(1)
+    torch.ops.aten._log_softmax.out(z, 1, False, out=z)  # row by row: safe in place
+    logp = z
+    lse = z_label - logp.gather(1, labels[:, None]).squeeze(1)
+    entropy = argmax = log_sum_sq = mean = None
+    blocks = _row_blocks(*a.shape)
+    if outputs.entropy:
+        entropy = torch.cat([-(logp[r0:r1].exp() * logp[r0:r1]).sum(1) for r0, r1 in blocks])
+    if outputs.argmax:
+        argmax = logp.argmax(1)  # the first maximum of z, as torch.argmax
+    if outputs.log_sum_sq_probs:
+        log_sum_sq = torch.cat([torch.logsumexp(2 * logp[r0:r1], 1) for r0, r1 in blocks])
+    if outputs.mean_logits:
+        mean = logp.mean(1) + lse
+    return lse, z_label, entropy, argmax, log_sum_sq, mean
+
+
 def _torch_logits(h32, weight, bias, v0, v1, head: _Head) -> torch.Tensor:
     """z for vocabulary columns [v0, v1) of the fp32 rows h32, as fp32 [M, v1 - v0]."""
-    z = h32 @ weight[v0:v1].float().T
-    if bias is not None:
-        z += bias[v0:v1].float()
-    if head.logit_scale != 1.0:
-        z *= head.logit_scale
-    if head.softcap is not None:
-        z = torch.tanh(z / head.softcap).mul_(head.softcap)
-    if head.temperature != 1.0:
-        z /= head.temperature
-    return z
+    return _torch_chain_(h32 @ weight[v0:v1].float().T, None if bias is None else bias[v0:v1], head)
 
 
 def _torch_fwd(x, weight, bias, rows, labels, head: _Head, outputs: Outputs):
-    """The forward kernel's contract (see `linear_logprobs_fwd`) in fp32 torch ops, a vocabulary chunk at a time."""
+    """The forward kernel's contract (see `linear_logprobs_fwd`) in fp32 torch ops, a vocabulary chunk at a time.
+
+    Returns (logp, lse, log p, *extras): log p the [M, V] fp32 log-probs of the scored rows when the vocabulary is
+    one chunk (kept for the backward), else None."""
     N, V, M = labels.numel(), weight.shape[0], rows.numel()
     dev = x.device
     h32 = _rows_of(x, rows).float()
     lab = labels[rows]
+    chunk = _vocab_chunk(V, head.memory_budget, 4 * (3 * M + x.shape[2]), 64)
+    if chunk == V and M:
+        kept = h32 @ weight.float().T
+        lse, z_label, *per_row = _torch_stats(kept, bias, lab.clamp(0, V - 1), head, outputs)
+    else:
+        kept, (lse, z_label, *per_row) = None, _torch_online_stats(h32, weight, bias, lab, chunk, head, outputs)
+    logp = torch.zeros(N, device=dev)
+    logp[rows] = torch.where(lab == head.ignore_index, 0.0, z_label - lse)
+    extras = [
+        torch.zeros(N, device=dev, dtype=value.dtype).index_copy_(0, rows, value) if wanted else None
+        for value, wanted in zip(per_row, outputs)
+    ]
+    return logp, lse, kept, *extras
+
+
+def _torch_online_stats(h32, weight, bias, lab, chunk: int, head: _Head, outputs: Outputs):
+    """`_torch_stats`'s values folded over vocabulary chunks with online log-sum-exp (extras not asked for in
+    `outputs` are placeholders)."""
+    M, V, dev = h32.shape[0], weight.shape[0], h32.device
     m = torch.full((M,), float("-inf"), device=dev)
     s = torch.zeros(M, device=dev)
     t = torch.zeros(M, device=dev)
@@ -125,7 +183,6 @@ def _torch_fwd(x, weight, bias, rows, labels, head: _Head, outputs: Outputs):
     z_sum = torch.zeros(M, device=dev)
     best = torch.zeros(M, device=dev, dtype=torch.int64)
     z_label = torch.zeros(M, device=dev)
-    chunk = _vocab_chunk(V, head.memory_budget, 4 * (3 * M + x.shape[2]), 64)
     for v0 in range(0, V, chunk):
         z = _torch_logits(h32, weight, bias, v0, min(V, v0 + chunk), head)
         z_max, i_max = z.max(1)
@@ -146,34 +203,33 @@ def _torch_fwd(x, weight, bias, rows, labels, head: _Head, outputs: Outputs):
         z_label = torch.where(here, z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), z_label)
         m = m_new
     lse = m + torch.log(s)
-    logp = torch.zeros(N, device=dev)
-    logp[rows] = torch.where(lab == head.ignore_index, 0.0, z_label - lse)
     # sum_v p_v^2 = sum_v exp(2 (z_v - m)) / (sum_v exp(z_v - m))^2
-    per_row = (lse - t / s, best, q.log() - 2 * s.log(), z_sum / V)
-    extras = [
-        torch.zeros(N, device=dev, dtype=value.dtype).index_copy_(0, rows, value) if wanted else None
-        for value, wanted in zip(per_row, outputs)
-    ]
-    return logp, lse, *extras
+    return lse, z_label, lse - t / s, best, q.log() - 2 * s.log(), z_sum / V
 
 
-def _torch_dlogits(h32, weight, bias, lab, lse, g, entropy, gh, da, v0, head: _Head) -> None:
-    """The backward kernel's contract in fp32 torch ops: d a for columns [v0, v0 + da.shape[1]) into da."""
-    z = _torch_logits(h32, weight, bias, v0, v0 + da.shape[1], head)
-    logp = z - lse[:, None]
+def _torch_dlogits(h32, weight, bias, lab, lse, g, entropy, gh, da, v0, head: _Head, logp=None) -> None:
+    """The backward kernel's contract in fp32 torch ops: d a for columns [v0, v0 + da.shape[1]) into da, from those
+    columns' log-probs when the forward kept them (from recomputed logits z otherwise)."""
+    z = None
+    if logp is None:
+        z = _torch_logits(h32, weight, bias, v0, v0 + da.shape[1], head)
+        logp = torch.sub(z, lse[:, None], out=da)
+    elif head.softcap is not None:
+        z = logp + lse[:, None]
     # d logp / dz = onehot - p;  d H / dz = -p * (log p + H)
     if gh is None:
-        dz = logp.exp().mul_(-g[:, None])
+        torch.exp(logp, out=da).mul_(-g[:, None])
     else:
-        dz = -logp.exp() * ((g + gh * entropy)[:, None] + gh[:, None] * logp)
+        p = logp.exp()
+        torch.mul(logp, gh[:, None], out=da).add_((g + gh * entropy)[:, None]).mul_(p).neg_()
     local = lab - v0
     here = (local >= 0) & (local < da.shape[1])
-    dz.scatter_add_(1, local.clamp(0, da.shape[1] - 1)[:, None], torch.where(here, g, 0.0)[:, None])
-    dz *= head.logit_scale / head.temperature
+    da.scatter_add_(1, local.clamp(0, da.shape[1] - 1)[:, None], torch.where(here, g, 0.0)[:, None])
     if head.softcap is not None:
         th = z * (head.temperature / head.softcap)
-        dz *= 1 - th * th
-    da.copy_(dz)
+        da *= th.mul_(th).neg_().add_(1).mul_(head.logit_scale / head.temperature)
+    elif head.logit_scale != head.temperature:
+        da *= head.logit_scale / head.temperature
 
 
 # ---------------------------------------------------------------------------------------------- autograd
@@ -193,11 +249,12 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             if use_kernels:
                 args = (head.ignore_index, head.temperature, head.softcap, head.logit_scale)
                 logp, lse, *extras = linear_logprobs_fwd(x, weight, bias, rows, flat_labels, *args, outputs)
+                kept = None
             else:
-                logp, lse, *extras = _torch_fwd(x, weight, bias, rows, flat_labels, head, outputs)
+                logp, lse, kept, *extras = _torch_fwd(x, weight, bias, rows, flat_labels, head, outputs)
 
         entropy = extras[0]
-        ctx.save_for_backward(hidden, weight, bias, rows, flat_labels, lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, rows, flat_labels, lse, entropy, kept)
         ctx.head, ctx.use_kernels = head, use_kernels
         ctx.set_materialize_grads(False)
         extras = [None if e is None else e.view(labels.shape) for e in extras]
@@ -208,7 +265,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dlogp, dentropy, *_non_differentiable):
         """A vocabulary chunk at a time: d a for the chunk (kernel or torch), then the two fp32-accumulating GEMMs."""
-        hidden, weight, bias, rows, labels, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, rows, labels, lse, entropy, kept = ctx.saved_tensors
         head: _Head = ctx.head
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         x = as_btv(hidden)
@@ -245,10 +302,13 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                     args = (head.ignore_index, head.temperature, head.softcap, head.logit_scale)
                     linear_logprobs_bwd(x, weight, bias, rows, labels, lse, g, ent, gh, da, v0, *args)
                 else:
-                    _torch_dlogits(h_rows, weight, bias, lab, lse, g, ent, gh, da, v0, head)
+                    logp_kept = None if kept is None else kept[:, v0:v1]
+                    _torch_dlogits(h_rows, weight, bias, lab, lse, g, ent, gh, da, v0, head, logp_kept)
                 if need_h:
                     _addmm_fp32(dh32, da, weight[v0:v1])
-                if need_w:
+                if need_w and dw.dtype == da.dtype == h_rows.dtype == torch.float32:
+                    torch.mm(da.T, h_rows, out=dw[v0:v1])  # no [chunk, H] temporary to copy
+                elif need_w:
                     dw[v0:v1] = _mm_fp32(da.T, h_rows)
                 if need_b:
                     db[v0:v1] = da.sum(0, dtype=torch.float32)
@@ -323,8 +383,10 @@ def _check_head_args(hidden, weight, labels, bias, ignore_index, temperature, so
 
 def _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget):
     """What every fused-linear entry point does first: gathers an FSDP2 weight and bias, checks the arguments, and
-    casts weight and bias to hidden's dtype (or the autocast dtype). Returns (hidden, weight, bias, head)."""
-    weight, bias = _gathered(weight), _gathered(bias)
+    casts weight and bias to hidden's dtype (or the autocast dtype). Returns (hidden, weight, bias, head).
+    A vocab-parallel weight (fastalign.vocab_parallel) stays sharded."""
+    if vocab_shard(weight) is None:
+        weight, bias = _gathered(weight), _gathered(bias)
     _check_head_args(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget)
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
@@ -363,7 +425,9 @@ def linear_token_stats(
 
     Args:
         hidden: [..., H] float32, bfloat16 or float16; any strides (a shifted `hidden[:, :-1]` is read in place).
-        weight: [V, H] (the lm_head, or the tied input embedding); a DTensor (FSDP2) is gathered once per call.
+        weight: [V, H] (the lm_head, or the tied input embedding); a DTensor (FSDP2) is gathered once per call,
+            except a vocab-parallel one (Shard(0) on the mesh dim "tp", see fastalign.vocab_parallel): each rank then
+            computes its vocabulary slice and only per-row statistics cross the group.
         labels: [...] int64 aligned with hidden (the caller shifts), each in [0, V) or ignore_index.
         bias: optional [V].
         ignore_index: label whose log-prob is 0.0 and whose gradient is 0 (default -100).
@@ -374,7 +438,9 @@ def linear_token_stats(
         mean_logits: return mean_v z at every position (default False).
         memory_budget: bytes for the backward's vocabulary chunk, the only logits-sized buffer of a call
             (default DEFAULT_MEMORY_BUDGET, 256 MiB; a chunk holds at least one vocabulary tile). Besides it, the
-            backward holds an fp32 accumulator for d hidden (4 bytes per scored row and hidden unit).
+            backward holds an fp32 accumulator for d hidden (4 bytes per scored row and hidden unit). On the torch
+            path, when the fp32 logits of the scored rows fit one forward chunk, their log-probs stay until the
+            backward.
 
     Weight and bias are computed in hidden's dtype, or in the autocast dtype inside torch.autocast (cast like
     F.linear does); gradients reach hidden, weight and bias. Only rows whose label is not ignore_index cost work,
@@ -390,6 +456,13 @@ def linear_token_stats(
         hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget
     )
     outputs = Outputs(bool(entropy), bool(argmax), bool(log_sum_sq_probs), bool(mean_logits))
+    shard = vocab_shard(weight)
+    if shard is not None:
+
+        def local_stats(hidden, weight, labels, bias, outputs):
+            return _LinearTokenLogprobs.apply(hidden, weight, bias, labels, head, outputs)
+
+        return TokenStats(*linear_head_stats(hidden, weight, labels, bias, head, outputs, shard, local_stats))
     return TokenStats(*_LinearTokenLogprobs.apply(hidden, weight, bias, labels, head, outputs))
 
 

@@ -9,6 +9,8 @@ the lm_head weight, without the [tokens, vocab] logits, on two strategies.
   log-sum-exp and the label's log-prob; the loss's gradient with respect to the chunk's per-token log-probs;
   d logits in place over the chunk; d hidden for the chunk by a GEMM; d weight accumulated in fp32 across chunks
   (the gradient itself for an fp32 weight). The backward only scales the stored gradients by grad_output.
+- A vocab-parallel weight (fastalign.vocab_parallel) runs lean: the fast strategy does not combine the ranks'
+  per-chunk statistics yet, and strategy='fast' raises ValueError for it.
 
 The fast path needs the loss to decompose over units: the gradient at one unit's log-probs must not depend on the
 log-probs of other units. Then one mechanism serves every loss: the loss (the same function the lean path
@@ -48,18 +50,20 @@ from fastalign.ift import check_gamma, ift_loss
 from fastalign.kernels.fused_linear_loss import logits_grad, logits_stats
 from fastalign.kernels.linear_logprobs import Outputs
 from fastalign.linear_logprobs import (
+    _TORCH_BLOCK_ELEMENTS,
     _fast_mm,
     _Head,
     _prepare,
+    _row_blocks,
     _rows_of,
+    _torch_stats,
     linear_token_logprobs,
     linear_token_stats,
 )
+from fastalign.vocab_parallel import vocab_shard
 
 STRATEGIES = ("auto", "fast", "lean")
 _NONE = Outputs()  # no per-token extras
-# Rows per block of the torch path's elementwise work, so its temporaries stay near 16 MB whatever the chunk.
-_TORCH_BLOCK_ELEMENTS = 2**22
 
 
 # Per-token values a loss may read besides the label log-probs, [R, T] float32 each: log sum_v p_v^2 and mean_v z
@@ -115,16 +119,18 @@ def _dlogits_times_weight(d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return out
 
 
-def _accumulate_dweight(acc: torch.Tensor, d: torch.Tensor, h: torch.Tensor) -> None:
-    """acc [V, H] fp32 += d.T @ h, accumulated in fp32."""
+def _accumulate_dweight(acc: torch.Tensor, d: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+    """acc [V, H] fp32 += d.T @ h, accumulated in fp32; acc = d.T @ h on the `first` call (acc's contents ignored,
+    NaN included: beta = 0)."""
+    beta = 0 if first else 1
     if _fast_mm(d, h):
-        torch.addmm(acc, d.T, h, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, d.T, h, out_dtype=torch.float32, beta=beta, out=acc)
     elif d.dtype == h.dtype == torch.float32:
-        acc.addmm_(d.T, h)
+        acc.addmm_(d.T, h, beta=beta)
     else:
         h32 = h.float()
         for v0, v1 in _pieces(acc.shape[0], d.shape[0] + h.shape[1]):
-            acc[v0:v1].addmm_(d[:, v0:v1].float().T, h32)
+            acc[v0:v1].addmm_(d[:, v0:v1].float().T, h32, beta=beta)
 
 
 def _pieces(V: int, floats_per_column: int) -> list[tuple[int, int]]:
@@ -136,44 +142,6 @@ def _pieces(V: int, floats_per_column: int) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------------------------------------- elementwise (torch)
 # The torch path works in place on the chunk buffer, which holds the raw logits a, then log p (after `_torch_stats`),
 # then d logits (after `_torch_dlogits`): a fresh [rows, V] temporary costs more in page faults than its arithmetic.
-
-
-def _torch_chain_(a: torch.Tensor, bias: torch.Tensor | None, head: _Head) -> torch.Tensor:
-    """a -> z = softcap * tanh(logit_scale * (a + bias) / softcap) / temperature, in place."""
-    if bias is not None:
-        a += bias.float()
-    if head.logit_scale != 1.0:
-        a *= head.logit_scale
-    if head.softcap is not None:
-        a.div_(head.softcap).tanh_().mul_(head.softcap)
-    if head.temperature != 1.0:
-        a /= head.temperature
-    return a
-
-
-def _row_blocks(rows: int, V: int) -> list[tuple[int, int]]:
-    step = max(1, _TORCH_BLOCK_ELEMENTS // V)
-    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-
-
-def _torch_stats(a, bias, labels, head: _Head, outputs: Outputs):
-    """`logits_stats` on the torch path, turning a [rows, V] fp32 into log p in place."""
-    z = _torch_chain_(a, bias, head)
-    z_label = z.gather(1, labels[:, None]).squeeze(1)
-    torch.ops.aten._log_softmax.out(z, 1, False, out=z)  # row by row: safe in place
-    logp = z
-    lse = z_label - logp.gather(1, labels[:, None]).squeeze(1)
-    entropy = argmax = log_sum_sq = mean = None
-    blocks = _row_blocks(*a.shape)
-    if outputs.entropy:
-        entropy = torch.cat([-(logp[r0:r1].exp() * logp[r0:r1]).sum(1) for r0, r1 in blocks])
-    if outputs.argmax:
-        argmax = logp.argmax(1)  # the first maximum of z, as torch.argmax
-    if outputs.log_sum_sq_probs:
-        log_sum_sq = torch.cat([torch.logsumexp(2 * logp[r0:r1], 1) for r0, r1 in blocks])
-    if outputs.mean_logits:
-        mean = logp.mean(1) + lse
-    return lse, z_label, entropy, argmax, log_sum_sq, mean
 
 
 def _torch_dlogits(a, labels, lse, coef, coef_mean, head: _Head) -> None:
@@ -256,8 +224,9 @@ def _chunks(unit_rows: list[int], limit: int, splittable: bool) -> list[tuple[in
 
 
 def _loss_gradient(objective: _Objective, logps, extras: dict, rows, logp_c, mean_c):
-    """d loss / d (log-probs, mean log-probs) at `rows` of the flat [R * T] log-probs, the other entries held as
-    detached placeholders: exact for a loss that decomposes over units, each chunk holding whole units."""
+    """(d loss / d log-probs, d loss / d mean log-probs, what loss_of returned, detached) at `rows` of the flat
+    [R * T] log-probs, the other entries held as detached placeholders: exact for a loss that decomposes over units,
+    each chunk holding whole units. On the last chunk every entry is in place: loss_of's values are the call's."""
     with torch.enable_grad():
         leaves = [logp_c.detach().requires_grad_(True)]
         lp = logps.view(-1).index_put((rows,), leaves[0]).view_as(logps)
@@ -266,9 +235,10 @@ def _loss_gradient(objective: _Objective, logps, extras: dict, rows, logp_c, mea
             leaves.append(mean_c.detach().requires_grad_(True))
             means = extras["mean_logps"]
             extras["mean_logps"] = means.view(-1).index_put((rows,), leaves[1]).view_as(means)
-        loss = objective.loss_of(lp, extras)[0]
-        grads = torch.autograd.grad(loss, leaves)
-    return grads[0].float(), None if mean_c is None else grads[1].float()
+        result = objective.loss_of(lp, extras)
+        grads = torch.autograd.grad(result[0], leaves)
+    result = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, result)
+    return grads[0].float(), None if mean_c is None else grads[1].float(), result
 
 
 def _stats(a, bias, labels, head: _Head, outputs: Outputs, use_kernels: bool):
@@ -287,8 +257,9 @@ def _dlogits(a, out, bias, labels, lse, coef, coef_mean, head: _Head, use_kernel
 
 
 class _FastFusedLinearLoss(torch.autograd.Function):
-    """(loss, per-token log-probs [R, T], entropy, argmax, then TOKEN_EXTRAS) with the gradients of the loss computed
-    in the forward; only the loss is differentiable. The per-token values are 0 where the label is ignored."""
+    """(loss, per-token log-probs [R, T], entropy, argmax, then TOKEN_EXTRAS, then the rest of what loss_of returned:
+    metrics, no gradient) with the gradients of the loss computed in the forward; only the loss is differentiable.
+    The per-token values are 0 where the label is ignored."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan: _Fast):
@@ -321,8 +292,10 @@ class _FastFusedLinearLoss(torch.autograd.Function):
             **{name: torch.zeros(R, T, device=dev) if name in objective.extras else None for name in TOKEN_EXTRAS},
         }
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dh = torch.zeros(R * T, H, device=dev, dtype=x.dtype) if need_h else None
-        dw = torch.zeros(V, H, device=dev) if need_w else None  # fp32 across chunks
+        # Unscored rows get a zero d hidden; the first chunk writes d weight over the empty buffer.
+        new_dh = torch.empty if sum(counts) == R * T else torch.zeros
+        dh = new_dh(R * T, H, device=dev, dtype=x.dtype) if need_h else None
+        dw = (torch.empty if chunks else torch.zeros)(V, H, device=dev) if need_w else None  # fp32 across chunks
         db = torch.zeros(V, device=dev) if need_b else None
         wanted = Outputs(
             plan.outputs.entropy,
@@ -336,8 +309,9 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         d_buf = torch.empty(max((r1 - r0 for r0, r1, _ in chunks), default=0), V, device=dev, dtype=d_dtype)
         a_buf = torch.empty(min(limit, rows.numel()), V, device=dev) if separate else None
 
+        result = None
         with torch.autocast(dev.type, enabled=False):
-            for r0, r1, whole in chunks:
+            for i_chunk, (r0, r1, whole) in enumerate(chunks):
                 rows_c, n = rows[r0:r1], r1 - r0
                 h_c, lab_c = _rows_of(x, rows_c), flat_labels[rows_c]
                 d = d_buf[:n]
@@ -364,7 +338,7 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                 if mean_c is not None:
                     per_token["mean_logps"].view(-1)[rows_c] = mean_c
                 extras = {name: per_token[name] for name in objective.extras}
-                coef, coef_mean = _loss_gradient(objective, logps, extras, rows_c, logp_c, mean_c)
+                coef, coef_mean, result = _loss_gradient(objective, logps, extras, rows_c, logp_c, mean_c)
                 if whole:
                     _dlogits(a, d, bias, lab_c, lse, coef, coef_mean, head, plan.use_kernels)
                     h_w = h_c
@@ -374,18 +348,20 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                     dh_c = _dlogits_times_weight(d, weight)
                     dh[rows_c] = (dh_c if whole else dh_c.mul_(coef[:, None])).to(dh.dtype)
                 if need_w:
-                    _accumulate_dweight(dw, d, h_w)
+                    _accumulate_dweight(dw, d, h_w, first=i_chunk == 0)
                 if need_b and whole:
                     db += d.sum(0, dtype=torch.float32)
                 elif need_b:
                     for s0 in range(0, n, limit):  # fp32 products, a slice of rows at a time
                         db += coef[s0 : s0 + limit] @ d[s0 : s0 + limit].float()
 
-        loss = objective.loss_of(logps, {name: per_token[name] for name in objective.extras})[0]
+        if result is None:  # no scored row
+            result = objective.loss_of(logps, {name: per_token[name] for name in objective.extras})
+        loss, *metrics = result
         ctx.grads = (None if dh is None else dh.view(hidden.shape), dw, db)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(logps, *(t for t in per_token.values() if t is not None))
-        return loss, logps, *per_token.values()
+        return loss, logps, *per_token.values(), tuple(metrics)
 
     @staticmethod
     def backward(ctx, dloss, *_non_differentiable):
@@ -413,6 +389,13 @@ def _strategy_for(strategy: str, objective: _Objective, hidden, weight, head: _H
     """The strategy a call runs: auto takes fast unless the loss cannot, or its largest unit's d logits would take
     more memory than max(memory_budget, the fp32 [V, H] d-weight accumulator that fast holds anyway)."""
     check_strategy(strategy)
+    if vocab_shard(weight) is not None:
+        if strategy == "fast":
+            raise ValueError(
+                "strategy='fast' does not take a vocab-parallel weight (Shard(0) on the mesh dim 'tp') yet: "
+                "use 'auto' or 'lean' (lean runs it, with per-row statistics combined across the group)"
+            )
+        return "lean"
     if objective.not_fast is not None:
         if strategy == "fast":
             raise ValueError(f"strategy='fast' needs a loss that decomposes over examples: {objective.not_fast}")
@@ -437,7 +420,10 @@ def _fused_linear_loss(
     use_kernels = backend_for(hidden) != "torch"
     if _strategy_for(strategy, objective, hidden, weight, head, use_kernels) == "lean":
         if "mean_logps" in objective.extras:
-            raise ValueError("label_smoothing > 0 needs strategy 'fast' or 'auto' (the lean path has no mean log-prob)")
+            raise ValueError(
+                "label_smoothing > 0 needs strategy 'fast' or 'auto' (the lean path has no mean log-prob), "
+                "and a weight that is not vocab-parallel (those run lean)"
+            )
         stats = linear_token_stats(
             hidden,
             weight,
@@ -453,10 +439,8 @@ def _fused_linear_loss(
         entropy = None if stats.entropy is None else stats.entropy.detach()
         return objective.loss_of(stats.logprobs, extras), entropy, stats.argmax
     plan = _Fast(objective, labels.to(torch.int64), head, outputs, use_kernels)
-    loss, logps, entropy, argmax, *values = _FastFusedLinearLoss.apply(hidden, weight, bias, plan)
-    with torch.no_grad():  # the metrics (the loss came out of the forward, with its gradient)
-        result = objective.loss_of(logps, {name: v for name, v in zip(TOKEN_EXTRAS, values) if v is not None})
-    return (loss, *result[1:]), entropy, argmax
+    loss, _logps, entropy, argmax, *_values, metrics = _FastFusedLinearLoss.apply(hidden, weight, bias, plan)
+    return (loss, *metrics), entropy, argmax
 
 
 def _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget) -> dict:

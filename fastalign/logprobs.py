@@ -40,6 +40,13 @@ _TORCH_BUFFER_BYTES = 4 * 2**20
 _LOG_P_FLOOR = -1000.0
 
 
+def _local_labels(labels, ignore_index, vocab_offset, V):
+    """(labels in the shard's coordinates clamped into [0, V), whether the shard holds the label)."""
+    local = labels - vocab_offset
+    owned = (local >= 0) & (local < V) & (labels != ignore_index)
+    return local.clamp(0, V - 1), owned
+
+
 def _chunk_rows(V: int) -> int:
     return max(1, _TORCH_BUFFER_BYTES // (4 * V))
 
@@ -53,7 +60,12 @@ def _scaled(chunk: torch.Tensor, temperature: float, buf: torch.Tensor) -> torch
     return z if temperature == 1.0 else z.div_(temperature)
 
 
-def _torch_fwd(x, labels, ignore_index, temperature, return_entropy, return_argmax, return_sum_sq, return_mean):
+def _torch_fwd(
+    x, labels, ignore_index, temperature, return_entropy, return_argmax, return_sum_sq, return_mean, *vocab_shard
+):
+    """As token_logprobs_fwd, whose optional (vocab_offset, vocab_total) go in vocab_shard: labels are global ids,
+    which the CPU range-checks against vocab_total before."""
+    vocab_offset = vocab_shard[0] if vocab_shard else 0
     B, T, V = x.shape
     N = B * T
     logp = torch.empty(N, device=x.device, dtype=torch.float32)
@@ -79,12 +91,12 @@ def _torch_fwd(x, labels, ignore_index, temperature, return_entropy, return_argm
             mean[r0:r1] = z.sum(-1).view(n) / V
         ls = buf[:n]
         torch.log_softmax(z, -1, out=ls.view(z.shape))  # may overwrite z: each row is read before it is written
-        lab = labels[r0:r1]
-        ls_label = ls.gather(-1, lab.clamp(0, V - 1).unsqueeze(-1)).squeeze(-1)
-        logp[r0:r1] = torch.where(lab == ignore_index, 0.0, ls_label)
+        lab, owned = _local_labels(labels[r0:r1], ignore_index, vocab_offset, V)
+        ls_label = ls.gather(-1, lab.unsqueeze(-1)).squeeze(-1)
+        logp[r0:r1] = torch.where(owned, ls_label, 0.0)
         # log_softmax at the maximum is -log(sum exp(z - max)), in [-log V, 0]: lse = max - max(log_softmax) is
         # well conditioned.
-        lse[r0:r1] = z_max - ls.amax(-1)
+        lse[r0:r1] = (z_max - ls.amax(-1)).masked_fill_(z_max == float("-inf"), float("-inf"))  # not -inf - NaN
         if p_buf is not None:
             p = torch.softmax(ls, -1, out=p_buf[:n])  # softmax of log-probs is the probabilities
             # In place and through torch's sum (pairwise: a BLAS dot lost 1e-4 over 128k terms); ls, then p, is spent.
@@ -95,13 +107,16 @@ def _torch_fwd(x, labels, ignore_index, temperature, return_entropy, return_argm
     return logp, lse, entropy, argmax, log_sum_sq, mean
 
 
-def _torch_bwd(x, dx, labels, lse, dlogp, entropy, dentropy, ignore_index, temperature):
+def _torch_bwd(x, dx, labels, lse, logp, dlogp, entropy, dentropy, ignore_index, temperature, *vocab_shard):
     """d logits = (g (onehot - p) - gh p (log p + H)) / temperature into dx (which may be x): softmax is recomputed by
-    torch's fused kernel, faster on the CPU than exp(z - lse)."""
+    torch's fused kernel, faster on the CPU than exp(z - lse). The label's g (1 - p) is g * -expm1(logp): 1 - p
+    cancels when p is near 1. A vocabulary shard (vocab_shard = (vocab_offset, vocab_total), as token_logprobs_bwd
+    takes them) has p = exp(z - lse) with lse over the whole vocabulary, which its own softmax does not know."""
+    vocab_offset = vocab_shard[0] if vocab_shard else 0
     B, T, V = x.shape
     rows = min(_chunk_rows(V), max(B * T, 1))
     buf = torch.empty(rows, V, device=x.device, dtype=torch.float32)
-    ls_buf = torch.empty_like(buf) if dentropy is not None else None
+    ls_buf = torch.empty_like(buf) if dentropy is not None or vocab_shard else None
     g_all = torch.where(labels == ignore_index, 0.0, dlogp) / temperature
     for r0, n, index in row_chunks(B, T, rows):
         r1 = r0 + n
@@ -110,14 +125,26 @@ def _torch_bwd(x, dx, labels, lse, dlogp, entropy, dentropy, ignore_index, tempe
         g = g_all[r0:r1].view(column)
         # A float32 gradient is written in place; a bf16/fp16 one goes through the buffer, rounded once at the end.
         dz = dx[index] if dx.dtype == torch.float32 else buf[:n].view(z.shape)
-        if dentropy is None:
-            torch.softmax(z, -1, out=dz).mul_(-g)
+        if vocab_shard:
+            log_p = torch.sub(z, lse[r0:r1].view(column), out=ls_buf[:n].view(z.shape))
+            p = torch.exp(log_p, out=dz)
+        elif dentropy is None:
+            p = torch.softmax(z, -1, out=dz)
         else:
-            ls = torch.log_softmax(z, -1, out=ls_buf[:n].view(z.shape))
-            torch.softmax(z, -1, out=dz)
+            log_p = torch.log_softmax(z, -1, out=ls_buf[:n].view(z.shape))
+            p = torch.softmax(z, -1, out=dz)
+        if dentropy is None:
+            p.mul_(-g)
+        else:
             gh = dentropy[r0:r1].view(column) / temperature
-            dz.mul_(ls.clamp_(min=_LOG_P_FLOOR).add_(entropy[r0:r1].view(column)).mul_(gh).add_(g)).neg_()
-        dz.scatter_add_(-1, labels[r0:r1].clamp(0, V - 1).view(column), g)  # + g onehot
+            dz.mul_(log_p.clamp_(min=_LOG_P_FLOOR).add_(entropy[r0:r1].view(column)).mul_(gh).add_(g)).neg_()
+        at_label, owned = (t.view(column) for t in _local_labels(labels[r0:r1], ignore_index, vocab_offset, V))
+        lp = logp[r0:r1].view(column)
+        label_value = torch.special.expm1(lp).mul_(-g)  # g (1 - p), exact where p is near 1
+        if dentropy is not None:
+            lp = lp.clamp(min=_LOG_P_FLOOR)
+            label_value -= lp.exp() * gh * (lp + entropy[r0:r1].view(column))
+        dz.scatter_(-1, at_label, torch.where(owned, label_value, dz.gather(-1, at_label)))
         if dz.dtype != dx.dtype:
             dx[index].copy_(dz)  # after the last read of x[index]: dx may be x
 
@@ -125,16 +152,110 @@ def _torch_bwd(x, dx, labels, lse, dlogp, entropy, dentropy, ignore_index, tempe
 # ---------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------
+# Vocabulary-parallel logits: a DTensor sharded on its last dim. Each rank runs the ordinary pass over its slice (the
+# kernels take the slice's offset: labels stay global ids), then only per-row statistics cross the mesh: one
+# all-gather of float64 [k, N], k <= 8. With lse_r the log-sum-exp of rank r's slice and w_r = exp(lse_r - lse):
+#     lse = logsumexp_r lse_r              log p = the owner's (log p_r + lse_r - lse)
+#     entropy = lse - sum_r w_r (lse_r - H_r)        log sum p^2 = logsumexp_r (2 (lse_r - lse) + log sum p_r^2)
+#     argmax = the first of the ranks' maxima          mean = sum_r mean_r V_r / V
+# The backward needs no communication: given the whole vocabulary's lse, log-prob and entropy (saved), each rank
+# writes its slice of d logits, and the upstream gradients are the same on every rank (the outputs are replicated).
+
+
+class _VocabShard(NamedTuple):
+    group: torch.distributed.ProcessGroup  # the ranks that share each row, ordered as the slices
+    start: int  # global id of this rank's first logit
+    vocab: int  # the whole vocabulary
+
+
+def _vocab_shard(logits: torch.Tensor) -> tuple[torch.Tensor, _VocabShard | None]:
+    """(this rank's logits, its _VocabShard) for a DTensor sharded on the vocabulary dim; (logits, None) otherwise."""
+    if not torch.distributed.is_available():
+        return logits, None
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(logits, DTensor):
+        return logits, None
+    placements, last = logits.placements, logits.dim() - 1
+    on_vocab = [i for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim in (-1, last)]
+    misplaced = [f"{i}: {p}" for i, p in enumerate(placements) if not isinstance(p, (Shard, Replicate))]
+    misplaced += [f"{i}: {placements[i]}" for i in on_vocab if type(placements[i]) is not Shard]
+    if len(on_vocab) != 1 or misplaced:
+        raise ValueError(
+            f"logits is a DTensor with placements {placements}: token_logprobs needs it sharded on the vocabulary "
+            f"(Shard(-1)) on exactly one mesh dim and replicated or sharded on a leading dim on the others"
+            + (f"; not {', '.join(misplaced)}" if misplaced else "")
+        )
+    (mesh_dim,) = on_vocab
+    mesh, V = logits.device_mesh, logits.shape[-1]
+    local = logits.to_local()
+    per_rank = -(-V // mesh.size(mesh_dim))  # DTensor splits as torch.chunk
+    start = min(V, mesh.get_local_rank(mesh_dim) * per_rank)
+    if local.shape[-1] == 0:
+        raise ValueError(f"logits has V={V} over {mesh.size(mesh_dim)} ranks: every rank needs a non-empty slice")
+    return local, _VocabShard(mesh.get_group(mesh_dim), start, V)
+
+
+def _combine_shards(shard, x, labels, ignore_index, temperature, logp, lse, entropy, argmax, log_sum_sq, mean):
+    """The whole vocabulary's (logp, lse, entropy, argmax, log_sum_sq, mean) from each rank's over its slice (the
+    launchers' outputs, flat [N]); see the formulas above. Every rank returns the same."""
+    V = x.shape[-1]
+    owned = _local_labels(labels, ignore_index, shard.start, V)[1]
+    parts = [lse, logp, owned]
+    if entropy is not None:
+        parts.append(entropy)
+    if argmax is not None:
+        rows = torch.arange(labels.numel(), device=x.device)
+        best = x[rows // x.shape[1], rows % x.shape[1], argmax].float() / temperature
+        parts += [best.nan_to_num(nan=float("-inf")), argmax + shard.start]  # the kernels' max skips NaN
+    if log_sum_sq is not None:
+        parts.append(log_sum_sq)
+    if mean is not None:
+        parts.append(mean * V)
+    mine = torch.stack([t.double() for t in parts])
+    gathered = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(shard.group))]
+    torch.distributed.all_gather(gathered, mine, group=shard.group)
+    lse_r, logp_r, owned_r, *rest = torch.stack(gathered).unbind(1)  # [ranks, N] each
+
+    total = torch.logsumexp(lse_r, 0)
+    share = lse_r - total  # log w_r; -inf for a slice of -inf logits (or an ignored row the pass skipped)
+    # Rows the kernels skipped (ignored, no extra) have lse_r = -inf everywhere: their log-prob is 0 all the same.
+    logp = torch.where(owned_r.bool(), logp_r + share, logp_r).sum(0)  # a label nowhere valid is NaN on every rank
+    lse = total
+    if entropy is not None:
+        entropy_r = rest.pop(0)
+        entropy = total - torch.where(share > float("-inf"), share.exp() * (lse_r - entropy_r), 0.0).sum(0)
+    if argmax is not None:
+        best_r, index_r = rest.pop(0), rest.pop(0)
+        argmax = index_r.gather(0, best_r.argmax(0, keepdim=True)).squeeze(0).long()  # ties: the lowest rank
+    if log_sum_sq is not None:
+        log_sum_sq = torch.logsumexp(torch.where(share > float("-inf"), 2 * share + rest.pop(0), float("-inf")), 0)
+    if mean is not None:
+        mean = rest.pop(0).sum(0) / shard.vocab
+    return tuple(
+        t if t is None or t.dtype == torch.int64 else t.float() for t in (logp, lse, entropy, argmax, log_sum_sq, mean)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, temperature, extras, inplace_backward):
+    def forward(ctx, logits, labels, ignore_index, temperature, extras, inplace_backward, shard):
         x = as_btv(logits)
         flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
         use_kernels = backend_for(logits) != "torch"
         fwd = token_logprobs_fwd if use_kernels else _torch_fwd
-        logp, lse, entropy, argmax, log_sum_sq, mean = fwd(x, flat_labels, ignore_index, temperature, *extras)
+        vocab_shard = () if shard is None else (shard.start, shard.vocab)
+        outputs = fwd(x, flat_labels, ignore_index, temperature, *extras, *vocab_shard)
+        if shard is not None:
+            outputs = _combine_shards(shard, x, flat_labels, ignore_index, temperature, *outputs)
+        logp, lse, entropy, argmax, log_sum_sq, mean = outputs
 
-        ctx.save_for_backward(logits, flat_labels, lse, entropy)
+        ctx.save_for_backward(logits, flat_labels, lse, logp, entropy)
+        ctx.vocab_shard = vocab_shard
         ctx.ignore_index, ctx.temperature = ignore_index, temperature
         ctx.inplace_backward, ctx.use_kernels = inplace_backward, use_kernels
         ctx.set_materialize_grads(False)
@@ -146,7 +267,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dlogp, dentropy, *_non_differentiable):
-        logits, labels, lse, entropy = ctx.saved_tensors
+        logits, labels, lse, logp, entropy = ctx.saved_tensors
         x = as_btv(logits)
         # In place: the gradient overwrites the logits buffer, saving a [tokens, vocab] allocation.
         # as_btv returns a view of the caller's storage unless the layout forced a copy.
@@ -156,9 +277,9 @@ class _TokenLogprobs(torch.autograd.Function):
         if dentropy is not None:
             dentropy = dentropy.reshape(-1).float().contiguous()
         bwd = token_logprobs_bwd if ctx.use_kernels else _torch_bwd
-        bwd(x, dx, labels, lse, dlogp, entropy, dentropy, ctx.ignore_index, ctx.temperature)
+        bwd(x, dx, labels, lse, logp, dlogp, entropy, dentropy, ctx.ignore_index, ctx.temperature, *ctx.vocab_shard)
         dlogits = logits if inplace else dx.view(logits.shape)
-        return dlogits, None, None, None, None, None
+        return dlogits, None, None, None, None, None, None
 
 
 def token_stats(
@@ -177,8 +298,12 @@ def token_stats(
     """Per-token log-probs of `labels`, plus entropy and argmax, from one pass over the logits.
 
     Args:
-        logits: [..., V] float32, bfloat16 or float16; any strides on the leading dims.
-        labels: [...] int64, aligned with the logits (the caller shifts).
+        logits: [..., V] float32, bfloat16 or float16; any strides on the leading dims. A DTensor sharded on the
+            vocabulary dim (Shard(-1)) on one mesh dim is vocab-parallel: each rank reads only its slice and
+            per-row statistics cross that mesh dim; the results are plain tensors of this rank's rows, the same on
+            every rank of the mesh dim, and the gradient keeps the logits' placements.
+        labels: [...] int64, aligned with the logits (the caller shifts); for DTensor logits, this rank's rows
+            (or a DTensor of them), as global vocabulary ids.
         ignore_index: label whose log-prob is 0.0 and whose gradient is 0 (default -100).
         temperature: logits are divided by it (default 1.0).
         entropy: return the entropy of softmax(logits / temperature) at every position; it is
@@ -200,14 +325,19 @@ def token_stats(
     check_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., V] with V > 0; got {tuple(logits.shape)}")
+    vocab = logits.shape[-1]
+    logits, shard = _vocab_shard(logits)
+    if shard is not None and isinstance(labels, torch.distributed.tensor.DTensor):
+        labels = labels.to_local()
     check_labels("labels", labels, logits.shape[:-1], logits.device, "logits.shape[:-1]")
     check_positive("temperature", temperature)
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
     if strict or logits.device.type == "cpu":
-        check_label_range("labels", labels, logits.shape[-1], ignore_index)
+        check_label_range("labels", labels, vocab, ignore_index)
     extras = (entropy, argmax, log_sum_sq_probs, mean_logits)
-    return TokenStats(*_TokenLogprobs.apply(logits, labels, ignore_index, float(temperature), extras, inplace_backward))
+    outputs = _TokenLogprobs.apply(logits, labels, ignore_index, float(temperature), extras, inplace_backward, shard)
+    return TokenStats(*outputs)
 
 
 def token_logprobs(

@@ -13,11 +13,14 @@ softcap) (or y); z = c / temperature.
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, TRITON_DTYPE, CompileSpec
+from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta
 from .linear_logprobs import Outputs
 
 # Columns per iteration: 16 KB of fp32 logits per load.
@@ -259,45 +262,30 @@ def logits_grad(
 # ----------------------------------------------------------------------------- compile check
 
 
-def _signature(kernel, out_ty: str) -> dict[str, str]:
-    """Triton types of a kernel's runtime arguments, with d logits written as `out_ty`."""
-    sig = {}
-    for name in (p.name for p in kernel.params if not p.is_constexpr):
-        if name in ("p_labels", "p_argmax"):
-            sig[name] = "*i64"
-        elif name == "p_out":
-            sig[name] = f"*{out_ty}"
-        elif name == "p_bias":
-            sig[name] = "*bf16"
-        elif name.startswith("p_"):
-            sig[name] = "*fp32"
-        else:
-            sig[name] = "fp32" if name in ("logit_scale", "softcap", "inv_temperature") else "i32"
-    return sig
+def _launch_case(dtype: torch.dtype, M: int, V: int, features: bool) -> None:
+    """One chunk of the fast forward on meta tensors: the stats of M rows of fp32 logits [M, V], then d logits in the
+    inputs' dtype (a buffer of its own for bf16/fp16, over the logits for fp32). With `features`: bias, softcap,
+    every extra and label smoothing's mean term."""
+    a, labels = meta(M, V), meta(M, dtype=torch.int64)
+    bias, softcap = (meta(V, dtype=dtype), 30.0) if features else (None, None)
+    lse, *_ = logits_stats(a, bias, labels, 1.0, softcap, 1.0, Outputs(*[features] * 4))
+    out = a if dtype == torch.float32 else meta(M, V, dtype=dtype)
+    coef_mean = meta(M) if features else None
+    logits_grad(a, out, bias, labels, lse, meta(M), coef_mean, 1.0, softcap, 1.0)
 
 
-def compile_specs() -> list[CompileSpec]:
-    specs = []
-    for features in (False, True):
-        flags = {"BLOCK_V": _BLOCK_V, "HAS_BIAS": features, "HAS_SOFTCAP": features}
-        names = ("RETURN_ENTROPY", "RETURN_ARGMAX", "RETURN_LOG_SUM_SQ_PROBS", "RETURN_MEAN_LOGITS")
-        extras = dict.fromkeys(names, features)
-        label = f"stats features={features}"
-        specs.append(
-            CompileSpec(
-                _logits_stats_kernel, label, _signature(_logits_stats_kernel, "fp32"), {**flags, **extras}, _NUM_WARPS
-            )
-        )
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            ty = TRITON_DTYPE[dtype]
-            sig = _signature(_logits_grad_kernel, ty)
-            specs.append(
-                CompileSpec(
-                    _logits_grad_kernel,
-                    f"grad {ty} features={features}",
-                    sig,
-                    {**flags, "HAS_MEAN": features},
-                    _NUM_WARPS,
-                )
-            )
-    return specs
+def compile_specs() -> list[LaunchCase]:
+    """The target's chunk (bf16 V=128256: 348 rows fill the default 256 MiB budget at 6 bytes per logit), without and
+    with every feature; fp16 and fp32 (d logits in place); each at an odd vocabulary (32001) too."""
+    M, V = 348, 128256
+    trips = {"_logits_stats_kernel": lambda a: (triton.cdiv(a["V"], a["BLOCK_V"]),)}
+    shapes = list(itertools.product((torch.bfloat16, torch.float16, torch.float32), (V, 32001)))
+    cases = []
+    for (dtype, v), features in itertools.product(shapes, (False, True)):
+        # Floor: the stats read the fp32 logits; the gradient reads them again and writes d logits.
+        floor = M * v * (4 + 4 + dtype.itemsize)
+        label = f"chunk {TRITON_DTYPE[dtype]} M={M} V={v} features={features}"
+        target = (dtype, v, features) == (torch.bfloat16, V, False)
+        launch = functools.partial(_launch_case, dtype, M, v, features)
+        cases.append(LaunchCase(label, launch, bytes=floor if target else 0, trips=trips))
+    return cases

@@ -43,12 +43,24 @@ SLOT_FIELDS = (
     "cached_delta",  # fp32 Δ accumulated between merges (0 when online_step == 1)
     "flat_offset",  # where the slot starts in the launch's flat index space (a multiple of TILE)
     "global_offset",  # global element index of the shard's first element
+    "run",  # the shard's elements are runs of this many consecutive global indices ...
+    "run_stride",  # ... this far apart (one run: run == run_stride)
     "dare_key",  # 32-bit key of the parameter's random keeps: fastalign.optim's dare_key(seed, index)
 )
 N_FIELDS = tl.constexpr(len(SLOT_FIELDS))
-_PARAM, _GRAD, _EXP_AVG, _EXP_AVG_SQ, _REF_DELTA, _CACHED, _FLAT_OFFSET, _GLOBAL_OFFSET, _DARE_KEY = (
-    tl.constexpr(i) for i in range(len(SLOT_FIELDS))
-)
+(
+    _PARAM,
+    _GRAD,
+    _EXP_AVG,
+    _EXP_AVG_SQ,
+    _REF_DELTA,
+    _CACHED,
+    _FLAT_OFFSET,
+    _GLOBAL_OFFSET,
+    _RUN,
+    _RUN_STRIDE,
+    _DARE_KEY,
+) = (tl.constexpr(i) for i in range(len(SLOT_FIELDS)))
 
 # The DARE keep hashes with triple32 (C. Wellons, hash-prospector: xorshift-multiply rounds on
 # 32 bits, exhaustively measured avalanche bias 0.0209, the level of a random permutation). Its
@@ -156,6 +168,20 @@ def _step_key(dare_key, t):
 
 
 @triton.jit
+def _global_index(o, first, run, run_stride):
+    """int64 global row-major indices of local elements o of a shard whose elements are runs of
+    `run` consecutive global indices, `run_stride` apart, from `first` (a shard of rows of a
+    wider parameter is under 2**31 elements: int32 division)."""
+    if run == run_stride:
+        idx = first + o
+    else:
+        o32 = o.to(tl.int32)
+        row = o32 // run.to(tl.int32)
+        idx = first + row.to(tl.int64) * run_stride + (o32 - row * run.to(tl.int32)).to(tl.int64)
+    return idx
+
+
+@triton.jit
 def _dare_keep(idx, step_key, keep_below):
     """Bernoulli keep of int64 global element indices idx: P = (keep_below + 2**30) / 2**31.
 
@@ -170,7 +196,7 @@ def _dare_keep(idx, step_key, keep_below):
 
 @triton.jit
 def _ondare_block(
-    p_param, p_grad, p_m, p_v, p_tau, p_c, o, end, global_offset, step_key, merge,
+    p_param, p_grad, p_m, p_v, p_tau, p_c, o, end, global_offset, run, run_stride, step_key, merge,
     step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha, inv_p, keep_below,
     HAS_TAU: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, SUMS_ONLY: tl.constexpr,
     ACCUMULATE: tl.constexpr, MASKED: tl.constexpr,
@@ -187,7 +213,7 @@ def _ondare_block(
         d = d + c
     if DROP:
         # A NaN Δ (from a NaN or ±inf gradient) is always kept, so θ turns NaN as AdamW's would.
-        keep = _dare_keep(global_offset + o, step_key, keep_below) | (d != d)
+        keep = _dare_keep(_global_index(o, global_offset, run, run_stride), step_key, keep_below) | (d != d)
         kept = tl.where(keep, d * inv_p, 0.0)
     else:
         kept = d
@@ -263,6 +289,8 @@ def _ondare_step_kernel(
         if ACCUMULATE:
             p_c = _ptr(p_slot, _CACHED, tl.float32, ALIGNED)
         global_offset = tl.load(p_slot + _GLOBAL_OFFSET)
+        run = tl.load(p_slot + _RUN)
+        run_stride = tl.load(p_slot + _RUN_STRIDE)
         step_key = _step_key(tl.load(p_slot + _DARE_KEY), t)
         step_size = tl.load(p_step_size + slot)
         inv_scale = 1.0 / tl.load(p_grad_scale)
@@ -273,17 +301,17 @@ def _ondare_step_kernel(
             bound = tl.load(p_rescale + slot * 2 + 1)
         for b0 in range(begin, full_end, BLOCK):
             a, k = _ondare_block(
-                p_param, p_grad, p_m, p_v, p_tau, p_c, b0 + tl.arange(0, BLOCK), end, global_offset, step_key,
-                merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha, inv_p, keep_below,
-                HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, False,
+                p_param, p_grad, p_m, p_v, p_tau, p_c, b0 + tl.arange(0, BLOCK), end, global_offset, run,
+                run_stride, step_key, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd,
+                alpha, inv_p, keep_below, HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, False,
             )  # fmt: skip
             s_abs += a
             s_kept += k
         if full_end < end:
             a, k = _ondare_block(
                 p_param, p_grad, p_m, p_v, p_tau, p_c, full_end + tl.arange(0, BLOCK), end, global_offset,
-                step_key, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps, lr_wd, alpha, inv_p,
-                keep_below, HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, True,
+                run, run_stride, step_key, merge, step_size, inv_scale, factor, bound, beta1, beta2, eps,
+                lr_wd, alpha, inv_p, keep_below, HAS_TAU, DROP, RESCALE, SUMS_ONLY, ACCUMULATE, True,
             )  # fmt: skip
             s_abs += a
             s_kept += k

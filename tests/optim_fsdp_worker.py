@@ -168,3 +168,120 @@ def main(rank: int, tmp: str, backend: str, names: list[str], after_prepare: boo
     with forced_backend("torch") if backend == "torch" else contextlib.nullcontext():
         for name in names:
             check_case(name, CASES[name], tmp, after_prepare)
+
+
+# ----------------------------------------------------------------------------- 2-D meshes
+
+
+MESH_CASES = {
+    "ondare": dict(method="ondare", reserve_p=0.5, alpha=0.3, online_step=2, skip_nonfinite=True),
+    "onties": dict(method="onties", reserve_p=0.3, alpha=0.3, weight_decay=0.01),
+}
+
+
+def make_wide_model(dtype=torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    # Column-parallel then row-parallel under tensor parallelism; FSDP over it shards rows again:
+    # 40 rows over tp then dp (_StridedShard), a 37 x 40 weight as 19/18 rows x 20/20 columns.
+    return torch.nn.Sequential(torch.nn.Linear(64, 40), torch.nn.Tanh(), torch.nn.Linear(40, 37)).to(dtype)
+
+
+def shard_2d(model: torch.nn.Module, mesh, kind: str) -> torch.nn.Module:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    if kind == "fsdp-tp":
+        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh["dp"])
+        return fully_shard(model, mesh=mesh["dp"])
+    for layer in (model[0], model[2]):  # HSDP: replicate over dp, shard over tp
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def tied_grads(n_steps: int, first: int = 0):
+    """Per step, {name: gradient} of the whole model, rounded to a few levels so that |Δ| has many
+    exact ties at the first steps (the TIES tie rule then crosses shards)."""
+    model = make_wide_model()
+    out = []
+    for x in batches(n_steps, first):
+        model.zero_grad()
+        model(x).square().mean().backward()
+        levels = {n: (p.grad * 1e3).round().clamp(-3, 3) for n, p in model.named_parameters()}
+        out.append({n: torch.where(g == 0, 1.0, g) / 64 for n, g in levels.items()})
+    return out
+
+
+def check_mesh_case(name: str, hp: dict, tmp: str, kind: str) -> None:
+    """OnlineMergeAdamW on a 2x2 mesh (FSDP x TP, or HSDP) equals one process bit for bit, given
+    the same gradients; then a distributed checkpoint resumes the same trajectory."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    grads = tied_grads(6)
+    whole = make_wide_model()
+    whole_opt = OnlineMergeAdamW(whole.named_parameters(), lr=0.02, ref_delta=taus(whole), **hp)
+
+    # Where each local element sits in the whole parameter: shard a model of indices alike.
+    indices = make_wide_model(torch.float64)
+    with torch.no_grad():
+        for p in indices.parameters():
+            p.copy_(torch.arange(p.numel(), dtype=torch.float64).view(p.shape))
+    index = {n: p.to_local().long() for n, p in shard_2d(indices, mesh, kind).named_parameters()}
+
+    def step(model, opt, grad):
+        for n, p in model.named_parameters():
+            local = grad[n].reshape(-1)[index[n].reshape(-1)].view(index[n].shape)
+            p.grad = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        opt.step()
+
+    sharded = shard_2d(make_wide_model(), mesh, kind)
+    sharded_opt = OnlineMergeAdamW(sharded.named_parameters(), lr=0.02, ref_delta=taus(whole), **hp)
+    for grad in grads[:3]:
+        for n, p in whole.named_parameters():
+            p.grad = grad[n].clone()
+        whole_opt.step()
+        step(sharded, sharded_opt, grad)
+    for (n, p), q in zip(sharded.named_parameters(), whole.parameters()):
+        assert torch.equal(p.full_tensor(), q), f"{name} {kind}: {n} {p.placements} differs from one process"
+        for key, value in whole_opt.state[q].items():
+            assert torch.equal(full(sharded_opt.state[p][key]), value), f"{name} {kind}: state {n}.{key}"
+
+    model_sd, optim_sd = get_state_dict(sharded, sharded_opt)
+    path = os.path.join(tmp, f"{name}-{kind}")
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    resumed = shard_2d(make_wide_model(), mesh, kind)
+    resumed_opt = OnlineMergeAdamW(resumed.named_parameters(), lr=0.02, ref_delta=taus(whole), seed=99, **hp)
+    model_sd, optim_sd = get_state_dict(resumed, resumed_opt)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=path)
+    set_state_dict(resumed, resumed_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    for grad in grads[3:]:
+        step(sharded, sharded_opt, grad)
+        step(resumed, resumed_opt, grad)
+    for p, q in zip(sharded.parameters(), resumed.parameters()):
+        assert torch.equal(p.full_tensor(), q.full_tensor()), f"{name} {kind}: resumed run differs"
+
+
+def check_unsupported_layouts() -> None:
+    """A Partial parameter, and a shard that is not runs of consecutive elements at one stride
+    (dims 1 and 2 of a 3-D tensor: two jumps), raise ValueError naming the parameter."""
+    import pytest
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    partial = DTensor.from_local(torch.zeros(4, 3), mesh, [Shard(0), Partial()])
+    cube = distribute_tensor(torch.zeros(2, 4, 4), mesh, [Shard(1), Shard(2)])
+    for name, value, match in [("summed", partial, "Partial"), ("cube", cube, "runs of consecutive elements")]:
+        with pytest.raises(ValueError, match=match) as error:
+            OnlineMergeAdamW([(name, torch.nn.Parameter(value))])
+        assert name in str(error.value)
+
+
+def main_mesh(rank: int, tmp: str, backend: str, kinds: list[str]) -> None:
+    with forced_backend("torch") if backend == "torch" else contextlib.nullcontext():
+        for kind in kinds:
+            for name, hp in MESH_CASES.items():
+                check_mesh_case(name, hp, tmp, kind)
+    check_unsupported_layouts()

@@ -109,9 +109,9 @@ def dare_keeps(opt, params, seed, reserve_p):
 
 
 @triton.jit
-def _keep_kernel(p_out, offset, n, t, key, keep_below, BLOCK: tl.constexpr):
+def _keep_kernel(p_out, offset, run, run_stride, n, t, key, keep_below, BLOCK: tl.constexpr):
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = kernels._dare_keep(offset + o, kernels._step_key(key, t), keep_below)
+    keep = kernels._dare_keep(kernels._global_index(o, offset, run, run_stride), kernels._step_key(key, t), keep_below)
     tl.store(p_out + o, keep.to(tl.int8), mask=o < n)
 
 
@@ -128,9 +128,18 @@ def test_torch_keep_matches_the_kernels_bit_for_bit(seed, t, param_index, offset
     n = 1000
     out = torch.empty(n, dtype=torch.int8, device=device)
     keep_below = kernels.keep_threshold(reserve_p)
-    _keep_kernel[(triton.cdiv(n, 256),)](out, offset, n, t, dare_key(seed, param_index), keep_below, BLOCK=256)
+    grid = (triton.cdiv(n, 256),)
+    _keep_kernel[grid](out, offset, n, n, n, t, dare_key(seed, param_index), keep_below, BLOCK=256)
     expected = dare_keep(seed, t, param_index, offset, n, reserve_p, device)
     assert torch.equal(out.bool(), expected)
+    # A shard of rows: runs of 37 elements, 100 apart (the global indices < 2**31).
+    first = offset % 2**30
+    _keep_kernel[grid](out, first, 37, 100, n, t, dare_key(seed, param_index), keep_below, BLOCK=256)
+    rows = dare_keep(seed, t, param_index, first, n, reserve_p, device, run=37, run_stride=100)
+    assert torch.equal(out.bool(), rows)
+    whole = dare_keep(seed, t, param_index, 0, first + 100 * (n // 37 + 1), reserve_p, device)
+    local = first + torch.arange(n, device=device) // 37 * 100 + torch.arange(n, device=device) % 37
+    assert torch.equal(rows, whole[local])
     # And both equal the definition, evaluated on Python integers.
     key = _dare.step_key(dare_key(seed, param_index), t)
     for i in (0, 1, 299, 300, 999):
@@ -163,7 +172,7 @@ def _hash_words(seed, t, param_index, n, offset=0):
     out = torch.empty(n, dtype=torch.int64)
     hasher = _dare.KeepHasher(n, torch.device("cpu"))
     key = _dare.step_key(dare_key(seed, param_index), t)
-    hasher.place(0, key, offset, n)
+    hasher.place(0, key, offset, 0, n, n, n)
     out.copy_(hasher.hash(n, torch.empty(n, dtype=torch.int32)).long() & 0xFFFFFFFF)
     return out
 

@@ -26,3 +26,13 @@ def test_optimizer_built_before_accelerate_shards_the_model(world, tmp_path, dev
         pytest.skip("gloo on the CPU")
     pytest.importorskip("accelerate")
     run_on_processes(optim_fsdp_worker.main, str(tmp_path), "kernel", ["ondare", "onties"], True, world=world)
+
+
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_2d_meshes_equal_one_process(backend, tmp_path, device):
+    """FSDP x TP (_StridedShard and Shard(0) x Shard(1) parameters) and HSDP (Replicate x Shard)
+    on a 2x2 mesh of 4 gloo processes equal one process bit for bit, with many exact ties at the
+    TIES threshold, and resume from a distributed checkpoint (issue 15)."""
+    if device.type != "cpu":
+        pytest.skip("gloo on the CPU")
+    run_on_processes(optim_fsdp_worker.main_mesh, str(tmp_path), backend, ["fsdp-tp", "hsdp"], world=4)

@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 
 import fastalign
 from fastalign._backend import check_positive
+from fastalign.vocab_parallel import vocab_shard
 
 IGNORE_INDEX = -100
 
@@ -105,7 +106,9 @@ def _call_head(lm_head, hidden, labels, head, extras: dict[str, bool]):
     lm_head's own call.
 
     Calling the module rather than reading its weight lets FSDP2 gather a separately sharded head
-    for this call and reduce-scatter its gradient, as for any other layer.
+    for this call and reduce-scatter its gradient, as for any other layer. A vocab-parallel head (ColwiseParallel:
+    the weight Shard(0) on the mesh dim "tp") is not called: its hooks would make hidden a DTensor and expect
+    logits back; linear_token_stats runs it on each rank's vocabulary slice.
     """
 
     def head_forward(hidden, labels):
@@ -121,6 +124,8 @@ def _call_head(lm_head, hidden, labels, head, extras: dict[str, bool]):
             **extras,
         )
 
+    if vocab_shard(lm_head.weight) is not None:
+        return head_forward(hidden, labels)
     previous = lm_head.__dict__.get("forward")
     lm_head.forward = head_forward
     try:

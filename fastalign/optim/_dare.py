@@ -78,12 +78,21 @@ class KeepHasher:
             for shift, m in zip(HASH_SHIFTS, (*HASH_MULTIPLIERS, None))
         ]
 
-    def place(self, at: int, key: int, first: int, n: int) -> None:
-        """Puts the hash inputs of global indices first .. first + n - 1 (a range from `chunks`)
-        under the step key `key` at positions at .. at + n - 1."""
-        low = _int32(first & _M32)
-        torch.arange(low, low + n, dtype=torch.int32, out=self._x[at : at + n])
-        self._x[at : at + n].bitwise_xor_(_int32(key ^ ((first >> 32) * GOLDEN & _M32)))
+    def place(self, at: int, key: int, offset: int, begin: int, n: int, run: int, run_stride: int) -> None:
+        """Puts at positions at .. at + n - 1 the hash inputs, under the step key `key`, of local
+        elements begin .. begin + n - 1 of a shard whose elements are runs of `run` consecutive
+        global indices, `run_stride` apart, from `offset` (one run: a range from `chunks`; several:
+        a shard of rows, whose parameter is under 2**31 elements)."""
+        x = self._x[at : at + n]
+        if run == run_stride:
+            first = offset + begin
+            low = _int32(first & _M32)
+            torch.arange(low, low + n, dtype=torch.int32, out=x)  # the low words of first + lane
+            x.bitwise_xor_(_int32(key ^ ((first >> 32) * GOLDEN & _M32)))
+            return
+        torch.arange(begin, begin + n, dtype=torch.int32, out=x)
+        row = torch.div(x, run, rounding_mode="floor")
+        x.sub_(row * run).add_(row.mul_(run_stride)).add_(offset).bitwise_xor_(_int32(key))
 
     def hash(self, n: int, scratch: torch.Tensor) -> torch.Tensor:
         """[n] int32: triple32 of the first n inputs placed, in place (a view the next call
@@ -108,16 +117,21 @@ class KeepHasher:
 CHUNK = 1 << 16
 
 
-def dare_keep(seed: int, t: int, param_index: int, offset: int, numel: int, reserve_p: float, device) -> torch.Tensor:
-    """[numel] bool: DARE's keep of global elements offset .. offset + numel - 1 of parameter
-    `param_index` at step t (t = 0 for τ), as the kernels draw it."""
+def dare_keep(
+    seed: int, t: int, param_index: int, offset: int, numel: int, reserve_p: float, device, run=None, run_stride=None
+) -> torch.Tensor:
+    """[numel] bool: DARE's keep, at step t (t = 0 for τ), of the numel local elements of parameter
+    `param_index` whose global indices start at `offset` (runs of `run` consecutive indices,
+    `run_stride` apart, for a shard of rows; default: one range), as the kernels draw it."""
     device = torch.device(device)
+    if run is None:
+        run = run_stride = max(numel, 1)
     out = torch.empty(numel, dtype=torch.bool, device=device)
     size = min(CHUNK, max(numel, 1))
     hasher, scratch = KeepHasher(size, device), torch.empty(size, dtype=torch.int32, device=device)
     key = step_key(dare_key(seed, param_index), t)
     keep_below = torch.tensor(keep_threshold(reserve_p), dtype=torch.int32, device=device)
     for begin, end in chunks(offset, numel, CHUNK):
-        hasher.place(0, key, offset + begin, end - begin)
+        hasher.place(0, key, offset, begin, end - begin, run, run_stride)
         out[begin:end] = hasher.keep(end - begin, keep_below, scratch)
     return out

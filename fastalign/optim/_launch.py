@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from fastalign.kernels import online_merge as K
 from fastalign.kernels.radix_select import radix_histogram, radix_tie_count
-from fastalign.optim._select import radix_select, tie_budget, topk_count
+from fastalign.optim._select import Runs, radix_select, tie_budget, topk_count
 
 
 @dataclass
@@ -26,6 +26,8 @@ class Slot:
     cached_delta: torch.Tensor | None  # fp32, when online_step > 1
     step: torch.Tensor  # [] fp32, the number of steps taken
     offset: int  # global index of the first local element
+    run: int  # the local elements are runs of `run` consecutive global indices ...
+    run_stride: int  # ... `run_stride` apart (one run: equal), see _layout.py
     numel: int  # elements of the whole parameter
     dare_key: int  # key of the parameter's DARE keeps (_dare.dare_key of the seed and its index)
 
@@ -126,6 +128,15 @@ def _tables(launch: Launch, cache: dict) -> Tables:
     return cache[key]
 
 
+def _runs(launch: Launch, cache: dict) -> Runs:
+    """The launch's runs for the TIES tie rule, built once per layout of shards (a collective)."""
+    shards = [(s.offset, s.param.numel(), s.run, s.run_stride) for s in launch.slots]
+    key = ("runs", tuple(shards), launch.device, id(launch.group))
+    if key not in cache:
+        cache[key] = Runs.of(shards, launch.group, launch.device)
+    return cache[key]
+
+
 def kernel_step(
     launch: Launch, t: torch.Tensor, step_size: torch.Tensor, skip: torch.Tensor, grad_scale: torch.Tensor, cache
 ) -> None:
@@ -140,6 +151,8 @@ def kernel_step(
             0 if s.cached_delta is None else s.cached_delta.data_ptr(),
             off,
             s.offset,
+            s.run,
+            s.run_stride,
             s.dare_key,
         ]
         for s, off in zip(launch.slots, tables.flat_offsets)
@@ -183,9 +196,17 @@ def kernel_step(
         select,
         launch.group,
     )
-    tile_ties = radix_tie_count(delta, tables.ties_tiles, torch.where(th.partial, th.key, -1))
+    counted = torch.where(th.partial, th.key, -1)  # copies of the threshold matter only when some are dropped
+    tile_ties = radix_tie_count(delta, tables.ties_tiles, counted)
     local_ties, ties_before = _segments(tile_ties, tables.ties_ranges)
-    slot_budget = tie_budget(th, local_ties, slots[:, K.SLOT_FIELDS.index("global_offset")], launch.group)
+    runs = _runs(launch, cache)
+    keys = lambda i: (
+        delta[tables.flat_offsets[i] : tables.flat_offsets[i] + launch.slots[i].param.numel()].view(  # noqa: E731
+            torch.int32
+        )
+        & 0x7FFFFFFF
+    )
+    slot_budget = tie_budget(th, runs.ties(local_ties, keys, counted), runs)
     tile_budget = slot_budget[tables.ties_tiles[:, 0]] - ties_before
     # Slots that keep everything have threshold key 0 and no budget limit; ordinary steps skip.
     threshold = torch.where(merge, torch.where(select, th.key, 0), -1)
@@ -197,7 +218,7 @@ def kernel_step(
 
 def kernel_nonfinite(launch: Launch, flag: torch.Tensor, cache) -> None:
     tables = _tables(launch, cache)
-    rows = [[0, s.grad.data_ptr(), 0, 0, 0, 0, off, 0, 0] for s, off in zip(launch.slots, tables.flat_offsets)]
+    rows = [[0, s.grad.data_ptr(), 0, 0, 0, 0, off, 0, 1, 1, 0] for s, off in zip(launch.slots, tables.flat_offsets)]
     aligned = all(row[1] % 16 == 0 for row in rows)
     slots = _to_device(rows, torch.int64, launch.device)
     K.nonfinite(slots, tables.dare_tiles, flag, param_dtype=launch.param_dtype, aligned=aligned)

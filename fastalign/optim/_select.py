@@ -6,9 +6,9 @@ element index ranks first. So the top k of a parameter are: every entry whose ke
 k-th largest key T, plus the first `ties` entries equal to T in global index order. This is the
 same however the parameter is sharded, and it is what a stable descending sort would pick.
 
-Everything here runs on the device without a host sync: the histograms come from the caller
-(Triton kernels or torch.bincount), are summed across the shards' process group, and the digit
-choice is a few tensor ops.
+Everything here runs on the device without a host sync (but Runs.of, once per layout of slots):
+the histograms come from the caller (Triton kernels or torch.bincount), are summed across the
+shards' process group, and the digit choice and the tie budgets are a few tensor ops.
 """
 
 from __future__ import annotations
@@ -68,18 +68,91 @@ def radix_select(
     return Threshold(prefix, remaining, active & (remaining < count_eq))
 
 
-def tie_budget(th: Threshold, local_ties: torch.Tensor, offsets: torch.Tensor, group) -> torch.Tensor:
-    """[S] int64: how many entries equal to the threshold key this shard keeps, counting from its
-    first. Shards that start earlier in the global order take theirs first.
+@dataclass
+class Runs:
+    """This process's runs of consecutive global indices, slot after slot: one per shard stored as
+    one range, one per local row for a shard of rows of a wider parameter (see _layout.py). Each
+    slot has as many entries on every process of the group (the group's most; extra entries
+    start at PAD and hold nothing), so the tables of all processes line up. Built once per
+    layout of slots (it syncs, and all-reduces across the group)."""
 
-    local_ties: [S] int64 copies of the threshold key in this shard; offsets: [S] int64 global
-    index of this shard's first element.
+    slot: torch.Tensor  # [T] int64: the slot of each entry
+    start: torch.Tensor  # [T] int64: global index of the run's first element (PAD for padding)
+    first: list[int]  # per slot: its first entry
+    rows: list[int]  # per slot: elements per local run for a shard of rows, 0 for one range
+    group: object  # the process group of the shards, or None
+    gathered_start: torch.Tensor | None = None  # [world · T] int64: every process's starts
+
+    @classmethod
+    def of(cls, shards: list[tuple[int, int, int, int]], group, device) -> Runs:
+        """shards: per slot (global offset, local numel, run, run_stride) of this process."""
+        counts = [n // run if run != stride else 1 for _, n, run, stride in shards]
+        most = torch.tensor(counts, dtype=torch.int64, device=device)
+        if group is not None:
+            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
+        slot, start, first = [], [], []
+        for i, ((offset, _, _, stride), n, m) in enumerate(zip(shards, counts, most.tolist())):
+            first.append(sum(len(x) for x in slot))
+            slot.append([i] * m)
+            start.append([offset + j * stride for j in range(n)] + [PAD] * (m - n))
+        flat = lambda xs: torch.tensor([x for row in xs for x in row], dtype=torch.int64, device=device)  # noqa: E731
+        rows = [run if run != stride else 0 for _, _, run, stride in shards]
+        runs = cls(flat(slot), flat(start), first, rows, group)
+        if group is not None:
+            runs.gathered_start = _all_gather(runs.start, group)
+        return runs
+
+    def ties(self, local_ties: torch.Tensor, keys: Callable[[int], torch.Tensor], threshold: torch.Tensor):
+        """[T] int64 copies of the threshold key per entry: a slot stored as one range has its
+        local_ties[s]; a shard of rows counts them per row of keys(s) (its int32 magnitude keys)."""
+        ties = torch.zeros_like(self.slot)
+        ranges = [s for s, rows in enumerate(self.rows) if not rows]
+        ties[[self.first[s] for s in ranges]] = local_ties[ranges]
+        for s, rows in enumerate(self.rows):
+            if rows:
+                per_row = (keys(s).view(-1, rows) == threshold[s]).sum(1)
+                ties[self.first[s] : self.first[s] + per_row.numel()] = per_row
+        return ties
+
+
+PAD = 2**62  # the start of a padding entry: after every run
+
+
+def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    out = torch.empty(dist.get_world_size(group) * x.numel(), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x, group=group)
+    return out
+
+
+def tie_budget(th: Threshold, run_ties: torch.Tensor, runs: Runs) -> torch.Tensor:
+    """[S] int64: how many copies of the threshold key this shard keeps, counting from its first
+    element in local order (the kept copies of a shard are a prefix of its own: its runs come in
+    global order). A copy is kept when fewer than th.ties copies precede it in global order,
+    counting the runs of every shard.
+
+    run_ties: [T] int64 copies of the threshold key in each of this process's run entries.
     """
-    before = torch.zeros_like(local_ties)
-    if group is not None:
-        table = torch.zeros(dist.get_world_size(group), 2, local_ties.numel(), dtype=torch.int64, device=offsets.device)
-        table[dist.get_rank(group), 0] = offsets
-        table[dist.get_rank(group), 1] = local_ties
-        dist.all_reduce(table, group=group)
-        before = torch.where(table[:, 0] < offsets, table[:, 1], 0).sum(0)
-    return torch.where(th.partial, th.ties - before, UNLIMITED)
+    n_slots = th.key.numel()
+    if runs.group is None:
+        start, ties, slot, mine = (
+            runs.start,
+            run_ties,
+            runs.slot,
+            torch.arange(run_ties.numel(), device=run_ties.device),
+        )
+    else:
+        world, rank = dist.get_world_size(runs.group), dist.get_rank(runs.group)
+        start, ties, slot = runs.gathered_start, _all_gather(run_ties, runs.group), runs.slot.repeat(world)
+        mine = rank * run_ties.numel() + torch.arange(run_ties.numel(), device=run_ties.device)
+    # Exclusive prefix sums of the copies in global order (by slot, then start), restarted per slot.
+    order = torch.argsort(start, stable=True)
+    order = order[torch.argsort(slot[order], stable=True)]
+    sorted_ties = ties[order]
+    before_sorted = torch.cumsum(sorted_ties, 0) - sorted_ties
+    first = torch.full((n_slots,), PAD, dtype=torch.int64, device=ties.device)
+    first.scatter_reduce_(0, slot[order], before_sorted, "amin")  # nondecreasing: the slot's first
+    before = torch.empty_like(before_sorted)
+    before[order] = before_sorted - first[slot[order]]
+    kept = (th.ties[runs.slot] - before[mine]).clamp(min=0).minimum(run_ties)
+    kept_per_slot = torch.zeros(n_slots, dtype=torch.int64, device=ties.device).index_add_(0, runs.slot, kept)
+    return torch.where(th.partial, kept_per_slot, UNLIMITED)

@@ -22,7 +22,7 @@ from fastalign.kernels.online_merge import keep_threshold
 from fastalign.kernels.radix_select import RADIX_DIGITS
 from fastalign.optim._dare import CHUNK, KeepHasher, chunks, step_key
 from fastalign.optim._launch import Launch, Slot, rescale_factors
-from fastalign.optim._select import radix_select, tie_budget, topk_count
+from fastalign.optim._select import Runs, radix_select, tie_budget, topk_count
 
 Segment = tuple[Slot, int, int]  # a shard and a range [begin, end) of its elements
 
@@ -32,14 +32,15 @@ def magnitude_key(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int32) & 0x7FFFFFFF
 
 
-def topk_select(x: torch.Tensor, lengths: list[int], ks: list[int], selects: list[bool], offsets: list[int], group):
+def topk_select(x: torch.Tensor, lengths: list[int], ks: list[int], selects: list[bool], runs: Runs):
     """Zeroes all but the top ks[i] magnitudes of each shard of x where selects[i], in place.
 
     x: flat float32, the shards side by side (`lengths`); ks[i] entries of the whole parameter are
-    kept; offsets[i]: the global index of shard i's first element. The rule is _select.py's (ties
-    at the threshold go to smaller global indices), selected across `group`; a NaN is always kept.
-    A fixed number of torch ops for any number of shards; every process of the group must pass the
-    same parameters in the same order."""
+    kept; runs: where the shards' elements sit in their parameters, and their process group. The
+    rule is _select.py's (ties at the threshold go to smaller global indices); a NaN is always kept.
+    A fixed number of torch ops for any number of shards (but shards of rows); every process of the
+    group must pass the same parameters in the same order."""
+    group = runs.group
     n_slots, device = len(lengths), x.device
     slot_ids = torch.arange(n_slots, dtype=torch.int32, device=device)
     key = magnitude_key(x)
@@ -64,7 +65,9 @@ def topk_select(x: torch.Tensor, lengths: list[int], ks: list[int], selects: lis
     del candidates
     last_digit = (th.key & (2 ** RADIX_DIGITS[-1][1] - 1)).clamp_min(0)
     local_ties = torch.where(active, local[-1].gather(1, last_digit.view(-1, 1)).view(-1), 0)
-    budget = tie_budget(th, local_ties, torch.tensor(offsets, dtype=torch.int64, device=device), group)
+    starts = [sum(lengths[:i]) for i in range(n_slots)]
+    shard_keys = lambda i: key[starts[i] : starts[i] + lengths[i]]  # noqa: E731
+    budget = tie_budget(th, runs.ties(local_ties, shard_keys, torch.where(th.partial, th.key, -1)), runs)
     threshold = torch.where(active, th.key, -1)  # -1: every key is above it
     keep = key >= _spread(threshold.to(torch.int32), torch.tensor(lengths, device=device))
     keep |= x.isnan()
@@ -115,8 +118,8 @@ def _views(tensors: list[torch.Tensor | None], segments: list[Segment]) -> list:
 class _Step:
     """One step of one launch; the kernels' arithmetic, a bundle at a time."""
 
-    def __init__(self, launch: Launch, grad_scale):
-        self.launch, self.hp = launch, launch.hp
+    def __init__(self, launch: Launch, grad_scale, cache: dict):
+        self.launch, self.hp, self.cache = launch, launch.hp, cache
         self.inv_scale = 1.0 / float(grad_scale) if grad_scale is not None else None
         self.lr_wd = self.hp["lr"] * self.hp["weight_decay"]
         self.size = min(CHUNK, max(1, sum(s.param.numel() for s in launch.slots)))
@@ -227,7 +230,7 @@ class _Step:
         if self.hasher is not None:
             at = 0
             for s, b, e in segments:
-                self.hasher.place(at, step_key(s.dare_key, ts[id(s)]), s.offset + b, e - b)
+                self.hasher.place(at, step_key(s.dare_key, ts[id(s)]), s.offset, b, e - b, s.run, s.run_stride)
                 at += e - b
             # A dropped NaN Δ stays NaN (NaN · 0): θ turns NaN, as AdamW's would.
             keep = self.mask[:at].copy_(self.hasher.keep(at, self.keep_below, self.mask))  # -1.0 or 0.0
@@ -273,12 +276,20 @@ class _Step:
             ks = [topk_count(self.hp["reserve_p"], s.numel) for s in group]
             selects = [k < s.numel for k, s in zip(ks, group)]
             if any(selects):
-                topk_select(delta, lengths, ks, selects, [s.offset for s in group], self.launch.group)
+                topk_select(delta, lengths, ks, selects, self.runs(group))
             at = 0
             for segments in bundles(group, self.size):
                 n = sum(e - b for _, b, e in segments)
                 self.elect(segments, delta[at : at + n])
                 at += n
+
+    def runs(self, slots: list[Slot]) -> Runs:
+        """The runs of these shards for the tie rule, built once per layout (a collective)."""
+        shards = [(s.offset, s.param.numel(), s.run, s.run_stride) for s in slots]
+        key = ("runs", tuple(shards), id(self.launch.group))
+        if key not in self.cache:
+            self.cache[key] = Runs.of(shards, self.launch.group, self.launch.device)
+        return self.cache[key]
 
     def elect(self, segments: list[Segment], flat: torch.Tensor) -> None:
         """TIES's sign election and merge on a bundle's Δ (`flat`, the segments side by side): the
@@ -308,11 +319,11 @@ def _whole_groups(slots: list[Slot], size: int) -> Iterator[list[Slot]]:
         yield group
 
 
-def torch_step(launch: Launch, t: torch.Tensor, step_size: torch.Tensor, skip, grad_scale) -> None:
-    """The step of kernels/online_merge.py in torch ops."""
+def torch_step(launch: Launch, t: torch.Tensor, step_size: torch.Tensor, skip, grad_scale, cache: dict) -> None:
+    """The step of kernels/online_merge.py in torch ops; cache keeps what depends on the layout only."""
     if skip is not None and bool(skip):
         return
-    step = _Step(launch, grad_scale)
+    step = _Step(launch, grad_scale, cache)
     ts = {id(s): ti for s, ti in zip(launch.slots, t.tolist())}
     sizes = {id(s): size for s, size in zip(launch.slots, step_size.tolist())}
     merging = [s for s in launch.slots if ts[id(s)] % launch.hp["online_step"] == 0]

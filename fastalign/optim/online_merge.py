@@ -18,7 +18,7 @@ from fastalign.optim import _torch_path
 from fastalign.optim._dare import dare_keep, dare_key
 from fastalign.optim._launch import Launch, Slot, kernel_nonfinite, kernel_step, step_sizes
 from fastalign.optim._layout import FlatShard, Layout, layout_of, like_param, local_part, local_tensor
-from fastalign.optim._select import topk_count
+from fastalign.optim._select import Runs, topk_count
 
 METHODS = ("ondare", "onties")
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -72,7 +72,8 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
 
     Args:
         params: parameters or param groups, as for torch.optim (named parameters work too);
-            fp32/bf16/fp16, plain tensors or FSDP2 DTensors (Shard(0)).
+            fp32/bf16/fp16, plain tensors or DTensors sharded along dims 0 and 1 (FSDP2, HSDP,
+            FSDP x TP), or flat shards (see flat_shards).
         lr, betas, eps, weight_decay: AdamW's (defaults 1e-3, (0.9, 0.999), 1e-8, 0.0).
         method: "ondare" or "onties" (default "ondare").
         reserve_p: fraction of entries kept, in (0, 1] (default 1.0).
@@ -283,12 +284,16 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
         flat = tau.view(-1)
         if group["method"] == "ondare":
             if reserve_p < 1.0:
-                keep = dare_keep(group["seed"], 0, self._index[p], layout.offset, flat.numel(), reserve_p, flat.device)
+                keep = dare_keep(
+                    group["seed"], 0, self._index[p], layout.offset, flat.numel(), reserve_p, flat.device, layout.run,
+                    layout.run_stride,
+                )  # fmt: skip
                 flat = torch.where(keep, flat * torch.tensor(1.0 / reserve_p, dtype=torch.float32).item(), 0.0)
             return flat.clamp(-group["clip"], group["clip"]).view(tau.shape)
         k = topk_count(reserve_p, layout.numel)
         flat = flat.clone()
-        _torch_path.topk_select(flat, [flat.numel()], [k], [k < layout.numel], [layout.offset], layout.group)
+        runs = Runs.of([(layout.offset, flat.numel(), layout.run, layout.run_stride)], layout.group, flat.device)
+        _torch_path.topk_select(flat, [flat.numel()], [k], [k < layout.numel], runs)
         return flat.view(tau.shape)
 
     # ------------------------------------------------------------------------- step
@@ -315,6 +320,8 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
                     cached_delta=local_tensor(state["cached_delta"]) if group["online_step"] > 1 else None,
                     step=state["step"],
                     offset=layout.offset,
+                    run=layout.run,
+                    run_stride=layout.run_stride,
                     numel=layout.numel,
                     dare_key=dare_key(group["seed"], self._index[p]),
                 )
@@ -352,9 +359,12 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
         if len(flags) > 1:
             total = sum(f.to(next(iter(flags))) for f in flags.values())
             flags = {d: total.to(d) for d in flags}
-        for pg in {launch.group for launch in launches if launch.group is not None}:
-            flag = flags[next(launch.device for launch in launches if launch.group is pg)]
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
+        # Every process reduces over its groups in one global order (smaller groups first, then by
+        # their ranks), so overlapping groups of a 2-D mesh cannot wait on each other; the largest
+        # (FSDP x TP's flattened mesh) comes last and leaves every process of it with one flag.
+        groups = {id(launch.group): launch for launch in launches if launch.group is not None}
+        for launch in sorted(groups.values(), key=lambda la: _group_order(la.group)):
+            dist.all_reduce(flags[launch.device], op=dist.ReduceOp.MAX, group=launch.group)
         return flags
 
     @torch.no_grad()
@@ -373,7 +383,7 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
             scale = None if grad_scale is None else grad_scale.to(launch.device, torch.float32)
             t, step_size = step_sizes(launch)
             if backend_for(launch.slots[0].param) == "torch":
-                _torch_path.torch_step(launch, t, step_size, flag, scale)
+                _torch_path.torch_step(launch, t, step_size, flag, scale, self._tables)
             else:
                 kernel_step(
                     launch,
@@ -429,6 +439,12 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
             if isinstance(p, DTensor) or tuple(value.shape) != tuple(local.shape):
                 value = local_part(value, self._layouts[p], local)  # a whole-parameter tensor
         return like_param(value.detach().to(local.device, dtype).contiguous().clone(), p)
+
+
+def _group_order(group) -> tuple[int, list[int]]:
+    """A process group's place in an order every process agrees on: its size, then its ranks."""
+    ranks = sorted(dist.get_process_group_ranks(group))
+    return len(ranks), ranks
 
 
 def _laid_out_like(value: DTensor, p: torch.Tensor) -> bool:

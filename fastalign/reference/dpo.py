@@ -6,6 +6,8 @@ Computes in the inputs' dtype: float64 inputs give the float64 test oracle. `dpo
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastalign.reference.logprobs import token_logprobs
@@ -59,8 +61,10 @@ def _per_sequence(loss_type, pc, pr, rc, rr, lc, lr, sums_c, beta, eps, f_div, f
             return (h_per_token - 1 / (2 * beta)) ** 2
         return -_log_sigmoid(beta * h_per_token)
     if loss_type == "exo_pair":
-        q_w, q_l = _sigmoid(beta * h), _sigmoid(-beta * h)
-        return q_w * torch.log(q_w / (1 - eps)) + q_l * torch.log(q_l / eps)
+        # log q from log-sigmoid: q = sigmoid underflows to 0 at large margins (f-divergences reach thousands),
+        # and 0 * log 0 would be NaN where the term is 0.
+        log_q_w, log_q_l = _log_sigmoid(beta * h), _log_sigmoid(-beta * h)
+        return torch.exp(log_q_w) * (log_q_w - math.log(1 - eps)) + torch.exp(log_q_l) * (log_q_l - math.log(eps))
     if loss_type == "nca_pair":
         return (
             -_log_sigmoid(beta * chosen_ratio)

@@ -1,0 +1,246 @@
+"""Worker of tests/test_vocab_parallel.py: one of 2 or 4 gloo processes on the CPU.
+
+Every rank builds the same inputs (same seed); the lm_head weight (and bias) is distributed Shard(0) over a 1-D
+mesh named "tp". The vocab-parallel op must match the float64 eager reference on the full weight, computed in the
+same process: forward values, argmax, and the gradients of hidden, of each rank's weight and bias slice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from fastalign import linear_token_logprobs, linear_token_stats
+from fastalign._backend import forced_backend
+from fastalign.linear_losses import dpo_loss_from_hidden
+from fastalign.reference.linear_logprobs import linear_logits
+
+H, B, T = 16, 2, 5
+IGNORE = -100
+HEAD = {"temperature": 0.7, "softcap": 5.0, "logit_scale": 1.3}
+
+
+def _path(backend: str):
+    return forced_backend("torch") if backend == "torch" else contextlib.nullcontext()  # else: the kernels
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def _inputs(V: int, world: int):
+    gen = torch.Generator().manual_seed(1234)
+    hidden = torch.randn(B, T, H, generator=gen)
+    weight = torch.randn(V, H, generator=gen) / H**0.5
+    bias = torch.randn(V, generator=gen) * 0.1
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    # A label in every rank's slice (torch.chunk's split), and ignored rows.
+    per_rank = -(-V // world)
+    for r in range(world):
+        labels.view(-1)[r] = min(V - 1, r * per_rank + r)
+    labels[1, -2:] = IGNORE
+    return hidden, weight, bias, labels
+
+
+def _tp_mesh(world: int):
+    return init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+
+
+def _count_collectives(monkeypatch_calls: list):
+    """Records the number of elements every all_gather / all_reduce sends, to bound the communication."""
+    real_gather, real_reduce = dist.all_gather, dist.all_reduce
+
+    def all_gather(parts, x, *args, **kwargs):
+        monkeypatch_calls.append(("all_gather", x.numel()))
+        return real_gather(parts, x, *args, **kwargs)
+
+    def all_reduce(x, *args, **kwargs):
+        monkeypatch_calls.append(("all_reduce", x.numel()))
+        return real_reduce(x, *args, **kwargs)
+
+    dist.all_gather, dist.all_reduce = all_gather, all_reduce
+    return lambda: (setattr(dist, "all_gather", real_gather), setattr(dist, "all_reduce", real_reduce))
+
+
+def stats_main(rank: int, world: int, V: int, backend: str) -> None:
+    """linear_token_stats with every extra, softcap/scale/temperature and a bias, on the vocab-parallel weight."""
+    hidden, weight, bias, labels = _inputs(V, world)
+    mesh = _tp_mesh(world)
+    w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_(True)
+    b = distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_(True)
+    h = hidden.clone().requires_grad_(True)
+    g_logp, g_ent = torch.randn(B, T, generator=torch.Generator().manual_seed(7)).unbind(0)[0], 0.3
+
+    calls: list = []
+    restore = _count_collectives(calls)
+    try:
+        with _path(backend):
+            stats = linear_token_stats(h, w, labels, b, **HEAD, log_sum_sq_probs=True, mean_logits=True)
+            loss = (stats.logprobs * g_logp).sum() + g_ent * stats.entropy.sum()
+            loss.backward()
+    finally:
+        restore()
+    N = B * T
+    # Per call: one all-gather of at most 7 statistics per row, then the all-reduce of d hidden (rows x H).
+    assert [name for name, _ in calls] == ["all_gather", "all_reduce"], calls
+    assert calls[0][1] <= 7 * N and calls[1][1] == N * H, calls
+
+    h64, w64, b64 = (t.double().requires_grad_(True) for t in (hidden, weight, bias))
+    z = linear_logits(h64, w64, b64, **HEAD)
+    logp_all = torch.log_softmax(z, -1)
+    valid = labels != IGNORE
+    ref_logp = torch.where(valid, logp_all.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+    ref_ent = -(logp_all.exp() * logp_all).sum(-1)
+    ((ref_logp * g_logp).sum() + g_ent * ref_ent.sum()).backward()
+
+    assert _rel(stats.logprobs, ref_logp) < 1e-6, _rel(stats.logprobs, ref_logp)
+    assert (stats.logprobs[~valid] == 0).all()
+    assert _rel(stats.entropy, ref_ent) < 1e-6
+    assert torch.equal(stats.argmax, z.argmax(-1))
+    assert _rel(stats.log_sum_sq_probs, torch.logsumexp(2 * logp_all, -1)) < 1e-6
+    assert _rel(stats.mean_logits, z.mean(-1)) < 1e-6
+    assert _rel(h.grad, h64.grad) < 1e-5, _rel(h.grad, h64.grad)
+    assert isinstance(w.grad, DTensor) and w.grad.placements == (Shard(0),)
+    assert isinstance(b.grad, DTensor) and b.grad.placements == (Shard(0),)
+    sl = slice(rank * -(-V // world), rank * -(-V // world) + w.to_local().shape[0])
+    assert _rel(w.grad.to_local(), w64.grad[sl]) < 1e-5, _rel(w.grad.to_local(), w64.grad[sl])
+    assert _rel(b.grad.to_local(), b64.grad[sl]) < 1e-5
+
+
+def logprobs_main(rank: int, world: int, V: int, backend: str) -> None:
+    """linear_token_logprobs without extras (ignored rows are not scored) and without a bias."""
+    hidden, weight, _, labels = _inputs(V, world)
+    w = distribute_tensor(weight, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
+    h = hidden.clone().requires_grad_(True)
+    with _path(backend):
+        logp = linear_token_logprobs(h, w, labels)
+        logp.sum().backward()
+    h64, w64 = (t.double().requires_grad_(True) for t in (hidden, weight))
+    valid = labels != IGNORE
+    logp_all = torch.log_softmax(linear_logits(h64, w64), -1)
+    ref = torch.where(valid, logp_all.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+    ref.sum().backward()
+    assert _rel(logp, ref) < 1e-6
+    assert (logp[~valid] == 0).all()
+    assert _rel(h.grad, h64.grad) < 1e-5
+    sl = slice(rank * -(-V // world), rank * -(-V // world) + w.to_local().shape[0])
+    assert _rel(w.grad.to_local(), w64.grad[sl]) < 1e-5
+
+
+def dpo_main(rank: int, world: int, V: int, backend: str) -> None:
+    """dpo_loss_from_hidden end to end on the vocab-parallel weight (auto runs lean; fast raises)."""
+    hidden, weight, _, labels = _inputs(V, world)
+    gen = torch.Generator().manual_seed(5)
+    ref_logps = torch.randn(2, B // 2, generator=gen)
+    # use_weighting (WPO) reads log sum_v p_v^2 of every token: the combined extra, end to end.
+    kwargs = {"ref_chosen_logps": ref_logps[0], "ref_rejected_logps": ref_logps[1], "beta": 0.2, "use_weighting": True}
+    w = distribute_tensor(weight, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
+    h = hidden.clone().requires_grad_(True)
+    with _path(backend):
+        loss = dpo_loss_from_hidden(h, w, labels, **kwargs)[0]
+        loss.backward()
+        try:
+            dpo_loss_from_hidden(h, w, labels, strategy="fast", **kwargs)
+        except ValueError as e:
+            assert "vocab-parallel" in str(e), e
+        else:
+            raise AssertionError("strategy='fast' on a vocab-parallel weight must raise")
+    w1, h1 = weight.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+    with _path(backend):
+        ref = dpo_loss_from_hidden(h1, w1, labels, **kwargs)[0]
+        ref.backward()
+    assert _rel(loss, ref) < 1e-6, (loss, ref)
+    assert _rel(h.grad, h1.grad) < 1e-5
+    sl = slice(rank * -(-V // world), rank * -(-V // world) + w.to_local().shape[0])
+    assert _rel(w.grad.to_local(), w1.grad[sl]) < 1e-5
+
+
+def errors_main(rank: int, world: int) -> None:
+    """Layouts a vocab-parallel head cannot take raise ValueError naming what is wrong."""
+    hidden, weight, _, labels = _inputs(37, world)
+    mesh = _tp_mesh(world)
+    cases = [
+        (distribute_tensor(weight, mesh, [Shard(1)]), "Shard(0)"),  # RowwiseParallel's layout
+        (distribute_tensor(weight[: world - 1], mesh, [Shard(0)]), "slice is empty"),  # a rank with no row
+    ]
+    if world == 4:
+        mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        cases.append((distribute_tensor(weight, mesh2, [Shard(0), Shard(0)]), "replicated on the others"))
+        # Replicate on "tp" (accelerate's mesh with TP off, FSDP on "dp"): not vocab-parallel, gathered as before.
+        fsdp_like = distribute_tensor(weight, mesh2, [Shard(0), Replicate()])
+        assert torch.equal(
+            linear_token_logprobs(hidden, fsdp_like, labels), linear_token_logprobs(hidden, weight, labels)
+        )
+    for w, message in cases:
+        try:
+            linear_token_logprobs(hidden, w, labels.clamp(max=w.shape[0] - 1))
+        except ValueError as e:
+            assert message in str(e), (message, e)
+        else:
+            raise AssertionError(f"expected a ValueError with {message!r}")
+    w = distribute_tensor(weight, mesh, [Shard(0)])
+    # hidden may be a DTensor replicated over the group (the input ColwiseParallel makes), not a sharded one.
+    plain = linear_token_logprobs(hidden, w, labels)
+    assert torch.equal(linear_token_logprobs(distribute_tensor(hidden, mesh, [Replicate()]), w, labels), plain)
+    try:
+        linear_token_logprobs(distribute_tensor(hidden, mesh, [Shard(1)]), w, labels)
+    except ValueError as e:
+        assert "hidden must be replicated" in str(e), e
+    else:
+        raise AssertionError("a sequence-sharded hidden must raise")
+    try:  # a full bias: each rank would get only its slice's part of its gradient
+        linear_token_logprobs(hidden, w, labels, torch.zeros(37))
+    except ValueError as e:
+        assert "bias must be a DTensor sharded as" in str(e), e
+    else:
+        raise AssertionError("a full bias with a vocab-parallel weight must raise")
+    bad = labels.clone()
+    bad[0, 0] = 37
+    try:
+        linear_token_logprobs(hidden, w, bad)
+    except ValueError as e:
+        assert "outside [0, 37)" in str(e), e
+    else:
+        raise AssertionError("a label outside [0, V) must raise")
+
+
+def causal_lm_main(rank: int, world: int) -> None:
+    """patch_causal_lm on a tiny Llama whose lm_head is ColwiseParallel over the mesh dim "tp": the loss, the
+    entropy and every gradient (the head's a Shard(0) DTensor) equal the unsharded model's."""
+    import copy
+
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from fastalign.integrations import patch_causal_lm
+    from fastalign.integrations.tiny import build_tokenizer, load_preferences, tiny_llama
+
+    rows = load_preferences()[:4]
+    tok = build_tokenizer(rows)
+    enc = tok([r["prompt"] + r["chosen"] for r in rows], return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    model = tiny_llama(tok, hidden_size=32, seed=0)  # untied: the head alone is ColwiseParallel
+    reference = patch_causal_lm(copy.deepcopy(model))
+    expected = reference(**enc, labels=labels, return_entropy=True)
+    (expected.loss + 0.1 * expected.entropy.sum()).backward()
+
+    parallelize_module(model, _tp_mesh(world), {"lm_head": ColwiseParallel()})
+    assert model.lm_head.weight.placements == (Shard(0),)
+    patch_causal_lm(model)
+    out = model(**enc, labels=labels, return_entropy=True)
+    (out.loss + 0.1 * out.entropy.sum()).backward()
+    assert _rel(out.loss, expected.loss) < 1e-6, (out.loss, expected.loss)
+    assert _rel(out.entropy, expected.entropy) < 1e-6
+    for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
+        grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
+        assert _rel(grad, ref.grad) < 1e-5, f"rank {rank}: {name} gradient off by {_rel(grad, ref.grad):.2e}"
+
+
+def ops_main(rank: int, world: int, V: int, backend: str) -> None:
+    """Every op check in one set of processes (starting processes costs more than the checks)."""
+    for check in (stats_main, logprobs_main, dpo_main):
+        check(rank, world, V, backend)
+    errors_main(rank, world)
