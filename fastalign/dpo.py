@@ -282,16 +282,19 @@ def check_dpo_options(
         raise ValueError(f"loss_type must name at least one of {list(DPO_LOSS_TYPES)}")
     for t in types:
         if t not in DPO_LOSS_TYPES:
-            raise ValueError(f"loss_type {t!r} is not one of {list(DPO_LOSS_TYPES)}")
+            raise ValueError(f"Unsupported loss_type {t!r}: not one of {list(DPO_LOSS_TYPES)}")
     weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
     if len(weights) != len(types):
         raise ValueError(f"loss_weights must have one weight per loss_type ({len(types)}); got {len(weights)}")
-    if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1):
+    # The texts of the robust and exo_pair cases are Liger's, whose own tests match them.
+    if not isinstance(label_smoothing, (int, float)):
+        raise ValueError(f"label_smoothing must be a number in [0, 1); got {label_smoothing!r}")
+    if "robust" in types and not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0.0, 0.5) for loss_type='robust'; got {label_smoothing!r}")
+    if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
-    if "robust" in types and not label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5) for loss_type 'robust'; got {label_smoothing}")
     if "exo_pair" in types and label_smoothing == 0:
-        raise ValueError("label_smoothing must be > 0 for loss_type 'exo_pair' (the EXO paper uses 1e-3)")
+        raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair' (the EXO paper uses 1e-3)")
     _check_flag("average_log_prob", average_log_prob)
     if f_divergence_type not in F_DIVERGENCE_TYPES:
         raise ValueError(f"f_divergence_type {f_divergence_type!r} is not one of {list(F_DIVERGENCE_TYPES)}")
@@ -330,7 +333,7 @@ def check_kto_options(
         if not (isinstance(w, (int, float)) and 0 <= w < math.inf):
             raise ValueError(f"{name} must be a finite number >= 0; got {w!r}")
     if loss_type not in KTO_LOSS_TYPES:
-        raise ValueError(f"loss_type {loss_type!r} is not one of {list(KTO_LOSS_TYPES)}")
+        raise ValueError(f"Unsupported loss_type {loss_type!r}: not one of {list(KTO_LOSS_TYPES)}")
     _check_flag("average_log_prob", average_log_prob)
     _check_flag("clamp_kl", clamp_kl)
 

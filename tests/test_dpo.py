@@ -408,7 +408,7 @@ def test_dpo_bad_inputs(device):
         fastalign.dpo_loss(*policy, *reference, beta=0.0)
     with pytest.raises(ValueError, match="beta"):
         fastalign.dpo_loss(*policy, *reference, beta=-0.1)
-    with pytest.raises(ValueError, match=r"loss_type 'dpo' is not one of \['sigmoid', 'hinge', 'ipo'"):
+    with pytest.raises(ValueError, match=r"Unsupported loss_type 'dpo': not one of \['sigmoid', 'hinge', 'ipo'"):
         fastalign.dpo_loss(*policy, *reference, loss_type="dpo")
     with pytest.raises(ValueError, match="loss_weights must have one weight per loss_type"):
         fastalign.dpo_loss(*policy, *reference, loss_type=["sigmoid", "hinge"], loss_weights=[1.0])
@@ -423,13 +423,16 @@ def test_dpo_bad_inputs(device):
     with pytest.raises(ValueError, match="chosen_lengths must have shape"):
         fastalign.dpo_loss(*policy, *reference, loss_type="ipo", chosen_lengths=lengths[0][:2],
                            rejected_lengths=lengths[1])  # fmt: skip
-    with pytest.raises(ValueError, match="label_smoothing must be > 0 for loss_type 'exo_pair'"):
+    with pytest.raises(ValueError, match="label_smoothing must be > 0 for loss_type='exo_pair'"):
         fastalign.dpo_loss(*policy, *reference, loss_type="exo_pair")
-    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\) for loss_type 'robust'"):
-        fastalign.dpo_loss(*policy, *reference, loss_type="robust", label_smoothing=0.5)
+    for bad in (0.5, -0.1):
+        with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0\.0, 0\.5\) for loss_type='robust'"):
+            fastalign.dpo_loss(*policy, *reference, loss_type="robust", label_smoothing=bad)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\); got -0.1"):
+        fastalign.dpo_loss(*policy, *reference, label_smoothing=-0.1)
     with pytest.raises(ValueError, match="beta"):
         fastalign.DPOLoss(beta=0)
-    with pytest.raises(ValueError, match="is not one of"):
+    with pytest.raises(ValueError, match="Unsupported loss_type 'nope': not one of"):
         fastalign.DPOLoss(loss_type="nope")
 
 
@@ -467,5 +470,5 @@ def test_kto_bad_inputs(device):
         fastalign.kto_loss(policy, reference, desirable, 0.0, beta=0)
     with pytest.raises(ValueError, match="undesirable_weight must be a finite number >= 0"):
         fastalign.KTOLoss(undesirable_weight=-1.0)
-    with pytest.raises(ValueError, match=r"loss_type 'sigmoid' is not one of \['kto', 'apo_zero_unpaired'\]"):
+    with pytest.raises(ValueError, match=r"Unsupported loss_type 'sigmoid': not one of \['kto', 'apo_zero_unpaired'\]"):
         fastalign.kto_loss(policy, reference, desirable, 0.0, loss_type="sigmoid")
