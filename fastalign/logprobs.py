@@ -155,10 +155,8 @@ def _torch_bwd(x, dx, labels, lse, logp, dlogp, entropy, dentropy, ignore_index,
 # ---------------------------------------------------------------------------------------------
 # Vocabulary-parallel logits: a DTensor sharded on its last dim. Each rank runs the ordinary pass over its slice (the
 # kernels take the slice's offset: labels stay global ids), then only per-row statistics cross the mesh: one
-# all-gather of float64 [k, N], k <= 8. With lse_r the log-sum-exp of rank r's slice and w_r = exp(lse_r - lse):
-#     lse = logsumexp_r lse_r              log p = the owner's (log p_r + lse_r - lse)
-#     entropy = lse - sum_r w_r (lse_r - H_r)        log sum p^2 = logsumexp_r (2 (lse_r - lse) + log sum p_r^2)
-#     argmax = the first of the ranks' maxima          mean = sum_r mean_r V_r / V
+# all-gather of float64 [k, N], k <= 8, combined by fastalign.vocab_parallel.combine_vocab_stats (the formulas are
+# in that module's docstring; the vocab-parallel head uses the same function).
 # The backward needs no communication: given the whole vocabulary's lse, log-prob and entropy (saved), each rank
 # writes its slice of d logits, and the upstream gradients are the same on every rank (the outputs are replicated).
 
@@ -199,43 +197,29 @@ def _vocab_shard(logits: torch.Tensor) -> tuple[torch.Tensor, _VocabShard | None
 
 def _combine_shards(shard, x, labels, ignore_index, temperature, logp, lse, entropy, argmax, log_sum_sq, mean):
     """The whole vocabulary's (logp, lse, entropy, argmax, log_sum_sq, mean) from each rank's over its slice (the
-    launchers' outputs, flat [N]); see the formulas above. Every rank returns the same."""
+    launchers' outputs, flat [N]), through `fastalign.vocab_parallel.combine_vocab_stats`: the math lives there.
+    Every rank returns the same."""
+    from fastalign.vocab_parallel import combine_vocab_stats
+
     V = x.shape[-1]
-    owned = _local_labels(labels, ignore_index, shard.start, V)[1]
-    parts = [lse, logp, owned]
-    if entropy is not None:
-        parts.append(entropy)
+    argmax_logit = argmax_index = None
     if argmax is not None:
         rows = torch.arange(labels.numel(), device=x.device)
-        best = x[rows // x.shape[1], rows % x.shape[1], argmax].float() / temperature
-        parts += [best.nan_to_num(nan=float("-inf")), argmax + shard.start]  # the kernels' max skips NaN
-    if log_sum_sq is not None:
-        parts.append(log_sum_sq)
-    if mean is not None:
-        parts.append(mean * V)
-    mine = torch.stack([t.double() for t in parts])
-    gathered = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(shard.group))]
-    torch.distributed.all_gather(gathered, mine, group=shard.group)
-    lse_r, logp_r, owned_r, *rest = torch.stack(gathered).unbind(1)  # [ranks, N] each
-
-    total = torch.logsumexp(lse_r, 0)
-    share = lse_r - total  # log w_r; -inf for a slice of -inf logits (or an ignored row the pass skipped)
-    # Rows the kernels skipped (ignored, no extra) have lse_r = -inf everywhere: their log-prob is 0 all the same.
-    logp = torch.where(owned_r.bool(), logp_r + share, logp_r).sum(0)  # a label nowhere valid is NaN on every rank
-    lse = total
-    if entropy is not None:
-        entropy_r = rest.pop(0)
-        entropy = total - torch.where(share > float("-inf"), share.exp() * (lse_r - entropy_r), 0.0).sum(0)
-    if argmax is not None:
-        best_r, index_r = rest.pop(0), rest.pop(0)
-        argmax = index_r.gather(0, best_r.argmax(0, keepdim=True)).squeeze(0).long()  # ties: the lowest rank
-    if log_sum_sq is not None:
-        log_sum_sq = torch.logsumexp(torch.where(share > float("-inf"), 2 * share + rest.pop(0), float("-inf")), 0)
-    if mean is not None:
-        mean = rest.pop(0).sum(0) / shard.vocab
-    return tuple(
-        t if t is None or t.dtype == torch.int64 else t.float() for t in (logp, lse, entropy, argmax, log_sum_sq, mean)
+        argmax_logit = x[rows // x.shape[1], rows % x.shape[1], argmax].float() / temperature
+        argmax_index = argmax + shard.start
+    stats = combine_vocab_stats(
+        shard.group,
+        lse,
+        logp,  # 0 where this slice does not hold the label (the kernels' convention)
+        _local_labels(labels, ignore_index, shard.start, V)[1],
+        entropy=entropy,
+        argmax_logit=argmax_logit,
+        argmax_index=argmax_index,
+        log_sum_sq_probs=log_sum_sq,
+        logit_sum=None if mean is None else mean * V,
     )
+    mean = None if stats.logit_sum is None else stats.logit_sum / shard.vocab
+    return stats.logprob, stats.lse, stats.entropy, stats.argmax, stats.log_sum_sq_probs, mean
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """Vocab-parallel (tensor-parallel) log-probs: each rank of a tensor-parallel group holds a slice of the vocabulary.
 
 A rank computes its slice's per-row statistics with the ordinary single-device op, and only those cross the
-group: one all-gather of a few floats per row (log-sum-exp, the label's logit, and the entropy, argmax and
-extras when asked for), never logits-sized or weight-sized tensors. With lse_r the log-sum-exp of rank r's slice
-and w_r = exp(lse_r - lse):
+group: one all-gather of a few floats per row (log-sum-exp, the label's log-prob and owner, and the entropy,
+argmax and extras when asked for), never logits-sized or weight-sized tensors. With lse_r the log-sum-exp of rank
+r's slice and w_r = exp(lse_r - lse):
 
-    lse = logsumexp_r lse_r            label logit = the owning rank's     log p = label logit - lse
+    lse = logsumexp_r lse_r            log p = the owning rank's (log p_r + lse_r - lse), exact where p is near 1
     entropy = lse - sum_r w_r (lse_r - entropy_r)                          argmax = the best of the ranks' argmaxes
     log sum_v p_v^2 = logsumexp_r (2 (lse_r - lse) + log sum_v p_rv^2)     mean logit = sum of logits / V
 
@@ -73,7 +73,7 @@ class VocabStats:
     """Per-row statistics over the whole vocabulary, float32 [N] (argmax int64); None where not asked for."""
 
     lse: torch.Tensor
-    label_logit: torch.Tensor
+    logprob: torch.Tensor
     entropy: torch.Tensor | None = None
     argmax: torch.Tensor | None = None
     log_sum_sq_probs: torch.Tensor | None = None
@@ -83,7 +83,8 @@ class VocabStats:
 def combine_vocab_stats(
     group: dist.ProcessGroup,
     lse: torch.Tensor,
-    label_logit: torch.Tensor,
+    logprob: torch.Tensor,
+    owned: torch.Tensor,
     *,
     entropy: torch.Tensor | None = None,
     argmax_logit: torch.Tensor | None = None,
@@ -92,49 +93,64 @@ def combine_vocab_stats(
     logit_sum: torch.Tensor | None = None,
 ) -> VocabStats:
     """Combines each rank's statistics of its vocabulary slice into those of the whole vocabulary, over `group`.
+    The one implementation of the combination: the vocab-parallel head (`linear_head_stats`, with autograd) and
+    Shard(-1) DTensor logits (`fastalign.logprobs`, inside its autograd.Function, whose backward reads the results)
+    both call it.
 
     Args (per rank, each [N] over the same N rows on every rank):
         group: the tensor-parallel process group; the slices are ordered by rank (rank 0 holds the first tokens).
         lse: log-sum-exp of the slice's logits; differentiable.
-        label_logit: the label's logit on the rank whose slice holds the label, 0 on the others; differentiable.
+        logprob: the label's log-prob under the slice's softmax on the rank whose slice holds the label, 0 on the
+            others (a NaN there stays NaN); differentiable. The whole vocabulary's is the owner's
+            logprob + (lse_r - lse), exact where p is near 1 (label logit - lse would cancel there).
+        owned: bool, whether this rank's slice holds the row's label (False for ignored rows everywhere).
         entropy: entropy of the softmax over the slice; differentiable. Optional.
         argmax_logit, argmax_index: the slice's largest logit and its global vocabulary index (the first maximum);
-            together or not at all. Not differentiable.
+            together or not at all. NaN counts as -inf (the kernels' max skips NaN). Not differentiable.
         log_sum_sq_probs: log sum_v p_v^2 of the softmax over the slice. Not differentiable. Optional.
         logit_sum: sum of the slice's logits. Not differentiable. Optional.
 
-    Returns the VocabStats of the whole vocabulary (float32; argmax int64, the first maximum as torch.argmax):
-    the gradients of lse, label_logit and entropy reach the per-rank inputs. Communication: one all-gather of
-    float64 [k, N] per rank, with k <= 7 the number of statistics given.
+    Returns the VocabStats of the whole vocabulary (float32; argmax int64, the first maximum as torch.argmax),
+    the same on every rank: the gradients of lse, logprob and entropy reach the per-rank inputs. Works under
+    no_grad as well. Communication: one all-gather of float64 [k, N] per rank, with k <= 8 the number of
+    statistics given.
     """
     if (argmax_logit is None) != (argmax_index is None):
         raise ValueError("argmax_logit and argmax_index go together: give both or neither")
+    if argmax_logit is not None:
+        argmax_logit = argmax_logit.detach().nan_to_num(nan=float("-inf"))
     given = {
         "lse": lse,
-        "label_logit": label_logit,
+        "logprob": logprob,
+        "owned": owned.detach(),
         "entropy": entropy,
         "argmax_logit": argmax_logit,
-        "argmax_index": argmax_index,
+        "argmax_index": None if argmax_index is None else argmax_index.detach(),
         "log_sum_sq_probs": log_sum_sq_probs,
         "logit_sum": logit_sum,
     }
     names = [name for name, value in given.items() if value is not None]
     # float64 carries vocabulary indices exactly and keeps the combination's rounding below fp32's.
-    parts = [given[name].double() if name != "argmax_index" else given[name].detach().double() for name in names]
-    gathered = dict(zip(names, _AllGatherReplicated.apply(torch.stack(parts), group).unbind(1)))  # [ranks, N] each
+    parts = torch.stack([given[name].double() for name in names])
+    gathered = dict(zip(names, _AllGatherReplicated.apply(parts, group).unbind(1)))  # [ranks, N] each
 
     lse_r = gathered["lse"]
     total = torch.logsumexp(lse_r, 0)
-    weight = torch.exp(lse_r - total)  # each slice's share of the probability mass
-    out = {"lse": total, "label_logit": gathered["label_logit"].sum(0)}
+    share = lse_r - total  # log w_r, each slice's share of the mass; -inf for a slice of -inf logits only
+    alive = share > float("-inf")
+    logprob_r = gathered["logprob"]
+    # Rows no rank owns (ignored) sum the zeros they were given, whatever their lse_r (-inf where a pass skipped).
+    out = {"lse": total, "logprob": torch.where(gathered["owned"].bool(), logprob_r + share, logprob_r).sum(0)}
     if entropy is not None:
-        out["entropy"] = total - (weight * (lse_r - gathered["entropy"])).sum(0)
+        # Masked inside the product: 0 * -inf would be NaN, in the forward and in the backward alike.
+        out["entropy"] = total - (share.exp() * torch.where(alive, lse_r - gathered["entropy"], 0.0)).sum(0)
     with torch.no_grad():
         if argmax_logit is not None:
             best = gathered["argmax_logit"].argmax(0, keepdim=True)  # first maximum: the lowest rank, lowest index
             out["argmax"] = gathered["argmax_index"].gather(0, best).squeeze(0).to(torch.int64)
         if log_sum_sq_probs is not None:
-            out["log_sum_sq_probs"] = torch.logsumexp(2 * (lse_r - total) + gathered["log_sum_sq_probs"], 0)
+            terms = torch.where(alive, 2 * share + gathered["log_sum_sq_probs"], float("-inf"))
+            out["log_sum_sq_probs"] = torch.logsumexp(terms, 0)
         if logit_sum is not None:
             out["logit_sum"] = gathered["logit_sum"].sum(0)
     return VocabStats(**{name: value if name == "argmax" else value.float() for name, value in out.items()})
@@ -313,14 +329,15 @@ def linear_head_stats(hidden, weight, labels, bias, head, outputs, shard: VocabS
     stats = combine_vocab_stats(
         group,
         torch.where(keep, lse_r, 0.0),
-        torch.where(here, z_label, 0.0),
+        torch.where(here, logp_r.reshape(-1), 0.0),
+        here,
         entropy=None if entropy_r is None else entropy_r.reshape(-1),
         argmax_logit=argmax_logit,
         argmax_index=argmax_index,
         log_sum_sq_probs=None if sq_r is None else sq_r.reshape(-1),
         logit_sum=None if mean_r is None else mean_r.reshape(-1) * shard.size,
     )
-    logprobs = torch.where(valid, stats.label_logit - stats.lse, 0.0)
+    logprobs = stats.logprob  # 0 on ignored rows: no rank owns their label
     mean_logits = None if stats.logit_sum is None else stats.logit_sum / shard.vocab
     values = (logprobs, stats.entropy, stats.argmax, stats.log_sum_sq_probs, mean_logits)
     return tuple(None if v is None else v.view(labels.shape) for v in values)

@@ -36,4 +36,5 @@ def test_not_vocab_parallel_without_a_tp_dim():
 
 def test_combine_needs_both_argmax_halves():
     with pytest.raises(ValueError, match="argmax_logit and argmax_index"):
-        vp.combine_vocab_stats(None, torch.zeros(2), torch.zeros(2), argmax_logit=torch.zeros(2))
+        owned = torch.zeros(2, dtype=torch.bool)
+        vp.combine_vocab_stats(None, torch.zeros(2), torch.zeros(2), owned, argmax_logit=torch.zeros(2))

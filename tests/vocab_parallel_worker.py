@@ -85,9 +85,10 @@ def stats_main(rank: int, world: int, V: int, backend: str) -> None:
     finally:
         restore()
     N = B * T
-    # Per call: one all-gather of at most 7 statistics per row, then the all-reduce of d hidden (rows x H).
+    # Per call: one all-gather of at most 8 statistics per row (the label's log-prob goes with its owner's flag), then
+    # the all-reduce of d hidden (rows x H).
     assert [name for name, _ in calls] == ["all_gather", "all_reduce"], calls
-    assert calls[0][1] <= 7 * N and calls[1][1] == N * H, calls
+    assert calls[0][1] <= 8 * N and calls[1][1] == N * H, calls
 
     h64, w64, b64 = (t.double().requires_grad_(True) for t in (hidden, weight, bias))
     z = linear_logits(h64, w64, b64, **HEAD)
