@@ -378,32 +378,40 @@ class Tiles(NamedTuple):
 
 # (kernel, dtype class, 16-byte aligned rows) -> candidate tiles, the default first. On the GPU the launchers time
 # the candidates once per shape bucket (`pick_fastest`). Every candidate must compile without spills, within the
-# shared memory of sm_80 and sm_90 (`fastalign compile-check`): wider tiles (128 x 256) spill on both. The aligned
-# half-precision entries are the shapes that matter for speed.
+# shared memory of sm_80 and sm_90, under the newest triton and triton 3.6 (`fastalign compile-check`): wider tiles
+# (128 x 256) spill on both. Every bf16/fp16 tile is 64 rows or more with 4 or 8 warps, the least that wgmma takes on
+# sm_90 (32-row tiles fall back to mma.sync). The aligned half-precision entries are the shapes that matter for speed.
 _TILES = {
     ("fwd", "half", True): (Tiles(128, 128, 32, 8, 4), Tiles(128, 128, 64, 8, 3), Tiles(64, 256, 64, 8, 3)),
     ("bwd", "half", True): (Tiles(64, 128, 64, 4, 3), Tiles(128, 128, 32, 8, 4)),
     ("fwd", "fp32", True): (Tiles(64, 64, 32, 4, 3),),
-    ("bwd", "fp32", True): (Tiles(64, 64, 32, 4, 3),),
+    ("bwd", "fp32", True): (Tiles(64, 64, 32, 8, 3),),
     # Rows that are not 16-byte aligned (an odd H) load element by element, through registers: smaller tiles.
     ("fwd", "half", False): (Tiles(64, 64, 32, 4, 2),),
-    ("bwd", "half", False): (Tiles(32, 64, 32, 4, 2),),
+    ("bwd", "half", False): (Tiles(64, 64, 32, 4, 2),),
     ("fwd", "fp32", False): (Tiles(64, 64, 16, 4, 2),),
-    ("bwd", "fp32", False): (Tiles(64, 64, 16, 4, 2),),
-    # The forward with log(sum p^2) or the mean logit asked for keeps two more sums live in its epilogue; next to
-    # entropy and argmax, the tiles above spill there (8 to 136 bytes), these do not.
+    ("bwd", "fp32", False): (Tiles(64, 64, 16, 8, 2),),
+    # The forward with any extra asked for keeps more running sums live in its epilogue, and the backward with the
+    # entropy gradient two more row vectors and a product: next to them the default tiles above spill (8 to 176
+    # bytes, on sm_80 or under triton 3.6), these do not. 64 x 128 backward tiles with the entropy gradient sit at the
+    # register limit on sm_80 (w4: 16 bytes spilled under triton 3.9; w8: ptxas caps them at 128 registers for two
+    # CTAs per SM and spills 8 bytes under 3.6); 64 x 64 needs about 125 to 160.
     ("fwd_extras", "half", True): (Tiles(64, 128, 64, 8, 3),),
-    ("fwd_extras", "fp32", True): (Tiles(64, 32, 32, 4, 3),),
+    ("fwd_extras", "fp32", True): (Tiles(64, 32, 16, 4, 2),),
     ("fwd_extras", "half", False): (Tiles(64, 64, 32, 4, 2),),
     ("fwd_extras", "fp32", False): (Tiles(64, 64, 16, 8, 2),),
+    ("bwd_entropy", "half", True): (Tiles(64, 64, 64, 4, 3),),
+    ("bwd_entropy", "fp32", True): (Tiles(64, 64, 32, 8, 3),),
+    ("bwd_entropy", "half", False): (Tiles(64, 64, 32, 4, 2),),
+    ("bwd_entropy", "fp32", False): (Tiles(64, 64, 16, 8, 2),),
 }
 # The interpreter: small tiles, so small test shapes still span several tiles along every dimension.
 _INTERPRETED = Tiles(64, 128, 64, 4, 1)
 
 
 def tile_candidates(kernel: str, dtype: torch.dtype, aligned: bool = True) -> tuple[Tiles, ...]:
-    """Candidate launch tiles of the "fwd" kernel ("fwd_extras" with log_sum_sq_probs or mean_logits) or the "bwd"
-    kernel, the default first."""
+    """Candidate launch tiles of the "fwd" kernel ("fwd_extras" with any extra output) or the "bwd" kernel
+    ("bwd_entropy" with the entropy gradient), the default first."""
     if INTERPRET:
         return (_INTERPRETED,)
     return _TILES[kernel, "fp32" if dtype == torch.float32 else "half", aligned]
@@ -412,7 +420,8 @@ def tile_candidates(kernel: str, dtype: torch.dtype, aligned: bool = True) -> tu
 def bwd_chunk_multiple(dtype: torch.dtype) -> int:
     """Callers cut the backward's vocabulary chunks to a multiple of this: every candidate's tile width (powers of
     two) divides it, so only the last chunk has a partial tile."""
-    return max(t.block_v for aligned in (True, False) for t in tile_candidates("bwd", dtype, aligned))
+    kernels = itertools.product(("bwd", "bwd_entropy"), (True, False))
+    return max(t.block_v for kernel, aligned in kernels for t in tile_candidates(kernel, dtype, aligned))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -576,7 +585,7 @@ def linear_logprobs_fwd(
             **flags,
         )
 
-    kernel = "fwd_extras" if outputs.log_sum_sq_probs or outputs.mean_logits else "fwd"
+    kernel = "fwd_extras" if any(outputs) else "fwd"
     candidates = tile_candidates(kernel, hidden.dtype, align > 1)
     key = ("linear_logprobs_fwd", dev, hidden.dtype, align > 1, H, V, triton.next_power_of_2(M), bias is not None)
     key += (softcap is not None, *outputs)
@@ -647,7 +656,7 @@ def linear_logprobs_bwd(
             **_gemm_args(hidden, weight, tiles, align),
         )
 
-    candidates = tile_candidates("bwd", hidden.dtype, align > 1)
+    candidates = tile_candidates("bwd_entropy" if has_entropy_grad else "bwd", hidden.dtype, align > 1)
     flags = (bias is not None, softcap is not None, has_entropy_grad, da.dtype)
     key = ("linear_logprobs_bwd", hidden.device, hidden.dtype, align > 1, H, triton.next_power_of_2(M), chunk, *flags)
     launch(pick_fastest(key, candidates, launch))
