@@ -3,7 +3,7 @@
 A float32's magnitude |x| orders exactly like the integer `bits(x) & 0x7fffffff` (its 31 low
 bits), so the k-th largest magnitude is found one digit at a time: histogram the top digit of
 every key, pick the bin that holds the k-th largest, then histogram the next digit of the keys
-that share the chosen prefix, and so on. Three digits (RADIX_DIGITS) cover the 31 bits.
+that share the chosen prefix, and so on. Four digits (RADIX_DIGITS) cover the 31 bits.
 
 Keys live in one flat float32 buffer per launch, cut into tiles that never straddle two
 segments ("slots", one per parameter shard): `tiles` is [n_tiles, 3] int64 rows
@@ -20,8 +20,12 @@ import triton.language as tl
 
 from . import INTERPRET, LaunchCase, meta
 
-# (shift, bits) of each digit of the 31-bit magnitude key, most significant first.
-RADIX_DIGITS = ((20, 11), (10, 10), (0, 10))
+# (shift, bits) of each digit of the 31-bit magnitude key, most significant first. The digits are
+# narrow because triton 3.6 lowers tl.histogram to ballots and popcounts whose cost grows with the
+# bins (issue 11: with (11, 10, 10) bits the histogram passes were issue-bound, OnTIES predicted at
+# 39% of copy bandwidth on the H100); one more pass over the keys costs less. The first digit is
+# histogrammed in the Δ pass (online_merge's _ties_delta_kernel), which has issue slack for 1024 bins.
+RADIX_DIGITS = ((21, 10), (14, 7), (7, 7), (0, 7))
 
 # Elements per loop iteration. Tiles are long (see the optimizer's TIES_TILE) so that each
 # program pays its 2**bits histogram atomics once per many elements.
