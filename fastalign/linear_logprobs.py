@@ -127,10 +127,12 @@ def _torch_stats(a, bias, labels, head: _Head, outputs: Outputs):
     a [rows, V] fp32 raw logits becomes log p in place (one fused log_softmax; labels in [0, V))."""
     z = _torch_chain_(a, bias, head)
     z_label = z.gather(1, labels[:, None]).squeeze(1)
+    # The mean of z before z becomes log p: mean(log p) + lse cancels to 1e-5 of |z| (fp32 rounding of lse).
+    mean = z.mean(1) if outputs.mean_logits else None
     torch.ops.aten._log_softmax.out(z, 1, False, out=z)  # row by row: safe in place
     logp = z
     lse = z_label - logp.gather(1, labels[:, None]).squeeze(1)
-    entropy = argmax = log_sum_sq = mean = None
+    entropy = argmax = log_sum_sq = None
     blocks = _row_blocks(*a.shape)
     if outputs.entropy:
         entropy = torch.cat([-(logp[r0:r1].exp() * logp[r0:r1]).sum(1) for r0, r1 in blocks])
@@ -138,8 +140,6 @@ def _torch_stats(a, bias, labels, head: _Head, outputs: Outputs):
         argmax = logp.argmax(1)  # the first maximum of z, as torch.argmax
     if outputs.log_sum_sq_probs:
         log_sum_sq = torch.cat([torch.logsumexp(2 * logp[r0:r1], 1) for r0, r1 in blocks])
-    if outputs.mean_logits:
-        mean = logp.mean(1) + lse
     return lse, z_label, entropy, argmax, log_sum_sq, mean
 
 
