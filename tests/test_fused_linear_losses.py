@@ -91,8 +91,12 @@ def test_dpo_matches_float64_and_the_composition(loss_type, strategy, backend, d
     assert metrics.keys() == metrics_c.keys()
     for name in metrics:
         torch.testing.assert_close(metrics[name], metrics_c[name])
+    # DiscoPOP's mixing weight sigmoid(beta * h / tau), tau = 0.05, moves by about one unit per unit of the log-prob
+    # margin h, so the fp32 rounding of two summation orders of h (1e-4 at |h| ~ 100) reaches its gradient: 3e-5 with
+    # FASTALIGN_SEED=502380790.
+    tol = 1e-4 if loss_type == "discopop" else 1e-5
     for leaf, leaf_c in zip(leaves, composed):
-        assert rel_err(leaf.grad, leaf_c.grad) < 1e-5
+        assert rel_err(leaf.grad, leaf_c.grad) < tol
 
     leaves64 = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
     logps64 = sequence_logps_64(*leaves64, labels)
