@@ -86,6 +86,21 @@ def test_a_call_that_raises_after_its_warm_up_skips_its_group_and_says_why():
     assert [s["reason"] for s in skipped] == ["RuntimeError: out of memory"] * 2
 
 
+def test_the_table_ends_with_the_rows_slower_than_eager(capsys):
+    def record(impl, shape, speedup):
+        return {"op": "DPOLoss", "impl": impl, "mode": "fwd+bwd", "shape": shape, "dtype": "fp32", "ms": 1.0,
+                "throughput": 1.0, "throughput_unit": "GB/s", "pct_of_peak": 1.0, "peak_mem_mb": 1.0,
+                "speedup_vs_eager": speedup, "correct": "ok"}  # fmt: skip
+
+    rows = [record("fastalign", "B=4", 1.5), record("eager", "B=4", 1.0), record("fastalign", "B=8", 0.9)]
+    bench.print_table(rows + [record("fastalign-inplace", "B=8", None)])
+    assert "at least as fast as eager in 1 of 2 rows; slower in: DPOLoss fastalign fwd+bwd B=8 fp32\n" in (
+        capsys.readouterr().out
+    )
+    bench.print_table(rows[:2])
+    assert "at least as fast as eager in 1 of 1 rows\n" in capsys.readouterr().out
+
+
 def test_suites_take_turns_under_a_budget():
     cases = [
         _case(op="token_logprobs", shape="a"),

@@ -465,6 +465,10 @@ def print_table(records: list[dict], ceilings: Ceilings | None = None) -> None:
             f"{r['op']:<22} {r['impl']:<18} {r['mode']:<8} {r['shape']:<26} {r['dtype']:<5} {r['ms']:>9.3f} "
             f"{tp:>16} {r['pct_of_peak']:>9.1f} {mem:>9} {spd:>8}  {r['correct'] or ''}"
         )
+    mine = [r for r in records if r["impl"].startswith("fastalign") and r["speedup_vs_eager"] is not None]
+    slower = [f"{r['op']} {r['impl']} {r['mode']} {r['shape']} {r['dtype']}" for r in mine if r["speedup_vs_eager"] < 1]
+    print(f"fastalign at least as fast as eager in {len(mine) - len(slower)} of {len(mine)} rows", end="")
+    print(f"; slower in: {'; '.join(slower)}" if slower else "")
     if ceilings is not None:
         units = {name: "TFLOP/s" if "GEMM" in name else "GB/s" for name in ceilings.values}
         print(
