@@ -67,7 +67,7 @@ def test_cpu_timing_takes_turns_so_load_falls_on_every_implementation_alike():
     calls = []
     fns = [lambda: calls.append("a"), lambda: (calls.append("b"), time.sleep(0.002)), lambda: calls.append("c")]
     fast, slow, _ = bench.interleaved_ms(fns, seconds=0.05)
-    assert calls[:9] == ["a", "b", "c"] * 3 and len(calls) % 3 == 0 and 15 <= len(calls) <= 60
+    assert calls[:9] == ["a", "b", "c"] * 3 and len(calls) % 3 == 0 and 9 <= len(calls) <= 60
     assert slow >= 2 > fast
 
 

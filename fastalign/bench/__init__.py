@@ -95,11 +95,12 @@ def interleaved_ms(fns: list[Callable[[], Any]], seconds: float) -> list[float]:
 
     Implementations compared side by side are timed together this way so that a change in the machine's load (a
     shared CI runner, a background job) falls on all of them alike: timed one after the other, 0.3 s each, a busy
-    spell during one of them read as a 4x speedup or slowdown. At least 5 rounds, then until `seconds` or 20 rounds.
+    spell during one of them read as a 4x speedup or slowdown. At least 3 rounds (no more: the slow cases keep the run
+    under a minute), then until `seconds` or 20 rounds.
     """
     times: list[list[float]] = [[] for _ in fns]
     deadline = time.perf_counter() + seconds
-    while len(times[0]) < 5 or (time.perf_counter() < deadline and len(times[0]) < 20):
+    while len(times[0]) < 3 or (time.perf_counter() < deadline and len(times[0]) < 20):
         for fn, mine in zip(fns, times):
             t0 = time.perf_counter()
             fn()
