@@ -7,9 +7,11 @@ that share the chosen prefix, and so on. Four digits (RADIX_DIGITS) cover the 31
 
 Keys live in one flat float32 buffer per launch, cut into tiles that never straddle two
 segments ("slots", one per parameter shard): `tiles` is [n_tiles, 3] int64 rows
-(slot, begin, end) of flat offsets. Each program histograms one tile and adds its counts into
-its slot's row with one vector of atomics, so the histograms are [n_slots, bins] and can be
-all-reduced across a device mesh before the host-side (but sync-free) selection picks the digit.
+(slot, begin, end) of flat offsets. Each program histograms one tile and stores its counts as
+its own row, so the histograms are [n_tiles, bins]: summed per slot (and all-reduced across a
+device mesh) before the host-side (but sync-free) selection picks the digit, and, at the last
+digit, the tile's count in the chosen bin is its number of copies of the threshold key (the tie
+rule needs those per tile), with no pass of its own.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def _radix_histogram_kernel(
     p_x,  # [N] fp32: the values whose magnitudes are ranked
     p_tiles,  # [n_tiles, 3] int64: (slot, begin, end) flat offsets, begin a multiple of BLOCK
     p_prefix,  # [S] int64: the key bits above this digit chosen so far; < 0 skips the slot
-    p_hist,  # [S, 2**BITS] int64, accumulated into
+    p_hist,  # [n_tiles, 2**BITS] int64 out: the tile's counts (0 where its slot is skipped)
     SHIFT: tl.constexpr,
     BITS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -77,45 +79,20 @@ def _radix_histogram_kernel(
     i_t = tl.program_id(0).to(tl.int64)
     slot, begin, full_end, end = _tile_bounds(p_tiles, i_t, BLOCK)
     prefix = tl.load(p_prefix + slot)
+    b_hist = tl.zeros([2**BITS], dtype=tl.int32)
     if prefix >= 0:
-        b_hist = tl.zeros([2**BITS], dtype=tl.int32)
         for b0 in range(begin, full_end, BLOCK):
             b_hist += _histogram_block(p_x, b0 + tl.arange(0, BLOCK), end, prefix, SHIFT, BITS, False)
         if full_end < end:
             b_hist += _histogram_block(p_x, full_end + tl.arange(0, BLOCK), end, prefix, SHIFT, BITS, True)
-        tl.atomic_add(p_hist + slot * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64), sem="relaxed")
-
-
-@triton.jit
-def _tie_count_block(p_x, o_x, end, threshold, MASKED: tl.constexpr):
-    key, m_x = _load_keys(p_x, o_x, end, MASKED)
-    return tl.sum((m_x & (key.to(tl.int64) == threshold)).to(tl.int64), 0)
-
-
-@triton.jit
-def _radix_tie_count_kernel(
-    p_x,  # [N] fp32
-    p_tiles,  # [n_tiles, 3] int64: (slot, begin, end) flat offsets, begin a multiple of BLOCK
-    p_threshold,  # [S] int64: the key whose copies are counted; < 0 skips the slot
-    p_count,  # [n_tiles] int64 out: copies of the slot's threshold key in this tile
-    BLOCK: tl.constexpr,
-):
-    i_t = tl.program_id(0).to(tl.int64)
-    slot, begin, full_end, end = _tile_bounds(p_tiles, i_t, BLOCK)
-    threshold = tl.load(p_threshold + slot)
-    count = tl.zeros((), dtype=tl.int64)
-    if threshold >= 0:
-        for b0 in range(begin, full_end, BLOCK):
-            count += _tie_count_block(p_x, b0 + tl.arange(0, BLOCK), end, threshold, False)
-        if full_end < end:
-            count += _tie_count_block(p_x, full_end + tl.arange(0, BLOCK), end, threshold, True)
-    tl.store(p_count + i_t, count)
+    tl.store(p_hist + i_t * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64))
 
 
 def radix_histogram(x: torch.Tensor, tiles: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
-    """[S, 2**bits] int64 counts of digit (key >> shift) among each slot's keys whose bits above
-    the digit equal prefix[slot]. x: [N] fp32; tiles: [n_tiles, 3] int64; prefix: [S] int64."""
-    hist = torch.zeros(prefix.numel(), 2**bits, dtype=torch.int64, device=x.device)
+    """[n_tiles, 2**bits] int64 counts, per tile, of digit (key >> shift) among the keys of the tile's slot s whose
+    bits above the digit equal prefix[s] (a zero row where prefix[s] < 0). x: [N] fp32; tiles: [n_tiles, 3] int64;
+    prefix: [S] int64."""
+    hist = torch.empty(tiles.shape[0], 2**bits, dtype=torch.int64, device=x.device)
     if tiles.shape[0]:
         _radix_histogram_kernel[(tiles.shape[0],)](
             x, tiles, prefix, hist, SHIFT=shift, BITS=bits, BLOCK=_BLOCK, num_warps=_NUM_WARPS
@@ -123,22 +100,13 @@ def radix_histogram(x: torch.Tensor, tiles: torch.Tensor, prefix: torch.Tensor, 
     return hist
 
 
-def radix_tie_count(x: torch.Tensor, tiles: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """[n_tiles] int64: how many keys in each tile equal their slot's threshold (0 where it is < 0)."""
-    count = torch.empty(tiles.shape[0], dtype=torch.int64, device=x.device)
-    if tiles.shape[0]:
-        _radix_tie_count_kernel[(tiles.shape[0],)](x, tiles, threshold, count, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
-    return count
-
-
 def compile_specs() -> list[LaunchCase]:
-    """The digits after the first (the producer histograms that) and the tie count over 1B keys in 256K-key tiles;
-    kernels/online_merge.py launches them within the OnTIES step too."""
+    """The digits after the first (the producer histograms that) over 1B keys in 256K-key tiles; kernels/online_merge.py
+    launches them within the OnTIES step too."""
 
     def launch() -> None:
         keys, tiles, per_slot = meta(2**30), meta(2**12, 3, dtype=torch.int64), meta(114, dtype=torch.int64)
         for shift, bits in RADIX_DIGITS[1:]:
             radix_histogram(keys, tiles, per_slot, shift, bits)
-        radix_tie_count(keys, tiles, per_slot)
 
     return [LaunchCase("fp32 keys=2^30 tiles=4096", launch)]

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from fastalign.kernels import online_merge as K
-from fastalign.kernels.radix_select import radix_histogram, radix_tie_count
+from fastalign.kernels.radix_select import RADIX_DIGITS, radix_histogram
 from fastalign.optim._select import Runs, radix_select, tie_budget, topk_count
 
 
@@ -189,15 +189,18 @@ def kernel_step(
     ks, selects = select_counts(launch)
     merge = t % hp["online_step"] == 0
     select = merge & _to_device(selects, torch.bool, launch.device)
-    th = radix_select(
-        first_hist,
-        lambda prefix, shift, bits: radix_histogram(delta, tables.ties_tiles, prefix, shift, bits),
-        _to_device(ks, torch.int64, launch.device),
-        select,
-        launch.group,
-    )
-    counted = torch.where(th.partial, th.key, -1)  # copies of the threshold matter only when some are dropped
-    tile_ties = radix_tie_count(delta, tables.ties_tiles, counted)
+    tile_slot = tables.ties_tiles[:, 0]
+    tile_hist = []  # the latest digit's per-tile counts
+
+    def slot_histogram(prefix: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
+        tile_hist[:] = [radix_histogram(delta, tables.ties_tiles, prefix, shift, bits)]
+        return tile_hist[0].new_zeros(len(launch.slots), 2**bits).index_add_(0, tile_slot, tile_hist[0])
+
+    th = radix_select(first_hist, slot_histogram, _to_device(ks, torch.int64, launch.device), select, launch.group)
+    # The last digit's bin of the threshold key counts its copies per tile; they matter only where some are dropped.
+    last_digit = (th.key & (2 ** RADIX_DIGITS[-1][1] - 1)).clamp_min(0)
+    tile_ties = tile_hist[0].gather(1, last_digit[tile_slot, None]).squeeze(1)
+    tile_ties = torch.where(th.partial[tile_slot], tile_ties, 0)
     local_ties, ties_before = _segments(tile_ties, tables.ties_ranges)
     runs = _runs(launch, cache)
     keys = lambda i: (
@@ -206,6 +209,7 @@ def kernel_step(
         )
         & 0x7FFFFFFF
     )
+    counted = torch.where(th.partial, th.key, -1)
     slot_budget = tie_budget(th, runs.ties(local_ties, keys, counted), runs)
     tile_budget = slot_budget[tables.ties_tiles[:, 0]] - ties_before
     # Slots that keep everything have threshold key 0 and no budget limit; ordinary steps skip.
