@@ -692,8 +692,10 @@ def _launch_case(method: str, param_dtype, tau_dtype, rescale=False, online_step
         ondare_step(slots, dare_tiles, step_size, t, flag, flag, param_dtype=param_dtype, tau_dtype=None, lr_wd=1e-7,
                     alpha=0.0, reserve_p=1.0, ordinary_only=True, **adam)  # fmt: skip
     delta, _ = ties_delta(slots, ties_tiles, step_size, t, flag, flag, flat, param_dtype=param_dtype, **adam)
-    for shift, bits in RADIX_DIGITS[1:]:
+    for shift, bits in RADIX_DIGITS[1:-1]:
         radix_histogram(delta, ties_tiles, per_slot, shift, bits)
+    shift, bits = RADIX_DIGITS[-1]
+    radix_histogram(delta, ties_tiles, per_slot, shift, bits, meta(ties_tiles.shape[0], 2**bits, dtype=torch.int64))
     ties_apply(slots, ties_tiles, delta, per_slot, meta(ties_tiles.shape[0], dtype=torch.int64), flag,
                param_dtype=param_dtype, tau_dtype=tau_dtype, lr_wd=1e-7, alpha=0.2, online_step=online_step,
                aligned=aligned)  # fmt: skip

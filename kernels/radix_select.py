@@ -7,11 +7,11 @@ that share the chosen prefix, and so on. Four digits (RADIX_DIGITS) cover the 31
 
 Keys live in one flat float32 buffer per launch, cut into tiles that never straddle two
 segments ("slots", one per parameter shard): `tiles` is [n_tiles, 3] int64 rows
-(slot, begin, end) of flat offsets. Each program histograms one tile and stores its counts as
-its own row, so the histograms are [n_tiles, bins]: summed per slot (and all-reduced across a
-device mesh) before the host-side (but sync-free) selection picks the digit, and, at the last
-digit, the tile's count in the chosen bin is its number of copies of the threshold key (the tie
-rule needs those per tile), with no pass of its own.
+(slot, begin, end) of flat offsets. Each program histograms one tile and adds its counts into
+its slot's row with one vector of atomics, so the histograms are [n_slots, bins] and can be
+all-reduced across a device mesh before the host-side (but sync-free) selection picks the digit.
+At the last digit each program also stores its own counts: the tile's count in the chosen bin is
+its number of copies of the threshold key, which the tie rule needs per tile.
 """
 
 from __future__ import annotations
@@ -22,12 +22,16 @@ import triton.language as tl
 
 from . import INTERPRET, LaunchCase, meta
 
-# (shift, bits) of each digit of the 31-bit magnitude key, most significant first. The digits are
-# narrow because triton 3.6 lowers tl.histogram to ballots and popcounts whose cost grows with the
-# bins (issue 11: with (11, 10, 10) bits the histogram passes were issue-bound, OnTIES predicted at
-# 39% of copy bandwidth on the H100); one more pass over the keys costs less. The first digit is
-# histogrammed in the Δ pass (online_merge's _ties_delta_kernel), which has issue slack for 1024 bins.
-RADIX_DIGITS = ((21, 10), (14, 7), (7, 7), (0, 7))
+# (shift, bits) of each digit of the 31-bit magnitude key, most significant first. The first digit is histogrammed in
+# the Δ pass (online_merge's _ties_delta_kernel); each later one costs a pass over the keys (4 bytes per key), so the
+# digits are as wide as tl.histogram stays cheap. Triton 3.9 lowers it to shared-memory atomics: a 2048-bin
+# histogram of 1024 keys is 87 SASS instructions, and the passes stay memory-bound. Earlier versions (the GPU image's
+# 3.6) lower it to ballots and popcounts whose cost grows with the bins (issue 11: with 10-bit digits the passes were
+# issue-bound, OnTIES predicted at 39% of copy bandwidth on the H100): one more pass with narrow digits costs less.
+SHARED_MEMORY_DIGITS = ((21, 10), (10, 11), (0, 10))
+BALLOT_DIGITS = ((21, 10), (14, 7), (7, 7), (0, 7))
+_SHARED_MEMORY_HISTOGRAM = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
+RADIX_DIGITS = SHARED_MEMORY_DIGITS if _SHARED_MEMORY_HISTOGRAM else BALLOT_DIGITS
 
 # Elements per loop iteration. Tiles are long (see the optimizer's TIES_TILE) so that each
 # program pays its 2**bits histogram atomics once per many elements.
@@ -71,9 +75,11 @@ def _radix_histogram_kernel(
     p_x,  # [N] fp32: the values whose magnitudes are ranked
     p_tiles,  # [n_tiles, 3] int64: (slot, begin, end) flat offsets, begin a multiple of BLOCK
     p_prefix,  # [S] int64: the key bits above this digit chosen so far; < 0 skips the slot
-    p_hist,  # [n_tiles, 2**BITS] int64 out: the tile's counts (0 where its slot is skipped)
+    p_hist,  # [S, 2**BITS] int64, accumulated into
+    p_tile_hist,  # [n_tiles, 2**BITS] int64 out, if TILE_COUNTS: each tile's own counts (0 where skipped)
     SHIFT: tl.constexpr,
     BITS: tl.constexpr,
+    TILE_COUNTS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
@@ -85,17 +91,35 @@ def _radix_histogram_kernel(
             b_hist += _histogram_block(p_x, b0 + tl.arange(0, BLOCK), end, prefix, SHIFT, BITS, False)
         if full_end < end:
             b_hist += _histogram_block(p_x, full_end + tl.arange(0, BLOCK), end, prefix, SHIFT, BITS, True)
-    tl.store(p_hist + i_t * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64))
+        tl.atomic_add(p_hist + slot * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64), sem="relaxed")
+    if TILE_COUNTS:
+        tl.store(p_tile_hist + i_t * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64))
 
 
-def radix_histogram(x: torch.Tensor, tiles: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
-    """[n_tiles, 2**bits] int64 counts, per tile, of digit (key >> shift) among the keys of the tile's slot s whose
-    bits above the digit equal prefix[s] (a zero row where prefix[s] < 0). x: [N] fp32; tiles: [n_tiles, 3] int64;
-    prefix: [S] int64."""
-    hist = torch.empty(tiles.shape[0], 2**bits, dtype=torch.int64, device=x.device)
+def radix_histogram(
+    x: torch.Tensor,
+    tiles: torch.Tensor,
+    prefix: torch.Tensor,
+    shift: int,
+    bits: int,
+    tile_hist: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[S, 2**bits] int64 counts of digit (key >> shift) among each slot's keys whose bits above the digit equal
+    prefix[slot]. x: [N] fp32; tiles: [n_tiles, 3] int64; prefix: [S] int64; tile_hist: [n_tiles, 2**bits] int64, if
+    given, receives each tile's own counts (a zero row where its slot's prefix is < 0)."""
+    hist = torch.zeros(prefix.numel(), 2**bits, dtype=torch.int64, device=x.device)
     if tiles.shape[0]:
         _radix_histogram_kernel[(tiles.shape[0],)](
-            x, tiles, prefix, hist, SHIFT=shift, BITS=bits, BLOCK=_BLOCK, num_warps=_NUM_WARPS
+            x,
+            tiles,
+            prefix,
+            hist,
+            hist if tile_hist is None else tile_hist,
+            SHIFT=shift,
+            BITS=bits,
+            TILE_COUNTS=tile_hist is not None,
+            BLOCK=_BLOCK,
+            num_warps=_NUM_WARPS,
         )
     return hist
 
@@ -106,7 +130,9 @@ def compile_specs() -> list[LaunchCase]:
 
     def launch() -> None:
         keys, tiles, per_slot = meta(2**30), meta(2**12, 3, dtype=torch.int64), meta(114, dtype=torch.int64)
-        for shift, bits in RADIX_DIGITS[1:]:
+        for shift, bits in RADIX_DIGITS[1:-1]:
             radix_histogram(keys, tiles, per_slot, shift, bits)
+        shift, bits = RADIX_DIGITS[-1]
+        radix_histogram(keys, tiles, per_slot, shift, bits, meta(2**12, 2**bits, dtype=torch.int64))
 
     return [LaunchCase("fp32 keys=2^30 tiles=4096", launch)]

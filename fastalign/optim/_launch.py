@@ -190,16 +190,21 @@ def kernel_step(
     merge = t % hp["online_step"] == 0
     select = merge & _to_device(selects, torch.bool, launch.device)
     tile_slot = tables.ties_tiles[:, 0]
-    tile_hist = []  # the latest digit's per-tile counts
-
-    def slot_histogram(prefix: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
-        tile_hist[:] = [radix_histogram(delta, tables.ties_tiles, prefix, shift, bits)]
-        return tile_hist[0].new_zeros(len(launch.slots), 2**bits).index_add_(0, tile_slot, tile_hist[0])
-
-    th = radix_select(first_hist, slot_histogram, _to_device(ks, torch.int64, launch.device), select, launch.group)
-    # The last digit's bin of the threshold key counts its copies per tile; they matter only where some are dropped.
-    last_digit = (th.key & (2 ** RADIX_DIGITS[-1][1] - 1)).clamp_min(0)
-    tile_ties = tile_hist[0].gather(1, last_digit[tile_slot, None]).squeeze(1)
+    last_shift, last_bits = RADIX_DIGITS[-1]
+    tile_hist = torch.empty(tile_slot.numel(), 2**last_bits, dtype=torch.int64, device=launch.device)
+    th = radix_select(
+        first_hist,
+        lambda prefix, shift, bits: radix_histogram(
+            delta, tables.ties_tiles, prefix, shift, bits, tile_hist if shift == last_shift else None
+        ),
+        _to_device(ks, torch.int64, launch.device),
+        select,
+        launch.group,
+    )
+    # The last digit's per-tile counts in the threshold key's bin are its copies per tile; they matter only where some
+    # copies are dropped.
+    last_digit = (th.key & (2**last_bits - 1)).clamp_min(0)
+    tile_ties = tile_hist.gather(1, last_digit[tile_slot, None]).squeeze(1)
     tile_ties = torch.where(th.partial[tile_slot], tile_ties, 0)
     local_ties, ties_before = _segments(tile_ties, tables.ties_ranges)
     runs = _runs(launch, cache)
