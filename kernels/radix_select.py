@@ -26,8 +26,9 @@ from . import INTERPRET, LaunchCase, meta
 # the Δ pass (online_merge's _ties_delta_kernel); each later one costs a pass over the keys (4 bytes per key), so the
 # digits are as wide as tl.histogram stays cheap. Triton 3.9 lowers it to shared-memory atomics: a 2048-bin
 # histogram of 1024 keys is 87 SASS instructions, and the passes stay memory-bound. Earlier versions (the GPU image's
-# 3.6) lower it to ballots and popcounts whose cost grows with the bins (issue 11: with 10-bit digits the passes were
-# issue-bound, OnTIES predicted at 39% of copy bandwidth on the H100): one more pass with narrow digits costs less.
+# 3.6) lower it to ballots and popcounts whose cost grows with the bins (issue 11: with digits of 11, 10 and 10 bits
+# the passes were issue-bound, OnTIES predicted at 39% of copy bandwidth on the H100): one more pass with narrow
+# digits costs less there.
 SHARED_MEMORY_DIGITS = ((21, 10), (10, 11), (0, 10))
 BALLOT_DIGITS = ((21, 10), (14, 7), (7, 7), (0, 7))
 _SHARED_MEMORY_HISTOGRAM = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
