@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta
-from .radix_select import RADIX_DIGITS, radix_histogram, radix_tie_count
+from .radix_select import RADIX_DIGITS, radix_histogram
 
 # Columns of the slot table.
 SLOT_FIELDS = (
@@ -692,9 +692,10 @@ def _launch_case(method: str, param_dtype, tau_dtype, rescale=False, online_step
         ondare_step(slots, dare_tiles, step_size, t, flag, flag, param_dtype=param_dtype, tau_dtype=None, lr_wd=1e-7,
                     alpha=0.0, reserve_p=1.0, ordinary_only=True, **adam)  # fmt: skip
     delta, _ = ties_delta(slots, ties_tiles, step_size, t, flag, flag, flat, param_dtype=param_dtype, **adam)
-    for shift, bits in RADIX_DIGITS[1:]:
+    for shift, bits in RADIX_DIGITS[1:-1]:
         radix_histogram(delta, ties_tiles, per_slot, shift, bits)
-    radix_tie_count(delta, ties_tiles, per_slot)
+    shift, bits = RADIX_DIGITS[-1]
+    radix_histogram(delta, ties_tiles, per_slot, shift, bits, meta(ties_tiles.shape[0], 2**bits, dtype=torch.int64))
     ties_apply(slots, ties_tiles, delta, per_slot, meta(ties_tiles.shape[0], dtype=torch.int64), flag,
                param_dtype=param_dtype, tau_dtype=tau_dtype, lr_wd=1e-7, alpha=0.2, online_step=online_step,
                aligned=aligned)  # fmt: skip
@@ -704,27 +705,26 @@ def compile_specs() -> list[LaunchCase]:
     """The targets (a 1B-parameter fp32 model, τ in bf16: OnDARE and OnTIES steps), then every parameter dtype and τ
     dtype with rescale and online_step > 1, and an unaligned shard."""
     numel = sum(_decoder_1b())
+
     # Every program loops over the BLOCKs of one tile (a few tiles of small parameters are shorter).
-    dare_trips = {"_ondare_step_kernel": lambda a: (DARE_TILE // a["BLOCK"],)}
-    ties = ("_ties_delta_kernel", "_radix_histogram_kernel", "_radix_tie_count_kernel", "_ties_apply_kernel")
-    ties_trips = dict.fromkeys(ties, lambda a: (TIES_TILE // a["BLOCK"],))
+    def per_tile(tile: int):
+        return lambda args: (tile // args["BLOCK"],)
+
+    dare_trips = {"_ondare_step_kernel": per_tile(DARE_TILE)}
+    ties_trips = dict.fromkeys(
+        ("_ties_delta_kernel", "_radix_histogram_kernel", "_ties_apply_kernel"), per_tile(TIES_TILE)
+    )
     # What a step must move per parameter: read gradient, θ, both moments and τ (bf16); write θ and both moments.
     floor = numel * (4 + 4 + 4 + 16 + 2)
     cases = [
         LaunchCase(
-            f"ondare step fp32 params={numel / 1e9:.2f}B tau=bf16",
-            functools.partial(_launch_case, "ondare", torch.float32, torch.bfloat16),
+            f"{method} step fp32 params={numel / 1e9:.2f}B tau=bf16",
+            functools.partial(_launch_case, method, torch.float32, torch.bfloat16),
             bytes=floor,
-            target=70,
-            trips=dare_trips,
-        ),  # fmt: skip
-        LaunchCase(
-            f"onties step fp32 params={numel / 1e9:.2f}B tau=bf16",
-            functools.partial(_launch_case, "onties", torch.float32, torch.bfloat16),
-            bytes=floor,
-            target=50,
-            trips=ties_trips,
-        ),  # fmt: skip
+            target=target,
+            trips=trips,
+        )
+        for method, target, trips in (("ondare", 70, dare_trips), ("onties", 50, ties_trips))
     ]
     for method, param_dtype, tau_dtype in itertools.product(
         ("ondare", "onties"), (torch.float32, torch.bfloat16, torch.float16), (torch.bfloat16, torch.float32, None)

@@ -10,6 +10,8 @@ segments ("slots", one per parameter shard): `tiles` is [n_tiles, 3] int64 rows
 (slot, begin, end) of flat offsets. Each program histograms one tile and adds its counts into
 its slot's row with one vector of atomics, so the histograms are [n_slots, bins] and can be
 all-reduced across a device mesh before the host-side (but sync-free) selection picks the digit.
+At the last digit each program also stores its own counts: the tile's count in the chosen bin is
+its number of copies of the threshold key, which the tie rule needs per tile.
 """
 
 from __future__ import annotations
@@ -20,12 +22,17 @@ import triton.language as tl
 
 from . import INTERPRET, LaunchCase, meta
 
-# (shift, bits) of each digit of the 31-bit magnitude key, most significant first. The digits are
-# narrow because triton 3.6 lowers tl.histogram to ballots and popcounts whose cost grows with the
-# bins (issue 11: with (11, 10, 10) bits the histogram passes were issue-bound, OnTIES predicted at
-# 39% of copy bandwidth on the H100); one more pass over the keys costs less. The first digit is
-# histogrammed in the Δ pass (online_merge's _ties_delta_kernel), which has issue slack for 1024 bins.
-RADIX_DIGITS = ((21, 10), (14, 7), (7, 7), (0, 7))
+# (shift, bits) of each digit of the 31-bit magnitude key, most significant first. The first digit is histogrammed in
+# the Δ pass (online_merge's _ties_delta_kernel); each later one costs a pass over the keys (4 bytes per key), so the
+# digits are as wide as tl.histogram stays cheap. Triton 3.9 lowers it to shared-memory atomics: a 2048-bin
+# histogram of 1024 keys is 87 SASS instructions, and the passes stay memory-bound. Earlier versions (the GPU image's
+# 3.6) lower it to ballots and popcounts whose cost grows with the bins (issue 11: with digits of 11, 10 and 10 bits
+# the passes were issue-bound, OnTIES predicted at 39% of copy bandwidth on the H100): one more pass with narrow
+# digits costs less there.
+SHARED_MEMORY_DIGITS = ((21, 10), (10, 11), (0, 10))
+BALLOT_DIGITS = ((21, 10), (14, 7), (7, 7), (0, 7))
+_SHARED_MEMORY_HISTOGRAM = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
+RADIX_DIGITS = SHARED_MEMORY_DIGITS if _SHARED_MEMORY_HISTOGRAM else BALLOT_DIGITS
 
 # Elements per loop iteration. Tiles are long (see the optimizer's TIES_TILE) so that each
 # program pays its 2**bits histogram atomics once per many elements.
@@ -70,75 +77,63 @@ def _radix_histogram_kernel(
     p_tiles,  # [n_tiles, 3] int64: (slot, begin, end) flat offsets, begin a multiple of BLOCK
     p_prefix,  # [S] int64: the key bits above this digit chosen so far; < 0 skips the slot
     p_hist,  # [S, 2**BITS] int64, accumulated into
+    p_tile_hist,  # [n_tiles, 2**BITS] int64 out, if TILE_COUNTS: each tile's own counts (0 where skipped)
     SHIFT: tl.constexpr,
     BITS: tl.constexpr,
+    TILE_COUNTS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
     slot, begin, full_end, end = _tile_bounds(p_tiles, i_t, BLOCK)
     prefix = tl.load(p_prefix + slot)
+    b_hist = tl.zeros([2**BITS], dtype=tl.int32)
     if prefix >= 0:
-        b_hist = tl.zeros([2**BITS], dtype=tl.int32)
         for b0 in range(begin, full_end, BLOCK):
             b_hist += _histogram_block(p_x, b0 + tl.arange(0, BLOCK), end, prefix, SHIFT, BITS, False)
         if full_end < end:
             b_hist += _histogram_block(p_x, full_end + tl.arange(0, BLOCK), end, prefix, SHIFT, BITS, True)
         tl.atomic_add(p_hist + slot * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64), sem="relaxed")
+    if TILE_COUNTS:
+        tl.store(p_tile_hist + i_t * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64))
 
 
-@triton.jit
-def _tie_count_block(p_x, o_x, end, threshold, MASKED: tl.constexpr):
-    key, m_x = _load_keys(p_x, o_x, end, MASKED)
-    return tl.sum((m_x & (key.to(tl.int64) == threshold)).to(tl.int64), 0)
-
-
-@triton.jit
-def _radix_tie_count_kernel(
-    p_x,  # [N] fp32
-    p_tiles,  # [n_tiles, 3] int64: (slot, begin, end) flat offsets, begin a multiple of BLOCK
-    p_threshold,  # [S] int64: the key whose copies are counted; < 0 skips the slot
-    p_count,  # [n_tiles] int64 out: copies of the slot's threshold key in this tile
-    BLOCK: tl.constexpr,
-):
-    i_t = tl.program_id(0).to(tl.int64)
-    slot, begin, full_end, end = _tile_bounds(p_tiles, i_t, BLOCK)
-    threshold = tl.load(p_threshold + slot)
-    count = tl.zeros((), dtype=tl.int64)
-    if threshold >= 0:
-        for b0 in range(begin, full_end, BLOCK):
-            count += _tie_count_block(p_x, b0 + tl.arange(0, BLOCK), end, threshold, False)
-        if full_end < end:
-            count += _tie_count_block(p_x, full_end + tl.arange(0, BLOCK), end, threshold, True)
-    tl.store(p_count + i_t, count)
-
-
-def radix_histogram(x: torch.Tensor, tiles: torch.Tensor, prefix: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
-    """[S, 2**bits] int64 counts of digit (key >> shift) among each slot's keys whose bits above
-    the digit equal prefix[slot]. x: [N] fp32; tiles: [n_tiles, 3] int64; prefix: [S] int64."""
+def radix_histogram(
+    x: torch.Tensor,
+    tiles: torch.Tensor,
+    prefix: torch.Tensor,
+    shift: int,
+    bits: int,
+    tile_hist: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[S, 2**bits] int64 counts of digit (key >> shift) among each slot's keys whose bits above the digit equal
+    prefix[slot]. x: [N] fp32; tiles: [n_tiles, 3] int64; prefix: [S] int64; tile_hist: [n_tiles, 2**bits] int64, if
+    given, receives each tile's own counts (a zero row where its slot's prefix is < 0)."""
     hist = torch.zeros(prefix.numel(), 2**bits, dtype=torch.int64, device=x.device)
     if tiles.shape[0]:
         _radix_histogram_kernel[(tiles.shape[0],)](
-            x, tiles, prefix, hist, SHIFT=shift, BITS=bits, BLOCK=_BLOCK, num_warps=_NUM_WARPS
+            x,
+            tiles,
+            prefix,
+            hist,
+            hist if tile_hist is None else tile_hist,
+            SHIFT=shift,
+            BITS=bits,
+            TILE_COUNTS=tile_hist is not None,
+            BLOCK=_BLOCK,
+            num_warps=_NUM_WARPS,
         )
     return hist
 
 
-def radix_tie_count(x: torch.Tensor, tiles: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """[n_tiles] int64: how many keys in each tile equal their slot's threshold (0 where it is < 0)."""
-    count = torch.empty(tiles.shape[0], dtype=torch.int64, device=x.device)
-    if tiles.shape[0]:
-        _radix_tie_count_kernel[(tiles.shape[0],)](x, tiles, threshold, count, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
-    return count
-
-
 def compile_specs() -> list[LaunchCase]:
-    """The digits after the first (the producer histograms that) and the tie count over 1B keys in 256K-key tiles;
-    kernels/online_merge.py launches them within the OnTIES step too."""
+    """The digits after the first (the producer histograms that) over 1B keys in 256K-key tiles; kernels/online_merge.py
+    launches them within the OnTIES step too."""
 
     def launch() -> None:
         keys, tiles, per_slot = meta(2**30), meta(2**12, 3, dtype=torch.int64), meta(114, dtype=torch.int64)
-        for shift, bits in RADIX_DIGITS[1:]:
+        for shift, bits in RADIX_DIGITS[1:-1]:
             radix_histogram(keys, tiles, per_slot, shift, bits)
-        radix_tie_count(keys, tiles, per_slot)
+        shift, bits = RADIX_DIGITS[-1]
+        radix_histogram(keys, tiles, per_slot, shift, bits, meta(2**12, 2**bits, dtype=torch.int64))
 
     return [LaunchCase("fp32 keys=2^30 tiles=4096", launch)]

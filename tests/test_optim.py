@@ -23,7 +23,8 @@ from utils import rel_err
 
 from fastalign._backend import forced_backend
 from fastalign.kernels import online_merge as kernels
-from fastalign.optim import OnlineMergeAdamW, _dare, reference_delta
+from fastalign.kernels import radix_select
+from fastalign.optim import OnlineMergeAdamW, _dare, _launch, _select, _torch_path, reference_delta
 from fastalign.optim._dare import dare_keep, dare_key
 from fastalign.reference import online_merge as ref
 
@@ -397,6 +398,34 @@ def test_onties_ties_across_tiles_and_parameters(backend, device):
         k = int(0.37 * p.numel())
         expected = torch.arange(p.numel(), device=device) < (k if k >= 1 else p.numel())
         assert torch.equal(p.detach() != 0, expected)
+
+
+def test_onties_selection_is_the_same_for_both_radix_digit_tables(backend, device, monkeypatch):
+    """Triton 3.9 ranks |Δ| by 3 wide radix digits, earlier versions by 4 narrow ones (kernels/radix_select.py): both
+    keep the same entries, bit for bit, at step 1 (|Δ| ≈ lr everywhere: many exact copies of the threshold and values
+    that differ in their last bits only) and at a step with spread-out Δ."""
+    sizes = [1300, 7, 2000]
+    signs = [torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0) for n in sizes]
+    step_1 = [sign * torch.randint(1, 4, sign.shape, device=device) for sign in signs]
+    grads = [step_1, [torch.randn(n, device=device) for n in sizes]]
+
+    def run(digits):
+        for module in (radix_select, kernels, _select, _launch, _torch_path):
+            monkeypatch.setattr(module, "RADIX_DIGITS", digits)
+        params = [torch.nn.Parameter(torch.zeros(n, device=device)) for n in sizes]
+        opt = OnlineMergeAdamW(params, lr=1e-2, method="onties", reserve_p=0.37)
+        thetas = []
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+            thetas += [p.detach().clone() for p in params]
+        return thetas
+
+    wide, narrow = run(radix_select.SHARED_MEMORY_DIGITS), run(radix_select.BALLOT_DIGITS)
+    assert [int((theta != 0).sum()) for theta in wide[:3]] == [int(0.37 * n) or n for n in sizes]
+    for a, b in zip(wide, narrow):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 # ----------------------------------------------------------------------------- step K, groups, batching

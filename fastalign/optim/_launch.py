@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from fastalign.kernels import online_merge as K
-from fastalign.kernels.radix_select import radix_histogram, radix_tie_count
+from fastalign.kernels.radix_select import RADIX_DIGITS, radix_histogram
 from fastalign.optim._select import Runs, radix_select, tie_budget, topk_count
 
 
@@ -189,15 +189,23 @@ def kernel_step(
     ks, selects = select_counts(launch)
     merge = t % hp["online_step"] == 0
     select = merge & _to_device(selects, torch.bool, launch.device)
+    tile_slot = tables.ties_tiles[:, 0]
+    last_shift, last_bits = RADIX_DIGITS[-1]
+    tile_hist = torch.empty(tile_slot.numel(), 2**last_bits, dtype=torch.int64, device=launch.device)
     th = radix_select(
         first_hist,
-        lambda prefix, shift, bits: radix_histogram(delta, tables.ties_tiles, prefix, shift, bits),
+        lambda prefix, shift, bits: radix_histogram(
+            delta, tables.ties_tiles, prefix, shift, bits, tile_hist if shift == last_shift else None
+        ),
         _to_device(ks, torch.int64, launch.device),
         select,
         launch.group,
     )
-    counted = torch.where(th.partial, th.key, -1)  # copies of the threshold matter only when some are dropped
-    tile_ties = radix_tie_count(delta, tables.ties_tiles, counted)
+    # The last digit's per-tile counts in the threshold key's bin are its copies per tile; they matter only where some
+    # copies are dropped.
+    last_digit = (th.key & (2**last_bits - 1)).clamp_min(0)
+    tile_ties = tile_hist.gather(1, last_digit[tile_slot, None]).squeeze(1)
+    tile_ties = torch.where(th.partial[tile_slot], tile_ties, 0)
     local_ties, ties_before = _segments(tile_ties, tables.ties_ranges)
     runs = _runs(launch, cache)
     keys = lambda i: (
@@ -206,6 +214,7 @@ def kernel_step(
         )
         & 0x7FFFFFFF
     )
+    counted = torch.where(th.partial, th.key, -1)
     slot_budget = tie_budget(th, runs.ties(local_ties, keys, counted), runs)
     tile_budget = slot_budget[tables.ties_tiles[:, 0]] - ties_before
     # Slots that keep everything have threshold key 0 and no budget limit; ordinary steps skip.
