@@ -16,7 +16,12 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from fastalign import linear_token_logprobs, linear_token_stats
 from fastalign._backend import forced_backend
-from fastalign.linear_losses import dpo_loss_from_hidden
+from fastalign.linear_losses import (
+    cross_entropy_from_hidden,
+    dpo_loss_from_hidden,
+    ift_loss_from_hidden,
+    kto_loss_from_hidden,
+)
 from fastalign.reference.linear_logprobs import linear_logits
 
 H, B, T = 16, 2, 5
@@ -133,7 +138,7 @@ def logprobs_main(rank: int, world: int, V: int, backend: str) -> None:
 
 
 def dpo_main(rank: int, world: int, V: int, backend: str) -> None:
-    """dpo_loss_from_hidden end to end on the vocab-parallel weight (auto runs lean; fast raises)."""
+    """dpo_loss_from_hidden end to end on the vocab-parallel weight, on the lean strategy."""
     hidden, weight, _, labels = _inputs(V, world)
     gen = torch.Generator().manual_seed(5)
     ref_logps = torch.randn(2, B // 2, generator=gen)
@@ -142,22 +147,147 @@ def dpo_main(rank: int, world: int, V: int, backend: str) -> None:
     w = distribute_tensor(weight, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
     h = hidden.clone().requires_grad_(True)
     with _path(backend):
-        loss = dpo_loss_from_hidden(h, w, labels, **kwargs)[0]
+        loss = dpo_loss_from_hidden(h, w, labels, strategy="lean", **kwargs)[0]
         loss.backward()
-        try:
-            dpo_loss_from_hidden(h, w, labels, strategy="fast", **kwargs)
-        except ValueError as e:
-            assert "vocab-parallel" in str(e), e
-        else:
-            raise AssertionError("strategy='fast' on a vocab-parallel weight must raise")
     w1, h1 = weight.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
     with _path(backend):
-        ref = dpo_loss_from_hidden(h1, w1, labels, **kwargs)[0]
+        ref = dpo_loss_from_hidden(h1, w1, labels, strategy="lean", **kwargs)[0]
         ref.backward()
     assert _rel(loss, ref) < 1e-6, (loss, ref)
     assert _rel(h.grad, h1.grad) < 1e-5
     sl = slice(rank * -(-V // world), rank * -(-V // world) + w.to_local().shape[0])
     assert _rel(w.grad.to_local(), w1.grad[sl]) < 1e-5
+
+
+def _loss_inputs(V: int, world: int):
+    """4 sequences (2 DPO pairs) of 7 tokens; labels in every rank's slice; ignored prompt tokens, a fully ignored
+    sequence (the second pair's rejected row: KTO/IFT examples without tokens) and a fully ignored pair's token
+    position everywhere else."""
+    gen = torch.Generator().manual_seed(4321)
+    R, T_ = 4, 7
+    hidden = torch.randn(R, T_, H, generator=gen)
+    weight = torch.randn(V, H, generator=gen) * 2 / H**0.5
+    bias = torch.randn(V, generator=gen) * 0.1
+    labels = torch.randint(0, V, (R, T_), generator=gen)
+    per_rank = -(-V // world)
+    for r in range(world):
+        labels[r % R, 2 + r // R] = min(V - 1, r * per_rank + 1)
+    labels[:, :2] = IGNORE  # prompt
+    labels[3] = IGNORE  # a sequence without a scored token
+    return hidden, weight, bias, labels
+
+
+def _loss_cases(R: int, V: int):
+    """(name, fn(hidden, weight, labels, bias, **kw) -> (loss, values to compare), with bias) for every fused loss
+    family the fast strategy takes."""
+    gen = torch.Generator().manual_seed(99)
+    ref_logps = torch.randn(R, generator=gen) - 10
+    desirable = torch.tensor([True, False, True, False])
+    dpo_ref = {"ref_chosen_logps": ref_logps[: R // 2], "ref_rejected_logps": ref_logps[R // 2 :]}
+
+    def dpo(loss_type, **options):
+        def run(h, w, labels, b, **kw):
+            loss, metrics, per_example = dpo_loss_from_hidden(
+                h, w, labels, b, beta=0.3, loss_type=loss_type, return_per_example=True, **dpo_ref, **options, **kw
+            )
+            return loss, [metrics["rewards/margins"], *per_example.values()]
+
+        return run
+
+    def kto(h, w, labels, b, **kw):
+        loss, metrics, per_example = kto_loss_from_hidden(
+            h, w, labels, desirable, b, ref_logps=ref_logps, kl=0.05, beta=0.2, return_per_example=True, **kw
+        )
+        return loss, list(per_example.values())
+
+    def ift(h, w, labels, b, **kw):
+        return ift_loss_from_hidden(h, w, labels, b, gamma=0.9, **kw), []
+
+    def cross_entropy(h, w, labels, b, **kw):
+        loss, metrics = cross_entropy_from_hidden(
+            h, w, labels, b, label_smoothing=0.1, entropy=True, accuracy=True, **kw
+        )
+        return loss, [metrics["entropy"], metrics["mean_token_accuracy"]]
+
+    def cross_entropy_sum(h, w, labels, b, **kw):
+        return cross_entropy_from_hidden(h, w, labels, b, reduction="sum", **kw)[0], []
+
+    return [
+        ("dpo-sigmoid-wpo", dpo("sigmoid", use_weighting=True), False),
+        ("dpo-ipo+sft", dpo(["ipo", "sft"], loss_weights=[1.0, 0.5]), True),
+        ("kto", kto, True),
+        ("ift", ift, False),
+        ("cross-entropy-smoothed", cross_entropy, True),
+        ("cross-entropy-sum", cross_entropy_sum, False),
+    ]
+
+
+def fast_losses_main(rank: int, world: int, V: int, backend: str) -> None:
+    """strategy='fast' on the vocab-parallel weight (and bias) against the same loss on the full weight in one
+    process: loss, metrics, d hidden, this rank's d weight and d bias slices; with a memory budget that cuts a
+    pair into slices of rows as well as the default one. The collectives inside the forward are counted: per chunk
+    one all-gather of at most 8 floats per row and the all-reduce of the chunk's d hidden, nothing V-sized."""
+    hidden, weight, bias, labels = _loss_inputs(V, world)
+    R, T_ = labels.shape
+    mesh = _tp_mesh(world)
+    per_rank = -(-V // world)
+    sl = slice(rank * per_rank, rank * per_rank + min(per_rank, V - rank * per_rank))
+    for name, fn, with_bias in _loss_cases(R, V):
+        for budget in (None, 256):  # 256 bytes: a few rows per chunk, a DPO pair in slices of rows
+            head = {**HEAD, "memory_budget": budget} if name != "ift" else {"memory_budget": budget}
+            w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_(True)
+            b = distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_(True) if with_bias else None
+            h = hidden.clone().requires_grad_(True)
+            calls: list = []
+            restore = _count_collectives(calls)
+            try:
+                with _path(backend):
+                    loss, values = fn(h, w, labels, b, strategy="fast", **head)
+            finally:
+                restore()
+            with _path(backend):
+                (0.7 * loss).backward()  # grad_output != 1
+            assert calls and {c for c, _ in calls} == {"all_gather", "all_reduce"}, (name, calls)
+            assert all(n <= 8 * R * T_ for c, n in calls if c == "all_gather"), (name, calls)
+            assert sum(n for c, n in calls if c == "all_reduce") == (labels != IGNORE).sum() * H, (name, calls)
+
+            w1, h1 = weight.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+            b1 = bias.clone().requires_grad_(True) if with_bias else None
+            with _path(backend):
+                ref, ref_values = fn(h1, w1, labels, b1, strategy="fast", **head)
+                (0.7 * ref).backward()
+            where = f"{name}, budget {budget}, rank {rank}"
+            assert _rel(loss, ref) < 1e-6, (where, loss, ref)
+            for value, expected in zip(values, ref_values, strict=True):
+                assert _rel(value, expected) < 1e-5 or torch.equal(value, expected), (where, value, expected)
+            assert _rel(h.grad, h1.grad) < 1e-5, (where, _rel(h.grad, h1.grad))
+            assert isinstance(w.grad, DTensor) and w.grad.placements == (Shard(0),), where
+            assert _rel(w.grad.to_local(), w1.grad[sl]) < 1e-5, (where, _rel(w.grad.to_local(), w1.grad[sl]))
+            if with_bias:
+                assert isinstance(b.grad, DTensor) and b.grad.placements == (Shard(0),), where
+                assert _rel(b.grad.to_local(), b1.grad[sl]) < 1e-5, (where, _rel(b.grad.to_local(), b1.grad[sl]))
+
+
+def smoothing_main(rank: int, world: int, V: int, backend: str) -> None:
+    """Cross-entropy with label smoothing on the vocab-parallel weight against the float64 eager F.cross_entropy
+    on the full logits (the mean log-prob over the whole vocabulary, not the slice's), gradients included."""
+    hidden, weight, bias, labels = _loss_inputs(V, world)
+    w = distribute_tensor(weight, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
+    b = distribute_tensor(bias, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
+    h = hidden.clone().requires_grad_(True)
+    with _path(backend):
+        loss = cross_entropy_from_hidden(h, w, labels, b, label_smoothing=0.2, **HEAD)[0]
+        loss.backward()
+    h64, w64, b64 = (t.double().requires_grad_(True) for t in (hidden, weight, bias))
+    z = linear_logits(h64, w64, b64, **HEAD)
+    ref = torch.nn.functional.cross_entropy(z.view(-1, V), labels.view(-1), ignore_index=IGNORE, label_smoothing=0.2)
+    ref.backward()
+    per_rank = -(-V // world)
+    sl = slice(rank * per_rank, rank * per_rank + w.to_local().shape[0])
+    assert _rel(loss, ref) < 1e-6, (loss, ref)
+    assert _rel(h.grad, h64.grad) < 1e-5, _rel(h.grad, h64.grad)
+    assert _rel(w.grad.to_local(), w64.grad[sl]) < 1e-5, _rel(w.grad.to_local(), w64.grad[sl])
+    assert _rel(b.grad.to_local(), b64.grad[sl]) < 1e-5, _rel(b.grad.to_local(), b64.grad[sl])
 
 
 def errors_main(rank: int, world: int) -> None:
@@ -242,6 +372,6 @@ def causal_lm_main(rank: int, world: int) -> None:
 
 def ops_main(rank: int, world: int, V: int, backend: str) -> None:
     """Every op check in one set of processes (starting processes costs more than the checks)."""
-    for check in (stats_main, logprobs_main, dpo_main):
+    for check in (stats_main, logprobs_main, dpo_main, smoothing_main, fast_losses_main):
         check(rank, world, V, backend)
     errors_main(rank, world)
