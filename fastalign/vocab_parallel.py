@@ -20,6 +20,9 @@ dimension. hidden must be the same on every rank of the group (the replicated in
 is never gathered; its gradient is a DTensor with the weight's placements; d hidden is all-reduced over the group
 (standard tensor parallelism, rows x H). A DTensor weight on meshes without a "tp" dimension (FSDP2, HSDP) is not
 vocab-parallel: `fastalign.linear_logprobs` gathers it as before.
+
+The fused losses' fast strategy (`fastalign.linear_losses`) calls `combine_vocab_stats` once per chunk of rows
+inside its forward, with `local_operands` and `VocabShard.widest` sizing the chunks alike on every rank.
 """
 
 from __future__ import annotations

@@ -160,9 +160,9 @@ def dpo_main(rank: int, world: int, V: int, backend: str) -> None:
 
 
 def _loss_inputs(V: int, world: int):
-    """4 sequences (2 DPO pairs) of 7 tokens; labels in every rank's slice; ignored prompt tokens, a fully ignored
-    sequence (the second pair's rejected row: KTO/IFT examples without tokens) and a fully ignored pair's token
-    position everywhere else."""
+    """4 sequences (2 DPO pairs) of 7 tokens: labels in every rank's slice, greedy labels (the accuracy counts),
+    ignored prompt tokens, and a sequence without a scored token (the second pair's rejected row; a KTO or IFT
+    example of its own)."""
     gen = torch.Generator().manual_seed(4321)
     R, T_ = 4, 7
     hidden = torch.randn(R, T_, H, generator=gen)
@@ -171,7 +171,9 @@ def _loss_inputs(V: int, world: int):
     labels = torch.randint(0, V, (R, T_), generator=gen)
     per_rank = -(-V // world)
     for r in range(world):
-        labels[r % R, 2 + r // R] = min(V - 1, r * per_rank + 1)
+        labels[r % (R - 1), 2 + r // (R - 1)] = min(V - 1, r * per_rank + 1)
+    # The greedy token as the label at the last positions, so the accuracy metric counts (HEAD keeps the argmax).
+    labels[:, 4:] = torch.addmm(bias, hidden[:, 4:].reshape(-1, H), weight.T).argmax(-1).view(R, T_ - 4)
     labels[:, :2] = IGNORE  # prompt
     labels[3] = IGNORE  # a sequence without a scored token
     return hidden, weight, bias, labels
@@ -223,17 +225,18 @@ def _loss_cases(R: int, V: int):
 
 
 def fast_losses_main(rank: int, world: int, V: int, backend: str) -> None:
-    """strategy='fast' on the vocab-parallel weight (and bias) against the same loss on the full weight in one
-    process: loss, metrics, d hidden, this rank's d weight and d bias slices; with a memory budget that cuts a
-    pair into slices of rows as well as the default one. The collectives inside the forward are counted: per chunk
-    one all-gather of at most 8 floats per row and the all-reduce of the chunk's d hidden, nothing V-sized."""
+    """The fast strategy on the vocab-parallel weight (and bias) against the same loss on the full weight in one
+    process: loss, metrics, d hidden, this rank's d weight and d bias slices; auto with the default budget (it
+    takes fast), and fast with a budget that cuts a pair into slices of rows. The collectives inside the forward
+    are counted: per chunk one all-gather of at most 8 floats per row and the all-reduce of the chunk's d hidden,
+    nothing V-sized (lean would communicate in the backward only)."""
     hidden, weight, bias, labels = _loss_inputs(V, world)
     R, T_ = labels.shape
     mesh = _tp_mesh(world)
     per_rank = -(-V // world)
     sl = slice(rank * per_rank, rank * per_rank + min(per_rank, V - rank * per_rank))
     for name, fn, with_bias in _loss_cases(R, V):
-        for budget in (None, 256):  # 256 bytes: a few rows per chunk, a DPO pair in slices of rows
+        for strategy, budget in (("auto", None), ("fast", 256)):  # 256 bytes: a few rows per chunk
             head = {**HEAD, "memory_budget": budget} if name != "ift" else {"memory_budget": budget}
             w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_(True)
             b = distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_(True) if with_bias else None
@@ -242,7 +245,7 @@ def fast_losses_main(rank: int, world: int, V: int, backend: str) -> None:
             restore = _count_collectives(calls)
             try:
                 with _path(backend):
-                    loss, values = fn(h, w, labels, b, strategy="fast", **head)
+                    loss, values = fn(h, w, labels, b, strategy=strategy, **head)
             finally:
                 restore()
             with _path(backend):
@@ -254,9 +257,9 @@ def fast_losses_main(rank: int, world: int, V: int, backend: str) -> None:
             w1, h1 = weight.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
             b1 = bias.clone().requires_grad_(True) if with_bias else None
             with _path(backend):
-                ref, ref_values = fn(h1, w1, labels, b1, strategy="fast", **head)
+                ref, ref_values = fn(h1, w1, labels, b1, strategy=strategy, **head)
                 (0.7 * ref).backward()
-            where = f"{name}, budget {budget}, rank {rank}"
+            where = f"{name}, {strategy}, budget {budget}, rank {rank}"
             assert _rel(loss, ref) < 1e-6, (where, loss, ref)
             for value, expected in zip(values, ref_values, strict=True):
                 assert _rel(value, expected) < 1e-5 or torch.equal(value, expected), (where, value, expected)
