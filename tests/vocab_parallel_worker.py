@@ -273,24 +273,29 @@ def fast_losses_main(rank: int, world: int, V: int, backend: str) -> None:
 
 def smoothing_main(rank: int, world: int, V: int, backend: str) -> None:
     """Cross-entropy with label smoothing on the vocab-parallel weight against the float64 eager F.cross_entropy
-    on the full logits (the mean log-prob over the whole vocabulary, not the slice's), gradients included."""
-    hidden, weight, bias, labels = _loss_inputs(V, world)
-    w = distribute_tensor(weight, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
-    b = distribute_tensor(bias, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
-    h = hidden.clone().requires_grad_(True)
-    with _path(backend):
-        loss = cross_entropy_from_hidden(h, w, labels, b, label_smoothing=0.2, **HEAD)[0]
-        loss.backward()
-    h64, w64, b64 = (t.double().requires_grad_(True) for t in (hidden, weight, bias))
-    z = linear_logits(h64, w64, b64, **HEAD)
-    ref = torch.nn.functional.cross_entropy(z.view(-1, V), labels.view(-1), ignore_index=IGNORE, label_smoothing=0.2)
-    ref.backward()
-    per_rank = -(-V // world)
-    sl = slice(rank * per_rank, rank * per_rank + w.to_local().shape[0])
-    assert _rel(loss, ref) < 1e-6, (loss, ref)
-    assert _rel(h.grad, h64.grad) < 1e-5, _rel(h.grad, h64.grad)
-    assert _rel(w.grad.to_local(), w64.grad[sl]) < 1e-5, _rel(w.grad.to_local(), w64.grad[sl])
-    assert _rel(b.grad.to_local(), b64.grad[sl]) < 1e-5, _rel(b.grad.to_local(), b64.grad[sl])
+    on the full logits (the mean log-prob over the whole vocabulary, not the slice's), gradients included; fp32,
+    and bf16 (d logits in bf16 next to the fp32 logits on the kernel path) against the bf16-rounded inputs."""
+    for dtype, value_tol, grad_tol in ((torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-5, 1e-2)):
+        hidden, weight, bias = (t.to(dtype) for t in _loss_inputs(V, world)[:3])
+        labels = _loss_inputs(V, world)[3]
+        w = distribute_tensor(weight, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
+        b = distribute_tensor(bias, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
+        h = hidden.clone().requires_grad_(True)
+        with _path(backend):
+            loss = cross_entropy_from_hidden(h, w, labels, b, label_smoothing=0.2, **HEAD)[0]
+            loss.backward()
+        h64, w64, b64 = (t.double().requires_grad_(True) for t in (hidden, weight, bias))
+        z = linear_logits(h64, w64, b64, **HEAD).view(-1, V)
+        ref = torch.nn.functional.cross_entropy(z, labels.view(-1), ignore_index=IGNORE, label_smoothing=0.2)
+        ref.backward()
+        per_rank = -(-V // world)
+        sl = slice(rank * per_rank, rank * per_rank + w.to_local().shape[0])
+        where = f"{dtype}, rank {rank}"
+        assert _rel(loss, ref) < value_tol, (where, loss, ref)
+        assert h.grad.dtype == dtype and w.grad.dtype == dtype, where
+        assert _rel(h.grad, h64.grad) < grad_tol, (where, _rel(h.grad, h64.grad))
+        assert _rel(w.grad.to_local(), w64.grad[sl]) < grad_tol, (where, _rel(w.grad.to_local(), w64.grad[sl]))
+        assert _rel(b.grad.to_local(), b64.grad[sl]) < grad_tol, (where, _rel(b.grad.to_local(), b64.grad[sl]))
 
 
 def errors_main(rank: int, world: int) -> None:
