@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from fastalign import linear_token_logprobs, linear_token_stats
+from fastalign import DPOLoss, IFTLoss, KTOLoss, linear_token_logprobs, linear_token_stats
 from fastalign._backend import forced_backend
 from fastalign.linear_losses import (
     cross_entropy_from_hidden,
@@ -298,6 +298,57 @@ def smoothing_main(rank: int, world: int, V: int, backend: str) -> None:
         assert _rel(b.grad.to_local(), b64.grad[sl]) < grad_tol, (where, _rel(b.grad.to_local(), b64.grad[sl]))
 
 
+def logits_losses_main(rank: int, world: int, V: int, backend: str) -> None:
+    """The logits-path loss modules (DPOLoss, KTOLoss, IFTLoss) on Shard(-1) DTensor logits against the same
+    modules on the full logits in one process: loss, metrics, per-example outputs, and this rank's slice of d logits
+    (a DTensor with the logits' placement); the DPO reference as Shard(-1) ref_logits too."""
+    _, _, _, labels = _loss_inputs(V, world)
+    R, T_ = labels.shape
+    gen = torch.Generator().manual_seed(2024)
+    logits, ref_logits = torch.randn(2, R, T_, V, generator=gen).unbind(0)
+    ref_logps = torch.randn(R, generator=gen) - 10
+    desirable = torch.tensor([True, False, True, False])
+    mesh = _tp_mesh(world)
+    per_rank = -(-V // world)
+    sl = slice(rank * per_rank, rank * per_rank + min(per_rank, V - rank * per_rank))
+    cases = [
+        (
+            "dpo-sigmoid-wpo-ref-logits",
+            DPOLoss(beta=0.3, use_weighting=True, return_per_example=True),
+            lambda module, x, ref: module(x, labels, ref_logits=ref),
+        ),
+        (
+            "dpo-ipo+sft",
+            DPOLoss(beta=0.3, loss_type=["ipo", "sft"], loss_weights=[1.0, 0.5], return_per_example=True),
+            lambda module, x, ref: module(x, labels, ref_logps[: R // 2], ref_logps[R // 2 :]),
+        ),
+        (
+            "kto",
+            KTOLoss(beta=0.2, return_per_example=True),
+            lambda module, x, ref: module(x, labels, desirable, ref_logps, 0.05),
+        ),
+        ("ift", IFTLoss(gamma=0.9), lambda module, x, ref: (module(x, labels),)),
+    ]
+    for name, module, call in cases:
+        x = distribute_tensor(logits, mesh, [Shard(2)]).requires_grad_(True)
+        x1 = logits.clone().requires_grad_(True)
+        with _path(backend):
+            out = call(module, x, distribute_tensor(ref_logits, mesh, [Shard(2)]))
+            (0.7 * out[0]).backward()
+            expected = call(module, x1, ref_logits)
+            (0.7 * expected[0]).backward()
+        where = f"{name}, rank {rank}"
+        assert _rel(out[0], expected[0]) < 1e-6, (where, out[0], expected[0])
+        for part, part_expected in zip(out[1:], expected[1:], strict=True):
+            assert part.keys() == part_expected.keys(), where
+            for key in part:
+                value, ref_value = part[key], part_expected[key]
+                assert not isinstance(value, DTensor), (where, key)
+                assert _rel(value, ref_value) < 1e-5 or torch.equal(value, ref_value), (where, key, value, ref_value)
+        assert isinstance(x.grad, DTensor) and x.grad.placements == (Shard(2),), where
+        assert _rel(x.grad.to_local(), x1.grad[..., sl]) < 1e-5, (where, _rel(x.grad.to_local(), x1.grad[..., sl]))
+
+
 def errors_main(rank: int, world: int) -> None:
     """Layouts a vocab-parallel head cannot take raise ValueError naming what is wrong."""
     hidden, weight, _, labels = _inputs(37, world)
@@ -380,6 +431,6 @@ def causal_lm_main(rank: int, world: int) -> None:
 
 def ops_main(rank: int, world: int, V: int, backend: str) -> None:
     """Every op check in one set of processes (starting processes costs more than the checks)."""
-    for check in (stats_main, logprobs_main, dpo_main, smoothing_main, fast_losses_main):
+    for check in (stats_main, logprobs_main, dpo_main, smoothing_main, fast_losses_main, logits_losses_main):
         check(rank, world, V, backend)
     errors_main(rank, world)
