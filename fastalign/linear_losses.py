@@ -527,9 +527,12 @@ def _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget) -
     }
 
 
-def _reference_sums(names, ref_logps, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, ld_alpha):
-    """The reference's per-sequence sums (LD-weighted as the policy's with ld_alpha): as given, or from ref_hidden
-    under no_grad (2 N H V FLOPs)."""
+def _references_and_mask(
+    ref_logps: dict, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, ld_alpha
+):
+    """(the reference's per-sequence sums, one per name of ref_logps, LD-weighted as the policy's with ld_alpha; the
+    completion mask [R, T]) of the DPO and KTO losses: the sums as given in ref_logps ({name: [B] or None}), or from
+    ref_hidden under no_grad (2 N H V FLOPs); then the labels are checked against hidden."""
     if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
         raise ValueError("ref_weight and ref_bias need ref_hidden")
     ref_w = (weight if ref_weight is None else ref_weight).detach()
@@ -539,7 +542,9 @@ def _reference_sums(names, ref_logps, ref_hidden, ref_weight, ref_bias, hidden, 
     def compute(h):
         return sequence_logps(linear_token_logprobs(h, ref_w, labels, ref_b, **head_args), mask, ld_alpha=ld_alpha)
 
-    return reference_logps(dict(zip(names, ref_logps)), "ref_hidden", ref_hidden, hidden, "hidden", compute)
+    refs = reference_logps(ref_logps, "ref_hidden", ref_hidden, hidden, "hidden", compute)
+    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
+    return refs, mask
 
 
 # ---------------------------------------------------------------------------------------------- the losses
@@ -596,20 +601,10 @@ def dpo_loss_from_hidden(
     dpo_options = {k: v for k, v in options.items() if k != "return_per_example"}
     types = [t for t, _ in check_dpo_options(beta, loss_type, loss_weights, label_smoothing, **dpo_options)]
     head_args = _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget)
-    ref_chosen, ref_rejected = _reference_sums(
-        ("ref_chosen_logps", "ref_rejected_logps"),
-        (ref_chosen_logps, ref_rejected_logps),
-        ref_hidden,
-        ref_weight,
-        ref_bias,
-        hidden,
-        weight,
-        labels,
-        head_args,
-        token_options.get("ld_alpha"),
+    given = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    (ref_chosen, ref_rejected), mask = _references_and_mask(
+        given, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, token_options.get("ld_alpha")
     )
-    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
-    mask = labels != ignore_index
     kwargs = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing)
 
     def loss_of(logps, extras):
@@ -660,11 +655,9 @@ def kto_loss_from_hidden(
         k: v for k, v in options.items() if k != "return_per_example"
     })  # fmt: skip
     head_args = _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget)
-    (ref,) = _reference_sums(
-        ("ref_logps",), (ref_logps,), ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, None
+    (ref,), mask = _references_and_mask(
+        {"ref_logps": ref_logps}, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, None
     )
-    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
-    mask = labels != ignore_index
     lengths = mask.sum(-1)
     kwargs = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
 
