@@ -13,7 +13,7 @@ the lm_head weight, without the [tokens, vocab] logits, on two strategies.
   chunk; the per-row statistics (log-sum-exp, the label's log-prob, and the extras the loss reads) are combined
   across the group, O(rows) floats, so the loss and its gradient at the log-probs are the same on every rank; d
   logits is formed on the slice, the chunk's d hidden is summed over the group (rows x H), and d weight stays the
-  slice's. World size 1 is the plain path.
+  slice's. One path: a weight that is not vocab-parallel takes it with no group (no combination, no collective).
 
 The fast path needs the loss to decompose over units: the gradient at one unit's log-probs must not depend on the
 log-probs of other units. Then one mechanism serves every loss: the loss (the same function the lean path
@@ -271,7 +271,7 @@ def _row_stats(a, bias, labels, head: _Head, outputs: Outputs, plan: _Fast):
     of the chunk buffer a [rows, V] (fp32 raw logits) with labels [rows] in [0, vocab), over the whole vocabulary.
 
     Vocab-parallel: a holds this rank's slice; its statistics are combined across the group (one all-gather of
-    <= 7 floats per row), and the labels for `_dlogits` are local to the slice, -1 where another rank's slice holds
+    <= 8 floats per row), and the labels for `_dlogits` are local to the slice, -1 where another rank's slice holds
     the label. The torch path's buffer then holds log p over the whole vocabulary, as `_torch_dlogits` expects."""
     shard = plan.shard
     if shard is None:
@@ -475,8 +475,7 @@ def _strategy_for(
         return "lean"
     if strategy != "auto":
         return strategy
-    V, H = weight.shape
-    V = V if shard is None else shard.widest
+    V, H = weight.shape[0] if shard is None else shard.widest, weight.shape[1]
     rows = {"pair": 2 * hidden.shape[1], "sequence": hidden.shape[1], "token": 1}[objective.unit]
     unit_bytes = rows * V * (hidden.element_size() if use_kernels else 4)
     return "fast" if unit_bytes <= max(head.memory_budget, 4 * V * H) else "lean"

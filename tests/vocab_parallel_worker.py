@@ -214,8 +214,14 @@ def _loss_cases(R: int, V: int):
     def cross_entropy_sum(h, w, labels, b, **kw):
         return cross_entropy_from_hidden(h, w, labels, b, reduction="sum", **kw)[0], []
 
+    def dpo_ref_hidden(h, w, labels, b, **kw):  # the reference's sums from hidden states under the same head
+        loss, metrics = dpo_loss_from_hidden(h, w, labels, b, beta=0.3, ref_hidden=hidden_ref, **kw)
+        return loss, [metrics["rewards/margins"]]
+
+    hidden_ref = torch.randn(R, 7, H, generator=gen)
     return [
         ("dpo-sigmoid-wpo", dpo("sigmoid", use_weighting=True), False),
+        ("dpo-ref-hidden", dpo_ref_hidden, True),
         ("dpo-ipo+sft", dpo(["ipo", "sft"], loss_weights=[1.0, 0.5]), True),
         ("kto", kto, True),
         ("ift", ift, False),
@@ -269,6 +275,14 @@ def fast_losses_main(rank: int, world: int, V: int, backend: str) -> None:
             if with_bias:
                 assert isinstance(b.grad, DTensor) and b.grad.placements == (Shard(0),), where
                 assert _rel(b.grad.to_local(), b1.grad[sl]) < 1e-5, (where, _rel(b.grad.to_local(), b1.grad[sl]))
+    # hidden as a DTensor replicated over the group (ColwiseParallel's input): the same loss, d hidden a DTensor.
+    w = distribute_tensor(weight, mesh, [Shard(0)])
+    h = distribute_tensor(hidden, mesh, [Replicate()]).requires_grad_(True)
+    with _path(backend):
+        loss = ift_loss_from_hidden(h, w, labels, strategy="fast")
+        loss.backward()
+        expected = ift_loss_from_hidden(hidden, w, labels, strategy="fast")
+    assert torch.equal(loss, expected) and isinstance(h.grad, DTensor), (loss, expected)
 
 
 def smoothing_main(rank: int, world: int, V: int, backend: str) -> None:
