@@ -421,7 +421,7 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                     h_w = (h_c.float() * coef[:, None]).to(d_dtype if separate else torch.float32)
                 if need_h:
                     dh_c = _dlogits_times_weight(d, weight)
-                    if shard is not None:  # each slice's part of d hidden
+                    if shard is not None and dist.get_world_size(shard.group) > 1:  # each slice's part of d hidden
                         dist.all_reduce(dh_c, group=shard.group)
                     dh[rows_c] = (dh_c if whole else dh_c.mul_(coef[:, None])).to(dh.dtype)
                 if need_w:
