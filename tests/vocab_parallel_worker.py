@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastalign import DPOLoss, IFTLoss, KTOLoss, linear_token_logprobs, linear_token_stats
 from fastalign._backend import forced_backend
@@ -69,6 +70,26 @@ def _count_collectives(monkeypatch_calls: list):
 
     dist.all_gather, dist.all_reduce = all_gather, all_reduce
     return lambda: (setattr(dist, "all_gather", real_gather), setattr(dist, "all_reduce", real_reduce))
+
+
+class _HeadFlops(TorchDispatchMode):
+    """Counts the FLOPs of the torch matrix products run inside it that have the hidden size H on a side: the head's
+    GEMMs (the fast path's are torch's on every backend: its kernels are elementwise), not the losses' own small
+    products (IFT's [R, T] x [T, T] scan on the torch path, a d bias summed by a product)."""
+
+    _OPERANDS = {"mm": (0, 1), "addmm": (1, 2), "addmm_": (1, 2)}
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        operands = self._OPERANDS.get(func.overloadpacket.__name__)
+        if operands is not None:
+            a, b = (args[i] for i in operands)
+            if H in (a.shape[1], b.shape[1]):
+                self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
 
 
 def stats_main(rank: int, world: int, V: int, backend: str) -> None:
@@ -250,12 +271,15 @@ def fast_losses_main(rank: int, world: int, V: int, backend: str) -> None:
             calls: list = []
             restore = _count_collectives(calls)
             try:
-                with _path(backend):
+                with _path(backend), _HeadFlops() as counter:
                     loss, values = fn(h, w, labels, b, strategy=strategy, **head)
             finally:
                 restore()
-            with _path(backend):
+            with _path(backend), counter:
                 (0.7 * loss).backward()  # grad_output != 1
+            # 6 N H V / TP per rank: logits, d hidden, d weight on the slice (a computed reference's are lean's).
+            nhv = (labels != IGNORE).sum().item() * H * w.to_local().shape[0]
+            assert name == "dpo-ref-hidden" or counter.flops == 6 * nhv, (name, budget, counter.flops / nhv)
             assert calls and {c for c, _ in calls} == {"all_gather", "all_reduce"}, (name, calls)
             assert all(n <= 8 * R * T_ for c, n in calls if c == "all_gather"), (name, calls)
             assert sum(n for c, n in calls if c == "all_reduce") == (labels != IGNORE).sum() * H, (name, calls)
