@@ -307,6 +307,21 @@ def fast_losses_main(rank: int, world: int, V: int, backend: str) -> None:
         loss.backward()
         expected = ift_loss_from_hidden(hidden, w, labels, strategy="fast")
     assert torch.equal(loss, expected) and isinstance(h.grad, DTensor), (loss, expected)
+    # A shifted, non-contiguous hidden is read in place.
+    longer = torch.cat([hidden, torch.randn(R, 1, H)], 1)
+    with _path(backend):
+        assert torch.equal(ift_loss_from_hidden(longer[:, :-1], w, labels, strategy="fast"), expected)
+    # Bad input raises on every rank (the check reads only replicated values) with the single-device messages.
+    bad = labels.clone()
+    bad[0, 3] = V
+    for args, message in (((bad, None), f"outside [0, {V})"), ((labels, bias), "bias must be a DTensor sharded as")):
+        try:
+            with _path(backend):
+                cross_entropy_from_hidden(hidden, w, *args, strategy="fast")
+        except ValueError as e:
+            assert message in str(e), (message, e)
+        else:
+            raise AssertionError(f"expected a ValueError with {message!r}")
 
 
 def smoothing_main(rank: int, world: int, V: int, backend: str) -> None:
