@@ -13,7 +13,8 @@ the lm_head weight, without the [tokens, vocab] logits, on two strategies.
   chunk; the per-row statistics (log-sum-exp, the label's log-prob, and the extras the loss reads) are combined
   across the group, O(rows) floats, so the loss and its gradient at the log-probs are the same on every rank; d
   logits is formed on the slice, the chunk's d hidden is summed over the group (rows x H), and d weight stays the
-  slice's. One path: a weight that is not vocab-parallel takes it with no group (no combination, no collective).
+  slice's. One path: a weight that is not vocab-parallel, or whose one-rank group holds the whole vocabulary, takes
+  it with no group (no combination, no collective).
 
 The fast path needs the loss to decompose over units: the gradient at one unit's log-probs must not depend on the
 log-probs of other units. Then one mechanism serves every loss: the loss (the same function the lean path
@@ -421,7 +422,7 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                     h_w = (h_c.float() * coef[:, None]).to(d_dtype if separate else torch.float32)
                 if need_h:
                     dh_c = _dlogits_times_weight(d, weight)
-                    if shard is not None and dist.get_world_size(shard.group) > 1:  # each slice's part of d hidden
+                    if shard is not None:  # each slice's part of d hidden
                         dist.all_reduce(dh_c, group=shard.group)
                     dh[rows_c] = (dh_c if whole else dh_c.mul_(coef[:, None])).to(dh.dtype)
                 if need_w:
@@ -511,6 +512,7 @@ def _fused_linear_loss(
         return objective.loss_of(stats.logprobs, extras), entropy, stats.argmax
     if shard is not None:  # the slices; the gradients' DTensors come from to_local's backward
         hidden, weight, bias = local_operands(hidden, weight, bias, shard)
+        shard = shard if shard.size < shard.vocab else None  # a one-rank group's slice is the whole vocabulary
     plan = _Fast(objective, labels.to(torch.int64), head, outputs, use_kernels, shard)
     loss, _logps, entropy, argmax, *_values, metrics = _FastFusedLinearLoss.apply(hidden, weight, bias, plan)
     return (loss, *metrics), entropy, argmax

@@ -25,6 +25,10 @@ def test_ops_match_one_process(world, backend):
     run_on_processes(worker.ops_main, world, 37, backend, world=world)
 
 
+def test_fast_losses_on_a_one_rank_tp_mesh():
+    run_on_processes(worker.one_rank_main, 1, 37, "torch", world=1)
+
+
 def test_patch_causal_lm_with_colwise_parallel_head():
     pytest.importorskip("transformers")
     run_on_processes(worker.causal_lm_main, 2, world=2)
