@@ -9,8 +9,12 @@ the lm_head weight, without the [tokens, vocab] logits, on two strategies.
   log-sum-exp and the label's log-prob; the loss's gradient with respect to the chunk's per-token log-probs;
   d logits in place over the chunk; d hidden for the chunk by a GEMM; d weight accumulated in fp32 across chunks
   (the gradient itself for an fp32 weight). The backward only scales the stored gradients by grad_output.
-- A vocab-parallel weight (fastalign.vocab_parallel) runs lean: the fast strategy does not combine the ranks'
-  per-chunk statistics yet, and strategy='fast' raises ValueError for it.
+- A vocab-parallel weight (fastalign.vocab_parallel) takes both. On fast, each rank makes its slice's logits of the
+  chunk; the per-row statistics (log-sum-exp, the label's log-prob, and the extras the loss reads) are combined
+  across the group, O(rows) floats, so the loss and its gradient at the log-probs are the same on every rank; d
+  logits is formed on the slice, the chunk's d hidden is summed over the group (rows x H), and d weight stays the
+  slice's. One path: a weight that is not vocab-parallel, or whose one-rank group holds the whole vocabulary, takes
+  it with no group (no combination, no collective).
 
 The fast path needs the loss to decompose over units: the gradient at one unit's log-probs must not depend on the
 log-probs of other units. Then one mechanism serves every loss: the loss (the same function the lean path
@@ -35,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from fastalign._backend import as_btv, backend_for, check_labels, label_range_error
 from fastalign.dpo import (
@@ -56,11 +61,12 @@ from fastalign.linear_logprobs import (
     _prepare,
     _row_blocks,
     _rows_of,
+    _torch_chain_,
     _torch_stats,
     linear_token_logprobs,
     linear_token_stats,
 )
-from fastalign.vocab_parallel import vocab_shard
+from fastalign.vocab_parallel import VocabShard, combine_vocab_stats, local_operands, vocab_shard
 
 STRATEGIES = ("auto", "fast", "lean")
 _NONE = Outputs()  # no per-token extras
@@ -144,9 +150,9 @@ def _pieces(V: int, floats_per_column: int) -> list[tuple[int, int]]:
 # then d logits (after `_torch_dlogits`): a fresh [rows, V] temporary costs more in page faults than its arithmetic.
 
 
-def _torch_dlogits(a, labels, lse, coef, coef_mean, head: _Head) -> None:
-    """`logits_grad` on the torch path: `a` holds log p (from `_torch_stats`) and becomes d logits in place."""
-    V = a.shape[1]
+def _torch_dlogits(a, labels, lse, coef, coef_mean, head: _Head, vocab: int) -> None:
+    """`logits_grad` on the torch path: `a` holds log p (from `_torch_stats`, over the whole vocabulary) and becomes
+    d logits in place. labels: -1 where the label is in another rank's slice; vocab: the whole vocabulary's size."""
     scale = head.logit_scale / head.temperature
     for r0, r1 in _row_blocks(*a.shape):
         logp, c = a[r0:r1], coef[r0:r1, None]
@@ -157,8 +163,9 @@ def _torch_dlogits(a, labels, lse, coef, coef_mean, head: _Head) -> None:
         if coef_mean is None:
             d *= -c
         else:  # d log p(label) / dz = onehot - p;  d mean_v log p_v / dz = 1 / V - p
-            d.mul_(-(c + coef_mean[r0:r1, None])).add_(coef_mean[r0:r1, None] / V)
-        d.scatter_add_(1, labels[r0:r1, None], c)
+            d.mul_(-(c + coef_mean[r0:r1, None])).add_(coef_mean[r0:r1, None] / vocab)
+        label = labels[r0:r1, None]
+        d.scatter_add_(1, label.clamp(min=0), torch.where(label >= 0, c, 0.0))
         if head.softcap is not None:
             d *= chain
         elif scale != 1.0:
@@ -177,6 +184,7 @@ class _Fast:
     head: _Head
     outputs: Outputs  # entropy / argmax at the scored rows, for the loss's metrics
     use_kernels: bool
+    shard: VocabShard | None  # the weight's slice of the vocabulary when vocab-parallel
 
 
 def _unit_order(objective: _Objective, R: int) -> list[int]:
@@ -241,19 +249,85 @@ def _loss_gradient(objective: _Objective, logps, extras: dict, rows, logp_c, mea
     return grads[0].float(), None if mean_c is None else grads[1].float(), result
 
 
+_STAT_NAMES = ("entropy", "argmax", "log_sum_sq_probs", "mean_logits")
+
+
 def _stats(a, bias, labels, head: _Head, outputs: Outputs, use_kernels: bool):
     if use_kernels:
         return logits_stats(a, bias, labels, head.temperature, head.softcap, head.logit_scale, outputs)
     return _torch_stats(a, bias, labels, head, outputs)
 
 
-def _dlogits(a, out, bias, labels, lse, coef, coef_mean, head: _Head, use_kernels: bool) -> None:
-    if use_kernels:
-        logits_grad(a, out, bias, labels, lse, coef, coef_mean, head.temperature, head.softcap, head.logit_scale)
-    else:
+def _logits_at(a, bias, columns, lse, head: _Head, use_kernels: bool) -> torch.Tensor:
+    """fp32 [rows] z at one column per row of the chunk buffer `a`: raw logits on the kernel paths, log p (with
+    log-sum-exp `lse`) on the torch path after `_stats`."""
+    at = a.gather(1, columns[:, None]).squeeze(1)
+    if not use_kernels:
+        return at + lse
+    return _torch_chain_(at, None if bias is None else bias[columns], head)
+
+
+def _row_stats(a, bias, labels, head: _Head, outputs: Outputs, plan: _Fast):
+    """(lse, label log-probs, labels for `_dlogits`, {name: value} of _STAT_NAMES asked for in `outputs`) of the rows
+    of the chunk buffer a [rows, V] (fp32 raw logits) with labels [rows] in [0, vocab), over the whole vocabulary.
+
+    Vocab-parallel: a holds this rank's slice; its statistics are combined across the group (one all-gather of
+    <= 8 floats per row), and the labels for `_dlogits` are local to the slice, -1 where another rank's slice holds
+    the label. The torch path's buffer then holds log p over the whole vocabulary, as `_torch_dlogits` expects."""
+    shard = plan.shard
+    if shard is None:
+        lse, z_label, *values = _stats(a, bias, labels, head, outputs, plan.use_kernels)
+        return lse, z_label - lse, labels, dict(zip(_STAT_NAMES, values))
+    local = labels - shard.start
+    here = (local >= 0) & (local < shard.size)
+    lse_r, z_label, entropy, argmax, log_sum_sq, mean = _stats(
+        a, bias, torch.where(here, local, 0), head, outputs, plan.use_kernels
+    )
+    argmax_logit = None if argmax is None else _logits_at(a, bias, argmax, lse_r, head, plan.use_kernels)
+    stats = combine_vocab_stats(
+        shard.group,
+        lse_r,
+        torch.where(here, z_label - lse_r, 0.0),
+        here,
+        entropy=entropy,
+        argmax_logit=argmax_logit,
+        argmax_index=None if argmax is None else argmax + shard.start,
+        log_sum_sq_probs=log_sum_sq,
+        logit_sum=None if mean is None else mean * shard.size,
+    )
+    if not plan.use_kernels:
+        a += (lse_r - stats.lse)[:, None]
+    mean_logits = None if stats.logit_sum is None else stats.logit_sum / shard.vocab
+    values = (stats.entropy, stats.argmax, stats.log_sum_sq_probs, mean_logits)
+    return stats.lse, stats.logprob, torch.where(here, local, -1), dict(zip(_STAT_NAMES, values))
+
+
+def _dlogits(a, out, bias, labels, lse, coef, coef_mean, head: _Head, use_kernels: bool, vocab: int) -> None:
+    """d loss / d a into out, from `_row_stats`'s lse and labels (-1: the label is in another rank's slice); vocab:
+    the whole vocabulary's size, a's width unless vocab-parallel."""
+    if not use_kernels:
         if out.data_ptr() != a.data_ptr():
             raise AssertionError("the torch path writes d logits over log p, in place")
-        _torch_dlogits(out, labels, lse, coef, coef_mean, head)
+        _torch_dlogits(out, labels, lse, coef, coef_mean, head, vocab)
+        return
+    chain = head.temperature, head.softcap, head.logit_scale
+    if coef_mean is None or vocab == a.shape[1]:
+        logits_grad(a, out, bias, labels, lse, coef, coef_mean, *chain)
+        return
+    # A slice of the vocabulary: the kernel's mean term divides coef_mean by a's width, not by vocab. The dense part
+    # coef_mean / vocab - (coef + coef_mean) p comes from a rescaled coef_mean with the matching coef and no label;
+    # the label's coef * dz/da is added after, on the rows whose label is in the slice.
+    here = labels >= 0
+    column = labels.clamp(min=0)
+    dz_da = head.logit_scale / head.temperature
+    if head.softcap is not None:  # read before the kernel: out may be a itself
+        z = _logits_at(a, bias, column, lse, head, use_kernels)
+        dz_da = dz_da * (1 - (z * (head.temperature / head.softcap)).square())
+    share = coef_mean * (a.shape[1] / vocab)
+    logits_grad(a, out, bias, torch.full_like(labels, -1), lse, coef + coef_mean - share, share, *chain)
+    rows = torch.arange(out.shape[0], device=out.device)
+    at = out[rows, column].float() + torch.where(here, coef * dz_da, 0.0)
+    out[rows, column] = at.to(out.dtype)
 
 
 class _FastFusedLinearLoss(torch.autograd.Function):
@@ -271,7 +345,9 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         weight = weight if weight.stride(-1) == 1 else weight.contiguous()
         bias = None if bias is None else bias.contiguous()
         order = _unit_order(objective, R)
-        rows, counts = _scored_rows_by_unit(plan.labels, V, head.ignore_index, order)
+        shard = plan.shard
+        vocab = V if shard is None else shard.vocab
+        rows, counts = _scored_rows_by_unit(plan.labels, vocab, head.ignore_index, order)
         if objective.unit == "pair":
             unit_rows = [counts[p] + counts[R // 2 + p] for p in range(R // 2)]
         else:
@@ -280,7 +356,9 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         # fp32 logits in a buffer of their own), fp32 on the torch path (in place over the logits).
         d_dtype = x.dtype if plan.use_kernels else torch.float32
         separate = d_dtype != torch.float32
-        limit = max(1, head.memory_budget // (V * (4 + (d_dtype.itemsize if separate else 0))))
+        # Vocab-parallel: every rank sizes its chunks by the widest slice, so all take the same collectives.
+        width = V if shard is None else shard.widest
+        limit = max(1, head.memory_budget // (width * (4 + (d_dtype.itemsize if separate else 0))))
         chunks = _chunks(unit_rows, limit, objective.unit == "token")
 
         flat_labels = plan.labels.reshape(-1)
@@ -323,29 +401,29 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                     s1 = min(n, s0 + limit) if not whole else n
                     a = a_buf[: s1 - s0] if separate else d[s0:s1]
                     _logits_into(a, h_c[s0:s1], weight)
-                    lse, z_label, *values = _stats(a, bias, lab_c[s0:s1], head, wanted, plan.use_kernels)
-                    logp_c[s0:s1] = z_label - lse
+                    lse, logp_c[s0:s1], grad_labels, found = _row_stats(a, bias, lab_c[s0:s1], head, wanted, plan)
                     if mean_c is not None:
-                        mean_c[s0:s1] = values[-1] - lse
-                    found = dict(zip(("entropy", "argmax", "log_sum_sq_probs", "mean_logits"), values))
+                        mean_c[s0:s1] = found["mean_logits"] - lse
                     for name, value in found.items():
                         if per_token.get(name) is not None:
                             per_token[name].view(-1)[rows_c[s0:s1]] = value
                     if not whole:
                         ones = torch.ones(s1 - s0, device=dev)
-                        _dlogits(a, d[s0:s1], bias, lab_c[s0:s1], lse, ones, None, head, plan.use_kernels)
+                        _dlogits(a, d[s0:s1], bias, grad_labels, lse, ones, None, head, plan.use_kernels, vocab)
                 logps.view(-1)[rows_c] = logp_c
                 if mean_c is not None:
                     per_token["mean_logps"].view(-1)[rows_c] = mean_c
                 extras = {name: per_token[name] for name in objective.extras}
                 coef, coef_mean, result = _loss_gradient(objective, logps, extras, rows_c, logp_c, mean_c)
                 if whole:
-                    _dlogits(a, d, bias, lab_c, lse, coef, coef_mean, head, plan.use_kernels)
+                    _dlogits(a, d, bias, grad_labels, lse, coef, coef_mean, head, plan.use_kernels, vocab)
                     h_w = h_c
                 else:  # the rows' scale moves onto the [n, H] side of each GEMM
                     h_w = (h_c.float() * coef[:, None]).to(d_dtype if separate else torch.float32)
                 if need_h:
                     dh_c = _dlogits_times_weight(d, weight)
+                    if shard is not None:  # each slice's part of d hidden
+                        dist.all_reduce(dh_c, group=shard.group)
                     dh[rows_c] = (dh_c if whole else dh_c.mul_(coef[:, None])).to(dh.dtype)
                 if need_w:
                     _accumulate_dweight(dw, d, h_w, first=i_chunk == 0)
@@ -385,24 +463,20 @@ class _FastFusedLinearLoss(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------- both strategies
 
 
-def _strategy_for(strategy: str, objective: _Objective, hidden, weight, head: _Head, use_kernels: bool) -> str:
+def _strategy_for(
+    strategy: str, objective: _Objective, hidden, weight, head: _Head, use_kernels: bool, shard: VocabShard | None
+) -> str:
     """The strategy a call runs: auto takes fast unless the loss cannot, or its largest unit's d logits would take
-    more memory than max(memory_budget, the fp32 [V, H] d-weight accumulator that fast holds anyway)."""
+    more memory than max(memory_budget, the fp32 [V, H] d-weight accumulator that fast holds anyway); V is the
+    widest slice's when vocab-parallel (the same decision on every rank)."""
     check_strategy(strategy)
-    if vocab_shard(weight) is not None:
-        if strategy == "fast":
-            raise ValueError(
-                "strategy='fast' does not take a vocab-parallel weight (Shard(0) on the mesh dim 'tp') yet: "
-                "use 'auto' or 'lean' (lean runs it, with per-row statistics combined across the group)"
-            )
-        return "lean"
     if objective.not_fast is not None:
         if strategy == "fast":
             raise ValueError(f"strategy='fast' needs a loss that decomposes over examples: {objective.not_fast}")
         return "lean"
     if strategy != "auto":
         return strategy
-    V, H = weight.shape
+    V, H = weight.shape[0] if shard is None else shard.widest, weight.shape[1]
     rows = {"pair": 2 * hidden.shape[1], "sequence": hidden.shape[1], "token": 1}[objective.unit]
     unit_bytes = rows * V * (hidden.element_size() if use_kernels else 4)
     return "fast" if unit_bytes <= max(head.memory_budget, 4 * V * H) else "lean"
@@ -418,12 +492,10 @@ def _fused_linear_loss(
         raise ValueError(f"hidden must have shape [batch, T, H]; got {got}")
     hidden, weight, bias, head = _prepare(hidden, weight, labels, bias, **head_args)
     use_kernels = backend_for(hidden) != "torch"
-    if _strategy_for(strategy, objective, hidden, weight, head, use_kernels) == "lean":
+    shard = vocab_shard(weight)
+    if _strategy_for(strategy, objective, hidden, weight, head, use_kernels, shard) == "lean":
         if "mean_logps" in objective.extras:
-            raise ValueError(
-                "label_smoothing > 0 needs strategy 'fast' or 'auto' (the lean path has no mean log-prob), "
-                "and a weight that is not vocab-parallel (those run lean)"
-            )
+            raise ValueError("label_smoothing > 0 needs strategy 'fast' or 'auto' (the lean path has no mean log-prob)")
         stats = linear_token_stats(
             hidden,
             weight,
@@ -438,7 +510,10 @@ def _fused_linear_loss(
         extras = {name: getattr(stats, name) for name in objective.extras}
         entropy = None if stats.entropy is None else stats.entropy.detach()
         return objective.loss_of(stats.logprobs, extras), entropy, stats.argmax
-    plan = _Fast(objective, labels.to(torch.int64), head, outputs, use_kernels)
+    if shard is not None:  # the slices; the gradients' DTensors come from to_local's backward
+        hidden, weight, bias = local_operands(hidden, weight, bias, shard)
+        shard = shard if shard.size < shard.vocab else None  # a one-rank group's slice is the whole vocabulary
+    plan = _Fast(objective, labels.to(torch.int64), head, outputs, use_kernels, shard)
     loss, _logps, entropy, argmax, *_values, metrics = _FastFusedLinearLoss.apply(hidden, weight, bias, plan)
     return (loss, *metrics), entropy, argmax
 
@@ -453,9 +528,12 @@ def _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget) -
     }
 
 
-def _reference_sums(names, ref_logps, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, ld_alpha):
-    """The reference's per-sequence sums (LD-weighted as the policy's with ld_alpha): as given, or from ref_hidden
-    under no_grad (2 N H V FLOPs)."""
+def _references_and_mask(
+    ref_logps: dict, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, ld_alpha
+):
+    """(the reference's per-sequence sums, one per name of ref_logps, LD-weighted as the policy's with ld_alpha; the
+    completion mask [R, T]) of the DPO and KTO losses: the sums as given in ref_logps ({name: [B] or None}), or from
+    ref_hidden under no_grad (2 N H V FLOPs); then the labels are checked against hidden."""
     if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
         raise ValueError("ref_weight and ref_bias need ref_hidden")
     ref_w = (weight if ref_weight is None else ref_weight).detach()
@@ -465,7 +543,9 @@ def _reference_sums(names, ref_logps, ref_hidden, ref_weight, ref_bias, hidden, 
     def compute(h):
         return sequence_logps(linear_token_logprobs(h, ref_w, labels, ref_b, **head_args), mask, ld_alpha=ld_alpha)
 
-    return reference_logps(dict(zip(names, ref_logps)), "ref_hidden", ref_hidden, hidden, "hidden", compute)
+    refs = reference_logps(ref_logps, "ref_hidden", ref_hidden, hidden, "hidden", compute)
+    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
+    return refs, mask
 
 
 # ---------------------------------------------------------------------------------------------- the losses
@@ -522,20 +602,10 @@ def dpo_loss_from_hidden(
     dpo_options = {k: v for k, v in options.items() if k != "return_per_example"}
     types = [t for t, _ in check_dpo_options(beta, loss_type, loss_weights, label_smoothing, **dpo_options)]
     head_args = _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget)
-    ref_chosen, ref_rejected = _reference_sums(
-        ("ref_chosen_logps", "ref_rejected_logps"),
-        (ref_chosen_logps, ref_rejected_logps),
-        ref_hidden,
-        ref_weight,
-        ref_bias,
-        hidden,
-        weight,
-        labels,
-        head_args,
-        token_options.get("ld_alpha"),
+    given = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    (ref_chosen, ref_rejected), mask = _references_and_mask(
+        given, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, token_options.get("ld_alpha")
     )
-    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
-    mask = labels != ignore_index
     kwargs = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing)
 
     def loss_of(logps, extras):
@@ -586,11 +656,9 @@ def kto_loss_from_hidden(
         k: v for k, v in options.items() if k != "return_per_example"
     })  # fmt: skip
     head_args = _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget)
-    (ref,) = _reference_sums(
-        ("ref_logps",), (ref_logps,), ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, None
+    (ref,), mask = _references_and_mask(
+        {"ref_logps": ref_logps}, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, None
     )
-    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
-    mask = labels != ignore_index
     lengths = mask.sum(-1)
     kwargs = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
 

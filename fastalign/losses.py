@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +23,20 @@ from fastalign.linear_losses import (
     ift_loss_from_hidden,
     kto_loss_from_hidden,
 )
+
+
+def _loss_kwargs(arguments: dict, check: Callable | None = None) -> dict:
+    """A loss module's keyword arguments for its functional loss, from its __init__'s `locals()`: every argument by
+    its name, a **head dict spread (the logit options of the fused-linear forms). `check` (the family's validator:
+    check_dpo_options, check_kto_options, check_gamma) gets the arguments it names, so a bad option raises at
+    construction with the call's own message; a strategy is checked after it."""
+    kwargs = {name: value for name, value in arguments.items() if name not in ("self", "__class__", "head")}
+    kwargs.update(arguments.get("head", {}))
+    if check is not None:
+        check(**{name: kwargs[name] for name in inspect.signature(check).parameters})
+    if "strategy" in kwargs:
+        kwargs["strategy"] = check_strategy(kwargs["strategy"])
+    return kwargs
 
 
 class DPOLoss(nn.Module):
@@ -51,25 +66,7 @@ class DPOLoss(nn.Module):
         return_per_example: bool = False,
     ):
         super().__init__()
-        options = dict(
-            average_log_prob=average_log_prob,
-            ld_alpha=ld_alpha,
-            use_weighting=use_weighting,
-            f_divergence_type=f_divergence_type,
-            f_alpha_divergence_coef=f_alpha_divergence_coef,
-            discopop_tau=discopop_tau,
-        )
-        check_dpo_options(beta, loss_type, loss_weights, label_smoothing, **options)
-        self.kwargs = dict(
-            beta=beta,
-            loss_type=loss_type,
-            loss_weights=loss_weights,
-            label_smoothing=label_smoothing,
-            ignore_index=ignore_index,
-            inplace_backward=inplace_backward,
-            return_per_example=return_per_example,
-            **options,
-        )
+        self.kwargs = _loss_kwargs(locals(), check_dpo_options)
 
     def forward(self, logits, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, ref_logits=None):
         return dpo_loss_from_logits(
@@ -99,20 +96,7 @@ class KTOLoss(nn.Module):
         return_per_example: bool = False,
     ):
         super().__init__()
-        check_kto_options(
-            beta, desirable_weight, undesirable_weight, loss_type, average_log_prob=average_log_prob, clamp_kl=clamp_kl
-        )
-        self.kwargs = dict(
-            beta=beta,
-            desirable_weight=desirable_weight,
-            undesirable_weight=undesirable_weight,
-            loss_type=loss_type,
-            ignore_index=ignore_index,
-            inplace_backward=inplace_backward,
-            average_log_prob=average_log_prob,
-            clamp_kl=clamp_kl,
-            return_per_example=return_per_example,
-        )
+        self.kwargs = _loss_kwargs(locals(), check_kto_options)
 
     def forward(self, logits, labels, desirable, ref_logps=None, kl=None, *, ref_logits=None):
         return kto_loss_from_logits(logits, labels, desirable, ref_logps, kl, ref_logits=ref_logits, **self.kwargs)
@@ -126,8 +110,7 @@ class IFTLoss(nn.Module):
 
     def __init__(self, gamma: float = 0.95, ignore_index: int = -100, inplace_backward: bool = False):
         super().__init__()
-        check_gamma(gamma)
-        self.kwargs = dict(gamma=gamma, ignore_index=ignore_index, inplace_backward=inplace_backward)
+        self.kwargs = _loss_kwargs(locals(), check_gamma)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return ift_loss_from_logits(logits, labels, **self.kwargs)
@@ -165,27 +148,7 @@ class FusedLinearDPOLoss(nn.Module):
         **head,
     ):
         super().__init__()
-        options = dict(
-            average_log_prob=average_log_prob,
-            ld_alpha=ld_alpha,
-            use_weighting=use_weighting,
-            f_divergence_type=f_divergence_type,
-            f_alpha_divergence_coef=f_alpha_divergence_coef,
-            discopop_tau=discopop_tau,
-        )
-        check_dpo_options(beta, loss_type, loss_weights, label_smoothing, **options)
-        self.kwargs = dict(
-            beta=beta,
-            loss_type=loss_type,
-            loss_weights=loss_weights,
-            label_smoothing=label_smoothing,
-            ignore_index=ignore_index,
-            memory_budget=memory_budget,
-            strategy=check_strategy(strategy),
-            return_per_example=return_per_example,
-            **options,
-            **head,
-        )
+        self.kwargs = _loss_kwargs(locals(), check_dpo_options)
 
     def forward(self, hidden, weight, labels, bias=None, **reference):
         return dpo_loss_from_hidden(hidden, weight, labels, bias, **reference, **self.kwargs)
@@ -215,22 +178,7 @@ class FusedLinearKTOLoss(nn.Module):
         **head,
     ):
         super().__init__()
-        check_kto_options(
-            beta, desirable_weight, undesirable_weight, loss_type, average_log_prob=average_log_prob, clamp_kl=clamp_kl
-        )
-        self.kwargs = dict(
-            beta=beta,
-            desirable_weight=desirable_weight,
-            undesirable_weight=undesirable_weight,
-            loss_type=loss_type,
-            ignore_index=ignore_index,
-            memory_budget=memory_budget,
-            strategy=check_strategy(strategy),
-            average_log_prob=average_log_prob,
-            clamp_kl=clamp_kl,
-            return_per_example=return_per_example,
-            **head,
-        )
+        self.kwargs = _loss_kwargs(locals(), check_kto_options)
 
     def forward(self, hidden, weight, labels, desirable, bias=None, **reference):
         return kto_loss_from_hidden(hidden, weight, labels, desirable, bias, **reference, **self.kwargs)
@@ -251,14 +199,7 @@ class FusedLinearIFTLoss(nn.Module):
         **head,
     ):
         super().__init__()
-        check_gamma(gamma)
-        self.kwargs = dict(
-            gamma=gamma,
-            ignore_index=ignore_index,
-            memory_budget=memory_budget,
-            strategy=check_strategy(strategy),
-            **head,
-        )
+        self.kwargs = _loss_kwargs(locals(), check_gamma)
 
     def forward(self, hidden, weight, labels, bias=None):
         return ift_loss_from_hidden(hidden, weight, labels, bias, **self.kwargs)
@@ -284,16 +225,7 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         **head,
     ):
         super().__init__()
-        self.kwargs = dict(
-            reduction=reduction,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            entropy=entropy,
-            accuracy=accuracy,
-            memory_budget=memory_budget,
-            strategy=check_strategy(strategy),
-            **head,
-        )
+        self.kwargs = _loss_kwargs(locals())
 
     def forward(self, hidden, weight, labels, bias=None):
         loss, metrics = cross_entropy_from_hidden(hidden, weight, labels, bias, **self.kwargs)

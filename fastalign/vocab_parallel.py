@@ -20,6 +20,9 @@ dimension. hidden must be the same on every rank of the group (the replicated in
 is never gathered; its gradient is a DTensor with the weight's placements; d hidden is all-reduced over the group
 (standard tensor parallelism, rows x H). A DTensor weight on meshes without a "tp" dimension (FSDP2, HSDP) is not
 vocab-parallel: `fastalign.linear_logprobs` gathers it as before.
+
+The fused losses' fast strategy (`fastalign.linear_losses`) calls `combine_vocab_stats` once per chunk of rows
+inside its forward, with `local_operands` and `VocabShard.widest` sizing the chunks alike on every rank.
 """
 
 from __future__ import annotations
@@ -172,6 +175,12 @@ class VocabShard:
     size: int
     vocab: int
 
+    @property
+    def widest(self) -> int:
+        """The largest slice of the group, ceil(V / ranks): the same on every rank, so sizes derived from it (the
+        fast losses' chunks) give every rank the same sequence of collectives."""
+        return -(-self.vocab // dist.get_world_size(self.group))
+
 
 def vocab_shard(weight: torch.Tensor, name: str = "weight") -> VocabShard | None:
     """The VocabShard of a vocab-parallel weight (a DTensor, Shard(0) on the mesh dim named "tp", replicated on
@@ -217,6 +226,19 @@ def vocab_shard(weight: torch.Tensor, name: str = "weight") -> VocabShard | None
     if weight.to_local().shape[0] != size:
         raise ValueError(f"{name}'s local slice has {weight.to_local().shape[0]} rows; Shard(0) gives {size}")
     return VocabShard(mesh.get_group(tp), start, size, vocab)
+
+
+def local_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shard: VocabShard):
+    """(hidden, weight, bias) of this rank as plain tensors: hidden replicated over the group (a DTensor must be
+    Replicate everywhere), the weight's and bias's local slices (their `to_local` backward makes the gradients
+    DTensors with the weight's placements)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if isinstance(hidden, DTensor):
+        if not all(isinstance(p, Replicate) for p in hidden.placements):
+            raise ValueError(f"hidden must be replicated over the tensor-parallel group; got {hidden.placements}")
+        hidden = hidden.to_local()
+    return hidden, weight.to_local(), _local_bias(bias, shard)
 
 
 def _local_bias(bias: torch.Tensor | None, shard: VocabShard) -> torch.Tensor | None:
@@ -297,12 +319,7 @@ def linear_head_stats(hidden, weight, labels, bias, head, outputs, shard: VocabS
     DTensor of `shard`; labels [...] in [0, V) or head.ignore_index; bias None or a DTensor sharded as the weight;
     head the single-device op's options. local_stats(hidden, weight, labels, bias, outputs) is the single-device op
     (log-probs, entropy, argmax, log_sum_sq_probs, mean_logits): it runs on this rank's slice."""
-    from torch.distributed.tensor import DTensor, Replicate
-
-    if isinstance(hidden, DTensor):
-        if not all(isinstance(p, Replicate) for p in hidden.placements):
-            raise ValueError(f"hidden must be replicated over the tensor-parallel group; got {hidden.placements}")
-        hidden = hidden.to_local()
+    hidden, w_local, b_local = local_operands(hidden, weight, bias, shard)
     flat = labels.reshape(-1).to(torch.int64)
     valid = flat != head.ignore_index
     bad = valid & ((flat < 0) | (flat >= shard.vocab))
@@ -312,7 +329,6 @@ def linear_head_stats(hidden, weight, labels, bias, head, outputs, shard: VocabS
         raise label_range_error("labels", flat, bad, shard.vocab, head.ignore_index)
 
     group = shard.group
-    w_local, b_local = weight.to_local(), _local_bias(bias, shard)
     x = _AllReduceGrad.apply(hidden, group)  # each slice's part of d hidden, summed over the group
     local = flat - shard.start
     here = valid & (local >= 0) & (local < shard.size)

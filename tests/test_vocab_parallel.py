@@ -1,6 +1,7 @@
 """Vocab-parallel fused head (issue 15): the lm_head weight Shard(0) over a mesh dim named "tp", on 2 and 4 gloo
 processes, against the float64 eager reference (or the unsharded op) in the same process. The checks live in
-tests/vocab_parallel_worker.py; V = 37 splits unevenly (19 + 18 on 2 ranks, 10 + 10 + 10 + 7 on 4)."""
+tests/vocab_parallel_worker.py (the ops, the fused losses on both strategies, the logits-path loss modules on
+Shard(-1) logits); V = 37 splits unevenly (19 + 18 on 2 ranks, 10 + 10 + 10 + 7 on 4)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ import vocab_parallel_worker as worker  # noqa: E402
 def test_ops_match_one_process(world, backend):
     # "kernels": the Triton kernels (interpreted here, as conftest sets it); "torch": the torch path forced.
     run_on_processes(worker.ops_main, world, 37, backend, world=world)
+
+
+def test_fast_losses_on_a_one_rank_tp_mesh():
+    run_on_processes(worker.one_rank_main, 1, 37, "torch", world=1)
 
 
 def test_patch_causal_lm_with_colwise_parallel_head():

@@ -13,10 +13,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastalign import linear_token_logprobs, linear_token_stats
+from fastalign import DPOLoss, IFTLoss, KTOLoss, linear_token_logprobs, linear_token_stats
 from fastalign._backend import forced_backend
-from fastalign.linear_losses import dpo_loss_from_hidden
+from fastalign.linear_losses import (
+    cross_entropy_from_hidden,
+    dpo_loss_from_hidden,
+    ift_loss_from_hidden,
+    kto_loss_from_hidden,
+)
 from fastalign.reference.linear_logprobs import linear_logits
 
 H, B, T = 16, 2, 5
@@ -64,6 +70,26 @@ def _count_collectives(monkeypatch_calls: list):
 
     dist.all_gather, dist.all_reduce = all_gather, all_reduce
     return lambda: (setattr(dist, "all_gather", real_gather), setattr(dist, "all_reduce", real_reduce))
+
+
+class _HeadFlops(TorchDispatchMode):
+    """Counts the FLOPs of the torch matrix products run inside it that have the hidden size H on a side: the head's
+    GEMMs (the fast path's are torch's on every backend: its kernels are elementwise), not the losses' own small
+    products (IFT's [R, T] x [T, T] scan on the torch path, a d bias summed by a product)."""
+
+    _OPERANDS = {"mm": (0, 1), "addmm": (1, 2), "addmm_": (1, 2)}
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        operands = self._OPERANDS.get(func.overloadpacket.__name__)
+        if operands is not None:
+            a, b = (args[i] for i in operands)
+            if H in (a.shape[1], b.shape[1]):
+                self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
 
 
 def stats_main(rank: int, world: int, V: int, backend: str) -> None:
@@ -133,7 +159,7 @@ def logprobs_main(rank: int, world: int, V: int, backend: str) -> None:
 
 
 def dpo_main(rank: int, world: int, V: int, backend: str) -> None:
-    """dpo_loss_from_hidden end to end on the vocab-parallel weight (auto runs lean; fast raises)."""
+    """dpo_loss_from_hidden end to end on the vocab-parallel weight, on the lean strategy."""
     hidden, weight, _, labels = _inputs(V, world)
     gen = torch.Generator().manual_seed(5)
     ref_logps = torch.randn(2, B // 2, generator=gen)
@@ -142,22 +168,241 @@ def dpo_main(rank: int, world: int, V: int, backend: str) -> None:
     w = distribute_tensor(weight, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
     h = hidden.clone().requires_grad_(True)
     with _path(backend):
-        loss = dpo_loss_from_hidden(h, w, labels, **kwargs)[0]
+        loss = dpo_loss_from_hidden(h, w, labels, strategy="lean", **kwargs)[0]
         loss.backward()
-        try:
-            dpo_loss_from_hidden(h, w, labels, strategy="fast", **kwargs)
-        except ValueError as e:
-            assert "vocab-parallel" in str(e), e
-        else:
-            raise AssertionError("strategy='fast' on a vocab-parallel weight must raise")
     w1, h1 = weight.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
     with _path(backend):
-        ref = dpo_loss_from_hidden(h1, w1, labels, **kwargs)[0]
+        ref = dpo_loss_from_hidden(h1, w1, labels, strategy="lean", **kwargs)[0]
         ref.backward()
     assert _rel(loss, ref) < 1e-6, (loss, ref)
     assert _rel(h.grad, h1.grad) < 1e-5
     sl = slice(rank * -(-V // world), rank * -(-V // world) + w.to_local().shape[0])
     assert _rel(w.grad.to_local(), w1.grad[sl]) < 1e-5
+
+
+def _loss_inputs(V: int, world: int):
+    """4 sequences (2 DPO pairs) of 7 tokens: labels in every rank's slice, greedy labels (the accuracy counts),
+    ignored prompt tokens, and a sequence without a scored token (the second pair's rejected row; a KTO or IFT
+    example of its own)."""
+    gen = torch.Generator().manual_seed(4321)
+    R, T_ = 4, 7
+    hidden = torch.randn(R, T_, H, generator=gen)
+    weight = torch.randn(V, H, generator=gen) * 2 / H**0.5
+    bias = torch.randn(V, generator=gen) * 0.1
+    labels = torch.randint(0, V, (R, T_), generator=gen)
+    per_rank = -(-V // world)
+    for r in range(world):
+        labels[r % (R - 1), 2 + r // (R - 1)] = min(V - 1, r * per_rank + 1)
+    # The greedy token as the label at the last positions, so the accuracy metric counts (HEAD keeps the argmax).
+    labels[:, 4:] = torch.addmm(bias, hidden[:, 4:].reshape(-1, H), weight.T).argmax(-1).view(R, T_ - 4)
+    labels[:, :2] = IGNORE  # prompt
+    labels[3] = IGNORE  # a sequence without a scored token
+    return hidden, weight, bias, labels
+
+
+def _loss_cases(R: int, V: int):
+    """(name, fn(hidden, weight, labels, bias, **kw) -> (loss, values to compare), with bias) for every fused loss
+    family the fast strategy takes."""
+    gen = torch.Generator().manual_seed(99)
+    ref_logps = torch.randn(R, generator=gen) - 10
+    desirable = torch.tensor([True, False, True, False])
+    dpo_ref = {"ref_chosen_logps": ref_logps[: R // 2], "ref_rejected_logps": ref_logps[R // 2 :]}
+
+    def dpo(loss_type, **options):
+        def run(h, w, labels, b, **kw):
+            loss, metrics, per_example = dpo_loss_from_hidden(
+                h, w, labels, b, beta=0.3, loss_type=loss_type, return_per_example=True, **dpo_ref, **options, **kw
+            )
+            return loss, [metrics["rewards/margins"], *per_example.values()]
+
+        return run
+
+    def kto(h, w, labels, b, **kw):
+        loss, metrics, per_example = kto_loss_from_hidden(
+            h, w, labels, desirable, b, ref_logps=ref_logps, kl=0.05, beta=0.2, return_per_example=True, **kw
+        )
+        return loss, list(per_example.values())
+
+    def ift(h, w, labels, b, **kw):
+        return ift_loss_from_hidden(h, w, labels, b, gamma=0.9, **kw), []
+
+    def cross_entropy(h, w, labels, b, **kw):
+        loss, metrics = cross_entropy_from_hidden(
+            h, w, labels, b, label_smoothing=0.1, entropy=True, accuracy=True, **kw
+        )
+        return loss, [metrics["entropy"], metrics["mean_token_accuracy"]]
+
+    def cross_entropy_sum(h, w, labels, b, **kw):
+        return cross_entropy_from_hidden(h, w, labels, b, reduction="sum", **kw)[0], []
+
+    def dpo_ref_hidden(h, w, labels, b, **kw):  # the reference's sums from hidden states under the same head
+        loss, metrics = dpo_loss_from_hidden(h, w, labels, b, beta=0.3, ref_hidden=hidden_ref, **kw)
+        return loss, [metrics["rewards/margins"]]
+
+    hidden_ref = torch.randn(R, 7, H, generator=gen)
+    return [
+        ("dpo-sigmoid-wpo", dpo("sigmoid", use_weighting=True), False),
+        ("dpo-ref-hidden", dpo_ref_hidden, True),
+        ("dpo-ipo+sft", dpo(["ipo", "sft"], loss_weights=[1.0, 0.5]), True),
+        ("kto", kto, True),
+        ("ift", ift, False),
+        ("cross-entropy-smoothed", cross_entropy, True),
+        ("cross-entropy-sum", cross_entropy_sum, False),
+    ]
+
+
+def fast_losses_main(rank: int, world: int, V: int, backend: str) -> None:
+    """The fast strategy on the vocab-parallel weight (and bias) against the same loss on the full weight in one
+    process: loss, metrics, d hidden, this rank's d weight and d bias slices; auto with the default budget (it
+    takes fast), and fast with a budget that cuts a pair into slices of rows. The collectives inside the forward
+    are counted: per chunk one all-gather of at most 8 floats per row and the all-reduce of the chunk's d hidden,
+    nothing V-sized (lean would communicate in the backward only)."""
+    hidden, weight, bias, labels = _loss_inputs(V, world)
+    R, T_ = labels.shape
+    mesh = _tp_mesh(world)
+    per_rank = -(-V // world)
+    sl = slice(rank * per_rank, rank * per_rank + min(per_rank, V - rank * per_rank))
+    for name, fn, with_bias in _loss_cases(R, V):
+        for strategy, budget in (("auto", None), ("fast", 256)):  # 256 bytes: a few rows per chunk
+            head = {**HEAD, "memory_budget": budget} if name != "ift" else {"memory_budget": budget}
+            w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_(True)
+            b = distribute_tensor(bias, mesh, [Shard(0)]).requires_grad_(True) if with_bias else None
+            h = hidden.clone().requires_grad_(True)
+            calls: list = []
+            restore = _count_collectives(calls)
+            try:
+                with _path(backend), _HeadFlops() as counter:
+                    loss, values = fn(h, w, labels, b, strategy=strategy, **head)
+            finally:
+                restore()
+            with _path(backend), counter:
+                (0.7 * loss).backward()  # grad_output != 1
+            # 6 N H V / TP per rank: logits, d hidden, d weight on the slice (a computed reference's are lean's).
+            nhv = (labels != IGNORE).sum().item() * H * w.to_local().shape[0]
+            assert name == "dpo-ref-hidden" or counter.flops == 6 * nhv, (name, budget, counter.flops / nhv)
+            if world == 1:  # the whole vocabulary on one rank: the plain path, no collective
+                assert not calls, (name, calls)
+            else:
+                assert calls and {c for c, _ in calls} == {"all_gather", "all_reduce"}, (name, calls)
+                assert all(n <= 8 * R * T_ for c, n in calls if c == "all_gather"), (name, calls)
+                assert sum(n for c, n in calls if c == "all_reduce") == (labels != IGNORE).sum() * H, (name, calls)
+
+            w1, h1 = weight.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+            b1 = bias.clone().requires_grad_(True) if with_bias else None
+            with _path(backend):
+                ref, ref_values = fn(h1, w1, labels, b1, strategy=strategy, **head)
+                (0.7 * ref).backward()
+            where = f"{name}, {strategy}, budget {budget}, rank {rank}"
+            assert _rel(loss, ref) < 1e-6, (where, loss, ref)
+            for value, expected in zip(values, ref_values, strict=True):
+                assert _rel(value, expected) < 1e-5 or torch.equal(value, expected), (where, value, expected)
+            assert _rel(h.grad, h1.grad) < 1e-5, (where, _rel(h.grad, h1.grad))
+            assert isinstance(w.grad, DTensor) and w.grad.placements == (Shard(0),), where
+            assert _rel(w.grad.to_local(), w1.grad[sl]) < 1e-5, (where, _rel(w.grad.to_local(), w1.grad[sl]))
+            if with_bias:
+                assert isinstance(b.grad, DTensor) and b.grad.placements == (Shard(0),), where
+                assert _rel(b.grad.to_local(), b1.grad[sl]) < 1e-5, (where, _rel(b.grad.to_local(), b1.grad[sl]))
+    # hidden as a DTensor replicated over the group (ColwiseParallel's input): the same loss, d hidden a DTensor.
+    w = distribute_tensor(weight, mesh, [Shard(0)])
+    h = distribute_tensor(hidden, mesh, [Replicate()]).requires_grad_(True)
+    with _path(backend):
+        loss = ift_loss_from_hidden(h, w, labels, strategy="fast")
+        loss.backward()
+        expected = ift_loss_from_hidden(hidden, w, labels, strategy="fast")
+    assert torch.equal(loss, expected) and isinstance(h.grad, DTensor), (loss, expected)
+    # A shifted, non-contiguous hidden is read in place.
+    longer = torch.cat([hidden, torch.randn(R, 1, H)], 1)
+    with _path(backend):
+        assert torch.equal(ift_loss_from_hidden(longer[:, :-1], w, labels, strategy="fast"), expected)
+    # Bad input raises on every rank (the check reads only replicated values) with the single-device messages.
+    bad = labels.clone()
+    bad[0, 3] = V
+    for args, message in (((bad, None), f"outside [0, {V})"), ((labels, bias), "bias must be a DTensor sharded as")):
+        try:
+            with _path(backend):
+                cross_entropy_from_hidden(hidden, w, *args, strategy="fast")
+        except ValueError as e:
+            assert message in str(e), (message, e)
+        else:
+            raise AssertionError(f"expected a ValueError with {message!r}")
+
+
+def smoothing_main(rank: int, world: int, V: int, backend: str) -> None:
+    """Cross-entropy with label smoothing on the vocab-parallel weight against the float64 eager F.cross_entropy
+    on the full logits (the mean log-prob over the whole vocabulary, not the slice's), gradients included; fp32,
+    and bf16 (d logits in bf16 next to the fp32 logits on the kernel path) against the bf16-rounded inputs."""
+    for dtype, value_tol, grad_tol in ((torch.float32, 1e-6, 1e-5), (torch.bfloat16, 1e-5, 1e-2)):
+        hidden, weight, bias = (t.to(dtype) for t in _loss_inputs(V, world)[:3])
+        labels = _loss_inputs(V, world)[3]
+        w = distribute_tensor(weight, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
+        b = distribute_tensor(bias, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
+        h = hidden.clone().requires_grad_(True)
+        with _path(backend):
+            loss = cross_entropy_from_hidden(h, w, labels, b, label_smoothing=0.2, **HEAD)[0]
+            loss.backward()
+        h64, w64, b64 = (t.double().requires_grad_(True) for t in (hidden, weight, bias))
+        z = linear_logits(h64, w64, b64, **HEAD).view(-1, V)
+        ref = torch.nn.functional.cross_entropy(z, labels.view(-1), ignore_index=IGNORE, label_smoothing=0.2)
+        ref.backward()
+        per_rank = -(-V // world)
+        sl = slice(rank * per_rank, rank * per_rank + w.to_local().shape[0])
+        where = f"{dtype}, rank {rank}"
+        assert _rel(loss, ref) < value_tol, (where, loss, ref)
+        assert h.grad.dtype == dtype and w.grad.dtype == dtype, where
+        assert _rel(h.grad, h64.grad) < grad_tol, (where, _rel(h.grad, h64.grad))
+        assert _rel(w.grad.to_local(), w64.grad[sl]) < grad_tol, (where, _rel(w.grad.to_local(), w64.grad[sl]))
+        assert _rel(b.grad.to_local(), b64.grad[sl]) < grad_tol, (where, _rel(b.grad.to_local(), b64.grad[sl]))
+
+
+def logits_losses_main(rank: int, world: int, V: int, backend: str) -> None:
+    """The logits-path loss modules (DPOLoss, KTOLoss, IFTLoss) on Shard(-1) DTensor logits against the same
+    modules on the full logits in one process: loss, metrics, per-example outputs, and this rank's slice of d logits
+    (a DTensor with the logits' placement); the DPO reference as Shard(-1) ref_logits too."""
+    _, _, _, labels = _loss_inputs(V, world)
+    R, T_ = labels.shape
+    gen = torch.Generator().manual_seed(2024)
+    logits, ref_logits = torch.randn(2, R, T_, V, generator=gen).unbind(0)
+    ref_logps = torch.randn(R, generator=gen) - 10
+    desirable = torch.tensor([True, False, True, False])
+    mesh = _tp_mesh(world)
+    per_rank = -(-V // world)
+    sl = slice(rank * per_rank, rank * per_rank + min(per_rank, V - rank * per_rank))
+    cases = [
+        (
+            "dpo-sigmoid-wpo-ref-logits",
+            DPOLoss(beta=0.3, use_weighting=True, return_per_example=True),
+            lambda module, x, ref: module(x, labels, ref_logits=ref),
+        ),
+        (
+            "dpo-ipo+sft",
+            DPOLoss(beta=0.3, loss_type=["ipo", "sft"], loss_weights=[1.0, 0.5], return_per_example=True),
+            lambda module, x, ref: module(x, labels, ref_logps[: R // 2], ref_logps[R // 2 :]),
+        ),
+        (
+            "kto",
+            KTOLoss(beta=0.2, return_per_example=True),
+            lambda module, x, ref: module(x, labels, desirable, ref_logps, 0.05),
+        ),
+        ("ift", IFTLoss(gamma=0.9), lambda module, x, ref: (module(x, labels),)),
+    ]
+    for name, module, call in cases:
+        x = distribute_tensor(logits, mesh, [Shard(2)]).requires_grad_(True)
+        x1 = logits.clone().requires_grad_(True)
+        with _path(backend):
+            out = call(module, x, distribute_tensor(ref_logits, mesh, [Shard(2)]))
+            (0.7 * out[0]).backward()
+            expected = call(module, x1, ref_logits)
+            (0.7 * expected[0]).backward()
+        where = f"{name}, rank {rank}"
+        assert _rel(out[0], expected[0]) < 1e-6, (where, out[0], expected[0])
+        for part, part_expected in zip(out[1:], expected[1:], strict=True):
+            assert part.keys() == part_expected.keys(), where
+            for key in part:
+                value, ref_value = part[key], part_expected[key]
+                assert not isinstance(value, DTensor), (where, key)
+                assert _rel(value, ref_value) < 1e-5 or torch.equal(value, ref_value), (where, key, value, ref_value)
+        assert isinstance(x.grad, DTensor) and x.grad.placements == (Shard(2),), where
+        assert _rel(x.grad.to_local(), x1.grad[..., sl]) < 1e-5, (where, _rel(x.grad.to_local(), x1.grad[..., sl]))
 
 
 def errors_main(rank: int, world: int) -> None:
@@ -240,8 +485,14 @@ def causal_lm_main(rank: int, world: int) -> None:
         assert _rel(grad, ref.grad) < 1e-5, f"rank {rank}: {name} gradient off by {_rel(grad, ref.grad):.2e}"
 
 
+def one_rank_main(rank: int, world: int, V: int, backend: str) -> None:
+    """A one-rank "tp" mesh (TP = 1): the fast losses take the plain path, results as the unsharded op's."""
+    for check in (smoothing_main, fast_losses_main):
+        check(rank, world, V, backend)
+
+
 def ops_main(rank: int, world: int, V: int, backend: str) -> None:
     """Every op check in one set of processes (starting processes costs more than the checks)."""
-    for check in (stats_main, logprobs_main, dpo_main):
+    for check in (stats_main, logprobs_main, dpo_main, smoothing_main, fast_losses_main, logits_losses_main):
         check(rank, world, V, backend)
     errors_main(rank, world)
