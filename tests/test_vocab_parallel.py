@@ -29,6 +29,11 @@ def test_fast_losses_on_a_one_rank_tp_mesh():
     run_on_processes(worker.one_rank_main, 1, 37, "torch", world=1)
 
 
+@pytest.mark.parametrize("backend", ["kernels", "torch"])
+def test_ops_on_a_one_rank_tp_mesh_equal_the_plain_op(backend):
+    run_on_processes(worker.tp1_ops_main, 1, 37, backend, world=1)
+
+
 def test_patch_causal_lm_with_colwise_parallel_head():
     pytest.importorskip("transformers")
     run_on_processes(worker.causal_lm_main, 2, world=2)

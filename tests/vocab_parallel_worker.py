@@ -496,3 +496,45 @@ def ops_main(rank: int, world: int, V: int, backend: str) -> None:
     for check in (stats_main, logprobs_main, dpo_main, smoothing_main, fast_losses_main, logits_losses_main):
         check(rank, world, V, backend)
     errors_main(rank, world)
+
+
+def tp1_ops_main(rank: int, world: int, V: int, backend: str) -> None:
+    """TP = 1: linear_token_stats (every extra, softcap/scale/temperature, a bias) and linear_token_logprobs on a
+    Shard(0) weight of a one-rank "tp" mesh equal the plain op on the same weight, forward and gradients, and no
+    collective runs (the group of one rank skips them)."""
+    hidden, weight, bias, labels = _inputs(V, world)
+    w = distribute_tensor(weight, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
+    b = distribute_tensor(bias, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
+    assert w.placements == (Shard(0),) and w.to_local().shape == weight.shape
+    gen = torch.Generator().manual_seed(11)
+    g_logp, g_ent = torch.randn(B, T, generator=gen), torch.randn(B, T, generator=gen)
+    extras = {"entropy": True, "argmax": True, "log_sum_sq_probs": True, "mean_logits": True}
+
+    def run(w, b):
+        h = hidden.clone().requires_grad_(True)
+        with _path(backend):
+            stats = linear_token_stats(h, w, labels, b, **HEAD, **extras)
+            logp = linear_token_logprobs(h, w, labels)  # no bias, no extras
+            ((stats.logprobs * g_logp).sum() + (stats.entropy * g_ent).sum() + 0.5 * logp.sum()).backward()
+        return stats, logp, h.grad
+
+    calls: list = []
+    restore = _count_collectives(calls)
+    try:
+        stats, logp, dh = run(w, b)
+    finally:
+        restore()
+    assert calls == [], calls
+    w_plain, b_plain = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    ref, ref_logp, ref_dh = run(w_plain, b_plain)
+    for name in ("logprobs", "entropy", "log_sum_sq_probs", "mean_logits"):
+        x, y = getattr(stats, name), getattr(ref, name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert _rel(x, y) < 1e-6, (name, _rel(x, y))
+    assert torch.equal(stats.argmax, ref.argmax)
+    assert (stats.logprobs[labels == IGNORE] == 0).all()
+    assert _rel(logp, ref_logp) < 1e-6
+    assert _rel(dh, ref_dh) < 1e-6, _rel(dh, ref_dh)
+    assert isinstance(w.grad, DTensor) and w.grad.placements == (Shard(0),)
+    assert _rel(w.grad.to_local(), w_plain.grad) < 1e-6, _rel(w.grad.to_local(), w_plain.grad)
+    assert _rel(b.grad.to_local(), b_plain.grad) < 1e-6
