@@ -280,6 +280,9 @@ def test_patch_rebinds_names_where_trainers_look_them_up_and_unpatch_restores_th
     patch_trl()  # idempotent
     head = trl_utils._ChunkedLogProbFunction
     assert head is not TRL_HEAD and trl.kernels.ChunkedLogProbFunction is TRL_HEAD  # only the name the head reads
+    # The class the forward's gather check reads: vocab-parallel weights are not gathered (tests/test_vocab_parallel).
+    assert trl_utils.DTensor is not torch.distributed.tensor.DTensor
+    assert not isinstance(torch.ones(1), trl_utils.DTensor)
     assert cpo.selective_log_softmax is trl_utils.selective_log_softmax is not TRL_HELPERS["selective_log_softmax"]
     assert trl_utils.selective_log_softmax.__wrapped__ is TRL_HELPERS["selective_log_softmax"]  # TRL's signature
     sys.modules.pop("trl.experimental.orpo.orpo_trainer", None)

@@ -538,3 +538,99 @@ def tp1_ops_main(rank: int, world: int, V: int, backend: str) -> None:
     assert isinstance(w.grad, DTensor) and w.grad.placements == (Shard(0),)
     assert _rel(w.grad.to_local(), w_plain.grad) < 1e-6, _rel(w.grad.to_local(), w_plain.grad)
     assert _rel(b.grad.to_local(), b_plain.grad) < 1e-6
+
+
+def trl_main(rank: int, world: int) -> None:
+    """patch_trl under tensor parallelism: TRL 1.16's fused head (`add_fused_lm_head`, `model(..., labels=...,
+    fused_lm_head=True)`) on a tiny Llama whose lm_head is ColwiseParallel over the mesh dim "tp" runs fastalign's
+    vocab-parallel op (the weight reaches it as the Shard(0) DTensor, never gathered); every output TRL asks for and
+    every gradient (each rank's lm_head slice) equal TRL's own head on the unsharded model in float64."""
+    import copy
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import trl.trainer.utils as trl_utils
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    import fastalign
+    from fastalign.integrations import patch_trl, unpatch_trl
+    from fastalign.integrations.tiny import build_tokenizer, load_preferences, tiny_llama
+
+    torch.set_num_threads(1)
+    rows = load_preferences()
+    tok = build_tokenizer(rows)
+    enc = tok([r["prompt"] + r["chosen"] for r in rows[:3]], return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    labels[:, :3] = -100  # the prompt's first tokens unscored, as TRL's trainers mask prompts
+    V = len(tok) | 1  # odd: the slices differ in size
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    model = tiny_llama(tok, hidden_size=32, vocab_size=V, seed=0)  # untied: the head alone is ColwiseParallel
+    reference = copy.deepcopy(model).double()
+    g_ent = torch.randn(*labels.shape[:1], labels.shape[1] - 1, generator=torch.Generator().manual_seed(5))
+
+    def run(m):
+        out = m(**enc, labels=labels, fused_lm_head=True)
+        (out.loss + (out.entropy * g_ent.to(out.entropy.dtype)).sum()).backward()
+        return out
+
+    # The reference: TRL's own head (unpatched) on the unsharded model, in float64.
+    trl_utils.add_fused_lm_head(reference, temperature=0.9, outputs=outputs)
+    expected = run(reference)
+    expected_logits = reference(**enc).logits
+
+    mesh = _tp_mesh(world)
+    # Replicate: the unfused forward (generation, TRL's logits paths) gets the whole vocabulary's logits; the fused
+    # head reads the weight alone, whatever the output layout.
+    parallelize_module(model, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+    assert model.lm_head.weight.placements == (Shard(0),)
+    trl_utils.add_fused_lm_head(model, temperature=0.9, outputs=outputs)
+    patch_trl()
+    seen = []
+    real_op = fastalign.linear_token_stats
+
+    def counted(hidden, weight, *args, **kwargs):
+        seen.append(type(weight).__name__ + str(getattr(weight, "placements", "")))
+        return real_op(hidden, weight, *args, **kwargs)
+
+    real_full_tensor = DTensor.full_tensor
+    gathered = []
+
+    def full_tensor(x, *args, **kwargs):
+        gathered.append(tuple(x.shape))
+        return real_full_tensor(x, *args, **kwargs)
+
+    fastalign.linear_token_stats, DTensor.full_tensor = counted, full_tensor
+    calls: list = []
+    restore = _count_collectives(calls)
+    try:
+        out = run(model)
+    finally:
+        restore()
+        fastalign.linear_token_stats, DTensor.full_tensor = real_op, real_full_tensor
+        unpatch_trl()
+    assert gathered == [], gathered  # TRL's forward gathers every other DTensor weight
+    assert seen == ["DTensor(Shard(dim=0),)"], seen  # fastalign's op ran once, on the weight's local slice
+    N, H = labels.numel() - labels.shape[0], model.config.hidden_size
+    # Only per-row statistics (<= 8 per row) and d hidden (rows x H) cross the group: never the weight (V x H).
+    assert [name for name, _ in calls] == ["all_gather", "all_reduce"], calls
+    assert calls[0][1] <= 8 * N and calls[1][1] == N * H, (calls, N, H)
+
+    mask = labels[:, 1:] != -100
+    for field in ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits"):
+        x, y = getattr(out, field), getattr(expected, field)
+        assert x.dtype == torch.float32 and x.shape == y.shape, field
+        assert _rel(x, y) < 1e-5, (field, _rel(x, y))
+    assert torch.equal(out.is_top1, expected.is_top1) and torch.equal(out.label_mask, mask)
+    assert (out.log_probs[~mask] == 0).all() and (out.entropy[~mask] == 0).all()
+    for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
+        grad = param.grad
+        if name == "lm_head.weight":
+            assert isinstance(grad, DTensor) and grad.placements == (Shard(0),), name
+            per_rank = -(-V // world)
+            grad, ref_grad = grad.to_local(), ref.grad[rank * per_rank : rank * per_rank + grad.to_local().shape[0]]
+        else:
+            ref_grad = ref.grad
+        assert _rel(grad, ref_grad) < 1e-4, f"rank {rank}: {name} gradient off by {_rel(grad, ref_grad):.2e}"
+    # The unfused forward (generation's) still gives the whole vocabulary's logits.
+    with torch.no_grad():
+        assert _rel(model(**enc).logits, expected_logits) < 1e-5

@@ -6,6 +6,12 @@ every call. Replacing that one name moves every fused head onto `fastalign.linea
 (and heads) created before or after the patch, while TRL keeps everything around it: the backbone call, the
 label shift and masking, FSDP2's weight gather, PEFT's unwrapping, the loss and the metrics.
 
+Under tensor parallelism (`ColwiseParallel` on lm_head: the weight a DTensor Shard(0) on the mesh dim "tp"), TRL's
+forward would gather the weight (`full_tensor()`, V x H per call) before calling the head; the patch rebinds
+`trl.trainer.utils.DTensor`, the one name that check reads, to a class no vocab-parallel weight is an instance of,
+so the sharded weight reaches `fastalign.linear_token_stats`, which runs on each rank's slice of the vocabulary
+(fastalign.vocab_parallel). Every other DTensor (FSDP2's) is gathered by TRL as before.
+
 The logits helpers `selective_log_softmax`, `entropy_from_logits` and `selective_log_softmax_and_entropy`
 (TRL's experimental trainers import them by name) are rebound in every loaded `trl` module to versions on
 `fastalign.token_stats`; `trl` modules imported later pick the new ones up from `trl.trainer.utils`.
@@ -24,6 +30,7 @@ import fastalign
 from fastalign.integrations.causal_lm import IGNORE_INDEX
 
 _HEAD_NAME = "_ChunkedLogProbFunction"  # in trl.trainer.utils, looked up by add_fused_lm_head's forward
+_DTENSOR_NAME = "DTensor"  # in trl.trainer.utils: add_fused_lm_head's forward gathers an instance's full_tensor()
 _LOGITS_FUNCTIONS = ("selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy")
 _FASTALIGN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -94,6 +101,24 @@ class _FusedHead:
         # TRL's is_top1: the label is the first maximum, as torch.argmax picks it.
         is_top1 = None if stats.argmax is None else stats.argmax == targets
         return stats.logprobs, stats.entropy, stats.log_sum_sq_probs, stats.mean_logits, is_top1
+
+
+def _gathered_dtensor(dtensor: type) -> type:
+    """A stand-in for the class `DTensor` in `isinstance` checks: the DTensors that are not vocab-parallel (those
+    TRL's forward is to gather), so a vocab-parallel weight and its bias reach the head sharded."""
+    from fastalign.vocab_parallel import vocab_shard
+
+    def is_vocab_parallel(x) -> bool:
+        try:
+            return vocab_shard(x) is not None
+        except ValueError:  # a "tp" layout fastalign cannot take (e.g. Shard(1)): TRL gathers it, as before
+            return False
+
+    class _Check(type):
+        def __instancecheck__(cls, x) -> bool:
+            return isinstance(x, dtensor) and not is_vocab_parallel(x)
+
+    return _Check("DTensor", (), {"__doc__": _gathered_dtensor.__doc__})
 
 
 # ---------------------------------------------------------------------------------------------- logits helpers
@@ -175,6 +200,8 @@ def patch_trl() -> None:
     - The fused LM head that TRL's SFT, DPO, KTO, GRPO and RLOO trainers install (`add_fused_lm_head`) runs
       `fastalign.linear_token_stats`: log_probs, entropy, log_sum_sq_probs, mean_logits and is_top1, with TRL's
       temperature, `final_logit_softcapping` and logit scale. Trainers created before the call switch too.
+    - A vocab-parallel lm_head (`ColwiseParallel`: the weight Shard(0) on the mesh dim "tp") is not gathered by
+      TRL's forward: the head runs on each rank's slice (fastalign.vocab_parallel).
     - `selective_log_softmax`, `entropy_from_logits` and `selective_log_softmax_and_entropy` run
       `fastalign.token_stats` (same shapes, dtypes, temperature and gradients as TRL's).
     TRL's loss math, data handling and metrics are unchanged. Calling it again does nothing.
@@ -182,9 +209,14 @@ def patch_trl() -> None:
     if _originals:
         return
     utils = _trl_utils()
-    originals = {name: getattr(utils, name) for name in (_HEAD_NAME, *_LOGITS_FUNCTIONS)}
-    replacements = {_HEAD_NAME: _FusedHead, **_make_logits_functions(originals)}
-    setattr(utils, _HEAD_NAME, _FusedHead)
+    originals = {name: getattr(utils, name) for name in (_HEAD_NAME, _DTENSOR_NAME, *_LOGITS_FUNCTIONS)}
+    replacements = {
+        _HEAD_NAME: _FusedHead,
+        _DTENSOR_NAME: _gathered_dtensor(originals[_DTENSOR_NAME]),
+        **_make_logits_functions(originals),
+    }
+    for name in (_HEAD_NAME, _DTENSOR_NAME):  # read by add_fused_lm_head's forward in trl.trainer.utils only
+        setattr(utils, name, replacements[name])
     for name in _LOGITS_FUNCTIONS:
         _rebind(originals[name], replacements[name])
     _originals.update(originals)
@@ -196,7 +228,8 @@ def unpatch_trl() -> None:
     patched. Does nothing when not patched."""
     if not _originals:
         return
-    setattr(_trl_utils(), _HEAD_NAME, _originals[_HEAD_NAME])
+    for name in (_HEAD_NAME, _DTENSOR_NAME):
+        setattr(_trl_utils(), name, _originals[name])
     for name in _LOGITS_FUNCTIONS:
         _rebind(_replacements[name], _originals[name])
     _originals.clear()
