@@ -565,6 +565,7 @@ def trl_main(rank: int, world: int) -> None:
     V = len(tok) | 1  # odd: the slices differ in size
     outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
     model = tiny_llama(tok, hidden_size=32, vocab_size=V, seed=0)  # untied: the head alone is ColwiseParallel
+    model.lm_head = torch.nn.Linear(32, V, bias=True)  # a bias too: ColwiseParallel shards it as the weight
     reference = copy.deepcopy(model).double()
     g_ent = torch.randn(*labels.shape[:1], labels.shape[1] - 1, generator=torch.Generator().manual_seed(5))
 
@@ -582,7 +583,7 @@ def trl_main(rank: int, world: int) -> None:
     # Replicate: the unfused forward (generation, TRL's logits paths) gets the whole vocabulary's logits; the fused
     # head reads the weight alone, whatever the output layout.
     parallelize_module(model, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
-    assert model.lm_head.weight.placements == (Shard(0),)
+    assert model.lm_head.weight.placements == model.lm_head.bias.placements == (Shard(0),)
     trl_utils.add_fused_lm_head(model, temperature=0.9, outputs=outputs)
     patch_trl()
     seen = []
@@ -624,7 +625,7 @@ def trl_main(rank: int, world: int) -> None:
     assert (out.log_probs[~mask] == 0).all() and (out.entropy[~mask] == 0).all()
     for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
         grad = param.grad
-        if name == "lm_head.weight":
+        if name.startswith("lm_head."):
             assert isinstance(grad, DTensor) and grad.placements == (Shard(0),), name
             per_rank = -(-V // world)
             grad, ref_grad = grad.to_local(), ref.grad[rank * per_rank : rank * per_rank + grad.to_local().shape[0]]
