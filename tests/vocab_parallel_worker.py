@@ -544,7 +544,13 @@ def trl_main(rank: int, world: int) -> None:
     """patch_trl under tensor parallelism: TRL 1.16's fused head (`add_fused_lm_head`, `model(..., labels=...,
     fused_lm_head=True)`) on a tiny Llama whose lm_head is ColwiseParallel over the mesh dim "tp" runs fastalign's
     vocab-parallel op (the weight reaches it as the Shard(0) DTensor, never gathered); every output TRL asks for and
-    every gradient (each rank's lm_head slice) equal TRL's own head on the unsharded model in float64."""
+    every gradient (each rank's lm_head slice) equal TRL's own head on the unsharded model in float64. Both of
+    TRL's row layouts: every position (its CPU path) and the scored positions only (its CUDA/XPU path)."""
+    for compact in (False, True):
+        _trl_check(rank, world, compact)
+
+
+def _trl_check(rank: int, world: int, compact: bool) -> None:
     import copy
     import os
 
@@ -600,7 +606,10 @@ def trl_main(rank: int, world: int) -> None:
         gathered.append(tuple(x.shape))
         return real_full_tensor(x, *args, **kwargs)
 
+    real_use_triton = trl_utils._use_triton  # TRL scores only the labelled positions where it is True
+
     fastalign.linear_token_stats, DTensor.full_tensor = counted, full_tensor
+    trl_utils._use_triton = lambda device: compact
     calls: list = []
     restore = _count_collectives(calls)
     try:
@@ -608,15 +617,16 @@ def trl_main(rank: int, world: int) -> None:
     finally:
         restore()
         fastalign.linear_token_stats, DTensor.full_tensor = real_op, real_full_tensor
+        trl_utils._use_triton = real_use_triton
         unpatch_trl()
     assert gathered == [], gathered  # TRL's forward gathers every other DTensor weight
     assert seen == ["DTensor(Shard(dim=0),)"], seen  # fastalign's op ran once, on the weight's local slice
-    N, H = labels.numel() - labels.shape[0], model.config.hidden_size
+    mask = labels[:, 1:] != -100
+    N, H = int(mask.sum()) if compact else mask.numel(), model.config.hidden_size
     # Only per-row statistics (<= 8 per row) and d hidden (rows x H) cross the group: never the weight (V x H).
     assert [name for name, _ in calls] == ["all_gather", "all_reduce"], calls
     assert calls[0][1] <= 8 * N and calls[1][1] == N * H, (calls, N, H)
 
-    mask = labels[:, 1:] != -100
     for field in ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits"):
         x, y = getattr(out, field), getattr(expected, field)
         assert x.dtype == torch.float32 and x.shape == y.shape, field
