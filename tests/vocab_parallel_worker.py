@@ -548,6 +548,49 @@ def trl_main(rank: int, world: int) -> None:
     TRL's row layouts: every position (its CPU path) and the scored positions only (its CUDA/XPU path)."""
     for compact in (False, True):
         _trl_check(rank, world, compact)
+    _trl_logits_check(rank, world)
+
+
+def _trl_logits_check(rank: int, world: int) -> None:
+    """TRL's logits helpers under patch_trl on Shard(-1) DTensor logits (ColwiseParallel's output with
+    use_local_output=False) equal TRL's own on the full float64 logits; d logits stays sharded."""
+    import trl.trainer.utils as trl_utils
+
+    from fastalign.integrations import patch_trl, unpatch_trl
+
+    names = ("selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy")
+    theirs = {name: getattr(trl_utils, name) for name in names}
+    V = 37
+    gen = torch.Generator().manual_seed(21)
+    logits = 3 * torch.randn(B, T, V, generator=gen)
+    index = torch.randint(0, V, (B, T), generator=gen)
+    row_mask = torch.rand(B, T, generator=gen) > 0.3
+    g = torch.randn(3, B, T, generator=gen)
+    x = distribute_tensor(logits, _tp_mesh(world), [Shard(-1)]).requires_grad_(True)
+    x64 = logits.double().requires_grad_(True)
+    patch_trl()
+    try:
+        ours = (
+            trl_utils.selective_log_softmax_and_entropy(x, index, temperature=0.8, row_mask=row_mask),
+            trl_utils.entropy_from_logits(x),
+        )
+    finally:
+        unpatch_trl()
+    expected = (
+        theirs["selective_log_softmax_and_entropy"](x64, index, temperature=0.8, row_mask=row_mask),
+        theirs["entropy_from_logits"](x64),
+    )
+    (logp, ent), full_ent = ours
+    (ref_logp, ref_ent), ref_full_ent = expected
+    for got, ref in ((logp, ref_logp), (ent, ref_ent), (full_ent, ref_full_ent)):
+        assert not isinstance(got, DTensor) and got.dtype == torch.float32 and got.shape == (B, T)
+        assert _rel(got, ref) < 1e-6, _rel(got, ref)
+    ((logp * g[0]).sum() + (ent * g[1]).sum() + (full_ent * g[2]).sum()).backward()
+    ((ref_logp * g[0]).sum() + (ref_ent * g[1]).sum() + (ref_full_ent * g[2]).sum()).backward()
+    assert isinstance(x.grad, DTensor) and x.grad.placements == (Shard(2),)
+    per_rank = -(-V // world)
+    ref_grad = x64.grad[..., rank * per_rank : rank * per_rank + x.grad.to_local().shape[-1]]
+    assert _rel(x.grad.to_local(), ref_grad) < 1e-5, _rel(x.grad.to_local(), ref_grad)
 
 
 def _trl_check(rank: int, world: int, compact: bool) -> None:
