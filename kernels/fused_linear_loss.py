@@ -21,27 +21,12 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta
-from .linear_logprobs import Outputs
+from .linear_logprobs import Outputs, _logit_chain
 
 # Columns per iteration: 16 KB of fp32 logits per load.
 _BLOCK_V = 4096 if not INTERPRET else 256
 _NUM_WARPS = 8
 _NEG = tl.constexpr(-1e30)
-
-
-@triton.jit
-def _chain(
-    a, p_bias, o_v, m_v, logit_scale, softcap, inv_temperature, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr
-):
-    """z = softcap * tanh(logit_scale * (a + bias) / softcap) / temperature, from fp32 a."""
-    y = a
-    if HAS_BIAS:
-        y += tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32)
-    y = y * logit_scale
-    if HAS_SOFTCAP:
-        # tanh(x) = 2 * sigmoid(2x) - 1: exact to fp32 rounding, and in every Triton version.
-        y = softcap * (2.0 * tl.sigmoid(2.0 * y / softcap) - 1.0)
-    return y * inv_temperature
 
 
 @triton.jit
@@ -82,7 +67,8 @@ def _logits_stats_kernel(
         o_v = v0 + tl.arange(0, BLOCK_V)
         m_v = o_v < V
         a = tl.load(p_row + o_v, mask=m_v, other=0.0)
-        z = _chain(a, p_bias, o_v, m_v, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
+        b_bias = tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        z = _logit_chain(a, b_bias, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
         if RETURN_MEAN_LOGITS:
             z_sum += tl.sum(tl.where(m_v, z, 0.0), 0)
         z = tl.where(m_v, z, _NEG)
@@ -138,7 +124,8 @@ def _logits_grad_kernel(
     o_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     m_v = o_v < V
     a = tl.load(p_a + i_m * stride_a + o_v, mask=m_v, other=0.0)
-    z = _chain(a, p_bias, o_v, m_v, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
+    b_bias = tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    z = _logit_chain(a, b_bias, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
     p = tl.exp(z - tl.load(p_lse + i_m))
     coef = tl.load(p_coef + i_m)
     # d log p(label) / dz = onehot - p;  d mean_v log p_v / dz = 1 / V - p
