@@ -30,6 +30,29 @@ _NEG = tl.constexpr(-1e30)
 
 
 @triton.jit
+def _logits_row_tile(
+    p_a,
+    p_bias,
+    i_m,
+    stride_a,
+    v0,
+    V,
+    logit_scale,
+    softcap,
+    inv_temperature,
+    BLOCK_V: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    """(columns o_v, their mask o_v < V, z = chain(a + bias) in fp32) of row i_m's BLOCK_V logits from column v0."""
+    o_v = v0 + tl.arange(0, BLOCK_V)
+    m_v = o_v < V
+    a = tl.load(p_a + i_m * stride_a + o_v, mask=m_v, other=0.0)
+    b_bias = tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    return o_v, m_v, _logit_chain(a, b_bias, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
 def _logits_stats_kernel(
     p_a,  # [M, V] fp32 raw logits hidden @ weight.T, row stride stride_a
     p_bias,  # [V] unit stride, if HAS_BIAS
@@ -54,7 +77,6 @@ def _logits_stats_kernel(
     RETURN_MEAN_LOGITS: tl.constexpr,
 ):
     i_m = tl.program_id(0).to(tl.int64)
-    p_row = p_a + i_m * stride_a
     label = tl.load(p_labels + i_m)
     m_run = tl.full((), float("-inf"), tl.float32)
     s_run = tl.zeros((), tl.float32)
@@ -64,11 +86,9 @@ def _logits_stats_kernel(
     i_best = tl.zeros((), tl.int32)
     z_label = tl.zeros((), tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        a = tl.load(p_row + o_v, mask=m_v, other=0.0)
-        b_bias = tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-        z = _logit_chain(a, b_bias, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
+        o_v, m_v, z = _logits_row_tile(
+            p_a, p_bias, i_m, stride_a, v0, V, logit_scale, softcap, inv_temperature, BLOCK_V, HAS_BIAS, HAS_SOFTCAP
+        )
         if RETURN_MEAN_LOGITS:
             z_sum += tl.sum(tl.where(m_v, z, 0.0), 0)
         z = tl.where(m_v, z, _NEG)
@@ -121,11 +141,10 @@ def _logits_grad_kernel(
     HAS_MEAN: tl.constexpr,
 ):
     i_m = tl.program_id(0).to(tl.int64)
-    o_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    m_v = o_v < V
-    a = tl.load(p_a + i_m * stride_a + o_v, mask=m_v, other=0.0)
-    b_bias = tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    z = _logit_chain(a, b_bias, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
+    v0 = tl.program_id(1) * BLOCK_V
+    o_v, m_v, z = _logits_row_tile(
+        p_a, p_bias, i_m, stride_a, v0, V, logit_scale, softcap, inv_temperature, BLOCK_V, HAS_BIAS, HAS_SOFTCAP
+    )
     p = tl.exp(z - tl.load(p_lse + i_m))
     coef = tl.load(p_coef + i_m)
     # d log p(label) / dz = onehot - p;  d mean_v log p_v / dz = 1 / V - p
