@@ -47,7 +47,7 @@ from fastalign.dpo import (
     sequence_logps,
 )
 from fastalign.ift import check_gamma, ift_loss
-from fastalign.kernels.fused_linear_loss import logits_grad, logits_stats
+from fastalign.kernels.fused_linear_loss import logits_grad, logits_stats, padded_width
 from fastalign.kernels.linear_logprobs import Outputs
 from fastalign.linear_logprobs import (
     _TORCH_BLOCK_ELEMENTS,
@@ -280,7 +280,10 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         # fp32 logits in a buffer of their own), fp32 on the torch path (in place over the logits).
         d_dtype = x.dtype if plan.use_kernels else torch.float32
         separate = d_dtype != torch.float32
-        limit = max(1, head.memory_budget // (V * (4 + (d_dtype.itemsize if separate else 0))))
+        # The kernels' buffers get rows padded to 16 elements (used as [:, :V] views, which the GEMMs write in place):
+        # then their loads and stores move 16 bytes at any V. The torch path's log_softmax would copy a strided view.
+        width = padded_width(V) if plan.use_kernels else V
+        limit = max(1, head.memory_budget // (width * (4 + (d_dtype.itemsize if separate else 0))))
         chunks = _chunks(unit_rows, limit, objective.unit == "token")
 
         flat_labels = plan.labels.reshape(-1)
@@ -306,8 +309,9 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         smoothing = "mean_logps" in objective.extras
         # One buffer for every chunk (a fresh one per chunk would page-fault it in again), one more for the fp32
         # logits when d logits has a dtype of its own.
-        d_buf = torch.empty(max((r1 - r0 for r0, r1, _ in chunks), default=0), V, device=dev, dtype=d_dtype)
-        a_buf = torch.empty(min(limit, rows.numel()), V, device=dev) if separate else None
+        d_buf = torch.empty(max((r1 - r0 for r0, r1, _ in chunks), default=0), width, device=dev, dtype=d_dtype)
+        d_buf = d_buf[:, :V]
+        a_buf = torch.empty(min(limit, rows.numel()), width, device=dev)[:, :V] if separate else None
 
         result = None
         with torch.autocast(dev.type, enabled=False):
