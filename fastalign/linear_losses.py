@@ -280,10 +280,7 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         # fp32 logits in a buffer of their own), fp32 on the torch path (in place over the logits).
         d_dtype = x.dtype if plan.use_kernels else torch.float32
         separate = d_dtype != torch.float32
-        # The kernels' buffers get rows padded to 16 elements (used as [:, :V] views, which the GEMMs write in place):
-        # then their loads and stores move 16 bytes at any V. The torch path's log_softmax would copy a strided view.
-        width = padded_width(V) if plan.use_kernels else V
-        limit = max(1, head.memory_budget // (width * (4 + (d_dtype.itemsize if separate else 0))))
+        limit = max(1, head.memory_budget // (V * (4 + (d_dtype.itemsize if separate else 0))))
         chunks = _chunks(unit_rows, limit, objective.unit == "token")
 
         flat_labels = plan.labels.reshape(-1)
@@ -309,9 +306,11 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         smoothing = "mean_logps" in objective.extras
         # One buffer for every chunk (a fresh one per chunk would page-fault it in again), one more for the fp32
         # logits when d logits has a dtype of its own.
-        d_buf = torch.empty(max((r1 - r0 for r0, r1, _ in chunks), default=0), width, device=dev, dtype=d_dtype)
-        d_buf = d_buf[:, :V]
-        a_buf = torch.empty(min(limit, rows.numel()), width, device=dev)[:, :V] if separate else None
+        # On the kernel paths their rows are padded to 16 elements (the GEMMs write the [:, :V] views in place), so the
+        # kernels move 16 bytes per access at any V; the torch path's log_softmax would copy a strided view.
+        row = padded_width(V) if plan.use_kernels else V
+        d_buf = torch.empty(max((r1 - r0 for r0, r1, _ in chunks), default=0), row, device=dev, dtype=d_dtype)[:, :V]
+        a_buf = torch.empty(min(limit, rows.numel()), row, device=dev)[:, :V] if separate else None
 
         result = None
         with torch.autocast(dev.type, enabled=False):
