@@ -10,8 +10,8 @@ The caller computes a = hidden @ weight.T in fp32 for a chunk of rows (torch.mm 
 Logit chain, per element (as in kernels/linear_logprobs.py): y = logit_scale * (a + b); c = softcap * tanh(y /
 softcap) (or y); z = c / temperature.
 
-Give the logits buffers rows of `padded_width(V)` elements (and pass their [:, :V] views): the kernels' full tiles
-then load and store 16 bytes at a time at any V, an odd one included.
+Give the logits buffers rows of `padded_width(V)` elements (and pass their [:, :V] views): the kernels then load and
+store 16 bytes at a time at any V, an odd one included.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _logits_stats_kernel(
     p_mean,  # [M] fp32 out: mean_v z, if RETURN_MEAN_LOGITS
     stride_a,
     V,
-    width,  # V, or padded_width(V) when a's rows are padded (a padded row is read, and written, up to it)
+    width,  # V, or padded_width(V) when a's rows are padded: a padded row is read up to it
     logit_scale,
     softcap,
     inv_temperature,
@@ -327,7 +327,8 @@ def _launch_case(dtype: torch.dtype, M: int, V: int, features: bool) -> None:
 
 def compile_specs() -> list[LaunchCase]:
     """The target's chunk (bf16 V=128256: 348 rows fill the default 256 MiB budget at 6 bytes per logit), without and
-    with every feature; fp16 and fp32 (d logits in place); each at an odd vocabulary (32001, rows padded to 32016)."""
+    with every feature; fp16 and fp32 (d logits in place); each at an odd vocabulary too (32001, its rows padded to
+    32016: "V=32001+15")."""
     M, V = 348, 128256
     trips = {"_logits_stats_kernel": lambda a: (triton.cdiv(a["V"], a["BLOCK_V"]),)}
     shapes = list(itertools.product((torch.bfloat16, torch.float16, torch.float32), (V, 32001)))
@@ -335,7 +336,8 @@ def compile_specs() -> list[LaunchCase]:
     for (dtype, v), features in itertools.product(shapes, (False, True)):
         # Floor: the stats read the fp32 logits; the gradient reads them again and writes d logits.
         floor = M * v * (4 + 4 + dtype.itemsize)
-        label = f"chunk {TRITON_DTYPE[dtype]} M={M} V={v} stride={padded_width(v)} features={features}"
+        padding = f"+{padded_width(v) - v}" if padded_width(v) > v else ""
+        label = f"chunk {TRITON_DTYPE[dtype]} M={M} V={v}{padding} features={features}"
         target = (dtype, v, features) == (torch.bfloat16, V, False)
         launch = functools.partial(_launch_case, dtype, M, v, features)
         cases.append(LaunchCase(label, launch, bytes=floor if target else 0, trips=trips))
