@@ -64,12 +64,13 @@ def _torch_fwd(
     x, labels, ignore_index, temperature, return_entropy, return_argmax, return_sum_sq, return_mean, *vocab_shard
 ):
     """As token_logprobs_fwd, whose optional (vocab_offset, vocab_total) go in vocab_shard: labels are global ids,
-    which the CPU range-checks against vocab_total before."""
+    which the CPU range-checks against vocab_total before. lse is None without vocab_shard: only the shards'
+    combination and their backward read it, and its two max passes are a fifth of the forward's work."""
     vocab_offset = vocab_shard[0] if vocab_shard else 0
     B, T, V = x.shape
     N = B * T
     logp = torch.empty(N, device=x.device, dtype=torch.float32)
-    lse = torch.empty_like(logp)
+    lse = torch.empty_like(logp) if vocab_shard else None
     entropy = torch.empty_like(logp) if return_entropy else None
     argmax = torch.empty(N, device=x.device, dtype=torch.int64) if return_argmax else None
     log_sum_sq = torch.empty_like(logp) if return_sum_sq else None
@@ -80,23 +81,25 @@ def _torch_fwd(
     for r0, n, index in row_chunks(B, T, rows):
         r1 = r0 + n
         z = _scaled(x[index], temperature, buf[:n])
-        z_max = z.amax(-1).view(n)
         if return_argmax:
-            argmax[r0:r1] = z.argmax(-1).view(n)
-            nan_rows = z_max.isnan()
-            if nan_rows.any():  # torch takes NaN for the maximum; the kernels' max skips NaN, as compiled Triton's
+            top = z.argmax(-1, keepdim=True)
+            argmax[r0:r1] = top.view(n)
+            nan_rows = z.gather(-1, top).view(n).isnan()  # torch's argmax points at a NaN where a row has one
+            if nan_rows.any():  # the kernels' max skips NaN, as compiled Triton's
                 zn = z.reshape(n, V)[nan_rows]
                 argmax[r0:r1][nan_rows] = zn.masked_fill(zn.isnan(), float("-inf")).argmax(-1)
         if return_mean:
             mean[r0:r1] = z.sum(-1).view(n) / V
+        z_max = z.amax(-1).view(n) if lse is not None else None  # before log_softmax, which may overwrite z
         ls = buf[:n]
         torch.log_softmax(z, -1, out=ls.view(z.shape))  # may overwrite z: each row is read before it is written
         lab, owned = _local_labels(labels[r0:r1], ignore_index, vocab_offset, V)
         ls_label = ls.gather(-1, lab.unsqueeze(-1)).squeeze(-1)
         logp[r0:r1] = torch.where(owned, ls_label, 0.0)
-        # log_softmax at the maximum is -log(sum exp(z - max)), in [-log V, 0]: lse = max - max(log_softmax) is
-        # well conditioned.
-        lse[r0:r1] = (z_max - ls.amax(-1)).masked_fill_(z_max == float("-inf"), float("-inf"))  # not -inf - NaN
+        if lse is not None:
+            # log_softmax at the maximum is -log(sum exp(z - max)), in [-log V, 0]: lse = max - max(log_softmax) is
+            # well conditioned.
+            lse[r0:r1] = (z_max - ls.amax(-1)).masked_fill_(z_max == float("-inf"), float("-inf"))  # not -inf - NaN
         if p_buf is not None:
             p = torch.softmax(ls, -1, out=p_buf[:n])  # softmax of log-probs is the probabilities
             # In place and through torch's sum (pairwise: a BLAS dot lost 1e-4 over 128k terms); ls, then p, is spent.
@@ -257,7 +260,7 @@ class _TokenLogprobs(torch.autograd.Function):
         # as_btv returns a view of the caller's storage unless the layout forced a copy.
         inplace = ctx.inplace_backward and x.data_ptr() == logits.data_ptr()
         dx = x if inplace else torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        dlogp = torch.zeros_like(lse) if dlogp is None else dlogp.reshape(-1).float().contiguous()
+        dlogp = torch.zeros_like(logp) if dlogp is None else dlogp.reshape(-1).float().contiguous()
         if dentropy is not None:
             dentropy = dentropy.reshape(-1).float().contiguous()
         bwd = token_logprobs_bwd if ctx.use_kernels else _torch_bwd

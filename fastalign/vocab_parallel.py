@@ -43,6 +43,8 @@ class _AllGatherReplicated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.rank = dist.get_rank(group)
+        if dist.get_world_size(group) == 1:  # TP = 1: a collective through the backend would be pure overhead
+            return x.unsqueeze(0).clone()
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x.contiguous(), group=group)
         return torch.stack(parts)
@@ -63,6 +65,8 @@ class _AllReduceGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if dist.get_world_size(ctx.group) == 1:
+            return grad, None
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
         return grad, None

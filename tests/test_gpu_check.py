@@ -63,6 +63,44 @@ def test_records_carry_ceilings_checks_and_speedups_only_when_correct():
     assert ok["pct_of_peak"] == pytest.approx(expected, rel=1e-3, abs=0.051)
 
 
+def test_cpu_timing_takes_turns_so_load_falls_on_every_implementation_alike():
+    calls = []
+    fns = [lambda: calls.append("a"), lambda: (calls.append("b"), time.sleep(0.002)), lambda: calls.append("c")]
+    fast, slow, _ = bench.interleaved_ms(fns, seconds=0.05)
+    assert calls[:9] == ["a", "b", "c"] * 3 and len(calls) % 3 == 0 and 9 <= len(calls) <= 60
+    assert slow >= 2 > fast
+
+
+def test_a_call_that_raises_after_its_warm_up_skips_its_group_and_says_why():
+    env = bench.Env(torch.device("cpu"), "small")
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("out of memory")
+
+    cases = [_case(setup=lambda: flaky), _case(impl="eager"), _case(shape="N=8"), _case(shape="N=8", impl="eager")]
+    records, skipped, _ = bench.run_cases(env, cases, progress=False)
+    assert [(r["impl"], r["shape"]) for r in records] == [("fastalign", "N=8"), ("eager", "N=8")]
+    assert [s["reason"] for s in skipped] == ["RuntimeError: out of memory"] * 2
+
+
+def test_the_table_ends_with_the_rows_slower_than_eager(capsys):
+    def record(impl, shape, speedup):
+        return {"op": "DPOLoss", "impl": impl, "mode": "fwd+bwd", "shape": shape, "dtype": "fp32", "ms": 1.0,
+                "throughput": 1.0, "throughput_unit": "GB/s", "pct_of_peak": 1.0, "peak_mem_mb": 1.0,
+                "speedup_vs_eager": speedup, "correct": "ok"}  # fmt: skip
+
+    rows = [record("fastalign", "B=4", 1.5), record("eager", "B=4", 1.0), record("fastalign", "B=8", 0.9)]
+    bench.print_table(rows + [record("fastalign-inplace", "B=8", None)])
+    assert "at least as fast as eager in 1 of 2 rows; slower in: DPOLoss fastalign fwd+bwd B=8 fp32\n" in (
+        capsys.readouterr().out
+    )
+    bench.print_table(rows[:2])
+    assert "at least as fast as eager in 1 of 1 rows\n" in capsys.readouterr().out
+
+
 def test_suites_take_turns_under_a_budget():
     cases = [
         _case(op="token_logprobs", shape="a"),

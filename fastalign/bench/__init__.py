@@ -73,15 +73,14 @@ class Env:
 # ----------------------------------------------------------------------------- measurement
 
 
-def time_ms(fn: Callable[[], Any], cuda: bool, best: bool = False, warm: bool = False) -> float:
+def time_ms(fn: Callable[[], Any], cuda: bool, best: bool = False) -> float:
     """The median time of fn in ms (the fastest with `best`, for ceilings): triton's do_bench on a GPU; on a CPU a
-    warm-up call (none if `warm`: the caller just ran fn), then 2 calls or more, for up to 0.3 s."""
+    warm-up call, then 2 calls or more, for up to 0.3 s."""
     if cuda:
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="min" if best else "median"))
-    if not warm:
-        fn()
+    fn()
     times = []
     deadline = time.perf_counter() + 0.3
     while len(times) < 2 or (time.perf_counter() < deadline and len(times) < 20):
@@ -89,6 +88,24 @@ def time_ms(fn: Callable[[], Any], cuda: bool, best: bool = False, warm: bool = 
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return min(times) if best else statistics.median(times)
+
+
+def interleaved_ms(fns: list[Callable[[], Any]], seconds: float) -> list[float]:
+    """The median time in ms of each of fns (already warm), timed in turns A, B, C, A, B, C, ... on a CPU.
+
+    Implementations compared side by side are timed together this way so that a change in the machine's load (a
+    shared CI runner, a background job) falls on all of them alike: timed one after the other, 0.3 s each, a busy
+    spell during one of them read as a 4x speedup or slowdown. At least 3 rounds (no more: the slow cases keep the run
+    under a minute), then until `seconds` or 20 rounds.
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    deadline = time.perf_counter() + seconds
+    while len(times[0]) < 3 or (time.perf_counter() < deadline and len(times[0]) < 20):
+        for fn, mine in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            mine.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 _libc = None
@@ -225,15 +242,7 @@ def device_name(env: Env) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()}"
 
 
-def run_case(case: Case, env: Env, ceilings: Ceilings) -> dict:
-    fn = case.setup()
-    if env.cuda:
-        ms = time_ms(fn, True)
-        peak = peak_extra_bytes(fn, True)
-    else:  # the memory measurement is the warm-up call
-        peak = peak_extra_bytes(fn, False)
-        ms = time_ms(fn, False, warm=True)
-    del fn
+def _record(case: Case, ms: float, peak: int, ceilings: Ceilings) -> dict:
     ceiling, ceiling_value = ceilings.of(case)
     if case.flops:
         throughput, unit = case.flops / ms / 1e9, "TFLOP/s"
@@ -254,6 +263,18 @@ def run_case(case: Case, env: Env, ceilings: Ceilings) -> dict:
         "peak_mem_mb": round(peak / 2**20, 1) if peak >= 0 else None,
         **case.extra,
     }
+
+
+def _name(case: Case) -> str:
+    return f"{case.op} {case.impl} {case.mode} {case.shape} {case.dtype}"
+
+
+def _comparisons(cases: list[Case]) -> list[list[Case]]:
+    """The cases grouped by what they compare (op, mode, shape, dtype), groups in order of first appearance."""
+    groups: dict[tuple, list[Case]] = {}
+    for case in cases:
+        groups.setdefault((case.op, case.mode, case.shape, case.dtype), []).append(case)
+    return list(groups.values())
 
 
 def collect_cases(env: Env, only: list[str] | None = None) -> list[Case]:
@@ -299,8 +320,11 @@ def headline(env: Env) -> str:
 def run_cases(
     env: Env, cases: list[Case], deadline: float | None = None, progress: bool = True
 ) -> tuple[list[dict], list[dict], Ceilings]:
-    """Checks and times each case in order. Returns (records, skipped, ceilings).
+    """Checks and times the cases, grouped by what they compare (`_comparisons`). Returns (records, skipped,
+    ceilings).
 
+    On a GPU each case is timed by do_bench in turn. On a CPU a group's implementations are timed in turns
+    (`interleaved_ms`), each after its memory measurement, which is its warm-up call.
     With a `deadline` (time.monotonic()), no case starts after it: those are skipped with the reason "budget".
     A case that raises is skipped with its error; a failed correctness check is recorded, never a speedup.
     """
@@ -311,33 +335,55 @@ def run_cases(
     checked: dict[int, str] = {}  # id(check) -> "ok" or the failure
     records, skipped = [], []
     tty = progress and sys.stderr.isatty()
-    bar = tqdm(cases, unit="case", disable=not tty, file=sys.stderr, dynamic_ncols=True)
-    for i, case in enumerate(bar):
-        name = f"{case.op} {case.impl} {case.mode} {case.shape} {case.dtype}"
-        bar.set_description(f"{case.op} {case.impl} {case.mode}"[:48])
-        if progress and not tty:  # a log gets a line per case instead of a bar
-            print(f"[{i + 1}/{len(cases)}] {name}", file=sys.stderr, flush=True)
-        if deadline is not None and time.monotonic() > deadline:
-            skipped.append({"case": name, "reason": "budget"})
-            continue
-        if case.check is not None and id(case.check) not in checked:
-            try:
-                case.check()
-                checked[id(case.check)] = "ok"
-            except Exception as exc:  # a wrong result is reported, never timed as a win
-                checked[id(case.check)] = f"{type(exc).__name__}: {exc}"
-                bar.write(f"CHECK FAILED {case.op} {case.shape} {case.dtype}: {exc}", file=sys.stderr)
-        try:
-            rec = run_case(case, env, ceilings)
-        except Exception as exc:  # a peer that fails at this size is reported, not fatal
-            skipped.append({"case": name, "reason": f"{type(exc).__name__}: {exc}"})
-            bar.write(f"skipped {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            continue
-        finally:
-            _free(env)
+    bar = tqdm(total=len(cases), unit="case", disable=not tty, file=sys.stderr, dynamic_ncols=True)
+
+    def record(case: Case, ms: float, peak: int) -> None:
+        rec = _record(case, ms, peak, ceilings)
         rec["correct"] = checked.get(id(case.check)) if case.check is not None else None
         rec.update(meta)
         records.append(rec)
+
+    for group in _comparisons(cases):
+        warm = []  # CPU: (case, callable, peak) of the group, each called once
+        for case in group:
+            name = _name(case)
+            bar.set_description(f"{case.op} {case.impl} {case.mode}"[:48])
+            bar.update()
+            if progress and not tty:  # a log gets a line per case instead of a bar
+                print(f"[{bar.n}/{len(cases)}] {name}", file=sys.stderr, flush=True)
+            if deadline is not None and time.monotonic() > deadline:
+                skipped.append({"case": name, "reason": "budget"})
+                continue
+            if case.check is not None and id(case.check) not in checked:
+                try:
+                    case.check()
+                    checked[id(case.check)] = "ok"
+                except Exception as exc:  # a wrong result is reported, never timed as a win
+                    checked[id(case.check)] = f"{type(exc).__name__}: {exc}"
+                    bar.write(f"CHECK FAILED {case.op} {case.shape} {case.dtype}: {exc}", file=sys.stderr)
+            try:
+                fn = case.setup()
+                if env.cuda:
+                    record(case, time_ms(fn, True), peak_extra_bytes(fn, True))
+                else:
+                    warm.append((case, fn, peak_extra_bytes(fn, False)))
+            except Exception as exc:  # a peer that fails at this size is reported, not fatal
+                skipped.append({"case": name, "reason": f"{type(exc).__name__}: {exc}"})
+                bar.write(f"skipped {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            finally:
+                fn = None
+                if env.cuda:
+                    _free(env)
+        if warm:
+            try:
+                times = interleaved_ms([fn for _, fn, _ in warm], 0.3 * len(warm))
+            except Exception as exc:  # a call that worked once and then raised: the group is reported, not fatal
+                times = None
+                skipped += [{"case": _name(case), "reason": f"{type(exc).__name__}: {exc}"} for case, _, _ in warm]
+            for (case, _, peak), ms in zip(warm, times or ()):
+                record(case, ms, peak)
+            warm = []
+            _free(env)
     bar.close()
     _add_speedups(records)
     return records, skipped, ceilings
@@ -420,6 +466,10 @@ def print_table(records: list[dict], ceilings: Ceilings | None = None) -> None:
             f"{r['op']:<22} {r['impl']:<18} {r['mode']:<8} {r['shape']:<26} {r['dtype']:<5} {r['ms']:>9.3f} "
             f"{tp:>16} {r['pct_of_peak']:>9.1f} {mem:>9} {spd:>8}  {r['correct'] or ''}"
         )
+    mine = [r for r in records if r["impl"].startswith("fastalign") and r["speedup_vs_eager"] is not None]
+    slower = [f"{r['op']} {r['impl']} {r['mode']} {r['shape']} {r['dtype']}" for r in mine if r["speedup_vs_eager"] < 1]
+    print(f"fastalign at least as fast as eager in {len(mine) - len(slower)} of {len(mine)} rows", end="")
+    print(f"; slower in: {'; '.join(slower)}" if slower else "")
     if ceilings is not None:
         units = {name: "TFLOP/s" if "GEMM" in name else "GB/s" for name in ceilings.values}
         print(

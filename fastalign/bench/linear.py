@@ -1,6 +1,7 @@
 """Log-probs and losses from hidden states (the fused-linear ops) against eager PyTorch, TRL and Liger.
 
-- linear_token_logprobs: fastalign against eager (hidden @ W.T in the inputs' dtype, then float32
+- linear_token_logprobs: fastalign, and fastalign-tp1 (its vocab-parallel path on a one-rank "tp" mesh: issue 15 wants
+  it within 5% of the plain op), against eager (hidden @ W.T in the inputs' dtype, then float32
   log_softmax + gather) and TRL's chunked fused log-prob head (trl.kernels.ChunkedLogProbFunction, what
   `add_fused_lm_head` runs), on N valid tokens.
 - FusedLinearDPOLoss (sigmoid, the reference log-probs given): the fast and lean strategies side by side, against
@@ -203,9 +204,37 @@ def _loss_flops(prompt_of):
 _TARGET = (8, 2048, 4096, 128256, torch.bfloat16)  # N = 16384 tokens, H = 4096, V = 128256
 
 
+def _vocab_parallel_at_tp1(env: Env):
+    """linear_token_logprobs with the weight as a vocab-parallel DTensor (Shard(0) on a mesh dim "tp") of one rank:
+    the tensor-parallel path's own cost (the statistics' all-gather, DTensor plumbing) next to the plain op's.
+    On its first call (the correctness check's), the benchmark process becomes a one-rank process group (an in-memory
+    store: no network) unless it already is one; a failure there is reported as the case's."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or (dist.is_initialized() and dist.get_world_size() != 1):
+        return None
+    mesh = []
+
+    def fn(hidden, weight, labels):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        if not mesh:
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if env.cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+            mesh.append(init_device_mesh(env.device.type, (1,), mesh_dim_names=("tp",)))
+        # from_local is differentiable: the weight's gradient comes back as a plain tensor, as the other impls'.
+        return fastalign.linear_token_logprobs(hidden, DTensor.from_local(weight, mesh[0], [Shard(0)]), labels)
+
+    return fn
+
+
 def _logprobs_cases(env: Env) -> list[Case]:
     shapes = _shapes(env, [_TARGET, (8, 2048, 4096, 32000, torch.bfloat16)], (2, 128, 128, 4000, torch.float32))
-    impls = {"fastalign": fastalign.linear_token_logprobs, "eager": ref.linear_token_logprobs}
+    impls = {"fastalign": fastalign.linear_token_logprobs}
+    if (tp1 := _vocab_parallel_at_tp1(env)) is not None:
+        impls["fastalign-tp1"] = tp1
+    impls["eager"] = ref.linear_token_logprobs
     if (trl := _trl_head()) is not None:
         impls["trl"] = trl
 
@@ -216,7 +245,7 @@ def _logprobs_cases(env: Env) -> list[Case]:
         def check():
             hidden, weight, labels = make_inputs(shape, False)
             g = _upstream_grad(labels)
-            fused = lambda h, w: (fastalign.linear_token_logprobs(h, w, labels) * g).sum()
+            fused = lambda h, w: (impls[impl](h, w, labels) * g).sum()
             _check_against_float32(lambda logp: (logp * g).sum(), hidden, weight, labels, fused)
 
         return check

@@ -184,7 +184,7 @@ def _scan_cases(env: Env) -> list[Case]:
 
 
 def _embeds_cases(env: Env) -> list[Case]:
-    B, T, V, D, dtype = (8, 2048, 128256, 4096, torch.bfloat16) if env.cuda else (2, 128, 8000, 512, torch.float32)
+    B, T, V, D, dtype = (8, 2048, 128256, 4096, torch.bfloat16) if env.cuda else (4, 256, 8000, 1024, torch.float32)
 
     def inputs():
         gen = torch.Generator(device=env.device).manual_seed(0)
