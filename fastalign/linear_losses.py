@@ -52,7 +52,7 @@ from fastalign.dpo import (
     sequence_logps,
 )
 from fastalign.ift import check_gamma, ift_loss
-from fastalign.kernels.fused_linear_loss import logits_grad, logits_stats
+from fastalign.kernels.fused_linear_loss import logits_grad, logits_stats, padded_width
 from fastalign.kernels.linear_logprobs import Outputs
 from fastalign.linear_logprobs import (
     _TORCH_BLOCK_ELEMENTS,
@@ -384,8 +384,11 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         smoothing = "mean_logps" in objective.extras
         # One buffer for every chunk (a fresh one per chunk would page-fault it in again), one more for the fp32
         # logits when d logits has a dtype of its own.
-        d_buf = torch.empty(max((r1 - r0 for r0, r1, _ in chunks), default=0), V, device=dev, dtype=d_dtype)
-        a_buf = torch.empty(min(limit, rows.numel()), V, device=dev) if separate else None
+        # On the kernel paths their rows are padded to 16 elements (the GEMMs write the [:, :V] views in place), so the
+        # kernels move 16 bytes per access at any V; the torch path's log_softmax would copy a strided view.
+        row = padded_width(V) if plan.use_kernels else V
+        d_buf = torch.empty(max((r1 - r0 for r0, r1, _ in chunks), default=0), row, device=dev, dtype=d_dtype)[:, :V]
+        a_buf = torch.empty(min(limit, rows.numel()), row, device=dev)[:, :V] if separate else None
 
         result = None
         with torch.autocast(dev.type, enabled=False):

@@ -9,6 +9,9 @@ The caller computes a = hidden @ weight.T in fp32 for a chunk of rows (torch.mm 
 
 Logit chain, per element (as in kernels/linear_logprobs.py): y = logit_scale * (a + b); c = softcap * tanh(y /
 softcap) (or y); z = c / temperature.
+
+Give the logits buffers rows of `padded_width(V)` elements (and pass their [:, :V] views): the kernels then load and
+store 16 bytes at a time at any V, an odd one included.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta
-from .linear_logprobs import Outputs
+from .linear_logprobs import Outputs, _logit_chain
 
 # Columns per iteration: 16 KB of fp32 logits per load.
 _BLOCK_V = 4096 if not INTERPRET else 256
@@ -30,23 +33,35 @@ _NEG = tl.constexpr(-1e30)
 
 
 @triton.jit
-def _chain(
-    a, p_bias, o_v, m_v, logit_scale, softcap, inv_temperature, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr
+def _logits_row_tile(
+    p_a,
+    p_bias,
+    i_m,
+    stride_a,
+    v0,
+    V,
+    width,
+    logit_scale,
+    softcap,
+    inv_temperature,
+    BLOCK_V: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
-    """z = softcap * tanh(logit_scale * (a + bias) / softcap) / temperature, from fp32 a."""
-    y = a
-    if HAS_BIAS:
-        y += tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32)
-    y = y * logit_scale
-    if HAS_SOFTCAP:
-        # tanh(x) = 2 * sigmoid(2x) - 1: exact to fp32 rounding, and in every Triton version.
-        y = softcap * (2.0 * tl.sigmoid(2.0 * y / softcap) - 1.0)
-    return y * inv_temperature
+    """(columns o_v, their mask o_v < V, z = chain(a + bias) in fp32) of row i_m's BLOCK_V logits from column v0.
+
+    The loads of a stop at `width` >= V, not V: a padded row's width is a multiple of 16, so even at an odd V the
+    mask keeps whole 16-byte vectors (o_v < V would cut them to one element). z past V is garbage: callers mask it."""
+    o_v = v0 + tl.arange(0, BLOCK_V)
+    m_v = o_v < V
+    a = tl.load(p_a + i_m * stride_a + o_v, mask=o_v < width, other=0.0)
+    b_bias = tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    return o_v, m_v, _logit_chain(a, b_bias, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
 
 
 @triton.jit
 def _logits_stats_kernel(
-    p_a,  # [M, V] fp32 raw logits hidden @ weight.T, row stride stride_a
+    p_a,  # [M, width] fp32 raw logits hidden @ weight.T in columns [0, V), padding after; row stride stride_a
     p_bias,  # [V] unit stride, if HAS_BIAS
     p_labels,  # [M] int64, each in [0, V)
     p_lse,  # [M] fp32 out
@@ -57,6 +72,7 @@ def _logits_stats_kernel(
     p_mean,  # [M] fp32 out: mean_v z, if RETURN_MEAN_LOGITS
     stride_a,
     V,
+    width,  # V, or padded_width(V) when a's rows are padded: a padded row is read up to it
     logit_scale,
     softcap,
     inv_temperature,
@@ -69,7 +85,6 @@ def _logits_stats_kernel(
     RETURN_MEAN_LOGITS: tl.constexpr,
 ):
     i_m = tl.program_id(0).to(tl.int64)
-    p_row = p_a + i_m * stride_a
     label = tl.load(p_labels + i_m)
     m_run = tl.full((), float("-inf"), tl.float32)
     s_run = tl.zeros((), tl.float32)
@@ -79,10 +94,21 @@ def _logits_stats_kernel(
     i_best = tl.zeros((), tl.int32)
     z_label = tl.zeros((), tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < V
-        a = tl.load(p_row + o_v, mask=m_v, other=0.0)
-        z = _chain(a, p_bias, o_v, m_v, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
+        o_v, m_v, z = _logits_row_tile(
+            p_a,
+            p_bias,
+            i_m,
+            stride_a,
+            v0,
+            V,
+            width,
+            logit_scale,
+            softcap,
+            inv_temperature,
+            BLOCK_V,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+        )
         if RETURN_MEAN_LOGITS:
             z_sum += tl.sum(tl.where(m_v, z, 0.0), 0)
         z = tl.where(m_v, z, _NEG)
@@ -116,8 +142,8 @@ def _logits_stats_kernel(
 
 @triton.jit
 def _logits_grad_kernel(
-    p_a,  # [M, V] fp32 raw logits, row stride stride_a
-    p_out,  # [M, V] out, row stride stride_out, any float dtype; may be p_a itself (each element read, then written)
+    p_a,  # [M, width] fp32 raw logits in columns [0, V), padding after; row stride stride_a
+    p_out,  # [M, width] out, row stride stride_out, any float dtype; may be p_a (each element read, then written)
     p_bias,  # [V] unit stride, if HAS_BIAS
     p_labels,  # [M] int64
     p_lse,  # [M] fp32
@@ -126,6 +152,7 @@ def _logits_grad_kernel(
     stride_a,
     stride_out,
     V,
+    width,  # V, or padded_width(V) when a's and out's rows are padded: a padded row is read and written up to it
     logit_scale,
     softcap,
     inv_temperature,
@@ -135,10 +162,10 @@ def _logits_grad_kernel(
     HAS_MEAN: tl.constexpr,
 ):
     i_m = tl.program_id(0).to(tl.int64)
-    o_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    m_v = o_v < V
-    a = tl.load(p_a + i_m * stride_a + o_v, mask=m_v, other=0.0)
-    z = _chain(a, p_bias, o_v, m_v, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
+    v0 = tl.program_id(1) * BLOCK_V
+    o_v, m_v, z = _logits_row_tile(
+        p_a, p_bias, i_m, stride_a, v0, V, width, logit_scale, softcap, inv_temperature, BLOCK_V, HAS_BIAS, HAS_SOFTCAP
+    )
     p = tl.exp(z - tl.load(p_lse + i_m))
     coef = tl.load(p_coef + i_m)
     # d log p(label) / dz = onehot - p;  d mean_v log p_v / dz = 1 / V - p
@@ -153,10 +180,30 @@ def _logits_grad_kernel(
     if HAS_SOFTCAP:
         th = z * (1.0 / (inv_temperature * softcap))
         da = da * (1.0 - th * th)
-    tl.store(p_out + i_m * stride_out + o_v, da.to(p_out.dtype.element_ty), mask=m_v)
+    tl.store(p_out + i_m * stride_out + o_v, da.to(p_out.dtype.element_ty), mask=o_v < width)
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+def padded_width(V: int) -> int:
+    """The row length to allocate for [M, V] logits buffers (pass their [:, :V] views): V rounded up to 16 elements.
+
+    Triton specializes a row stride divisible by 16, and the kernels mask such rows at this width rather than at V,
+    so at any V they move 16 bytes per access (V = 32001 rows would move 4). The padding columns are the kernels'
+    scratch: they read them, and `logits_grad` writes them, with meaningless values."""
+    return triton.cdiv(V, 16) * 16
+
+
+def _width(V: int, *buffers: torch.Tensor) -> int:
+    """padded_width(V) if every [M, V] buffer is a view of rows padded to it (each row owns its padding, and the last
+    row's padding is allocated), else V."""
+    width = padded_width(V)
+    for t in buffers:
+        end = t.storage_offset() + (t.shape[0] - 1) * t.stride(0) + width
+        if t.stride(0) < width or end * t.element_size() > t.untyped_storage().nbytes():
+            return V
+    return width
 
 
 def _check_rows(a: torch.Tensor, bias: torch.Tensor | None, **vectors: torch.Tensor | None) -> None:
@@ -181,7 +228,8 @@ def logits_stats(
     logit_scale: float,
     outputs: Outputs,
 ) -> tuple[torch.Tensor, ...]:
-    """a: [M, V] fp32 raw logits (hidden @ weight.T); bias: [V] or None; labels: [M] int64 in [0, V).
+    """a: [M, V] fp32 raw logits (hidden @ weight.T), best a view of rows `padded_width(V)` long; bias: [V] or None;
+    labels: [M] int64 in [0, V).
 
     Returns (lse, z at the label, entropy, argmax, log sum p^2, mean z), each [M] (argmax int64, the rest fp32); the
     last four are None unless asked for in `outputs`."""
@@ -206,6 +254,7 @@ def logits_stats(
             lse if mean is None else mean,
             a.stride(0),
             V,
+            _width(V, a),
             *_chain_args(temperature, softcap, logit_scale),
             BLOCK_V=_BLOCK_V,
             HAS_BIAS=bias is not None,
@@ -232,7 +281,8 @@ def logits_grad(
     logit_scale: float,
 ) -> None:
     """Writes d loss / d a into out ([M, V], unit column stride, any float dtype; may be `a` itself) for a loss with
-    d loss / d log p(label) = coef and d loss / d mean_v log p_v = coef_mean ([M] fp32, or None) at each row."""
+    d loss / d log p(label) = coef and d loss / d mean_v log p_v = coef_mean ([M] fp32, or None) at each row. When a
+    and out are both views of padded rows (`padded_width`), out's padding columns are overwritten too."""
     _check_rows(a, bias, labels=labels, lse=lse, coef=coef, coef_mean=coef_mean)
     if out.shape != a.shape or out.stride(1) != 1:
         raise ValueError(f"out must have a's shape {tuple(a.shape)} and unit column stride; got {tuple(out.shape)}")
@@ -250,6 +300,7 @@ def logits_grad(
         a.stride(0),
         out.stride(0),
         V,
+        _width(V, a, out),
         *_chain_args(temperature, softcap, logit_scale),
         BLOCK_V=_BLOCK_V,
         HAS_BIAS=bias is not None,
@@ -264,19 +315,20 @@ def logits_grad(
 
 def _launch_case(dtype: torch.dtype, M: int, V: int, features: bool) -> None:
     """One chunk of the fast forward on meta tensors: the stats of M rows of fp32 logits [M, V], then d logits in the
-    inputs' dtype (a buffer of its own for bf16/fp16, over the logits for fp32). With `features`: bias, softcap,
-    every extra and label smoothing's mean term."""
-    a, labels = meta(M, V), meta(M, dtype=torch.int64)
+    inputs' dtype (a buffer of its own for bf16/fp16, over the logits for fp32), both with padded rows as the fast
+    path allocates them. With `features`: bias, softcap, every extra and label smoothing's mean term."""
+    a, labels = meta(M, padded_width(V))[:, :V], meta(M, dtype=torch.int64)
     bias, softcap = (meta(V, dtype=dtype), 30.0) if features else (None, None)
     lse, *_ = logits_stats(a, bias, labels, 1.0, softcap, 1.0, Outputs(*[features] * 4))
-    out = a if dtype == torch.float32 else meta(M, V, dtype=dtype)
+    out = a if dtype == torch.float32 else meta(M, padded_width(V), dtype=dtype)[:, :V]
     coef_mean = meta(M) if features else None
     logits_grad(a, out, bias, labels, lse, meta(M), coef_mean, 1.0, softcap, 1.0)
 
 
 def compile_specs() -> list[LaunchCase]:
     """The target's chunk (bf16 V=128256: 348 rows fill the default 256 MiB budget at 6 bytes per logit), without and
-    with every feature; fp16 and fp32 (d logits in place); each at an odd vocabulary (32001) too."""
+    with every feature; fp16 and fp32 (d logits in place); each at an odd vocabulary too (32001, its rows padded to
+    32016: "V=32001+15")."""
     M, V = 348, 128256
     trips = {"_logits_stats_kernel": lambda a: (triton.cdiv(a["V"], a["BLOCK_V"]),)}
     shapes = list(itertools.product((torch.bfloat16, torch.float16, torch.float32), (V, 32001)))
@@ -284,7 +336,8 @@ def compile_specs() -> list[LaunchCase]:
     for (dtype, v), features in itertools.product(shapes, (False, True)):
         # Floor: the stats read the fp32 logits; the gradient reads them again and writes d logits.
         floor = M * v * (4 + 4 + dtype.itemsize)
-        label = f"chunk {TRITON_DTYPE[dtype]} M={M} V={v} features={features}"
+        padding = f"+{padded_width(v) - v}" if padded_width(v) > v else ""
+        label = f"chunk {TRITON_DTYPE[dtype]} M={M} V={v}{padding} features={features}"
         target = (dtype, v, features) == (torch.bfloat16, V, False)
         launch = functools.partial(_launch_case, dtype, M, v, features)
         cases.append(LaunchCase(label, launch, bytes=floor if target else 0, trips=trips))

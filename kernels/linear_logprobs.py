@@ -110,13 +110,12 @@ def _logits_tile(
 
 
 @triton.jit
-def _logit_chain(
-    acc, p_bias, o_v, m_v, logit_scale, softcap, inv_temperature, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr
-):
-    """z = softcap * tanh(logit_scale * (acc + bias) / softcap) / temperature, from an fp32 tile acc."""
+def _logit_chain(acc, b_bias, logit_scale, softcap, inv_temperature, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """z = softcap * tanh(logit_scale * (acc + bias) / softcap) / temperature, from an fp32 tile acc and the fp32 bias
+    values b_bias that broadcast against it (unused unless HAS_BIAS). kernels/fused_linear_loss.py shares it."""
     y = acc
     if HAS_BIAS:
-        y += tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+        y += b_bias
     y = y * logit_scale
     if HAS_SOFTCAP:
         # tanh(x) = 2 * sigmoid(2x) - 1: exact to fp32 rounding, and in every Triton version.
@@ -179,7 +178,8 @@ def _linear_logprobs_fwd_kernel(
         m_v = o_v < V
         w_off = tl.where(m_v, o_v, 0).to(tl.int64) * stride_wv * ALIGN
         acc = _logits_tile(p_h, h_off, p_w, w_off, H, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION)
-        z = _logit_chain(acc, p_bias, o_v, m_v, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
+        b_bias = tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :] if HAS_BIAS else 0.0
+        z = _logit_chain(acc, b_bias, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
         if RETURN_MEAN_LOGITS:
             z_sum += tl.sum(tl.where(m_v[None, :], z, 0.0), 1)
         # Columns past V get a finite -1e30: exp() makes them 0, and 0 * z stays 0 in the entropy sum. A 1-D
@@ -332,7 +332,8 @@ def _linear_logprobs_bwd_kernel(
 
     w_off = tl.where(m_v, o_v, 0).to(tl.int64) * stride_wv * ALIGN
     acc = _logits_tile(p_h, h_off, p_w, w_off, H, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION)
-    z = _logit_chain(acc, p_bias, o_v, m_v, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
+    b_bias = tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :] if HAS_BIAS else 0.0
+    z = _logit_chain(acc, b_bias, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
     # Rows past M get lse = 1e30 and columns past the chunk a -1e30 penalty, so p = exp(log p) is exactly 0 there:
     # no 2-D masks until the store.
     lse = tl.load(p_lse + o_m, mask=m_m, other=-_NEG)

@@ -18,6 +18,7 @@ import fastalign
 import fastalign.linear_logprobs as linear_module
 from fastalign import kernels as kernels_module
 from fastalign._backend import forced_backend
+from fastalign.kernels import fused_linear_loss as loss_kernels
 from fastalign.kernels import linear_logprobs as linear_kernels
 from fastalign.reference import linear_logprobs as ref
 
@@ -412,3 +413,132 @@ def test_out_of_range_label_raises(bad, backend, device):
     labels[1, 2] = bad
     with pytest.raises(ValueError, match=f"labels holds {bad}, outside \\[0, 11\\)"):
         fastalign.linear_token_logprobs(torch.randn(2, 3, 8, device=device), torch.randn(11, 8, device=device), labels)
+
+
+# ----------------------------------------------------------------------------- the fused-linear losses' kernels
+
+
+def _padded(M, V, dtype, device):
+    """[M, V] view of NaN-filled rows padded_width(V) long, as the fast fused-linear path allocates its buffers."""
+    width = loss_kernels.padded_width(V)
+    return torch.full((M, width), float("nan"), device=device, dtype=dtype)[:, :V]
+
+
+@pytest.mark.parametrize("V", [1031, 1040])
+def test_loss_kernels_on_padded_rows_match_float64(V, device):
+    """logits_stats and logits_grad (the fast fused-linear losses' elementwise kernels) at an odd V (the interpreter's
+    256-column tiles: a partial last tile whose loads stop at the padded width 1040) and at V = 1040 (no padding), on
+    padded rows with NaN in the padding (the kernels read it and must drop it) and on contiguous rows, with bias,
+    softcap, temperature, logit_scale and every extra; d logits in bf16 into a padded buffer of its own and in place
+    over fp32 logits; every output against float64."""
+    M, head = 6, {"temperature": 0.7, "softcap": 3.0, "logit_scale": 1.3}
+    a = torch.randn(M, V, device=device) * 4
+    bias = torch.randn(V, device=device)
+    labels = torch.randint(0, V, (M,), device=device)
+    labels[0] = V - 1  # in the last, partial tile
+    coef, coef_mean = torch.randn(M, device=device), torch.randn(M, device=device)
+
+    a64 = a.double().requires_grad_(True)
+    z64 = ref.linear_logits(a64, torch.eye(V, dtype=torch.float64, device=device), bias.double(), **head)  # a's chain
+    logp64 = z64.log_softmax(1)
+    loss64 = (coef.double() * logp64.gather(1, labels[:, None])[:, 0] + coef_mean.double() * logp64.mean(1)).sum()
+    (da64,) = torch.autograd.grad(loss64, a64)
+    p64 = logp64.exp()
+    expected = (
+        torch.logsumexp(z64, 1),
+        z64.gather(1, labels[:, None])[:, 0],
+        -(p64 * logp64).sum(1),
+        z64.argmax(1),
+        torch.log((p64 * p64).sum(1)),
+        z64.mean(1),
+    )
+    args = (head["temperature"], head["softcap"], head["logit_scale"])
+    padded = _padded(M, V, torch.float32, device).copy_(a)
+    assert loss_kernels._width(V, padded) == loss_kernels.padded_width(V)
+    for layout, rows in (("padded", padded), ("contiguous", a.clone())):
+        stats = loss_kernels.logits_stats(rows, bias, labels, *args, linear_kernels.Outputs(*[True] * 4))
+        for name, got, want in zip(("lse", "z_label", "entropy", "argmax", "log_sum_sq", "mean"), stats, expected):
+            if name == "argmax":
+                assert torch.equal(got, want), layout
+            else:
+                assert rel_err(got, want) < 1e-5, (layout, name)
+        lse = stats[0]
+        out = (
+            _padded(M, V, torch.bfloat16, device)
+            if layout == "padded"
+            else torch.empty_like(rows, dtype=torch.bfloat16)
+        )
+        loss_kernels.logits_grad(rows, out, bias, labels, lse, coef, coef_mean, *args)
+        assert rel_err(out, da64) < GRAD_RTOL[torch.bfloat16], layout
+        loss_kernels.logits_grad(rows, rows, bias, labels, lse, coef, coef_mean, *args)  # in place, fp32
+        assert rel_err(rows, da64) < 1e-5, layout
+
+
+def test_loss_kernels_read_padding_only_where_the_rows_own_it(device):
+    """The kernels' loads stop at padded_width(V) only for views whose every row, the last included, owns that many
+    elements; otherwise at V, so nothing past the allocation is read."""
+    V = 1031
+    width = loss_kernels.padded_width(V)
+    assert width == 1040 and loss_kernels.padded_width(1040) == 1040
+    rows = _padded(4, V, torch.float32, device)
+    assert loss_kernels._width(V, rows) == width
+    assert loss_kernels._width(V, rows[1:3]) == width
+    assert loss_kernels._width(V, rows, _padded(4, V, torch.bfloat16, device)) == width
+    assert loss_kernels._width(V, torch.empty(4, V, device=device)) == V  # contiguous: the next row's head
+    assert loss_kernels._width(V, rows, torch.empty(4, V, device=device)) == V  # every buffer must be padded
+    short = torch.empty(3 * width + V, device=device).as_strided(
+        (4, V), (width, 1)
+    )  # the last row's padding is missing
+    assert loss_kernels._width(V, short) == V
+
+
+def test_fast_path_gemms_write_the_padded_views_in_place(device):
+    """The fast path's GEMMs take the [:, :V] views of padded rows as they are: no copy of the logits or d logits."""
+    if device.type != "cpu":
+        pytest.skip("the profiler's CPU op list; cuBLAS takes a row stride >= V as its leading dimension")
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastalign import linear_losses
+
+    n, H, V = 37, 64, 1031
+    h, weight = torch.randn(n, H, device=device), torch.randn(V, H, device=device)
+    a, d = _padded(n, V, torch.float32, device), _padded(n, V, torch.float32, device).normal_()
+    acc = torch.empty(V, H, device=device)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        linear_losses._logits_into(a, h, weight)
+        dh = linear_losses._dlogits_times_weight(d, weight)
+        linear_losses._accumulate_dweight(acc, d, h, first=True)
+    ops = {event.name for event in prof.events()}
+    assert not ops & {"aten::copy_", "aten::clone", "aten::contiguous", "aten::empty_like"}, ops
+    assert rel_err(a, h @ weight.T) < 1e-6 and torch.isnan(a.as_strided((n, 9), (a.stride(0), 1), V)).all()
+    assert rel_err(dh, d @ weight) < 1e-6 and rel_err(acc, d.T @ h) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_fast_path_hands_the_kernels_padded_rows(dtype, device, monkeypatch):
+    """At an odd V the fast fused-linear path's buffers (the fp32 logits, and d logits in bf16) have rows of
+    padded_width(V), so the kernels move 16 bytes per access; the loss still matches float64."""
+    from fastalign import linear_losses
+
+    V, strides = 1031, []
+
+    def spying(launcher):
+        def spy(*args):
+            strides.extend(t.stride(0) for t in args[:2] if t.dim() == 2)  # the logits, and logits_grad's out
+            return launcher(*args)
+
+        return spy
+
+    for name in ("logits_stats", "logits_grad"):
+        monkeypatch.setattr(linear_losses, name, spying(getattr(linear_losses, name)))
+    hidden, weight, bias, labels = make_inputs((2, 9), 24, V, dtype, device)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    loss = linear_losses.cross_entropy_from_hidden(*leaves[:2], labels, leaves[2], strategy="fast")[0]
+    loss.backward()
+    assert len(strides) >= 3 and set(strides) == {loss_kernels.padded_width(V)}, strides
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
+    loss64 = ref.linear_cross_entropy(*leaves64[:2], labels, leaves64[2], IGNORE)
+    loss64.backward()
+    assert abs(loss.item() - loss64.item()) <= (1e-5 if dtype == torch.float32 else 1e-3) * max(1.0, abs(loss64.item()))
+    for leaf, leaf64 in zip(leaves, leaves64):
+        assert rel_err(leaf.grad, leaf64.grad) < (1e-4 if dtype == torch.float32 else GRAD_RTOL[dtype])
