@@ -657,6 +657,11 @@ def test_stock_trainer_trains_under_tensor_parallelism(kind, tmp_path):
         assert all(shape == [] for shape in record["full_tensor_shapes"])  # the grad norm only, never the weight
         assert len(record["losses"]) == TP_STEPS
         assert record["losses"] == pytest.approx(reference["losses"], rel=1e-5), (record["losses"], reference)
+        first_log = reference["first_log"]
+        assert {"loss", "grad_norm", "entropy"} <= first_log.keys() == record["first_log"].keys()
+        for key, value in first_log.items():  # DPO's step-0 loss is log 2 whatever the head: its log-probs are not
+            if key not in ("step_time", "num_tokens"):
+                assert record["first_log"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     (first, first_params), (second, second_params) = ranks
     assert first["losses"] == second["losses"]
     assert first_params.keys() == second_params.keys() == reference_params.keys()

@@ -144,6 +144,7 @@ def main() -> None:
     record["parallelism"] = str(trainer.accelerator.parallelism_config)
     trainer.train()
     record["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    record["first_log"] = trainer.state.log_history[0]  # step 0: loss, log-probs, entropy, accuracy, grad norm
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"result-rank{rank}.json").write_text(json.dumps(record))
     params = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in trainer.model.named_parameters()}
