@@ -18,6 +18,7 @@ and right shifts are made logical with a mask.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -40,6 +41,7 @@ def _int32(x: int) -> int:
     return x - 2**32 if x >= 2**31 else x
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the optimizer asks for every parameter's key at every step
 def dare_key(seed: int, param_index: int) -> int:
     """The 32-bit key of parameter `param_index`'s keeps under `seed` (0 <= seed < 2**63)."""
     key = GOLDEN

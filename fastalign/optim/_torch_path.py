@@ -104,7 +104,8 @@ def _topk_select_local(x: torch.Tensor, lengths: list[int], ks: list[int], selec
         return
     order, found = [], []
     for (n, k), ids in same.items():
-        keys = torch.stack([key[starts[i] : starts[i] + n] for i in ids])
+        rows = [key[starts[i] : starts[i] + n] for i in ids]
+        keys = torch.stack(rows) if len(rows) > 1 else rows[0][None]  # (one shard: no copy)
         found.append(torch.topk(keys, k, dim=1, sorted=False).values.amin(1))
         order += ids
     thresholds = dict(zip(order, torch.cat(found).tolist()))
@@ -166,7 +167,10 @@ class _Step:
         self.launch, self.hp, self.cache = launch, launch.hp, cache
         self.inv_scale = 1.0 / float(grad_scale) if grad_scale is not None else None
         self.lr_wd = self.hp["lr"] * self.hp["weight_decay"]
-        self.size = min(CHUNK, max(1, sum(s.param.numel() for s in launch.slots)))
+        # OnDARE and plain steps take bundles of 2 chunks (fewer ops, and no more memory than the eager step);
+        # OnTIES holds more temporaries per element while it selects.
+        chunk = CHUNK if self.hp["method"] == "onties" else 2 * CHUNK
+        self.size = min(chunk, max(1, sum(s.param.numel() for s in launch.slots)))
         buffer = lambda: torch.empty(self.size, dtype=torch.float32, device=launch.device)  # noqa: E731
         self.delta, self.denom = buffer(), buffer()
         self.mask = self.denom  # a float 0/1 mask, made once the denominators are used up
@@ -175,6 +179,11 @@ class _Step:
         self.hasher = KeepHasher(self.size, launch.device) if self.hp["reserve_p"] < 1 else None
         self.keep_below = torch.tensor(keep_threshold(self.hp["reserve_p"]), dtype=torch.int32, device=launch.device)
         self.inv_p = torch.tensor(1.0 / self.hp["reserve_p"], dtype=torch.float32).item()  # the kernels' float32 1/p
+        # Scalars of foreach ops as 0-d float32 tensors (the same float32 products: a Python float costs a conversion
+        # per tensor on a CPU); -1/p scales DARE's int32 keep (-1 or 0) into its float factor in one op.
+        f32 = lambda x: torch.tensor(x, dtype=torch.float32, device=launch.device)  # noqa: E731
+        self.betas = [f32(b) for b in self.hp["betas"]]
+        self.neg_inv_p = f32(-self.inv_p)
 
     @staticmethod
     def split(buffer: torch.Tensor, segments: list[Segment]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -183,9 +192,9 @@ class _Step:
         flat = buffer[: sum(lengths)]
         return flat, list(flat.split(lengths))
 
-    def adam(self, segments: list[Segment], sizes: list[float], out: list[torch.Tensor], store: bool = True):
-        """Δ = -size · m / (√v + eps) of each segment into the views `out`; the moments are updated
-        in place (into scratch copies unless `store`)."""
+    def adam(self, segments: list[Segment], sizes: list[float], out_flat: torch.Tensor, out: list, store: bool = True):
+        """Δ = -size · m / (√v + eps) of each segment into the views `out` (of `out_flat`, side by side); the
+        moments are updated in place (into scratch copies unless `store`)."""
         beta1, beta2 = self.hp["betas"]
         grads = _views([s.grad for s, _, _ in segments], segments)
         if self.grad32 is not None:
@@ -198,14 +207,14 @@ class _Step:
         v = _views([s.exp_avg_sq for s, _, _ in segments], segments)
         if not store:
             m, v = [x.clone() for x in m], [x.clone() for x in v]
-        torch._foreach_mul_(m, beta1)
+        torch._foreach_mul_(m, self.betas[0])
         torch._foreach_add_(m, grads, alpha=1 - beta1)
-        torch._foreach_mul_(v, beta2)
+        torch._foreach_mul_(v, self.betas[1])
         torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
         flat, denom = self.split(self.denom, segments)
         torch._foreach_copy_(denom, v)
         flat.sqrt_().add_(self.hp["eps"])
-        torch._foreach_zero_(out)
+        out_flat.zero_()
         torch._foreach_addcdiv_(out, m, denom, [-size for size in sizes])  # 0 + (-size) · (m / denom)
         return out
 
@@ -256,8 +265,8 @@ class _Step:
     def ordinary(self, slots: list[Slot], sizes: dict[int, float]) -> None:
         """Steps between merges (online_step > 1): θ and the accumulated Δ take the plain Δ."""
         for segments in bundles(slots, self.size):
-            _, d = self.split(self.delta, segments)
-            self.adam(segments, [sizes[id(s)] for s, _, _ in segments], d)
+            flat, d = self.split(self.delta, segments)
+            self.adam(segments, [sizes[id(s)] for s, _, _ in segments], flat, d)
             torch._foreach_add_(_views([s.cached_delta for s, _, _ in segments], segments), d)
             self.update(segments, d, None)
 
@@ -265,7 +274,7 @@ class _Step:
         """Δ (plus the accumulated Δ) of each segment after DARE's drop, scaled by 1/reserve_p; with
         `sums` ({slot id: [2] float64}), adds each shard's L1 norms of Δ before and after the drop."""
         flat, d = self.split(self.delta, segments)
-        self.adam(segments, [sizes[id(s)] for s, _, _ in segments], d, store)
+        self.adam(segments, [sizes[id(s)] for s, _, _ in segments], flat, d, store)
         if segments[0][0].cached_delta is not None:
             torch._foreach_add_(d, _views([s.cached_delta for s, _, _ in segments], segments))
         if sums is not None:
@@ -277,8 +286,8 @@ class _Step:
                 self.hasher.place(at, step_key(s.dare_key, ts[id(s)]), s.offset, b, e - b, s.run, s.run_stride)
                 at += e - b
             # A dropped NaN Δ stays NaN (NaN · 0): θ turns NaN, as AdamW's would.
-            keep = self.mask[:at].copy_(self.hasher.keep(at, self.keep_below, self.mask))  # -1.0 or 0.0
-            flat.mul_(keep).mul_(-self.inv_p)
+            # (Δ · -1.0 or · 0.0) · -1/p, bit for bit: Δ · 1/p (negation is exact) or Δ · -0.0
+            flat.mul_(torch.mul(self.hasher.keep(at, self.keep_below, self.mask), self.neg_inv_p, out=self.mask[:at]))
         if sums is not None:
             for (s, _, _), x in zip(segments, d):
                 sums[id(s)][1] += x.abs().sum(dtype=torch.float64)
@@ -312,9 +321,12 @@ class _Step:
             lengths = [s.param.numel() for s in group]
             delta = torch.empty(sum(lengths), dtype=torch.float32, device=self.launch.device)
             whole = dict(zip(map(id, group), delta.split(lengths)))
+            at = 0
             for segments in bundles(group, self.size):
-                d = [whole[id(s)][b:e] for s, b, e in segments]
-                self.adam(segments, [sizes[id(s)] for s, _, _ in segments], d)
+                d = [whole[id(s)][b:e] for s, b, e in segments]  # side by side in delta
+                n = sum(x.numel() for x in d)
+                self.adam(segments, [sizes[id(s)] for s, _, _ in segments], delta[at : at + n], d)
+                at += n
                 if segments[0][0].cached_delta is not None:
                     torch._foreach_add_(d, _views([s.cached_delta for s, _, _ in segments], segments))
             ks = [topk_count(self.hp["reserve_p"], s.numel) for s in group]
