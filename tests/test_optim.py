@@ -464,7 +464,8 @@ def test_torch_path_topk_by_torch_topk_is_the_radix_selection(sizes, reserve_p, 
         order = torch.sort(key, descending=True, stable=True).indices
         expected = torch.zeros(part.numel(), dtype=torch.bool)
         expected[order[:k] if select else order] = True
-        expected |= part.isnan()
+        # A NaN is kept too, but for copies of a NaN threshold key past the first k (as in every backend).
+        expected |= part.isnan() & (key != key[order[k - 1]])
         assert torch.equal(kept.view(torch.int32), torch.where(expected, part, 0.0).view(torch.int32))
 
 
