@@ -173,6 +173,7 @@ def _hash_words(seed, t, param_index, n, offset=0):
     out = torch.empty(n, dtype=torch.int64)
     hasher = _dare.KeepHasher(n, torch.device("cpu"))
     key = _dare.step_key(dare_key(seed, param_index), t)
+    hasher.start(n)
     hasher.place(0, key, offset, 0, n, n, n)
     out.copy_(hasher.hash(n, torch.empty(n, dtype=torch.int32)).long() & 0xFFFFFFFF)
     return out

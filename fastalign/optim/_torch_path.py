@@ -167,8 +167,8 @@ class _Step:
         self.launch, self.hp, self.cache = launch, launch.hp, cache
         self.inv_scale = 1.0 / float(grad_scale) if grad_scale is not None else None
         self.lr_wd = self.hp["lr"] * self.hp["weight_decay"]
-        # OnDARE and plain steps take bundles of 2 chunks (fewer ops, and no more memory than the eager step);
-        # OnTIES holds more temporaries per element while it selects.
+        # OnDARE and plain steps take bundles of 2 chunks (fewer ops; the step's 3 chunk-sized buffers hold less
+        # than the eager step's temporaries); OnTIES holds more temporaries per element while it selects.
         chunk = CHUNK if self.hp["method"] == "onties" else 2 * CHUNK
         self.size = min(chunk, max(1, sum(s.param.numel() for s in launch.slots)))
         buffer = lambda: torch.empty(self.size, dtype=torch.float32, device=launch.device)  # noqa: E731
@@ -281,6 +281,7 @@ class _Step:
             for (s, _, _), x in zip(segments, d):
                 sums[id(s)][0] += x.abs().sum(dtype=torch.float64)
         if self.hasher is not None:
+            self.hasher.start(flat.numel())
             at = 0
             for s, b, e in segments:
                 self.hasher.place(at, step_key(s.dare_key, ts[id(s)]), s.offset, b, e - b, s.run, s.run_stride)
