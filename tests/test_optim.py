@@ -173,6 +173,7 @@ def _hash_words(seed, t, param_index, n, offset=0):
     out = torch.empty(n, dtype=torch.int64)
     hasher = _dare.KeepHasher(n, torch.device("cpu"))
     key = _dare.step_key(dare_key(seed, param_index), t)
+    hasher.start(n)
     hasher.place(0, key, offset, 0, n, n, n)
     out.copy_(hasher.hash(n, torch.empty(n, dtype=torch.int32)).long() & 0xFFFFFFFF)
     return out
@@ -426,6 +427,47 @@ def test_onties_selection_is_the_same_for_both_radix_digit_tables(backend, devic
     assert [int((theta != 0).sum()) for theta in wide[:3]] == [int(0.37 * n) or n for n in sizes]
     for a, b in zip(wide, narrow):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 700), min_size=1, max_size=5),
+    reserve_p=st.sampled_from([0.001, 0.1, 0.37, 0.5, 0.999, 1.0]),
+    levels=st.sampled_from([2, 5, 0]),
+    specials=st.sampled_from([0.0, 0.02, 0.6]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_torch_path_topk_by_torch_topk_is_the_radix_selection(sizes, reserve_p, levels, specials, seed):
+    """The CPU torch path of a single process picks T with torch.topk (_topk_select_local): it keeps bit for bit what
+    the radix selection keeps (and what a stable descending sort keeps), with many exact ties (a few levels, ±0),
+    NaN, ±inf and equal-sized shards selected together."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = []
+    for n in sizes:
+        x = torch.randn(n, generator=gen) * 1e-3
+        if levels:
+            x = torch.randint(-levels, levels + 1, (n,), generator=gen).float() * 0.125
+        special = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), -float("nan")])
+        where = torch.rand(n, generator=gen) < specials
+        x[where] = special[torch.randint(0, 6, (n,), generator=gen)][where]
+        parts.append(x)
+    x = torch.cat(parts)
+    lengths = [p.numel() for p in parts]
+    ks = [_select.topk_count(reserve_p, n) for n in lengths]
+    selects = [k < n for k, n in zip(ks, lengths)]
+    runs = _select.Runs.of([(0, n, n, n) for n in lengths], None, x.device)
+    local, radix = x.clone(), x.clone()
+    _torch_path.topk_select(local, lengths, ks, selects, runs)  # a single process: the torch.topk selection
+    _torch_path._topk_select_radix(radix, lengths, ks, selects, runs)
+    assert torch.equal(local.view(torch.int32), radix.view(torch.int32))
+    for part, kept, k, select in zip(parts, local.split(lengths), ks, selects):
+        key = _torch_path.magnitude_key(part)
+        order = torch.sort(key, descending=True, stable=True).indices
+        expected = torch.zeros(part.numel(), dtype=torch.bool)
+        expected[order[:k] if select else order] = True
+        # A NaN is kept too, but for copies of a NaN threshold key past the first k (as in every backend).
+        expected |= part.isnan() & (key != key[order[k - 1]])
+        assert torch.equal(kept.view(torch.int32), torch.where(expected, part, 0.0).view(torch.int32))
 
 
 # ----------------------------------------------------------------------------- step K, groups, batching

@@ -18,6 +18,7 @@ and right shifts are made logical with a mask.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -40,6 +41,7 @@ def _int32(x: int) -> int:
     return x - 2**32 if x >= 2**31 else x
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the optimizer asks for every parameter's key at every step
 def dare_key(seed: int, param_index: int) -> int:
     """The 32-bit key of parameter `param_index`'s keeps under `seed` (0 <= seed < 2**63)."""
     key = GOLDEN
@@ -73,24 +75,35 @@ class KeepHasher:
     def __init__(self, size: int, device: torch.device):
         const = lambda x: torch.tensor(_int32(x), dtype=torch.int32, device=device)  # noqa: E731
         self._x = torch.empty(size, dtype=torch.int32, device=device)
+        self._iota = torch.arange(min(size, 4096), dtype=torch.int32, device=device)  # `start`'s first lanes
         self._rounds = [
             (const(shift), const((1 << (32 - shift)) - 1), const(m) if m is not None else None)
             for shift, m in zip(HASH_SHIFTS, (*HASH_MULTIPLIERS, None))
         ]
 
+    def start(self, n: int) -> None:
+        """Begins the inputs of a pass: 0, 1, ..., n - 1 at positions 0 .. n - 1, for `place` to shift. By
+        doubling: torch.arange costs a few ns per element on a CPU, an add a fraction of one."""
+        x = self._x[:n]
+        done = min(n, self._iota.numel())
+        x[:done] = self._iota[:done]
+        while done < n:
+            torch.add(x[: min(done, n - done)], done, out=x[done : 2 * done])
+            done *= 2
+
     def place(self, at: int, key: int, offset: int, begin: int, n: int, run: int, run_stride: int) -> None:
-        """Puts at positions at .. at + n - 1 the hash inputs, under the step key `key`, of local
-        elements begin .. begin + n - 1 of a shard whose elements are runs of `run` consecutive
-        global indices, `run_stride` apart, from `offset` (one run: a range from `chunks`; several:
-        a shard of rows, whose parameter is under 2**31 elements)."""
+        """Puts at positions at .. at + n - 1 (which hold at .. at + n - 1: `start`) the hash inputs, under
+        the step key `key`, of local elements begin .. begin + n - 1 of a shard whose elements are runs of
+        `run` consecutive global indices, `run_stride` apart, from `offset` (one run: a range from `chunks`;
+        several: a shard of rows, whose parameter is under 2**31 elements)."""
         x = self._x[at : at + n]
         if run == run_stride:
             first = offset + begin
             low = _int32(first & _M32)
-            torch.arange(low, low + n, dtype=torch.int32, out=x)  # the low words of first + lane
+            x.add_(_int32((low - at) & _M32))  # the low words of first + lane (int32 adds wrap)
             x.bitwise_xor_(_int32(key ^ ((first >> 32) * GOLDEN & _M32)))
             return
-        torch.arange(begin, begin + n, dtype=torch.int32, out=x)
+        x.sub_(at - begin)
         row = torch.div(x, run, rounding_mode="floor")
         x.sub_(row * run).add_(row.mul_(run_stride)).add_(offset).bitwise_xor_(_int32(key))
 
@@ -132,6 +145,7 @@ def dare_keep(
     key = step_key(dare_key(seed, param_index), t)
     keep_below = torch.tensor(keep_threshold(reserve_p), dtype=torch.int32, device=device)
     for begin, end in chunks(offset, numel, CHUNK):
+        hasher.start(end - begin)
         hasher.place(0, key, offset, begin, end - begin, run, run_stride)
         out[begin:end] = hasher.keep(end - begin, keep_below, scratch)
     return out
