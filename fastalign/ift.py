@@ -191,9 +191,10 @@ def _check_read_ids(input_ids, predicted_ids, labels, ignore_index, vocab) -> No
 
 def _ift_inputs_embeds_torch(weight, input_ids, predicted_ids, labels, lam, ignore_index):
     # Prompt and padding rows mix a token with itself: lerp(e, e, lam) is e exactly, so they stay bit-exact copies.
+    # In place over the first lookup: one [B, T, D] buffer fewer (neither lookup's backward reads its output).
     mixed_ids = _mixed_ids(input_ids, predicted_ids, labels, ignore_index)
     try:
-        return torch.lerp(F.embedding(input_ids, weight), F.embedding(mixed_ids, weight), lam)
+        return F.embedding(input_ids, weight).lerp_(F.embedding(mixed_ids, weight), lam)
     except IndexError:  # F.embedding range-checks what it reads, at no extra cost: name the argument at fault
         _check_read_ids(input_ids, predicted_ids, labels, ignore_index, weight.shape[0])
         raise

@@ -98,7 +98,7 @@ def _dpo_cases(env: Env) -> list[Case]:
     if env.cuda:
         shapes = [(8, 2048, 128256, torch.bfloat16), (8, 2048, 32000, torch.bfloat16)]  # 2B = 8 sequences
     else:
-        shapes = [(4, 32, 8000, torch.float32)] if env.size == "small" else [(8, 512, 32000, torch.bfloat16)]
+        shapes = [(4, 64, 32000, torch.float32)] if env.size == "small" else [(8, 512, 32000, torch.bfloat16)]
     impls = _dpo_impls()
 
     def make_inputs(rows, T, V, dtype, requires_grad):
@@ -122,7 +122,7 @@ def _ift_cases(env: Env) -> list[Case]:
     if env.cuda:
         shapes = [(8, 2048, 128256, torch.bfloat16), (8, 2048, 32000, torch.bfloat16)]
     else:
-        shapes = [(4, 32, 8000, torch.float32)] if env.size == "small" else [(8, 512, 32000, torch.bfloat16)]
+        shapes = [(4, 64, 32000, torch.float32)] if env.size == "small" else [(8, 512, 32000, torch.bfloat16)]
     impls = _ift_impls()
 
     def make_inputs(rows, T, V, dtype, requires_grad):
