@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -23,6 +25,22 @@ def run_on_processes(worker: Callable[..., None], *args, world: int = WORLD) -> 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_entry, args=(worker, port, world, args), nprocs=world)
+
+
+def run_script(script: Path, args: list[str], cwd: Path, ranks: int = 1) -> subprocess.CompletedProcess:
+    """`python script *args` in cwd, or under torchrun with `ranks` processes (a free port) when ranks > 1, as a user
+    launches accelerate/TRL on a CPU: the torch path (no TRITON_INTERPRET), one OpenMP thread per process, TRL
+    quiet."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", TRL_EXPERIMENTAL_SILENCE="1")
+    launcher = []
+    if ranks > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port)]
+    command = [sys.executable, *launcher, str(script), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _entry(rank: int, worker: Callable[..., None], port: int, world: int, args: tuple) -> None:

@@ -23,7 +23,7 @@ trl = pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
 
-from utils import rel_err  # noqa: E402
+from utils import rel_err, training_args  # noqa: E402
 
 from fastalign._backend import forced_backend  # noqa: E402
 from fastalign.integrations import (  # noqa: E402
@@ -244,23 +244,6 @@ def test_imports_stay_optional():
 
 
 # ------------------------------------------------------------------------------------- trainers
-
-
-def training_args(cls, tmp_path, steps=8, lr=5e-3, batch=4, **extra):
-    return cls(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=batch,
-        max_steps=steps,
-        learning_rate=lr,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        **extra,
-    )
 
 
 def first_batch(trainer, n=4):

@@ -14,15 +14,13 @@ torch path, one thread each.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from distributed import run_script
 from utils import rel_err
 
 pytest.importorskip("transformers")
@@ -39,18 +37,9 @@ PARAM_RTOL = 1e-5  # DDP's all-reduced mean gradient rounds differently from one
 
 
 def run_worker(out: Path, kind: str, *args: str, ranks: int = 1) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", TRL_EXPERIMENTAL_SILENCE="1")
-    command = [sys.executable, str(WORKER), kind, str(out), *args]
-    if ranks > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port)]
-        batch = str(GLOBAL_BATCH // ranks)
-        command = [sys.executable, *launcher, str(WORKER), kind, str(out), "--batch", batch, *args]
+    batch = ["--batch", str(GLOBAL_BATCH // ranks)] if ranks > 1 else []
     out.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=600)
+    return run_script(WORKER, [kind, str(out), *batch, *args], cwd=out, ranks=ranks)
 
 
 def check(result: subprocess.CompletedProcess) -> None:

@@ -15,8 +15,6 @@ import copy
 import importlib
 import json
 import os
-import socket
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -33,7 +31,8 @@ peft = pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")
 
 import trl.trainer.utils as trl_utils  # noqa: E402
-from utils import rel_err  # noqa: E402
+from distributed import run_script  # noqa: E402
+from utils import rel_err, training_args  # noqa: E402
 
 import fastalign  # noqa: E402
 from fastalign._backend import forced_backend  # noqa: E402
@@ -313,23 +312,6 @@ def tok(rows):
     return build_tokenizer(rows)
 
 
-def config(cls, tmp_path, steps, lr, batch, **extra):
-    return cls(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=batch,
-        max_steps=steps,
-        learning_rate=lr,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        **extra,
-    )
-
-
 def even_token_reward(completion_ids, **kwargs):
     """A toy reward a tiny model can learn in a few steps: the share of even token ids in the completion."""
     return [sum(t % 2 == 0 for t in ids) / max(1, len(ids)) for ids in completion_ids]
@@ -339,7 +321,7 @@ def sft(tok, rows, tmp_path, steps=1, lr=1e-2, model=None):
     data = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows[:64]]
     return trl.SFTTrainer(
         model=tiny_llama(tok, hidden_size=HIDDEN) if model is None else model,
-        args=config(trl.SFTConfig, tmp_path, steps, lr, 8),
+        args=training_args(trl.SFTConfig, tmp_path, steps, lr, 8),
         train_dataset=datasets.Dataset.from_list(data),
         processing_class=tok,
     )
@@ -351,7 +333,7 @@ def dpo(tok, rows, tmp_path, steps=1, lr=5e-3, **extra):
     return trl.DPOTrainer(
         model=_perturbed(reference),
         ref_model=None if lora else reference,
-        args=config(trl.DPOConfig, tmp_path, steps, lr, 4, beta=0.5, **extra),
+        args=training_args(trl.DPOConfig, tmp_path, steps, lr, 4, beta=0.5, **extra),
         train_dataset=datasets.Dataset.from_list(rows[:32]),
         processing_class=tok,
         peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -390,7 +372,7 @@ def kto(tok, rows, tmp_path, steps=1, lr=5e-3):
     return trl.KTOTrainer(
         model=_perturbed(reference),
         ref_model=reference,
-        args=config(trl.KTOConfig, tmp_path, steps, lr, 8, beta=0.5),
+        args=training_args(trl.KTOConfig, tmp_path, steps, lr, 8, beta=0.5),
         train_dataset=datasets.Dataset.from_list(data),
         processing_class=tok,
     )
@@ -400,7 +382,7 @@ def _online_rl(trainer_cls, config_cls, tok, rows, tmp_path, steps, lr, **extra)
     path = tmp_path / "tiny"  # a path, so that TRL builds the KL reference model (beta > 0) from it
     if not path.exists():
         tiny_llama(tok, hidden_size=HIDDEN).save_pretrained(path)
-    args = config(
+    args = training_args(
         config_cls,
         tmp_path,
         steps,
@@ -438,7 +420,7 @@ def experimental(name: str):
         trainer_cls, config_cls = getattr(module, f"{name.upper()}Trainer"), getattr(module, f"{name.upper()}Config")
         return trainer_cls(
             model=tiny_llama(tok, hidden_size=HIDDEN),
-            args=config(config_cls, tmp_path, steps, lr, 4),
+            args=training_args(config_cls, tmp_path, steps, lr, 4),
             train_dataset=datasets.Dataset.from_list(rows[:16]),
             processing_class=tok,
         )
@@ -600,7 +582,7 @@ def test_fastalign_trainers_do_not_warn(tok, rows, tmp_path):
     trainer = DPOTrainer(
         model=_perturbed(reference),
         ref_model=reference,
-        args=config(trl.DPOConfig, tmp_path, 2, 1e-3, 4),
+        args=training_args(trl.DPOConfig, tmp_path, 2, 1e-3, 4),
         train_dataset=datasets.Dataset.from_list(rows[:16]),
         processing_class=tok,
     )
@@ -618,16 +600,7 @@ TP_STEPS = 3  # trl_tp_worker.STEPS (not imported: the worker edits the environm
 
 
 def _run_tp_worker(out: Path, kind: str, *args: str, ranks: int = 1) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", TRL_EXPERIMENTAL_SILENCE="1")
-    command = [sys.executable, str(TP_WORKER), kind, str(out), *args]
-    if ranks > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port)]
-        command = [sys.executable, *launcher, *command[1:]]
-    result = subprocess.run(command, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
+    result = run_script(TP_WORKER, [kind, str(out), *args], cwd=out.parent, ranks=ranks)
     assert result.returncode == 0, result.stderr[-4000:]
     return [
         (json.loads((out / f"result-rank{r}.json").read_text()), torch.load(out / f"params-rank{r}.pt"))

@@ -31,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
+from utils import QUIET_TRAINING  # noqa: E402  (this script's directory is on sys.path)
 
 KINDS = ("sft", "dpo")
 STEPS = 3
@@ -115,17 +116,7 @@ def main() -> None:
         "type": type(model.lm_head.weight).__name__,
         "placements": str(getattr(model.lm_head.weight, "placements", None)),
     }
-    common = dict(
-        output_dir=str(a.out),
-        max_steps=STEPS,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-    )
+    common = dict(output_dir=str(a.out), max_steps=STEPS, **QUIET_TRAINING)
     if a.kind == "sft":
         data = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows[:64]]
         args = trl.SFTConfig(per_device_train_batch_size=8, learning_rate=1e-2, **common)
