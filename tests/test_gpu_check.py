@@ -101,6 +101,13 @@ def test_the_table_ends_with_the_rows_slower_than_eager(capsys):
     assert "at least as fast as eager in 1 of 1 rows\n" in capsys.readouterr().out
 
 
+def test_a_log_gets_one_numbered_line_per_case(capsys):
+    env = bench.Env(torch.device("cpu"), "small")
+    bench.run_cases(env, [_case(check=lambda: None), _case(impl="eager")], progress=True)  # stderr: not a tty here
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert lines == ["[1/2] token_logprobs fastalign fwd N=4 fp32", "[2/2] token_logprobs eager fwd N=4 fp32"]
+
+
 def test_suites_take_turns_under_a_budget():
     cases = [
         _case(op="token_logprobs", shape="a"),

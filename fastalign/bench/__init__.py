@@ -343,14 +343,16 @@ def run_cases(
         rec.update(meta)
         records.append(rec)
 
+    done = 0  # cases started (a disabled tqdm, as in a log, counts nothing)
     for group in _comparisons(cases):
         warm = []  # CPU: (case, callable, peak) of the group, each called once
         for case in group:
             name = _name(case)
             bar.set_description(f"{case.op} {case.impl} {case.mode}"[:48])
             bar.update()
+            done += 1
             if progress and not tty:  # a log gets a line per case instead of a bar
-                print(f"[{bar.n}/{len(cases)}] {name}", file=sys.stderr, flush=True)
+                print(f"[{done}/{len(cases)}] {name}", file=sys.stderr, flush=True)
             if deadline is not None and time.monotonic() > deadline:
                 skipped.append({"case": name, "reason": "budget"})
                 continue
