@@ -320,6 +320,11 @@ def linear_head_stats(hidden, weight, labels, bias, head, outputs, shard: VocabS
     head the single-device op's options. local_stats(hidden, weight, labels, bias, outputs) is the single-device op
     (log-probs, entropy, argmax, log_sum_sq_probs, mean_logits): it runs on this rank's slice."""
     hidden, w_local, b_local = local_operands(hidden, weight, bias, shard)
+    if shard.size == shard.vocab:
+        # A one-rank group (TP = 1): the slice is the whole vocabulary, whose statistics need no combining. The
+        # label-logit recompute and the combination below would cost a gather of rows x H each way, and an fp32
+        # [V, H] buffer for its weight gradient, for nothing.
+        return local_stats(hidden, w_local, labels, b_local, outputs)
     flat = labels.reshape(-1).to(torch.int64)
     valid = flat != head.ignore_index
     bad = valid & ((flat < 0) | (flat >= shard.vocab))

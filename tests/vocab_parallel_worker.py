@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastalign import DPOLoss, IFTLoss, KTOLoss, linear_token_logprobs, linear_token_stats
+from fastalign import DPOLoss, IFTLoss, KTOLoss, linear_token_logprobs, linear_token_stats, vocab_parallel
 from fastalign._backend import forced_backend
 from fastalign.linear_losses import (
     cross_entropy_from_hidden,
@@ -500,8 +500,9 @@ def ops_main(rank: int, world: int, V: int, backend: str) -> None:
 
 def tp1_ops_main(rank: int, world: int, V: int, backend: str) -> None:
     """TP = 1: linear_token_stats (every extra, softcap/scale/temperature, a bias) and linear_token_logprobs on a
-    Shard(0) weight of a one-rank "tp" mesh equal the plain op on the same weight, forward and gradients, and no
-    collective runs (the group of one rank skips them)."""
+    Shard(0) weight of a one-rank "tp" mesh equal the plain op on the same weight bit for bit, forward and gradients
+    (one slice is the whole vocabulary: the plain op runs on it, with no label-logit recompute and no combining), and
+    no collective runs."""
     hidden, weight, bias, labels = _inputs(V, world)
     w = distribute_tensor(weight, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
     b = distribute_tensor(bias, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
@@ -520,24 +521,26 @@ def tp1_ops_main(rank: int, world: int, V: int, backend: str) -> None:
 
     calls: list = []
     restore = _count_collectives(calls)
+    real = vocab_parallel.combine_vocab_stats, vocab_parallel._RowLogits
+    vocab_parallel.combine_vocab_stats = vocab_parallel._RowLogits = None  # TP = 1 must not reach them
     try:
         stats, logp, dh = run(w, b)
     finally:
         restore()
+        vocab_parallel.combine_vocab_stats, vocab_parallel._RowLogits = real
     assert calls == [], calls
     w_plain, b_plain = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
     ref, ref_logp, ref_dh = run(w_plain, b_plain)
     for name in ("logprobs", "entropy", "log_sum_sq_probs", "mean_logits"):
         x, y = getattr(stats, name), getattr(ref, name)
         assert x.dtype == y.dtype and x.shape == y.shape, name
-        assert _rel(x, y) < 1e-6, (name, _rel(x, y))
+        assert torch.equal(x, y), (name, _rel(x, y))
     assert torch.equal(stats.argmax, ref.argmax)
     assert (stats.logprobs[labels == IGNORE] == 0).all()
-    assert _rel(logp, ref_logp) < 1e-6
-    assert _rel(dh, ref_dh) < 1e-6, _rel(dh, ref_dh)
+    assert torch.equal(logp, ref_logp) and torch.equal(dh, ref_dh), (_rel(logp, ref_logp), _rel(dh, ref_dh))
     assert isinstance(w.grad, DTensor) and w.grad.placements == (Shard(0),)
-    assert _rel(w.grad.to_local(), w_plain.grad) < 1e-6, _rel(w.grad.to_local(), w_plain.grad)
-    assert _rel(b.grad.to_local(), b_plain.grad) < 1e-6
+    assert torch.equal(w.grad.to_local(), w_plain.grad), _rel(w.grad.to_local(), w_plain.grad)
+    assert torch.equal(b.grad.to_local(), b_plain.grad), _rel(b.grad.to_local(), b_plain.grad)
 
 
 def trl_main(rank: int, world: int) -> None:
