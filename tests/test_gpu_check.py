@@ -101,6 +101,20 @@ def test_the_table_ends_with_the_rows_slower_than_eager(capsys):
     assert "at least as fast as eager in 1 of 1 rows\n" in capsys.readouterr().out
 
 
+def test_the_table_names_the_rows_heavier_than_eager(capsys):
+    def record(impl, shape, peak_mb):
+        return {"op": "IFTLoss", "impl": impl, "mode": "fwd", "shape": shape, "dtype": "bf16", "ms": 1.0,
+                "throughput": 1.0, "throughput_unit": "GB/s", "pct_of_peak": 1.0, "peak_mem_mb": peak_mb,
+                "speedup_vs_eager": 1.0, "correct": "ok"}  # fmt: skip
+
+    rows = [record("fastalign", "T=8", 2.0), record("eager", "T=8", 3.0), record("fastalign-inplace", "T=8", 3.5)]
+    bench.print_table(rows + [record("fastalign", "T=16", None), record("eager", "T=16", 1.0)])
+    out = capsys.readouterr().out
+    assert "within eager's peak memory in 1 of 2 rows; heavier in: IFTLoss fastalign-inplace fwd T=8 bf16\n" in out
+    bench.print_table(rows[:2])
+    assert "within eager's peak memory in 1 of 1 rows\n" in capsys.readouterr().out
+
+
 def test_a_log_gets_one_numbered_line_per_case(capsys):
     env = bench.Env(torch.device("cpu"), "small")
     bench.run_cases(env, [_case(check=lambda: None), _case(impl="eager")], progress=True)  # stderr: not a tty here

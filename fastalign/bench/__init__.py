@@ -469,9 +469,17 @@ def print_table(records: list[dict], ceilings: Ceilings | None = None) -> None:
             f"{tp:>16} {r['pct_of_peak']:>9.1f} {mem:>9} {spd:>8}  {r['correct'] or ''}"
         )
     mine = [r for r in records if r["impl"].startswith("fastalign") and r["speedup_vs_eager"] is not None]
-    slower = [f"{r['op']} {r['impl']} {r['mode']} {r['shape']} {r['dtype']}" for r in mine if r["speedup_vs_eager"] < 1]
+    name = lambda r: f"{r['op']} {r['impl']} {r['mode']} {r['shape']} {r['dtype']}"  # noqa: E731
+    slower = [name(r) for r in mine if r["speedup_vs_eager"] < 1]
     print(f"fastalign at least as fast as eager in {len(mine) - len(slower)} of {len(mine)} rows", end="")
     print(f"; slower in: {'; '.join(slower)}" if slower else "")
+    group = lambda r: (r["op"], r["mode"], r["shape"], r["dtype"])  # noqa: E731
+    eager_mb = {group(r): r["peak_mem_mb"] for r in records if r["impl"] == "eager" and r["peak_mem_mb"] is not None}
+    weighed = [r for r in mine if r["peak_mem_mb"] is not None and group(r) in eager_mb]
+    heavier = [name(r) for r in weighed if r["peak_mem_mb"] > eager_mb[group(r)]]
+    if weighed:
+        print(f"fastalign within eager's peak memory in {len(weighed) - len(heavier)} of {len(weighed)} rows", end="")
+        print(f"; heavier in: {'; '.join(heavier)}" if heavier else "")
     if ceilings is not None:
         units = {name: "TFLOP/s" if "GEMM" in name else "GB/s" for name in ceilings.values}
         print(

@@ -207,7 +207,8 @@ _TARGET = (8, 2048, 4096, 128256, torch.bfloat16)  # N = 16384 tokens, H = 4096,
 
 def _vocab_parallel_at_tp1(env: Env):
     """linear_token_logprobs with the weight as a vocab-parallel DTensor (Shard(0) on a mesh dim "tp") of one rank:
-    the tensor-parallel path's own cost (the statistics' all-gather, DTensor plumbing) next to the plain op's.
+    what the tensor-parallel path costs at TP = 1 (its DTensor plumbing; one slice needs no combining) next to the
+    plain op.
     On its first call (the correctness check's), the benchmark process becomes a one-rank process group (an in-memory
     store: no network) unless it already is one; a failure there is reported as the case's."""
     import torch.distributed as dist
@@ -231,7 +232,7 @@ def _vocab_parallel_at_tp1(env: Env):
 
 
 def _logprobs_cases(env: Env) -> list[Case]:
-    shapes = _shapes(env, [_TARGET, (8, 2048, 4096, 32000, torch.bfloat16)], (2, 128, 128, 4000, torch.float32))
+    shapes = _shapes(env, [_TARGET, (8, 2048, 4096, 32000, torch.bfloat16)], (2, 128, 128, 32000, torch.float32))
     impls = {"fastalign": fastalign.linear_token_logprobs}
     if (tp1 := _vocab_parallel_at_tp1(env)) is not None:
         impls["fastalign-tp1"] = tp1
@@ -273,7 +274,7 @@ def _trl_dpo():
 
 
 def _dpo_cases(env: Env) -> list[Case]:
-    shapes = _shapes(env, [_TARGET], (4, 64, 128, 4000, torch.float32))  # 2B sequences, the chosen ones first
+    shapes = _shapes(env, [_TARGET], (4, 64, 128, 32000, torch.float32))  # 2B sequences, the chosen ones first
     impls = {f"fastalign-{strategy}": _fused_dpo(strategy) for strategy in ("fast", "lean")}
     impls["eager"] = _eager_dpo
     for name, peer in (("trl", _trl_dpo()), ("liger", _liger_dpo(env.cuda))):
@@ -318,7 +319,7 @@ def _eager_dpo(hidden, weight, labels, ref_chosen, ref_rejected):
 
 
 def _ift_cases(env: Env) -> list[Case]:
-    shapes = _shapes(env, [_TARGET], (4, 64, 128, 4000, torch.float32))
+    shapes = _shapes(env, [_TARGET], (4, 64, 128, 32000, torch.float32))
     impls = {f"fastalign-{s}": fastalign.FusedLinearIFTLoss(strategy=s) for s in ("fast", "lean")}
     impls["eager"] = lambda h, w, y: ref_ift.ift_loss_from_logits(torch.nn.functional.linear(h, w), y)
 
