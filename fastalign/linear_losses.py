@@ -311,23 +311,7 @@ def _dlogits(a, out, bias, labels, lse, coef, coef_mean, head: _Head, use_kernel
         _torch_dlogits(out, labels, lse, coef, coef_mean, head, vocab)
         return
     chain = head.temperature, head.softcap, head.logit_scale
-    if coef_mean is None or vocab == a.shape[1]:
-        logits_grad(a, out, bias, labels, lse, coef, coef_mean, *chain)
-        return
-    # A slice of the vocabulary: the kernel's mean term divides coef_mean by a's width, not by vocab. The dense part
-    # coef_mean / vocab - (coef + coef_mean) p comes from a rescaled coef_mean with the matching coef and no label;
-    # the label's coef * dz/da is added after, on the rows whose label is in the slice.
-    here = labels >= 0
-    column = labels.clamp(min=0)
-    dz_da = head.logit_scale / head.temperature
-    if head.softcap is not None:  # read before the kernel: out may be a itself
-        z = _logits_at(a, bias, column, lse, head, use_kernels)
-        dz_da = dz_da * (1 - (z * (head.temperature / head.softcap)).square())
-    share = coef_mean * (a.shape[1] / vocab)
-    logits_grad(a, out, bias, torch.full_like(labels, -1), lse, coef + coef_mean - share, share, *chain)
-    rows = torch.arange(out.shape[0], device=out.device)
-    at = out[rows, column].float() + torch.where(here, coef * dz_da, 0.0)
-    out[rows, column] = at.to(out.dtype)
+    logits_grad(a, out, bias, labels, lse, coef, coef_mean, *chain, vocab=vocab)
 
 
 class _FastFusedLinearLoss(torch.autograd.Function):

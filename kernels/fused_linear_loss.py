@@ -153,6 +153,7 @@ def _logits_grad_kernel(
     stride_out,
     V,
     width,  # V, or padded_width(V) when a's and out's rows are padded: a padded row is read and written up to it
+    inv_vocab,  # 1 / the size of the vocabulary the mean log-prob is over: V, or more when a holds a slice of it
     logit_scale,
     softcap,
     inv_temperature,
@@ -168,10 +169,10 @@ def _logits_grad_kernel(
     )
     p = tl.exp(z - tl.load(p_lse + i_m))
     coef = tl.load(p_coef + i_m)
-    # d log p(label) / dz = onehot - p;  d mean_v log p_v / dz = 1 / V - p
+    # d log p(label) / dz = onehot - p;  d mean_v log p_v / dz = 1 / vocab - p
     if HAS_MEAN:
         coef_mean = tl.load(p_coef_mean + i_m)
-        dz = coef_mean / V - (coef + coef_mean) * p
+        dz = coef_mean * inv_vocab - (coef + coef_mean) * p
     else:
         dz = -coef * p
     dz += tl.where(o_v == tl.load(p_labels + i_m), coef, 0.0)
@@ -279,10 +280,16 @@ def logits_grad(
     temperature: float,
     softcap: float | None,
     logit_scale: float,
+    vocab: int | None = None,
 ) -> None:
     """Writes d loss / d a into out ([M, V], unit column stride, any float dtype; may be `a` itself) for a loss with
     d loss / d log p(label) = coef and d loss / d mean_v log p_v = coef_mean ([M] fp32, or None) at each row. When a
-    and out are both views of padded rows (`padded_width`), out's padding columns are overwritten too."""
+    and out are both views of padded rows (`padded_width`), out's padding columns are overwritten too.
+
+    vocab: the size of the vocabulary the mean is over (default V). A vocab-parallel rank's a holds its slice, and
+    labels outside the slice (-1) add no one-hot term: the slice's part of the whole vocabulary's gradient."""
+    if vocab is not None and not (isinstance(vocab, int) and vocab >= a.shape[1]):
+        raise ValueError(f"vocab must be an int >= a.shape[1] = {a.shape[1]}; got {vocab!r}")
     _check_rows(a, bias, labels=labels, lse=lse, coef=coef, coef_mean=coef_mean)
     if out.shape != a.shape or out.stride(1) != 1:
         raise ValueError(f"out must have a's shape {tuple(a.shape)} and unit column stride; got {tuple(out.shape)}")
@@ -301,6 +308,7 @@ def logits_grad(
         out.stride(0),
         V,
         _width(V, a, out),
+        1.0 / (V if vocab is None else vocab),
         *_chain_args(temperature, softcap, logit_scale),
         BLOCK_V=_BLOCK_V,
         HAS_BIAS=bias is not None,

@@ -474,6 +474,30 @@ def test_loss_kernels_on_padded_rows_match_float64(V, device):
         assert rel_err(rows, da64) < 1e-5, layout
 
 
+def test_loss_grad_kernel_on_a_vocabulary_slice_matches_float64(device):
+    """logits_grad on a vocab-parallel rank's slice: `vocab` is the whole vocabulary's size, lse the whole one's, and
+    labels -1 where another slice holds them; d a of the slice equals the whole vocabulary's d a restricted to it
+    (label smoothing's mean term over the whole vocabulary). A vocab smaller than the slice is refused."""
+    M, V, start, width = 6, 1300, 300, 517
+    a = torch.randn(M, V, device=device) * 3
+    labels = torch.randint(0, V, (M,), device=device)
+    labels[:2] = torch.tensor([start, start + width - 1])  # the slice's first and last columns; the rest anywhere
+    coef, coef_mean = torch.randn(M, device=device), torch.randn(M, device=device)
+    a64 = a.double().requires_grad_(True)
+    logp64 = (a64 / 0.7).log_softmax(1)
+    loss64 = (coef.double() * logp64.gather(1, labels[:, None])[:, 0] + coef_mean.double() * logp64.mean(1)).sum()
+    (da64,) = torch.autograd.grad(loss64, a64)
+    local = labels - start
+    local = torch.where((local >= 0) & (local < width), local, -1)
+    lse = torch.logsumexp(a.double() / 0.7, 1).float()
+    rows = a[:, start : start + width].clone()
+    out = torch.empty_like(rows)
+    loss_kernels.logits_grad(rows, out, None, local, lse, coef, coef_mean, 0.7, None, 1.0, vocab=V)
+    assert rel_err(out, da64[:, start : start + width]) < 1e-5
+    with pytest.raises(ValueError, match="vocab must be an int >= a.shape"):
+        loss_kernels.logits_grad(rows, out, None, local, lse, coef, coef_mean, 0.7, None, 1.0, vocab=width - 1)
+
+
 def test_loss_kernels_read_padding_only_where_the_rows_own_it(device):
     """The kernels' loads stop at padded_width(V) only for views whose every row, the last included, owns that many
     elements; otherwise at V, so nothing past the allocation is read."""
@@ -523,9 +547,9 @@ def test_fast_path_hands_the_kernels_padded_rows(dtype, device, monkeypatch):
     V, strides = 1031, []
 
     def spying(launcher):
-        def spy(*args):
+        def spy(*args, **kwargs):
             strides.extend(t.stride(0) for t in args[:2] if t.dim() == 2)  # the logits, and logits_grad's out
-            return launcher(*args)
+            return launcher(*args, **kwargs)
 
         return spy
 
