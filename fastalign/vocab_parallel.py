@@ -291,24 +291,26 @@ class _RowLogits(torch.autograd.Function):
             ga = ga * (1 - torch.tanh(a / head.softcap).square())
         rows = hidden.reshape(-1, hidden.shape[-1])
         dh = torch.empty(rows.shape, device=rows.device, dtype=hidden.dtype) if need_h else None
-        dw = torch.zeros(weight.shape, device=weight.device) if need_w else None  # fp32, rows may repeat
+        if need_w:
+            # Only the indexed rows of the weight get a gradient: summed in fp32 over the distinct ones (rows may
+            # repeat), and handed back sparse, which autograd adds into the op's own dense d weight. A dense one would
+            # be an fp32 [V, H] buffer and its cast, 6 bytes per weight element, for a few thousand rows.
+            distinct, slot = index.unique(return_inverse=True)
+            dw_rows = torch.zeros(distinct.numel(), weight.shape[1], device=weight.device)
         for r0 in range(0, rows.shape[0], _ROW_BLOCK):
             r1 = r0 + _ROW_BLOCK
             g = ga[r0:r1, None]
             if need_h:
                 dh[r0:r1] = g * weight[index[r0:r1]].float()
             if need_w:
-                dw.index_add_(0, index[r0:r1], g * rows[r0:r1].float())
-        db = None
+                dw_rows.index_add_(0, slot[r0:r1], g * rows[r0:r1].float())
+        dw = db = None
+        if need_w:
+            sparse = dict(is_coalesced=True, check_invariants=False)  # distinct is sorted and unique
+            dw = torch.sparse_coo_tensor(distinct[None], dw_rows.to(weight.dtype), weight.shape, **sparse)
         if need_b:
             db = torch.zeros(bias.shape, device=bias.device).index_add_(0, index, ga).to(bias.dtype)
-        return (
-            None if dh is None else dh.view(hidden.shape),
-            None if dw is None else dw.to(weight.dtype),
-            db,
-            None,
-            None,
-        )
+        return None if dh is None else dh.view(hidden.shape), dw, db, None, None
 
 
 def linear_head_stats(hidden, weight, labels, bias, head, outputs, shard: VocabShard, local_stats):

@@ -139,23 +139,29 @@ def stats_main(rank: int, world: int, V: int, backend: str) -> None:
 
 
 def logprobs_main(rank: int, world: int, V: int, backend: str) -> None:
-    """linear_token_logprobs without extras (ignored rows are not scored) and without a bias."""
-    hidden, weight, _, labels = _inputs(V, world)
-    w = distribute_tensor(weight, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
-    h = hidden.clone().requires_grad_(True)
-    with _path(backend):
-        logp = linear_token_logprobs(h, w, labels)
-        logp.sum().backward()
-    h64, w64 = (t.double().requires_grad_(True) for t in (hidden, weight))
-    valid = labels != IGNORE
-    logp_all = torch.log_softmax(linear_logits(h64, w64), -1)
-    ref = torch.where(valid, logp_all.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
-    ref.sum().backward()
-    assert _rel(logp, ref) < 1e-6
-    assert (logp[~valid] == 0).all()
-    assert _rel(h.grad, h64.grad) < 1e-5
-    sl = slice(rank * -(-V // world), rank * -(-V // world) + w.to_local().shape[0])
-    assert _rel(w.grad.to_local(), w64.grad[sl]) < 1e-5
+    """linear_token_logprobs without extras (ignored rows are not scored) and without a bias, fp32 and bf16 (the
+    label-logit gradient reaches the weight sparse, added into the op's dense d weight in its dtype), against float64
+    on the same (bf16-rounded) inputs."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        hidden, weight = (t.to(dtype) for t in _inputs(V, world)[:2])
+        labels = _inputs(V, world)[3]
+        w = distribute_tensor(weight, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
+        h = hidden.clone().requires_grad_(True)
+        with _path(backend):
+            logp = linear_token_logprobs(h, w, labels)
+            (logp * torch.linspace(-1, 2, logp.numel()).view(logp.shape)).sum().backward()  # grad_output != 1
+        h64, w64 = (t.double().requires_grad_(True) for t in (hidden, weight))
+        valid = labels != IGNORE
+        logp_all = torch.log_softmax(linear_logits(h64, w64), -1)
+        ref = torch.where(valid, logp_all.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+        (ref * torch.linspace(-1, 2, ref.numel()).view(ref.shape)).sum().backward()
+        where = f"{dtype}, rank {rank}"
+        assert _rel(logp, ref) < tol / 10, where
+        assert (logp[~valid] == 0).all()
+        assert h.grad.dtype == w.grad.dtype == dtype and w.grad.to_local().layout == torch.strided, where
+        assert _rel(h.grad, h64.grad) < tol, (where, _rel(h.grad, h64.grad))
+        sl = slice(rank * -(-V // world), rank * -(-V // world) + w.to_local().shape[0])
+        assert _rel(w.grad.to_local(), w64.grad[sl]) < tol, (where, _rel(w.grad.to_local(), w64.grad[sl]))
 
 
 def dpo_main(rank: int, world: int, V: int, backend: str) -> None:
