@@ -437,9 +437,9 @@ def test_onties_selection_is_the_same_for_both_radix_digit_tables(backend, devic
     specials=st.sampled_from([0.0, 0.02, 0.6]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_torch_path_topk_by_torch_topk_is_the_radix_selection(sizes, reserve_p, levels, specials, seed):
-    """The CPU torch path of a single process picks T with torch.topk (_topk_select_local): it keeps bit for bit what
-    the radix selection keeps (and what a stable descending sort keeps), with many exact ties (a few levels, ±0),
+def test_torch_path_threshold_by_kthvalue_is_the_radix_selection(sizes, reserve_p, levels, specials, seed):
+    """The CPU torch path of a single process picks T with torch.kthvalue (_topk_select_local): it keeps bit for bit
+    what the radix selection keeps (and what a stable descending sort keeps), with many exact ties (a few levels, ±0),
     NaN, ±inf and equal-sized shards selected together."""
     gen = torch.Generator().manual_seed(seed)
     parts = []
@@ -457,7 +457,7 @@ def test_torch_path_topk_by_torch_topk_is_the_radix_selection(sizes, reserve_p, 
     selects = [k < n for k, n in zip(ks, lengths)]
     runs = _select.Runs.of([(0, n, n, n) for n in lengths], None, x.device)
     local, radix = x.clone(), x.clone()
-    _torch_path.topk_select(local, lengths, ks, selects, runs)  # a single process: the torch.topk selection
+    _torch_path.topk_select(local, lengths, ks, selects, runs)  # a single process: the kthvalue threshold
     _torch_path._topk_select_radix(radix, lengths, ks, selects, runs)
     assert torch.equal(local.view(torch.int32), radix.view(torch.int32))
     for part, kept, k, select in zip(parts, local.split(lengths), ks, selects):

@@ -90,7 +90,7 @@ def _topk_select_radix(x: torch.Tensor, lengths: list[int], ks: list[int], selec
 
 def _topk_select_local(x: torch.Tensor, lengths: list[int], ks: list[int], selects: list[bool]) -> None:
     """topk_select for shards that are whole parameters in one process: the same rule, with the
-    threshold T (the k-th largest key) from torch.topk over the shards of each (length, k) at once,
+    threshold T (the k-th largest key) from torch.kthvalue over the shards of each (length, k) at once,
     and integer ops for the masks (the bool ones loop slowly on a CPU). Entries below T are
     zeroed (but NaN); where more than k keys are >= T, the copies of T after the first
     k - #(key > T) in index order too, as topk_select does."""
@@ -106,7 +106,8 @@ def _topk_select_local(x: torch.Tensor, lengths: list[int], ks: list[int], selec
     for (n, k), ids in same.items():
         rows = [key[starts[i] : starts[i] + n] for i in ids]
         keys = torch.stack(rows) if len(rows) > 1 else rows[0][None]  # (one shard: no copy)
-        found.append(torch.topk(keys, k, dim=1, sorted=False).values.amin(1))
+        # The k-th largest is the (n - k + 1)-th smallest: kthvalue's temporaries are 12 bytes per key, topk's 16.
+        found.append(torch.kthvalue(keys, n - k + 1, dim=1).values)
         order += ids
     thresholds = dict(zip(order, torch.cat(found).tolist()))
     below = []  # per selected shard: how many keys are below T
