@@ -236,8 +236,13 @@ def _torch_dlogits(h32, weight, bias, lab, lse, g, entropy, gh, da, v0, head: _H
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
+    """(log-probs, entropy, argmax, log_sum_sq_probs, mean_logits) as `linear_token_stats` returns them, then, with
+    `with_lse`, the log-sum-exp of z at every scored row (0 at the others), differentiable: a vocab-parallel rank's
+    statistics of its slice (`fastalign.vocab_parallel.linear_head_stats`). Its gradient is taken at the rows whose
+    label is not ignore_index."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, head: _Head, outputs: Outputs):
+    def forward(ctx, hidden, weight, bias, labels, head: _Head, outputs: Outputs, with_lse: bool = False):
         x = as_btv(hidden)
         flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
         weight = weight if weight.stride(-1) == 1 else weight.contiguous()
@@ -254,30 +259,43 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                 logp, lse, kept, *extras = _torch_fwd(x, weight, bias, rows, flat_labels, head, outputs)
 
         entropy = extras[0]
-        ctx.save_for_backward(hidden, weight, bias, rows, flat_labels, lse, entropy, kept)
-        ctx.head, ctx.use_kernels = head, use_kernels
+        ctx.save_for_backward(hidden, weight, bias, rows, flat_labels, lse, entropy, kept, logp if with_lse else None)
+        ctx.head, ctx.use_kernels, ctx.with_lse = head, use_kernels, with_lse
         ctx.set_materialize_grads(False)
         extras = [None if e is None else e.view(labels.shape) for e in extras]
-        # Only the log-probs and the entropy are differentiable.
+        # Only the log-probs, the entropy and the log-sum-exp are differentiable.
         ctx.mark_non_differentiable(*(e for e in extras[1:] if e is not None))
-        return logp.view(labels.shape), *extras
+        if not with_lse:
+            return logp.view(labels.shape), *extras
+        row_lse = torch.zeros(flat_labels.shape, device=lse.device).index_copy_(0, rows, lse)
+        return logp.view(labels.shape), *extras, row_lse.view(labels.shape)
 
     @staticmethod
-    def backward(ctx, dlogp, dentropy, *_non_differentiable):
+    def backward(ctx, dlogp, dentropy, *rest):
         """A vocabulary chunk at a time: d a for the chunk (kernel or torch), then the two fp32-accumulating GEMMs."""
-        hidden, weight, bias, rows, labels, lse, entropy, kept = ctx.saved_tensors
+        hidden, weight, bias, rows, labels, lse, entropy, kept, logp = ctx.saved_tensors
         head: _Head = ctx.head
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dlse = rest[3] if ctx.with_lse else None  # after the non-differentiable argmax, log_sum_sq, mean
         x = as_btv(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
             B, T, H = x.shape
             V, M, dev = weight.shape[0], rows.numel(), x.device
             lab = labels[rows]
             # Ignored rows (scored only for the extras) get no log-prob gradient.
+            ignored = lab == head.ignore_index
             g = torch.zeros(M, device=dev) if dlogp is None else dlogp.reshape(-1)[rows].float()
-            g = torch.where(lab == head.ignore_index, 0.0, g)
+            g = torch.where(ignored, 0.0, g)
             gh = None if dentropy is None else dentropy.reshape(-1)[rows].float()
             ent = None if gh is None else entropy[rows]
+            label_term = None
+            if dlse is not None:
+                # d lse / dz = p = onehot - (onehot - p): the log-prob gradient's form, taken with g - g_lse, plus
+                # g_lse * dz/da at the label column of each chunk (`_add_at_labels`). No kernel change: one more
+                # [rows] vector would cost the backward kernel registers it does not have on sm_80.
+                g_lse = torch.where(ignored, 0.0, dlse.reshape(-1)[rows].float())
+                g = g - g_lse
+                label_term = g_lse * _dz_da_at(logp.reshape(-1)[rows] + lse, head)
 
             h_rows = _rows_of(x, rows)
             if ctx.use_kernels:
@@ -304,6 +322,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                 else:
                     logp_kept = None if kept is None else kept[:, v0:v1]
                     _torch_dlogits(h_rows, weight, bias, lab, lse, g, ent, gh, da, v0, head, logp_kept)
+                if label_term is not None:
+                    _add_at_labels(da, lab, v0, label_term)
                 if need_h:
                     _addmm_fp32(dh32, da, weight[v0:v1])
                 if need_w and dw.dtype == da.dtype == h_rows.dtype == torch.float32:
@@ -321,7 +341,24 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                     dh = torch.zeros(B * T, H, device=dev, dtype=x.dtype)
                     dh[rows] = dh32.to(x.dtype)
                     dh = dh.view(hidden.shape)
-            return dh, dw, None if db is None else db.to(bias.dtype), None, None, None
+            return dh, dw, None if db is None else db.to(bias.dtype), None, None, None, None
+
+
+def _dz_da_at(z: torch.Tensor, head: _Head) -> torch.Tensor:
+    """dz/da at logits z (fp32): logit_scale / temperature * (1 - tanh^2), tanh = z * temperature / softcap."""
+    scale = head.logit_scale / head.temperature
+    if head.softcap is None:
+        return torch.full_like(z, scale)
+    return (z * (head.temperature / head.softcap)).square_().neg_().add_(1).mul_(scale)
+
+
+def _add_at_labels(da: torch.Tensor, labels: torch.Tensor, v0: int, values: torch.Tensor) -> None:
+    """da[m, labels[m] - v0] += values[m] where the label lies in the chunk's columns [v0, v0 + da.shape[1])."""
+    local = labels - v0
+    here = (local >= 0) & (local < da.shape[1])
+    rows = torch.arange(da.shape[0], device=da.device)
+    column = torch.where(here, local, 0)
+    da[rows, column] = (da[rows, column].float() + torch.where(here, values, 0.0)).to(da.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -460,7 +497,7 @@ def linear_token_stats(
     if shard is not None:
 
         def local_stats(hidden, weight, labels, bias, outputs):
-            return _LinearTokenLogprobs.apply(hidden, weight, bias, labels, head, outputs)
+            return _LinearTokenLogprobs.apply(hidden, weight, bias, labels, head, outputs, True)
 
         return TokenStats(*linear_head_stats(hidden, weight, labels, bias, head, outputs, shard, local_stats))
     return TokenStats(*_LinearTokenLogprobs.apply(hidden, weight, bias, labels, head, outputs))

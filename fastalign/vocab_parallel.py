@@ -258,59 +258,23 @@ def _local_bias(bias: torch.Tensor | None, shard: VocabShard) -> torch.Tensor | 
 # ---------------------------------------------------------------------------------------------- linear head
 
 
-_ROW_BLOCK = 4096  # rows per block of the fp32 dot products below: their temporaries stay 2 x 4096 x H floats
+_ROW_BLOCK = 4096  # rows per block of `_row_logits`: its temporaries stay 2 x 4096 x H floats
 
 
-class _RowLogits(torch.autograd.Function):
+@torch.no_grad()
+def _row_logits(hidden, weight, bias, index, head) -> torch.Tensor:
     """fp32 [N] logits z[n, index[n]] of the rows of hidden [..., H] (N rows) under weight [V_r, H] and bias [V_r]
-    (the head's transform), accumulated in fp32. It saves only its inputs and [N] floats: autograd through a gather
-    would keep the gathered weight rows and fp32 copies, 2 N H floats, until the backward."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, index, head):
-        rows = hidden.reshape(-1, hidden.shape[-1])
-        a = torch.empty(rows.shape[0], device=rows.device)
-        for r0 in range(0, rows.shape[0], _ROW_BLOCK):
-            r1 = r0 + _ROW_BLOCK
-            a[r0:r1] = (rows[r0:r1].float() * weight[index[r0:r1]].float()).sum(-1)
-        if bias is not None:
-            a += bias[index].float()
-        a *= head.logit_scale
-        ctx.save_for_backward(hidden, weight, bias, index, a)
-        ctx.head = head
-        z = a if head.softcap is None else head.softcap * torch.tanh(a / head.softcap)
-        return z / head.temperature
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight, bias, index, a = ctx.saved_tensors
-        head = ctx.head
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        ga = grad.float() * (head.logit_scale / head.temperature)  # d z / d (hidden . weight + bias)
-        if head.softcap is not None:
-            ga = ga * (1 - torch.tanh(a / head.softcap).square())
-        rows = hidden.reshape(-1, hidden.shape[-1])
-        dh = torch.empty(rows.shape, device=rows.device, dtype=hidden.dtype) if need_h else None
-        if need_w:
-            # Only the indexed rows of the weight get a gradient: summed in fp32 over the distinct ones (rows may
-            # repeat), and handed back sparse, which autograd adds into the op's own dense d weight. A dense one would
-            # be an fp32 [V, H] buffer and its cast, 6 bytes per weight element, for a few thousand rows.
-            distinct, slot = index.unique(return_inverse=True)
-            dw_rows = torch.zeros(distinct.numel(), weight.shape[1], device=weight.device)
-        for r0 in range(0, rows.shape[0], _ROW_BLOCK):
-            r1 = r0 + _ROW_BLOCK
-            g = ga[r0:r1, None]
-            if need_h:
-                dh[r0:r1] = g * weight[index[r0:r1]].float()
-            if need_w:
-                dw_rows.index_add_(0, slot[r0:r1], g * rows[r0:r1].float())
-        dw = db = None
-        if need_w:
-            sparse = dict(is_coalesced=True, check_invariants=False)  # distinct is sorted and unique
-            dw = torch.sparse_coo_tensor(distinct[None], dw_rows.to(weight.dtype), weight.shape, **sparse)
-        if need_b:
-            db = torch.zeros(bias.shape, device=bias.device).index_add_(0, index, ga).to(bias.dtype)
-        return None if dh is None else dh.view(hidden.shape), dw, db, None, None
+    (the head's transform), accumulated in fp32; no gradient."""
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    a = torch.empty(rows.shape[0], device=rows.device)
+    for r0 in range(0, rows.shape[0], _ROW_BLOCK):
+        r1 = r0 + _ROW_BLOCK
+        a[r0:r1] = (rows[r0:r1].float() * weight[index[r0:r1]].float()).sum(-1)
+    if bias is not None:
+        a += bias[index].float()
+    a *= head.logit_scale
+    z = a if head.softcap is None else head.softcap * torch.tanh(a / head.softcap)
+    return z / head.temperature
 
 
 def linear_head_stats(hidden, weight, labels, bias, head, outputs, shard: VocabShard, local_stats):
@@ -320,13 +284,12 @@ def linear_head_stats(hidden, weight, labels, bias, head, outputs, shard: VocabS
     hidden [..., H] replicated over the group (a DTensor must be Replicate everywhere); weight the vocab-parallel
     DTensor of `shard`; labels [...] in [0, V) or head.ignore_index; bias None or a DTensor sharded as the weight;
     head the single-device op's options. local_stats(hidden, weight, labels, bias, outputs) is the single-device op
-    (log-probs, entropy, argmax, log_sum_sq_probs, mean_logits): it runs on this rank's slice."""
+    run on this rank's slice: (log-probs, entropy, argmax, log_sum_sq_probs, mean_logits, log-sum-exp), the
+    log-sum-exp of every scored row differentiable (d lse / d logits = the slice's softmax)."""
     hidden, w_local, b_local = local_operands(hidden, weight, bias, shard)
     if shard.size == shard.vocab:
-        # A one-rank group (TP = 1): the slice is the whole vocabulary, whose statistics need no combining. The
-        # label-logit recompute and the combination below would cost a gather of rows x H each way, and an fp32
-        # [V, H] buffer for its weight gradient, for nothing.
-        return local_stats(hidden, w_local, labels, b_local, outputs)
+        # A one-rank group (TP = 1): the slice is the whole vocabulary, whose statistics need no combining.
+        return local_stats(hidden, w_local, labels, b_local, outputs)[:5]
     flat = labels.reshape(-1).to(torch.int64)
     valid = flat != head.ignore_index
     bad = valid & ((flat < 0) | (flat >= shard.vocab))
@@ -340,22 +303,18 @@ def linear_head_stats(hidden, weight, labels, bias, head, outputs, shard: VocabS
     local = flat - shard.start
     here = valid & (local >= 0) & (local < shard.size)
     # Every scored row needs this slice's log-sum-exp: a label elsewhere is replaced by token 0 of the slice (its
-    # log-prob only yields the log-sum-exp). Ignored rows stay ignored unless an extra scores every row.
+    # log-prob is not used). Ignored rows stay ignored unless an extra scores every row.
     every_row = any(outputs)
     keep = valid | every_row
     local = torch.where(here, local, torch.where(keep, 0, head.ignore_index)).view(labels.shape)
-    logp_r, entropy_r, argmax_r, sq_r, mean_r = local_stats(x, w_local, local, b_local, outputs)
-
-    z_label = _RowLogits.apply(x, w_local, b_local, local.reshape(-1).clamp(min=0), head)
-    lse_r = z_label - logp_r.reshape(-1)  # differentiable: d lse_r / d logits = the slice's softmax
-    with torch.no_grad():
-        argmax_logit = argmax_index = None
-        if argmax_r is not None:
-            argmax_logit = _RowLogits.apply(x, w_local, b_local, argmax_r.reshape(-1), head)
-            argmax_index = argmax_r.reshape(-1) + shard.start
+    logp_r, entropy_r, argmax_r, sq_r, mean_r, lse_r = local_stats(x, w_local, local, b_local, outputs)
+    argmax_logit = argmax_index = None
+    if argmax_r is not None:
+        argmax_logit = _row_logits(x, w_local, b_local, argmax_r.reshape(-1), head)
+        argmax_index = argmax_r.reshape(-1) + shard.start
     stats = combine_vocab_stats(
         group,
-        torch.where(keep, lse_r, 0.0),
+        torch.where(keep, lse_r.reshape(-1), 0.0),
         torch.where(here, logp_r.reshape(-1), 0.0),
         here,
         entropy=None if entropy_r is None else entropy_r.reshape(-1),

@@ -498,6 +498,40 @@ def test_loss_grad_kernel_on_a_vocabulary_slice_matches_float64(device):
         loss_kernels.logits_grad(rows, out, None, local, lse, coef, coef_mean, 0.7, None, 1.0, vocab=width - 1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("head", [{}, {"temperature": 0.7, "softcap": 3.0, "logit_scale": 1.3}], ids=["plain", "chain"])
+def test_row_lse_output_and_its_gradient_match_float64(dtype, head, backend, device):
+    """The op's log-sum-exp output (what a vocab-parallel rank combines; its gradient, the softmax, is folded into the
+    backward as the log-prob gradient minus it plus a term at the label column) against float64: its values, and
+    every gradient of sum(g * logp + g_lse * lse + g_ent * entropy), with several
+    vocabulary chunks (a small memory budget), a bias, ignored rows and NaN-poisoned upstream gradients at them."""
+    hidden, weight, bias, labels = make_inputs((3, 37), 40, 1031, dtype, device)
+    labels[1] = IGNORE  # a fully ignored row
+    full = {"temperature": 1.0, "softcap": None, "logit_scale": 1.0, **head}
+    spec = linear_module._Head(IGNORE, full["temperature"], full["softcap"], full["logit_scale"], 2**16)
+    outputs = linear_kernels.Outputs(entropy=True)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    logp, entropy, _, _, _, lse = linear_module._LinearTokenLogprobs.apply(
+        leaves[0], leaves[1], leaves[2], labels, spec, outputs, True
+    )
+    g, g_lse, g_ent = (torch.randn(labels.shape, device=device) for _ in range(3))
+    ignored = labels == IGNORE
+    g_lse[ignored] = float("nan")  # the gradient at rows without a label is never read
+    (g * logp + g_lse * lse + g_ent * entropy).sum().backward()
+
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
+    z64 = ref.linear_logits(*leaves64, **full)
+    lse64 = torch.logsumexp(z64, -1)
+    logp64 = ref.linear_token_logprobs(*leaves64[:2], labels, leaves64[2], IGNORE, **full)
+    ent64 = ref.linear_token_entropy(*leaves64, **full)
+    (g * logp64 + torch.where(ignored, 0.0, g_lse) * lse64 + g_ent * ent64).sum().backward()
+    assert rel_err(lse, lse64) < VALUE_RTOL[dtype] * 10  # every row: the entropy scores the ignored ones too
+    assert rel_err(logp, logp64) < VALUE_RTOL[dtype] * 10
+    for leaf, leaf64, name in zip(leaves, leaves64, ("hidden", "weight", "bias")):
+        assert torch.isfinite(leaf.grad).all(), name
+        assert rel_err(leaf.grad, leaf64.grad) < GRAD_RTOL[dtype], name
+
+
 def test_loss_kernels_read_padding_only_where_the_rows_own_it(device):
     """The kernels' loads stop at padded_width(V) only for views whose every row, the last included, owns that many
     elements; otherwise at V, so nothing past the allocation is read."""

@@ -139,9 +139,9 @@ def stats_main(rank: int, world: int, V: int, backend: str) -> None:
 
 
 def logprobs_main(rank: int, world: int, V: int, backend: str) -> None:
-    """linear_token_logprobs without extras (ignored rows are not scored) and without a bias, fp32 and bf16 (the
-    label-logit gradient reaches the weight sparse, added into the op's dense d weight in its dtype), against float64
-    on the same (bf16-rounded) inputs."""
+    """linear_token_logprobs without extras (ignored rows are not scored) and without a bias, fp32 and bf16 (d logits
+    in bf16 with the slice's log-sum-exp gradient added at the label columns), grad_output != 1, against float64 on
+    the same (bf16-rounded) inputs."""
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         hidden, weight = (t.to(dtype) for t in _inputs(V, world)[:2])
         labels = _inputs(V, world)[3]
@@ -507,7 +507,7 @@ def ops_main(rank: int, world: int, V: int, backend: str) -> None:
 def tp1_ops_main(rank: int, world: int, V: int, backend: str) -> None:
     """TP = 1: linear_token_stats (every extra, softcap/scale/temperature, a bias) and linear_token_logprobs on a
     Shard(0) weight of a one-rank "tp" mesh equal the plain op on the same weight bit for bit, forward and gradients
-    (one slice is the whole vocabulary: the plain op runs on it, with no label-logit recompute and no combining), and
+    (one slice is the whole vocabulary: the plain op runs on it, with no combining and no argmax-logit gather), and
     no collective runs."""
     hidden, weight, bias, labels = _inputs(V, world)
     w = distribute_tensor(weight, _tp_mesh(world), [Shard(0)]).requires_grad_(True)
@@ -527,13 +527,13 @@ def tp1_ops_main(rank: int, world: int, V: int, backend: str) -> None:
 
     calls: list = []
     restore = _count_collectives(calls)
-    real = vocab_parallel.combine_vocab_stats, vocab_parallel._RowLogits
-    vocab_parallel.combine_vocab_stats = vocab_parallel._RowLogits = None  # TP = 1 must not reach them
+    real = vocab_parallel.combine_vocab_stats, vocab_parallel._row_logits
+    vocab_parallel.combine_vocab_stats = vocab_parallel._row_logits = None  # TP = 1 must not reach them
     try:
         stats, logp, dh = run(w, b)
     finally:
         restore()
-        vocab_parallel.combine_vocab_stats, vocab_parallel._RowLogits = real
+        vocab_parallel.combine_vocab_stats, vocab_parallel._row_logits = real
     assert calls == [], calls
     w_plain, b_plain = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
     ref, ref_logp, ref_dh = run(w_plain, b_plain)
