@@ -291,8 +291,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             label_term = None
             if dlse is not None:
                 # d lse / dz = p = onehot - (onehot - p): the log-prob gradient's form, taken with g - g_lse, plus
-                # g_lse * dz/da at the label column of each chunk (`_add_at_labels`). No kernel change: one more
-                # [rows] vector would cost the backward kernel registers it does not have on sm_80.
+                # g_lse * dz/da at the label column of each chunk (`_add_at_labels`): O(rows) work, and the backward
+                # kernels keep their signature (their entropy variants sit at sm_80's register limit, see _TILES).
                 g_lse = torch.where(ignored, 0.0, dlse.reshape(-1)[rows].float())
                 g = g - g_lse
                 label_term = g_lse * _dz_da_at(logp.reshape(-1)[rows] + lse, head)
