@@ -52,7 +52,7 @@ from fastalign.dpo import (
     sequence_logps,
 )
 from fastalign.ift import check_gamma, ift_loss
-from fastalign.kernels.fused_linear_loss import logits_grad, logits_stats, padded_width
+from fastalign.kernels.fused_linear_loss import logits_grad, logits_stats, padded_bias, padded_width
 from fastalign.kernels.linear_logprobs import Outputs
 from fastalign.linear_logprobs import (
     _TORCH_BLOCK_ELEMENTS,
@@ -327,7 +327,8 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         H, V = x.shape[2], weight.shape[0]
         dev = x.device
         weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-        bias = None if bias is None else bias.contiguous()
+        # The kernels read the bias 16 bytes at a time from a padded copy (V elements); the torch path as it is.
+        bias = padded_bias(bias) if plan.use_kernels else None if bias is None else bias.contiguous()
         order = _unit_order(objective, R)
         shard = plan.shard
         vocab = V if shard is None else shard.vocab

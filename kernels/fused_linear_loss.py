@@ -50,12 +50,13 @@ def _logits_row_tile(
 ):
     """(columns o_v, their mask o_v < V, z = chain(a + bias) in fp32) of row i_m's BLOCK_V logits from column v0.
 
-    The loads of a stop at `width` >= V, not V: a padded row's width is a multiple of 16, so even at an odd V the
-    mask keeps whole 16-byte vectors (o_v < V would cut them to one element). z past V is garbage: callers mask it."""
+    The loads of a and bias stop at `width` >= V, not V: a padded row's width is a multiple of 16, so even at an odd
+    V the mask keeps whole 16-byte vectors (o_v < V would cut them to one element). z past V is garbage: callers
+    mask it."""
     o_v = v0 + tl.arange(0, BLOCK_V)
     m_v = o_v < V
     a = tl.load(p_a + i_m * stride_a + o_v, mask=o_v < width, other=0.0)
-    b_bias = tl.load(p_bias + o_v, mask=m_v, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    b_bias = tl.load(p_bias + o_v, mask=o_v < width, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     return o_v, m_v, _logit_chain(a, b_bias, logit_scale, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
 
 
@@ -196,15 +197,26 @@ def padded_width(V: int) -> int:
     return triton.cdiv(V, 16) * 16
 
 
-def _width(V: int, *buffers: torch.Tensor) -> int:
+def _width(V: int, *buffers: torch.Tensor | None) -> int:
     """padded_width(V) if every [M, V] buffer is a view of rows padded to it (each row owns its padding, and the last
-    row's padding is allocated), else V."""
+    row's padding is allocated) and every [V] one (the bias) is followed by its padding, else V; None: no buffer."""
     width = padded_width(V)
     for t in buffers:
-        end = t.storage_offset() + (t.shape[0] - 1) * t.stride(0) + width
-        if t.stride(0) < width or end * t.element_size() > t.untyped_storage().nbytes():
+        if t is None:
+            continue
+        last_row = (t.shape[0] - 1) * t.stride(0) if t.dim() == 2 else 0
+        end = t.storage_offset() + last_row + width
+        if (t.dim() == 2 and t.stride(0) < width) or end * t.element_size() > t.untyped_storage().nbytes():
             return V
     return width
+
+
+def padded_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """bias [V] copied into the [:V] view of a buffer of padded_width(V) elements, so the kernels load it 16 bytes at
+    a time at any V too (once per call: V elements)."""
+    if bias is None:
+        return None
+    return torch.empty(padded_width(bias.shape[0]), device=bias.device, dtype=bias.dtype)[: bias.shape[0]].copy_(bias)
 
 
 def _check_rows(a: torch.Tensor, bias: torch.Tensor | None, **vectors: torch.Tensor | None) -> None:
@@ -255,7 +267,7 @@ def logits_stats(
             lse if mean is None else mean,
             a.stride(0),
             V,
-            _width(V, a),
+            _width(V, a, bias),
             *_chain_args(temperature, softcap, logit_scale),
             BLOCK_V=_BLOCK_V,
             HAS_BIAS=bias is not None,
@@ -307,7 +319,7 @@ def logits_grad(
         a.stride(0),
         out.stride(0),
         V,
-        _width(V, a, out),
+        _width(V, a, out, bias),
         1.0 / (V if vocab is None else vocab),
         *_chain_args(temperature, softcap, logit_scale),
         BLOCK_V=_BLOCK_V,
@@ -326,7 +338,7 @@ def _launch_case(dtype: torch.dtype, M: int, V: int, features: bool) -> None:
     inputs' dtype (a buffer of its own for bf16/fp16, over the logits for fp32), both with padded rows as the fast
     path allocates them. With `features`: bias, softcap, every extra and label smoothing's mean term."""
     a, labels = meta(M, padded_width(V))[:, :V], meta(M, dtype=torch.int64)
-    bias, softcap = (meta(V, dtype=dtype), 30.0) if features else (None, None)
+    bias, softcap = (meta(padded_width(V), dtype=dtype)[:V], 30.0) if features else (None, None)  # as `padded_bias`
     lse, *_ = logits_stats(a, bias, labels, 1.0, softcap, 1.0, Outputs(*[features] * 4))
     out = a if dtype == torch.float32 else meta(M, padded_width(V), dtype=dtype)[:, :V]
     coef_mean = meta(M) if features else None

@@ -428,7 +428,7 @@ def _padded(M, V, dtype, device):
 def test_loss_kernels_on_padded_rows_match_float64(V, device):
     """logits_stats and logits_grad (the fast fused-linear losses' elementwise kernels) at an odd V (the interpreter's
     256-column tiles: a partial last tile whose loads stop at the padded width 1040) and at V = 1040 (no padding), on
-    padded rows with NaN in the padding (the kernels read it and must drop it) and on contiguous rows, with bias,
+    padded rows and bias with NaN in the padding (the kernels read it and must drop it) and on contiguous ones, with
     softcap, temperature, logit_scale and every extra; d logits in bf16 into a padded buffer of its own and in place
     over fp32 logits; every output against float64."""
     M, head = 6, {"temperature": 0.7, "softcap": 3.0, "logit_scale": 1.3}
@@ -455,8 +455,9 @@ def test_loss_kernels_on_padded_rows_match_float64(V, device):
     args = (head["temperature"], head["softcap"], head["logit_scale"])
     padded = _padded(M, V, torch.float32, device).copy_(a)
     assert loss_kernels._width(V, padded) == loss_kernels.padded_width(V)
-    for layout, rows in (("padded", padded), ("contiguous", a.clone())):
-        stats = loss_kernels.logits_stats(rows, bias, labels, *args, linear_kernels.Outputs(*[True] * 4))
+    nan_padded_bias = torch.full((loss_kernels.padded_width(V),), float("nan"), device=device)[:V].copy_(bias)
+    for layout, rows, b in (("padded", padded, nan_padded_bias), ("contiguous", a.clone(), bias)):
+        stats = loss_kernels.logits_stats(rows, b, labels, *args, linear_kernels.Outputs(*[True] * 4))
         for name, got, want in zip(("lse", "z_label", "entropy", "argmax", "log_sum_sq", "mean"), stats, expected):
             if name == "argmax":
                 assert torch.equal(got, want), layout
@@ -468,9 +469,9 @@ def test_loss_kernels_on_padded_rows_match_float64(V, device):
             if layout == "padded"
             else torch.empty_like(rows, dtype=torch.bfloat16)
         )
-        loss_kernels.logits_grad(rows, out, bias, labels, lse, coef, coef_mean, *args)
+        loss_kernels.logits_grad(rows, out, b, labels, lse, coef, coef_mean, *args)
         assert rel_err(out, da64) < GRAD_RTOL[torch.bfloat16], layout
-        loss_kernels.logits_grad(rows, rows, bias, labels, lse, coef, coef_mean, *args)  # in place, fp32
+        loss_kernels.logits_grad(rows, rows, b, labels, lse, coef, coef_mean, *args)  # in place, fp32
         assert rel_err(rows, da64) < 1e-5, layout
 
 
@@ -548,6 +549,12 @@ def test_loss_kernels_read_padding_only_where_the_rows_own_it(device):
         (4, V), (width, 1)
     )  # the last row's padding is missing
     assert loss_kernels._width(V, short) == V
+    # The bias: its padded copy is read up to the padded width, a plain [V] bias only to V; None is no buffer.
+    bias = torch.randn(V, device=device)
+    padded = loss_kernels.padded_bias(bias)
+    assert torch.equal(padded, bias) and padded.untyped_storage().nbytes() == 4 * width
+    assert loss_kernels._width(V, rows, padded) == width and loss_kernels._width(V, rows, None) == width
+    assert loss_kernels._width(V, rows, bias) == V
 
 
 def test_fast_path_gemms_write_the_padded_views_in_place(device):
