@@ -233,6 +233,8 @@ def main(budget: float = 300, rehearse: bool = False, out: str | None = None) ->
     print(f"benchmarks: {len(cases)} cases, for {max(0.0, clock.left() - RESERVE_SECONDS):.0f} s", flush=True)
     records, skipped, ceilings = bench.run_cases(env, cases, deadline=clock.deadline - RESERVE_SECONDS)
     bench.print_table(records, ceilings)
+    if rehearse:  # the kernels ran in Triton's interpreter: the table proves the code path, not the speed
+        print("rehearsal: fastalign's rows ran the Triton interpreter, so their times say nothing about speed")
     cut += [f"{s['case']}: {s['reason']}" for s in skipped]
 
     path = Path(out) if out else (work / "results.json" if rehearse else results_path(meta["device"]))
