@@ -1,6 +1,6 @@
 """Every python snippet of README.md runs as written, copied alone: each in a fresh namespace, in an empty
-temporary directory, on the torch path a CPU user gets (no interpreter). Blocks that must not run carry another
-fence language (bash, text)."""
+temporary directory, on the torch path a CPU user gets (no interpreter); so does every bash block that writes its
+own script and runs it. Other blocks carry another fence language (text) or are install and launch commands (bash)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def test_every_block_is_marked():
     assert languages.count("python") >= 10
     ids = {param.id for param in snippets()}
     assert set(NOT_YET) <= ids, sorted(set(NOT_YET) - ids)
+    assert any("torchrun" in param.values[0] for param in self_contained_shell_blocks())  # the tensor-parallel one
 
 
 @pytest.fixture
@@ -81,3 +82,26 @@ def test_snippet_runs_as_written(code, tmp_path, monkeypatch, one_thread):
     finally:
         if "fastalign.integrations.trl_patch" in sys.modules:  # "Use with TRL" patches TRL for the process
             sys.modules["fastalign.integrations.trl_patch"].unpatch_trl()
+
+
+def self_contained_shell_blocks() -> list:
+    """The bash blocks that write their own script (`cat > file <<'EOF'`) and then run it: runnable as written."""
+    return [
+        pytest.param(code, id=heading)
+        for heading, language, code in blocks()
+        if language == "bash" and "<<'EOF'" in code
+    ]
+
+
+@pytest.mark.parametrize("code", self_contained_shell_blocks())
+def test_self_contained_shell_block_runs_as_written(code, tmp_path):
+    """E.g. the tensor-parallel example: its script, then `torchrun --nproc_per_node 2` on 2 CPU processes (gloo)."""
+    import subprocess
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("TRITON_INTERPRET", None)  # a CPU user's run: the torch path
+    result = subprocess.run(
+        ["bash", "-e", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip(), "the block printed nothing"
