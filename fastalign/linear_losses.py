@@ -272,7 +272,7 @@ def _row_stats(a, bias, labels, head: _Head, outputs: Outputs, plan: _Fast):
     of the chunk buffer a [rows, V] (fp32 raw logits) with labels [rows] in [0, vocab), over the whole vocabulary.
 
     Vocab-parallel: a holds this rank's slice; its statistics are combined across the group (one all-gather of
-    <= 8 floats per row), and the labels for `_dlogits` are local to the slice, -1 where another rank's slice holds
+    <= 9 floats per row), and the labels for `_dlogits` are local to the slice, -1 where another rank's slice holds
     the label. The torch path's buffer then holds log p over the whole vocabulary, as `_torch_dlogits` expects."""
     shard = plan.shard
     if shard is None:
@@ -289,6 +289,7 @@ def _row_stats(a, bias, labels, head: _Head, outputs: Outputs, plan: _Fast):
         lse_r,
         torch.where(here, z_label - lse_r, 0.0),
         here,
+        labels=labels,
         entropy=entropy,
         argmax_logit=argmax_logit,
         argmax_index=None if argmax is None else argmax + shard.start,

@@ -158,7 +158,7 @@ def _torch_bwd(x, dx, labels, lse, logp, dlogp, entropy, dentropy, ignore_index,
 # ---------------------------------------------------------------------------------------------
 # Vocabulary-parallel logits: a DTensor sharded on its last dim. Each rank runs the ordinary pass over its slice (the
 # kernels take the slice's offset: labels stay global ids), then only per-row statistics cross the mesh: one
-# all-gather of float64 [k, N], k <= 8, combined by fastalign.vocab_parallel.combine_vocab_stats (the formulas are
+# all-gather of float64 [k, N], k <= 9, combined by fastalign.vocab_parallel.combine_vocab_stats (the formulas are
 # in that module's docstring; the vocab-parallel head uses the same function).
 # The backward needs no communication: given the whole vocabulary's lse, log-prob and entropy (saved), each rank
 # writes its slice of d logits, and the upstream gradients are the same on every rank (the outputs are replicated).
@@ -215,6 +215,7 @@ def _combine_shards(shard, x, labels, ignore_index, temperature, logp, lse, entr
         lse,
         logp,  # 0 where this slice does not hold the label (the kernels' convention)
         _local_labels(labels, ignore_index, shard.start, V)[1],
+        labels=labels,
         entropy=entropy,
         argmax_logit=argmax_logit,
         argmax_index=argmax_index,

@@ -93,6 +93,7 @@ def combine_vocab_stats(
     logprob: torch.Tensor,
     owned: torch.Tensor,
     *,
+    labels: torch.Tensor,
     entropy: torch.Tensor | None = None,
     argmax_logit: torch.Tensor | None = None,
     argmax_index: torch.Tensor | None = None,
@@ -111,6 +112,10 @@ def combine_vocab_stats(
             others (a NaN there stays NaN); differentiable. The whole vocabulary's is the owner's
             logprob + (lse_r - lse), exact where p is near 1 (label logit - lse would cancel there).
         owned: bool, whether this rank's slice holds the row's label (False for ignored rows everywhere).
+        labels: int64, the rows' labels as the caller got them (global vocabulary ids or the ignore index). They
+            must be the same on every rank: the group shares its rows, and a rank scoring other tokens (its own
+            sampled completions, say) would mix their statistics into a silently wrong answer. They travel with the
+            statistics, and every rank raises ValueError when they differ.
         entropy: entropy of the softmax over the slice; differentiable. Optional.
         argmax_logit, argmax_index: the slice's largest logit and its global vocabulary index (the first maximum);
             together or not at all. NaN counts as -inf (the kernels' max skips NaN). Not differentiable.
@@ -119,8 +124,8 @@ def combine_vocab_stats(
 
     Returns the VocabStats of the whole vocabulary (float32; argmax int64, the first maximum as torch.argmax),
     the same on every rank: the gradients of lse, logprob and entropy reach the per-rank inputs. Works under
-    no_grad as well. Communication: one all-gather of float64 [k, N] per rank, with k <= 8 the number of
-    statistics given.
+    no_grad as well. Communication: one all-gather of float64 [k, N] per rank, with k <= 9 the number of
+    statistics given and the labels.
     """
     if (argmax_logit is None) != (argmax_index is None):
         raise ValueError("argmax_logit and argmax_index go together: give both or neither")
@@ -130,6 +135,7 @@ def combine_vocab_stats(
         "lse": lse,
         "logprob": logprob,
         "owned": owned.detach(),
+        "labels": labels.detach(),
         "entropy": entropy,
         "argmax_logit": argmax_logit,
         "argmax_index": None if argmax_index is None else argmax_index.detach(),
@@ -140,6 +146,12 @@ def combine_vocab_stats(
     # float64 carries vocabulary indices exactly and keeps the combination's rounding below fp32's.
     parts = torch.stack([given[name].double() for name in names])
     gathered = dict(zip(names, _AllGatherReplicated.apply(parts, group).unbind(1)))  # [ranks, N] each
+    if bool((gathered["labels"] != gathered["labels"][:1]).any()):  # the same verdict on every rank
+        raise ValueError(
+            "labels differ across the tensor-parallel group: a vocab-parallel head needs the same rows (hidden "
+            "states and labels) on every rank of the group, as ColwiseParallel's replicated input (e.g. give every "
+            "rank the same batch, and the same sampled completions)"
+        )
 
     lse_r = gathered["lse"]
     total = torch.logsumexp(lse_r, 0)
@@ -317,6 +329,7 @@ def linear_head_stats(hidden, weight, labels, bias, head, outputs, shard: VocabS
         torch.where(keep, lse_r.reshape(-1), 0.0),
         torch.where(here, logp_r.reshape(-1), 0.0),
         here,
+        labels=flat,
         entropy=None if entropy_r is None else entropy_r.reshape(-1),
         argmax_logit=argmax_logit,
         argmax_index=argmax_index,

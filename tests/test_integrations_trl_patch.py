@@ -609,9 +609,9 @@ def _run_tp_worker(out: Path, kind: str, *args: str, ranks: int = 1) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sft", "dpo"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "kto"])
 def test_stock_trainer_trains_under_tensor_parallelism(kind, tmp_path):
-    """trl.SFTTrainer / trl.DPOTrainer end to end on 2 gloo processes (torchrun), the model loaded with
+    """trl.SFTTrainer / trl.DPOTrainer / trl.KTOTrainer end to end on 2 gloo processes (torchrun), the model loaded with
     transformers' own `tp_plan="auto"` (lm_head Shard(0) on "tp", odd V), `patch_trl()`: the run completes, the
     fused head ran fastalign's op on the sharded weight every call (policy and reference) and nothing V x H was
     gathered; the logged losses equal TRL's own path on one unsharded process (step 0 included) and the two ranks
@@ -619,7 +619,8 @@ def test_stock_trainer_trains_under_tensor_parallelism(kind, tmp_path):
     [(reference, reference_params)] = _run_tp_worker(tmp_path / "one", kind, "--trl-own")
     ranks = _run_tp_worker(tmp_path / "tp", kind, ranks=2)
     assert reference["op_calls"] == 0 and reference["lm_head"]["type"] == "Parameter"
-    calls = TP_STEPS * (2 if kind == "dpo" else 1)  # DPO: the policy's and the reference's forward
+    # DPO: the policy's and the reference's forward; KTO: each on the completions and on the KL's mismatched pairs.
+    calls = TP_STEPS * {"sft": 1, "dpo": 2, "kto": 4}[kind]
     V, H = reference_params["lm_head.weight"].shape
     assert V % 2 == 1  # the slices differ in size
     for rank, (record, _) in enumerate(ranks):
@@ -641,3 +642,14 @@ def test_stock_trainer_trains_under_tensor_parallelism(kind, tmp_path):
     for name, value in first_params.items():
         assert torch.equal(value, second_params[name]), name
         assert rel_err(value, reference_params[name]) < GRAD_RTOL, name
+
+
+@pytest.mark.slow
+def test_grpo_under_tensor_parallelism_refuses_rows_that_differ_across_the_group(tmp_path):
+    """trl.GRPOTrainer on 2 gloo processes with a tp_plan="auto" model: TRL 1.16 hands the two ranks of the TP group
+    different completions, so a vocab-parallel head would combine statistics of different tokens. Under patch_trl()
+    every rank raises fastalign's ValueError naming the cause, instead of training on a silently wrong loss."""
+    _run_tp_worker(tmp_path / "one", "grpo", "--trl-own")  # writes the model
+    result = run_script(TP_WORKER, ["grpo", str(tmp_path / "tp")], cwd=tmp_path, ranks=2)
+    assert result.returncode != 0
+    assert "labels differ across the tensor-parallel group" in result.stderr, result.stderr[-4000:]

@@ -47,7 +47,7 @@ def test_not_vocab_parallel_without_a_tp_dim():
 def test_combine_needs_both_argmax_halves():
     with pytest.raises(ValueError, match="argmax_logit and argmax_index"):
         owned = torch.zeros(2, dtype=torch.bool)
-        vp.combine_vocab_stats(None, torch.zeros(2), torch.zeros(2), owned, argmax_logit=torch.zeros(2))
+        vp.combine_vocab_stats(None, torch.zeros(2), torch.zeros(2), owned, labels=owned, argmax_logit=torch.zeros(2))
 
 
 def test_patch_trl_fused_head_with_colwise_parallel_head():

@@ -4,7 +4,7 @@ tests/test_integrations_trl_patch.py (issue 15):
     python tests/trl_tp_worker.py KIND OUT [--trl-own]                     (one process: the reference)
     torchrun --nproc_per_node 2 tests/trl_tp_worker.py KIND OUT            (ACCELERATE_USE_CPU=true: gloo)
 
-KIND: sft or dpo. On 2 processes the model is loaded as a user loads it for tensor parallelism,
+KIND: sft, dpo, kto or grpo. On 2 processes the model is loaded as a user loads it for tensor parallelism,
 `from_pretrained(path, tp_plan="auto")` (transformers' Llama plan: lm_head "colwise_gather_output", its weight a
 Shard(0) DTensor on the mesh dim "tp"); the Trainer then builds accelerate's ParallelismConfig(tp_size=2) from the
 model, so both ranks read the same batches. One thing is shimmed, the one that blocks this mode on a CPU:
@@ -33,7 +33,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch  # noqa: E402
 from utils import QUIET_TRAINING  # noqa: E402  (this script's directory is on sys.path)
 
-KINDS = ("sft", "dpo")
+KINDS = ("sft", "dpo", "kto", "grpo")
 STEPS = 3
 
 
@@ -122,6 +122,41 @@ def main() -> None:
         args = trl.SFTConfig(per_device_train_batch_size=8, learning_rate=1e-2, **common)
         trainer = trl.SFTTrainer(
             model=model, args=args, train_dataset=datasets.Dataset.from_list(data), processing_class=tok
+        )
+    elif a.kind == "kto":
+        data = [
+            {"prompt": r["prompt"], "completion": r[key], "label": key == "chosen"}
+            for r in rows[:16]
+            for key in ("chosen", "rejected")
+        ]
+        args = trl.KTOConfig(per_device_train_batch_size=8, learning_rate=5e-3, beta=0.5, **common)
+        trainer = trl.KTOTrainer(
+            model=model,
+            ref_model=load(),
+            args=args,
+            train_dataset=datasets.Dataset.from_list(data),
+            processing_class=tok,
+        )
+    elif a.kind == "grpo":
+        args = trl.GRPOConfig(
+            per_device_train_batch_size=16,
+            learning_rate=2e-2,
+            num_generations=4,
+            max_completion_length=8,
+            beta=0.04,
+            temperature=0.8,
+            **common,
+        )
+
+        def even_tokens(completion_ids, **kwargs):  # a toy reward: the share of even token ids
+            return [sum(t % 2 == 0 for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+        trainer = trl.GRPOTrainer(
+            model=model,
+            reward_funcs=even_tokens,
+            args=args,
+            train_dataset=datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in rows[:64]]),
+            processing_class=tok,
         )
     else:
         args = trl.DPOConfig(per_device_train_batch_size=4, learning_rate=5e-3, beta=0.5, **common)

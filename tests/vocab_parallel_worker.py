@@ -15,7 +15,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastalign import DPOLoss, IFTLoss, KTOLoss, linear_token_logprobs, linear_token_stats, vocab_parallel
+from fastalign import (
+    DPOLoss,
+    IFTLoss,
+    KTOLoss,
+    linear_token_logprobs,
+    linear_token_stats,
+    token_logprobs,
+    vocab_parallel,
+)
 from fastalign._backend import forced_backend
 from fastalign.linear_losses import (
     cross_entropy_from_hidden,
@@ -111,10 +119,10 @@ def stats_main(rank: int, world: int, V: int, backend: str) -> None:
     finally:
         restore()
     N = B * T
-    # Per call: one all-gather of at most 8 statistics per row (the label's log-prob goes with its owner's flag), then
-    # the all-reduce of d hidden (rows x H).
+    # Per call: one all-gather of at most 9 values per row (8 statistics, the label's log-prob with its owner's flag,
+    # and the label, checked equal across the group), then the all-reduce of d hidden (rows x H).
     assert [name for name, _ in calls] == ["all_gather", "all_reduce"], calls
-    assert calls[0][1] <= 8 * N and calls[1][1] == N * H, calls
+    assert calls[0][1] <= 9 * N and calls[1][1] == N * H, calls
 
     h64, w64, b64 = (t.double().requires_grad_(True) for t in (hidden, weight, bias))
     z = linear_logits(h64, w64, b64, **HEAD)
@@ -261,7 +269,7 @@ def fast_losses_main(rank: int, world: int, V: int, backend: str) -> None:
     """The fast strategy on the vocab-parallel weight (and bias) against the same loss on the full weight in one
     process: loss, metrics, d hidden, this rank's d weight and d bias slices; auto with the default budget (it
     takes fast), and fast with a budget that cuts a pair into slices of rows. The collectives inside the forward
-    are counted: per chunk one all-gather of at most 8 floats per row and the all-reduce of the chunk's d hidden,
+    are counted: per chunk one all-gather of at most 9 floats per row and the all-reduce of the chunk's d hidden,
     nothing V-sized (lean would communicate in the backward only)."""
     hidden, weight, bias, labels = _loss_inputs(V, world)
     R, T_ = labels.shape
@@ -290,7 +298,7 @@ def fast_losses_main(rank: int, world: int, V: int, backend: str) -> None:
                 assert not calls, (name, calls)
             else:
                 assert calls and {c for c, _ in calls} == {"all_gather", "all_reduce"}, (name, calls)
-                assert all(n <= 8 * R * T_ for c, n in calls if c == "all_gather"), (name, calls)
+                assert all(n <= 9 * R * T_ for c, n in calls if c == "all_gather"), (name, calls)
                 assert sum(n for c, n in calls if c == "all_reduce") == (labels != IGNORE).sum() * H, (name, calls)
 
             w1, h1 = weight.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
@@ -458,6 +466,22 @@ def errors_main(rank: int, world: int) -> None:
         assert "outside [0, 37)" in str(e), e
     else:
         raise AssertionError("a label outside [0, V) must raise")
+    # Ranks scoring different rows (e.g. each its own sampled completions) would mix statistics of different tokens:
+    # every rank raises, on the head, the fast losses and Shard(-1) logits alike.
+    mine = labels.clone()
+    mine[0, 0] = rank
+    logits = distribute_tensor(linear_logits(hidden, weight), mesh, [Shard(-1)])
+    for name, call in (
+        ("head", lambda: linear_token_logprobs(hidden, w, mine)),
+        ("fast loss", lambda: cross_entropy_from_hidden(hidden, w, mine, strategy="fast")),
+        ("Shard(-1) logits", lambda: token_logprobs(logits, mine)),
+    ):
+        try:
+            call()
+        except ValueError as e:
+            assert "labels differ across the tensor-parallel group" in str(e), (name, e)
+        else:
+            raise AssertionError(f"{name}: labels that differ across the group must raise")
 
 
 def causal_lm_main(rank: int, world: int) -> None:
@@ -675,9 +699,9 @@ def _trl_check(rank: int, world: int, compact: bool) -> None:
     assert seen == ["DTensor(Shard(dim=0),)"], seen  # fastalign's op ran once, on the weight's local slice
     mask = labels[:, 1:] != -100
     N, H = int(mask.sum()) if compact else mask.numel(), model.config.hidden_size
-    # Only per-row statistics (<= 8 per row) and d hidden (rows x H) cross the group: never the weight (V x H).
+    # Only per-row values (<= 9 per row) and d hidden (rows x H) cross the group: never the weight (V x H).
     assert [name for name, _ in calls] == ["all_gather", "all_reduce"], calls
-    assert calls[0][1] <= 8 * N and calls[1][1] == N * H, (calls, N, H)
+    assert calls[0][1] <= 9 * N and calls[1][1] == N * H, (calls, N, H)
 
     for field in ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits"):
         x, y = getattr(out, field), getattr(expected, field)
