@@ -2,8 +2,8 @@
 
 A rank computes its slice's per-row statistics with the ordinary single-device op, and only those cross the
 group: one all-gather of a few floats per row (log-sum-exp, the label's log-prob and owner, and the entropy,
-argmax and extras when asked for), never logits-sized or weight-sized tensors. With lse_r the log-sum-exp of rank
-r's slice and w_r = exp(lse_r - lse):
+argmax and extras when asked for, and the label itself, which every rank checks is the same on all), never
+logits-sized or weight-sized tensors. With lse_r the log-sum-exp of rank r's slice and w_r = exp(lse_r - lse):
 
     lse = logsumexp_r lse_r            log p = the owning rank's (log p_r + lse_r - lse), exact where p is near 1
     entropy = lse - sum_r w_r (lse_r - entropy_r)                          argmax = the best of the ranks' argmaxes
