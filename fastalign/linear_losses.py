@@ -66,7 +66,7 @@ from fastalign.linear_logprobs import (
     linear_token_logprobs,
     linear_token_stats,
 )
-from fastalign.vocab_parallel import VocabShard, combine_vocab_stats, local_operands, vocab_shard
+from fastalign.vocab_parallel import VocabShard, check_same_rows, combine_vocab_stats, local_operands, vocab_shard
 
 STRATEGIES = ("auto", "fast", "lean")
 _NONE = Outputs()  # no per-token extras
@@ -268,7 +268,8 @@ def _logits_at(a, bias, columns, lse, head: _Head, use_kernels: bool) -> torch.T
 
 
 def _row_stats(a, bias, labels, head: _Head, outputs: Outputs, plan: _Fast):
-    """(lse, label log-probs, labels for `_dlogits`, {name: value} of _STAT_NAMES asked for in `outputs`) of the rows
+    """(lse, label log-probs, labels for `_dlogits`, {name: value} of _STAT_NAMES asked for in `outputs`, and when
+    vocab-parallel the combination's labels_differ flag, for `check_same_rows` after the chunks, else None) of the rows
     of the chunk buffer a [rows, V] (fp32 raw logits) with labels [rows] in [0, vocab), over the whole vocabulary.
 
     Vocab-parallel: a holds this rank's slice; its statistics are combined across the group (one all-gather of
@@ -277,7 +278,7 @@ def _row_stats(a, bias, labels, head: _Head, outputs: Outputs, plan: _Fast):
     shard = plan.shard
     if shard is None:
         lse, z_label, *values = _stats(a, bias, labels, head, outputs, plan.use_kernels)
-        return lse, z_label - lse, labels, dict(zip(_STAT_NAMES, values))
+        return lse, z_label - lse, labels, dict(zip(_STAT_NAMES, values)), None
     local = labels - shard.start
     here = (local >= 0) & (local < shard.size)
     lse_r, z_label, entropy, argmax, log_sum_sq, mean = _stats(
@@ -300,7 +301,8 @@ def _row_stats(a, bias, labels, head: _Head, outputs: Outputs, plan: _Fast):
         a += (lse_r - stats.lse)[:, None]
     mean_logits = None if stats.logit_sum is None else stats.logit_sum / shard.vocab
     values = (stats.entropy, stats.argmax, stats.log_sum_sq_probs, mean_logits)
-    return stats.lse, stats.logprob, torch.where(here, local, -1), dict(zip(_STAT_NAMES, values))
+    found = dict(zip(_STAT_NAMES, values))
+    return stats.lse, stats.logprob, torch.where(here, local, -1), found, stats.labels_differ
 
 
 def _dlogits(a, out, bias, labels, lse, coef, coef_mean, head: _Head, use_kernels: bool, vocab: int) -> None:
@@ -377,6 +379,7 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         a_buf = torch.empty(min(limit, rows.numel()), row, device=dev)[:, :V] if separate else None
 
         result = None
+        labels_differ = []  # vocab-parallel: whether the group's ranks scored different rows, per chunk
         with torch.autocast(dev.type, enabled=False):
             for i_chunk, (r0, r1, whole) in enumerate(chunks):
                 rows_c, n = rows[r0:r1], r1 - r0
@@ -390,7 +393,11 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                     s1 = min(n, s0 + limit) if not whole else n
                     a = a_buf[: s1 - s0] if separate else d[s0:s1]
                     _logits_into(a, h_c[s0:s1], weight)
-                    lse, logp_c[s0:s1], grad_labels, found = _row_stats(a, bias, lab_c[s0:s1], head, wanted, plan)
+                    lse, logp_c[s0:s1], grad_labels, found, differ = _row_stats(
+                        a, bias, lab_c[s0:s1], head, wanted, plan
+                    )
+                    if differ is not None:
+                        labels_differ.append(differ)
                     if mean_c is not None:
                         mean_c[s0:s1] = found["mean_logits"] - lse
                     for name, value in found.items():
@@ -422,6 +429,7 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                     for s0 in range(0, n, limit):  # fp32 products, a slice of rows at a time
                         db += coef[s0 : s0 + limit] @ d[s0 : s0 + limit].float()
 
+        check_same_rows(labels_differ)  # one host sync for every chunk's check
         if result is None:  # no scored row
             result = objective.loss_of(logps, {name: per_token[name] for name in objective.extras})
         loss, *metrics = result

@@ -202,7 +202,7 @@ def _combine_shards(shard, x, labels, ignore_index, temperature, logp, lse, entr
     """The whole vocabulary's (logp, lse, entropy, argmax, log_sum_sq, mean) from each rank's over its slice (the
     launchers' outputs, flat [N]), through `fastalign.vocab_parallel.combine_vocab_stats`: the math lives there.
     Every rank returns the same."""
-    from fastalign.vocab_parallel import combine_vocab_stats
+    from fastalign.vocab_parallel import check_same_rows, combine_vocab_stats
 
     V = x.shape[-1]
     argmax_logit = argmax_index = None
@@ -222,6 +222,7 @@ def _combine_shards(shard, x, labels, ignore_index, temperature, logp, lse, entr
         log_sum_sq_probs=log_sum_sq,
         logit_sum=None if mean is None else mean * V,
     )
+    check_same_rows([stats.labels_differ])
     mean = None if stats.logit_sum is None else stats.logit_sum / shard.vocab
     return stats.logprob, stats.lse, stats.entropy, stats.argmax, stats.log_sum_sq_probs, mean
 

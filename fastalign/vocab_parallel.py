@@ -85,6 +85,19 @@ class VocabStats:
     argmax: torch.Tensor | None = None
     log_sum_sq_probs: torch.Tensor | None = None
     logit_sum: torch.Tensor | None = None
+    labels_differ: torch.Tensor | None = None  # 0-d bool, on the device: for `check_same_rows`
+
+
+def check_same_rows(labels_differ: list[torch.Tensor]) -> None:
+    """Raises ValueError if any of `combine_vocab_stats`'s labels_differ flags is set (the same verdict on every
+    rank). The check's one host sync is the caller's, so that a loop of combinations (the fast losses' chunks) pays
+    it once, after its work is queued."""
+    if labels_differ and bool(torch.stack(labels_differ).any()):
+        raise ValueError(
+            "labels differ across the tensor-parallel group: a vocab-parallel head needs the same rows (hidden "
+            "states and labels) on every rank of the group, as ColwiseParallel's replicated input (e.g. give every "
+            "rank the same batch, and the same sampled completions)"
+        )
 
 
 def combine_vocab_stats(
@@ -115,7 +128,7 @@ def combine_vocab_stats(
         labels: int64, the rows' labels as the caller got them (global vocabulary ids or the ignore index). They
             must be the same on every rank: the group shares its rows, and a rank scoring other tokens (its own
             sampled completions, say) would mix their statistics into a silently wrong answer. They travel with the
-            statistics, and every rank raises ValueError when they differ.
+            statistics; the result's labels_differ says whether they differed, and `check_same_rows` raises.
         entropy: entropy of the softmax over the slice; differentiable. Optional.
         argmax_logit, argmax_index: the slice's largest logit and its global vocabulary index (the first maximum);
             together or not at all. NaN counts as -inf (the kernels' max skips NaN). Not differentiable.
@@ -146,12 +159,6 @@ def combine_vocab_stats(
     # float64 carries vocabulary indices exactly and keeps the combination's rounding below fp32's.
     parts = torch.stack([given[name].double() for name in names])
     gathered = dict(zip(names, _AllGatherReplicated.apply(parts, group).unbind(1)))  # [ranks, N] each
-    if bool((gathered["labels"] != gathered["labels"][:1]).any()):  # the same verdict on every rank
-        raise ValueError(
-            "labels differ across the tensor-parallel group: a vocab-parallel head needs the same rows (hidden "
-            "states and labels) on every rank of the group, as ColwiseParallel's replicated input (e.g. give every "
-            "rank the same batch, and the same sampled completions)"
-        )
 
     lse_r = gathered["lse"]
     total = torch.logsumexp(lse_r, 0)
@@ -172,7 +179,8 @@ def combine_vocab_stats(
             out["log_sum_sq_probs"] = torch.logsumexp(terms, 0)
         if logit_sum is not None:
             out["logit_sum"] = gathered["logit_sum"].sum(0)
-    return VocabStats(**{name: value if name == "argmax" else value.float() for name, value in out.items()})
+    stats = {name: value if name == "argmax" else value.float() for name, value in out.items()}
+    return VocabStats(**stats, labels_differ=(gathered["labels"] != gathered["labels"][:1]).any())
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -336,6 +344,7 @@ def linear_head_stats(hidden, weight, labels, bias, head, outputs, shard: VocabS
         log_sum_sq_probs=None if sq_r is None else sq_r.reshape(-1),
         logit_sum=None if mean_r is None else mean_r.reshape(-1) * shard.size,
     )
+    check_same_rows([stats.labels_differ])
     logprobs = stats.logprob  # 0 on ignored rows: no rank owns their label
     mean_logits = None if stats.logit_sum is None else stats.logit_sum / shard.vocab
     values = (logprobs, stats.entropy, stats.argmax, stats.log_sum_sq_probs, mean_logits)
