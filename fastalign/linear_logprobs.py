@@ -222,12 +222,9 @@ def _torch_dlogits(h32, weight, bias, lab, lse, g, entropy, gh, da, v0, head: _H
     else:
         p = logp.exp()
         torch.mul(logp, gh[:, None], out=da).add_((g + gh * entropy)[:, None]).mul_(p).neg_()
-    local = lab - v0
-    here = (local >= 0) & (local < da.shape[1])
-    da.scatter_add_(1, local.clamp(0, da.shape[1] - 1)[:, None], torch.where(here, g, 0.0)[:, None])
+    _add_at_labels(da, lab, v0, g)
     if head.softcap is not None:
-        th = z * (head.temperature / head.softcap)
-        da *= th.mul_(th).neg_().add_(1).mul_(head.logit_scale / head.temperature)
+        da *= _dz_da_at(z, head)
     elif head.logit_scale != head.temperature:
         da *= head.logit_scale / head.temperature
 
