@@ -30,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     gpu = sub.add_parser("gpu-check", help="on a GPU machine: compiled tests, target-size benchmarks, results JSON")
     gpu.add_argument("--budget", type=float, default=300, metavar="SECONDS", help="no case starts after this (300)")
     gpu.add_argument("--rehearse", action="store_true", help="the same steps on the CPU (Triton interpreter)")
-    gpu.add_argument("--out", metavar="PATH", help="results JSON (default benches/results/<gpu>-<date>.json)")
+    gpu.add_argument(
+        "--out",
+        metavar="PATH",
+        help="results JSON, or a folder for <gpu>-<date>.json and pytest's log (default: benches/results)",
+    )
 
     report = sub.add_parser("report", help="README's Performance table from the results files in benches/results")
     report.add_argument("--write", action="store_true", help="rewrite the table in README.md instead of printing it")

@@ -2,9 +2,11 @@
 
 On the GPU machine, from the repository root, with no network (fastalign need not be installed there):
 
-    FASTALIGN_COMMIT=<commit> python3 -m fastalign.cli gpu-check [--budget 300]
+    FASTALIGN_COMMIT=<commit> python3 -m fastalign.cli gpu-check [--budget 300] [--out FOLDER]
 
-(FASTALIGN_COMMIT names the commit where the copied tree has no .git.)
+(FASTALIGN_COMMIT names the commit where the copied tree has no .git. `--out` a folder, such as the device tool's
+$OUT, the only place whose files come back: the results go there under their usual name, with pytest's log beside
+them. `benches/gpu_run.sh` is that whole command.)
 
 In order, and no new step or case starts once the budget (seconds, from the start) is spent:
 0. Peers. If `.gpu-wheels/` exists (`benches/gpu_wheels.sh` fills it on a machine with network; carry it along), its
@@ -178,9 +180,9 @@ def prioritized(cases: list) -> list:
     return sorted(cases, key=lambda c: (rank[c.op, c.shape, c.dtype], suite_of[c.op]))
 
 
-def results_path(device: str) -> Path:
+def results_path(device: str, folder: Path = REPO / "benches" / "results") -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    return REPO / "benches" / "results" / f"{slug}-{datetime.date.today().isoformat()}.json"
+    return folder / f"{slug}-{datetime.date.today().isoformat()}.json"
 
 
 def _correctness(clock: Clock, rehearse: bool, log: Path, cut: list[str]) -> dict:
@@ -193,6 +195,10 @@ def _correctness(clock: Clock, rehearse: bool, log: Path, cut: list[str]) -> dic
     tests = run_tests(selection, seconds, "cpu" if rehearse else "cuda", log)
     cut_off = " (cut off by the budget)" if tests["cut_off_by_budget"] else ""
     print(f"correctness: {tests['outcomes']} in {tests['seconds']} s{cut_off}", flush=True)
+    if not tests["outcomes"]:  # pytest never got to a test (a usage error, a failed import): say why
+        tail = log.read_text(errors="replace").strip().splitlines()[-8:]
+        tests["log_tail"] = tail
+        print("\n".join(f"  pytest: {line}" for line in tail), flush=True)
     for test in tests["failed"]:
         print(f"  FAILED {test}")
     if cut_off:
@@ -227,7 +233,14 @@ def main(budget: float = 300, rehearse: bool = False, out: str | None = None) ->
     print("peers: " + ", ".join(f"{name} {peers[name]}" for name in PEERS) + note, flush=True)
     cut = [f"peer {name}: {peers[name]}" for name in PEERS if peers[name].startswith("missing")]
 
-    tests = _correctness(clock, rehearse, work / "pytest.log", cut)
+    if out and Path(out).is_dir():
+        path = results_path(meta["device"], Path(out))
+    elif out:
+        path = Path(out)
+    else:
+        path = work / "results.json" if rehearse else results_path(meta["device"])
+    # Beside the results when --out says where (on the GPU machine only $OUT comes back), else with the scratch files.
+    tests = _correctness(clock, rehearse, path.with_suffix(".pytest.log") if out else work / "pytest.log", cut)
 
     cases = prioritized(bench.collect_cases(env, REHEARSE_OPS if rehearse else None))
     print(f"benchmarks: {len(cases)} cases, for {max(0.0, clock.left() - RESERVE_SECONDS):.0f} s", flush=True)
@@ -237,7 +250,6 @@ def main(budget: float = 300, rehearse: bool = False, out: str | None = None) ->
         print("rehearsal: fastalign's rows ran the Triton interpreter, so their times say nothing about speed")
     cut += [f"{s['case']}: {s['reason']}" for s in skipped]
 
-    path = Path(out) if out else (work / "results.json" if rehearse else results_path(meta["device"]))
     seconds = round(time.monotonic() - clock.start, 1)
     summary = {"budget_s": budget, "rehearse": rehearse, "seconds": seconds, "peers": peers, "correctness": tests}
     bench.write_results(path, env, records, skipped, ceilings, gpu_check={**summary, "cut": cut})

@@ -185,6 +185,30 @@ def test_pytest_runner_counts_outcomes_and_stops_at_its_budget(tmp_path):
     assert done["cut_off_by_budget"] and done["returncode"] is None and time.monotonic() - start < 30
 
 
+def test_a_pytest_that_reaches_no_test_fails_the_check_and_says_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_check, "REHEARSE_SELECTION", (str(tmp_path / "test_missing.py"),))
+    tests = gpu_check._correctness(gpu_check.Clock(120), True, tmp_path / "log", [])
+    assert tests["outcomes"] == {} and tests["returncode"] not in (0, None)
+    assert any("test_missing.py" in line for line in tests["log_tail"])
+    assert "  pytest: " in capsys.readouterr().out
+
+
+def test_out_folder_gets_the_results_under_their_name_and_pytest_log_beside(tmp_path, monkeypatch):
+    # The GPU machine returns only the files under one folder ($OUT): `--out $OUT` must put everything there.
+    sample = tmp_path / "test_sample.py"
+    sample.write_text("def test_ok():\n    pass\n")
+    monkeypatch.setattr(gpu_check, "REHEARSE_SELECTION", (str(sample),))
+    monkeypatch.setattr(gpu_check, "REHEARSE_OPS", ["ift_loss"])
+    monkeypatch.setattr(gpu_check, "WHEELS_DIR", tmp_path / "no-wheels")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert gpu_check.main(budget=12, rehearse=True, out=str(out)) == 0
+    (results,) = out.glob("*.json")
+    assert results.name == gpu_check.results_path(json.loads(results.read_text())["device"], out).name
+    assert "test_sample.py::test_ok PASSED" in results.with_suffix(".pytest.log").read_text()
+    assert json.loads(results.read_text())["gpu_check"]["correctness"]["outcomes"] == {"PASSED": 1}
+
+
 def _wheel(folder, name="fastalign_fake_peer", version="1.0"):
     path = folder / f"{name}-{version}-py3-none-any.whl"
     dist = f"{name}-{version}.dist-info"
