@@ -170,6 +170,26 @@ class _VocabShard(NamedTuple):
     vocab: int  # the whole vocabulary
 
 
+class _LocalSlice(torch.autograd.Function):
+    """`dtensor.to_local()` whose gradient is a DTensor with the input's own placements, shape and strides. torch
+    2.11's `to_local` derives the gradient's strides from the local slice, which differ from the DTensor's when the
+    last dim splits unevenly (V = 1001 over 2 ranks); the leaf's gradient accumulation then copies it into a
+    Replicate DTensor: the whole [..., V] gradient all-gathered onto every rank."""
+
+    @staticmethod
+    def forward(ctx, dtensor: torch.Tensor) -> torch.Tensor:
+        ctx.spec = (dtensor.device_mesh, dtensor.placements, dtensor.shape, dtensor.stride())
+        local = dtensor.to_local()
+        return local.view_as(local)  # a fresh tensor object: autograd writes its metadata into it
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        mesh, placements, shape, stride = ctx.spec
+        return DTensor.from_local(grad, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
 def _vocab_shard(logits: torch.Tensor) -> tuple[torch.Tensor, _VocabShard | None]:
     """(this rank's logits, its _VocabShard) for a DTensor sharded on the vocabulary dim; (logits, None) otherwise."""
     if not torch.distributed.is_available():
@@ -190,7 +210,7 @@ def _vocab_shard(logits: torch.Tensor) -> tuple[torch.Tensor, _VocabShard | None
         )
     (mesh_dim,) = on_vocab
     mesh, V = logits.device_mesh, logits.shape[-1]
-    local = logits.to_local()
+    local = _LocalSlice.apply(logits)
     per_rank = -(-V // mesh.size(mesh_dim))  # DTensor splits as torch.chunk
     start = min(V, mesh.get_local_rank(mesh_dim) * per_rank)
     if local.shape[-1] == 0:

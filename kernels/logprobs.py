@@ -258,8 +258,10 @@ def _token_logprobs_fwd_kernel(
         # H = -sum p ln p with ln p = (d - log2 total) ln 2
         tl.store(p_entropy + i_n, (log2_total - tl.sum(w * (t + delta * s), 0) / total) * LN2)
     if RETURN_ARGMAX:
-        # The first maximum; a thread that saw only -inf or NaN holds 0, as does an all -inf or all-NaN row.
-        tl.store(p_argmax + i_n, tl.min(tl.where(m == row_max, best, V), 0).to(tl.int64))
+        # The first maximum; a thread that saw only -inf or NaN holds 0, as does an all -inf or all-NaN row. Where
+        # the max propagated a NaN (triton 3.6's interpreter does) no thread matches: 0 then too, never V.
+        first = tl.min(tl.where(m == row_max, best, V), 0)
+        tl.store(p_argmax + i_n, tl.where(first < V, first, 0).to(tl.int64))
     if RETURN_SUM_SQ:
         tl.store(p_log_sum_sq + i_n, (tl.log2(tl.sum(w * w * s2, 0)) - 2.0 * log2_total) * LN2)
     if RETURN_MEAN:

@@ -28,10 +28,11 @@ _real_empty_like = torch.empty_like
 
 
 def _poison(t: torch.Tensor) -> torch.Tensor:
-    if t.dtype.is_floating_point:
-        t.fill_(float("nan"))
-    elif t.dtype == torch.int64:
-        t.fill_(-(2**62))
+    with torch.no_grad():  # torch.empty(..., requires_grad=True) is a leaf (torch 2.11's checkpoint makes one)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        elif t.dtype == torch.int64:
+            t.fill_(-(2**62))
     return t
 
 

@@ -72,7 +72,9 @@ def main(rank: int, backend: str, world: int) -> None:
                 check(stats, expected)
                 loss = (stats.logprobs * g).sum() + ((stats.entropy * ge).sum() if extras else 0)
                 loss.backward()
-                assert sharded.grad.placements == (Shard(2),)
+                # This rank's slice only, in the logits' own layout: nothing gathered (torch 2.11's to_local did).
+                assert sharded.grad.placements == (Shard(2),) and sharded.grad.stride() == sharded.stride()
+                assert sharded.grad.to_local().shape == sharded.to_local().shape
                 grad = sharded.grad.full_tensor()
                 assert torch.isfinite(grad).all()
                 assert rel_err(grad, whole.grad) < GRAD_RTOL[dtype], rel_err(grad, whole.grad)
