@@ -498,10 +498,10 @@ def test_autocast_fast_computes_in_the_autocast_dtype(backend, device):
 # ----------------------------------------------------------------------------- the property fast relies on
 
 
-def _unit_gradient(loss_of, logps, unit_rows, other_rows):
-    """d loss / d logps at unit_rows, with the log-probs of other_rows perturbed."""
+def _unit_gradient(loss_of, logps, unit_rows, other_rows, shift):
+    """d loss / d logps at unit_rows, with shift added to the log-probs of other_rows."""
     perturbed = logps.clone()
-    perturbed[other_rows] += 10 * torch.randn_like(perturbed[other_rows])  # enough to reorder sorted margins
+    perturbed[other_rows] += shift
     leaf = perturbed.requires_grad_(True)
     (grad,) = torch.autograd.grad(loss_of(leaf), leaf)
     return grad[unit_rows]
@@ -512,6 +512,7 @@ def test_the_loss_decomposes_over_pairs_unless_it_sorts_the_batch(loss_type):
     """fast's one assumption: the gradient at a pair's log-probs does not depend on the other pairs' values."""
     R, T_ = 16, 5
     mask = torch.rand(R, T_) < 0.7
+    mask[:, 0] = True  # every sequence has a token: a shift moves every sum
     ref_logps = torch.randn(R, dtype=torch.float64) - 10
     lengths = mask.sum(-1)
 
@@ -520,10 +521,19 @@ def test_the_loss_decomposes_over_pairs_unless_it_sorts_the_batch(loss_type):
         return fastalign.dpo.paired_dpo_loss(sums, lengths, *ref_logps.chunk(2), **dpo_kwargs(loss_type))[0]
 
     logps = -torch.rand(R, T_, dtype=torch.float64) * 3
-    unit, others = [0, R // 2], [r for r in range(R) if r not in (0, R // 2)]  # the pair (0, R/2) and the rest
-    first = _unit_gradient(loss_of, logps, unit, others)
-    changed = any(not torch.equal(first, _unit_gradient(loss_of, logps, unit, others)) for _ in range(3))
-    assert changed == (loss_type in BATCH_COUPLED)
+    unit = [0, R // 2]  # the pair (0, R/2): rows 0..R/2-1 are the chosen halves
+    others, other_chosen = [r for r in range(R) if r not in unit], list(range(1, R // 2))
+    alone = _unit_gradient(loss_of, logps, unit, others, 0.0)
+    moved = _unit_gradient(loss_of, logps, unit, others, 10 * torch.randn(len(others), T_, dtype=torch.float64))
+    # The other chosen sequences all far above, then all far below: the pair's chosen log-ratio sorts first, then
+    # last, so a batch-sorting loss pairs it with a different reference (or rejected) value. (Random moves alone
+    # left it in place for some seeds.)
+    above = _unit_gradient(loss_of, logps, unit, other_chosen, 100.0)
+    below = _unit_gradient(loss_of, logps, unit, other_chosen, -100.0)
+    if loss_type in BATCH_COUPLED:
+        assert not torch.equal(above, below)
+    else:
+        assert torch.equal(alone, moved) and torch.equal(alone, above) and torch.equal(alone, below)
 
 
 def test_kto_ift_and_cross_entropy_decompose_over_sequences():
@@ -538,8 +548,8 @@ def test_kto_ift_and_cross_entropy_decompose_over_sequences():
     }
     logps = -torch.rand(R, T_) * 3
     for name, loss_of in losses.items():
-        first = _unit_gradient(loss_of, logps, [1], [0, 2, 3])
-        assert torch.equal(first, _unit_gradient(loss_of, logps, [1], [0, 2, 3])), name
+        alone = _unit_gradient(loss_of, logps, [1], [0, 2, 3], 0.0)
+        assert torch.equal(alone, _unit_gradient(loss_of, logps, [1], [0, 2, 3], 10 * torch.randn(3, T_))), name
 
 
 # ----------------------------------------------------------------------------- matmul FLOPs
