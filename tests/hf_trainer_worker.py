@@ -137,8 +137,6 @@ def main() -> None:
     full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
     torch.save(full, opts.out / f"params-rank{rank}.pt")
     (opts.out / f"log-rank{rank}.json").write_text(json.dumps(trainer.state.log_history))
-    if torch.distributed.is_initialized():  # torn down before exit: gloo's threads can otherwise abort it (SIGABRT)
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
