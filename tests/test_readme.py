@@ -100,8 +100,18 @@ def test_self_contained_shell_block_runs_as_written(code, tmp_path):
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("TRITON_INTERPRET", None)  # a CPU user's run: the torch path
-    result = subprocess.run(
-        ["bash", "-e", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", "-e", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+
+    result = run()
+    if result.returncode != 0 and "terminate called without an active exception" in result.stderr and result.stdout:
+        # The script ran to its end, then torch aborted a process at exit: any DTensor keeps its mesh, and so the
+        # gloo group's threads, alive in torch's sharding caches (destroy_process_group cannot join them), and
+        # interpreter shutdown now and then aborts on them (pytorch/pytorch#190489; about 1 run in 100 here).
+        # Not fastalign's: one rerun, which must pass.
+        result = run()
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip(), "the block printed nothing"
