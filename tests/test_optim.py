@@ -387,8 +387,12 @@ def test_onties_topk_with_exact_ties_keeps_the_lowest_indices(sizes, reserve_p, 
         assert torch.equal(p.detach() != 0, expected)
 
 
-def test_onties_ties_across_tiles_and_parameters(backend, device):
-    """Equal |Δ| everywhere (step 1 with |g| = 1): the kept entries are the first k by index."""
+@pytest.mark.parametrize("chunk", [None, 256])
+def test_onties_ties_across_tiles_and_parameters(backend, device, chunk, monkeypatch):
+    """Equal |Δ| everywhere (step 1 with |g| = 1): the kept entries are the first k by index. With chunk=256 the torch
+    path's parameters are longer than a chunk (2**16 in use), so it finds their thresholds a chunk at a time."""
+    if chunk:
+        monkeypatch.setattr(_torch_path, "CHUNK", chunk)
     sizes = [1300, 7, 2000]
     params = [torch.nn.Parameter(torch.zeros(n, device=device)) for n in sizes]
     opt = OnlineMergeAdamW(params, lr=1e-2, method="onties", reserve_p=0.37)
@@ -399,6 +403,23 @@ def test_onties_ties_across_tiles_and_parameters(backend, device):
         k = int(0.37 * p.numel())
         expected = torch.arange(p.numel(), device=device) < (k if k >= 1 else p.numel())
         assert torch.equal(p.detach() != 0, expected)
+
+
+def test_torch_path_selects_a_parameter_longer_than_a_chunk_a_chunk_at_a_time(monkeypatch, device):
+    """On the torch path a parameter longer than a chunk (256 elements here, 2**16 in use) finds its threshold by
+    radix digits a chunk at a time (_torch_path._kth_largest_key), not by kthvalue: the steps equal the float64
+    reference (equal |Δ|: test_onties_ties_across_tiles_and_parameters)."""
+    monkeypatch.setattr(_torch_path, "CHUNK", 256)
+    with forced_backend("torch"):
+        params = make_params(SHAPES, torch.float32, device)
+        opt, reference = build(params, "onties", 0.3, 0.4, make_taus(params))
+        mid_training_state(opt, params)
+        for _ in range(2):
+            synced_step(opt, reference, params)
+            for i, p in enumerate(params):
+                certain = ref.selection_is_certain(reference.sparsified[i], 0.3, reference.ref_delta[i])
+                assert certain.float().mean() > 0.95
+                assert_close_ulps(p, reference.params[i], torch.float32, 4, certain, "θ")
 
 
 def test_onties_selection_is_the_same_for_both_radix_digit_tables(backend, device, monkeypatch):
@@ -436,11 +457,13 @@ def test_onties_selection_is_the_same_for_both_radix_digit_tables(backend, devic
     levels=st.sampled_from([2, 5, 0]),
     specials=st.sampled_from([0.0, 0.02, 0.6]),
     seed=st.integers(0, 2**31 - 1),
+    piece=st.sampled_from([1, 5, 64]),
 )
-def test_torch_path_threshold_by_kthvalue_is_the_radix_selection(sizes, reserve_p, levels, specials, seed):
-    """The CPU torch path of a single process picks T with torch.kthvalue (_topk_select_local): it keeps bit for bit
-    what the radix selection keeps (and what a stable descending sort keeps), with many exact ties (a few levels, ±0),
-    NaN, ±inf and equal-sized shards selected together."""
+def test_torch_path_threshold_by_kthvalue_is_the_radix_selection(sizes, reserve_p, levels, specials, seed, piece):
+    """The CPU torch path of a single process picks T with torch.kthvalue (_topk_select_local), and a shard longer
+    than its pieces by radix digits a piece at a time (pieces of `piece` elements here; of CHUNK in a step): both keep
+    bit for bit what the selection across processes keeps (and what a stable descending sort keeps), with many exact
+    ties (a few levels, ±0), NaN, ±inf and equal-sized shards selected together."""
     gen = torch.Generator().manual_seed(seed)
     parts = []
     for n in sizes:
@@ -456,10 +479,12 @@ def test_torch_path_threshold_by_kthvalue_is_the_radix_selection(sizes, reserve_
     ks = [_select.topk_count(reserve_p, n) for n in lengths]
     selects = [k < n for k, n in zip(ks, lengths)]
     runs = _select.Runs.of([(0, n, n, n) for n in lengths], None, x.device)
-    local, radix = x.clone(), x.clone()
+    local, radix, pieces = x.clone(), x.clone(), x.clone()
     _torch_path.topk_select(local, lengths, ks, selects, runs)  # a single process: the kthvalue threshold
     _torch_path._topk_select_radix(radix, lengths, ks, selects, runs)
+    _torch_path._topk_select_local(pieces, lengths, ks, selects, piece=piece)
     assert torch.equal(local.view(torch.int32), radix.view(torch.int32))
+    assert torch.equal(pieces.view(torch.int32), radix.view(torch.int32))
     for part, kept, k, select in zip(parts, local.split(lengths), ks, selects):
         key = _torch_path.magnitude_key(part)
         order = torch.sort(key, descending=True, stable=True).indices

@@ -88,42 +88,81 @@ def _topk_select_radix(x: torch.Tensor, lengths: list[int], ks: list[int], selec
     x.view(torch.int32).mul_(keep)  # masked_fill_(~keep, 0.0), bit for bit, without its slow CPU loop
 
 
-def _topk_select_local(x: torch.Tensor, lengths: list[int], ks: list[int], selects: list[bool]) -> None:
-    """topk_select for shards that are whole parameters in one process: the same rule, with the
-    threshold T (the k-th largest key) from torch.kthvalue over the shards of each (length, k) at once,
-    and integer ops for the masks (the bool ones loop slowly on a CPU). Entries below T are
-    zeroed (but NaN); where more than k keys are >= T, the copies of T after the first
-    k - #(key > T) in index order too, as topk_select does."""
-    x_bits, key = x.view(torch.int32), magnitude_key(x)
+def _topk_select_local(
+    x: torch.Tensor, lengths: list[int], ks: list[int], selects: list[bool], piece: int | None = None
+) -> None:
+    """topk_select for shards that are whole parameters in one process: the same rule, with the threshold T (the k-th
+    largest key) found in the process, and integer ops for the masks (the bool ones loop slowly on a CPU). Entries
+    below T are zeroed (but NaN); where more than k keys are >= T, the copies of T after the first k - #(key > T) in
+    index order too, as topk_select does.
+
+    Shards of at most `piece` elements find T by one torch.kthvalue over all those of the same (length, k): one op
+    for a model's many small ones. A larger shard finds it by radix digits over pieces of `piece` keys: kthvalue's
+    temporaries are 12 bytes per key, three times the float32 Δ being selected, and they set the step's peak memory.
+    The masks go a piece at a time too. `piece` defaults to the step's CHUNK."""
+    piece = piece or CHUNK
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    shard = lambda i: x[starts[i] : starts[i] + lengths[i]]  # noqa: E731
+    thresholds: dict[int, int] = {}
     same: dict[tuple[int, int], list[int]] = {}
     for i, (n, k, select) in enumerate(zip(lengths, ks, selects)):
-        if select:
+        if select and n > piece:
+            thresholds[i] = _kth_largest_key(shard(i), k, piece)
+        elif select:
             same.setdefault((n, k), []).append(i)
-    if not same:
-        return
     order, found = [], []
     for (n, k), ids in same.items():
-        rows = [key[starts[i] : starts[i] + n] for i in ids]
-        keys = torch.stack(rows) if len(rows) > 1 else rows[0][None]  # (one shard: no copy)
-        # The k-th largest is the (n - k + 1)-th smallest: kthvalue's temporaries are 12 bytes per key, topk's 16.
+        keys = torch.stack([magnitude_key(shard(i)) for i in ids])
+        # The k-th largest is the (n - k + 1)-th smallest.
         found.append(torch.kthvalue(keys, n - k + 1, dim=1).values)
         order += ids
-    thresholds = dict(zip(order, torch.cat(found).tolist()))
-    below = []  # per selected shard: how many keys are below T
-    for i in order:
-        start, n, th = starts[i], lengths[i], thresholds[i]
-        seg, seg_key = x_bits[start : start + n], key[start : start + n]
-        drop = (seg_key - th).bitwise_right_shift_(31)  # -1 where key < T: keys and T lie in [0, 2**31)
-        below.append(drop.sum())
+    if found:
+        thresholds.update(zip(order, torch.cat(found).tolist()))
+    for i, th in thresholds.items():
+        _keep_from_threshold(shard(i), ks[i], th, piece)
+
+
+def _kth_largest_key(x: torch.Tensor, k: int, piece: int) -> int:
+    """The k-th largest magnitude key of float32 x (1 <= k <= x.numel()): RADIX_DIGITS' digits, most significant
+    first, each from a histogram of the keys that carry the digits chosen so far, built a piece of x at a time."""
+    prefix, rest = 0, k  # rest: the rank of the wanted key among those that carry the prefix
+    for digit, (shift, bits) in enumerate(RADIX_DIGITS):
+        hist = torch.zeros(2**bits, dtype=torch.int64, device=x.device)
+        for begin in range(0, x.numel(), piece):
+            key = magnitude_key(x[begin : begin + piece])
+            if digit:
+                key = key[(key >> (shift + bits)) == prefix]
+            hist += torch.bincount(key.bitwise_right_shift_(shift).bitwise_and_(2**bits - 1), minlength=2**bits)
+        at_or_above = hist.flip(0).cumsum(0)  # at_or_above[j]: keys whose digit is 2**bits - 1 - j or more
+        j = int(torch.searchsorted(at_or_above, rest))
+        rest -= int(at_or_above[j - 1]) if j else 0
+        prefix = (prefix << bits) | (2**bits - 1 - j)
+    return prefix
+
+
+def _keep_from_threshold(x: torch.Tensor, k: int, th: int, piece: int) -> None:
+    """Zeroes the entries of float32 x whose key is below th (but NaN), then, where more than k remain, the copies of
+    th after the first ones in index order, so that k remain; a piece of x at a time."""
+    x_bits, below = x.view(torch.int32), 0
+    for begin in range(0, x.numel(), piece):
+        part = x_bits[begin : begin + piece]
+        drop = (magnitude_key(x[begin : begin + piece]) - th).bitwise_right_shift_(31)  # -1 where key < T
+        below -= int(drop.sum())
         if th > 0x7F800000:  # T is a NaN's key: a NaN below it stays
-            drop.mul_(~x[start : start + n].isnan())
-        seg.bitwise_and_(drop.bitwise_not_())
-    for i, n_below in zip(order, torch.stack(below).neg_().tolist()):
-        start, n, k, th = starts[i], lengths[i], ks[i], thresholds[i]
-        if n - n_below > k:  # only the first k - #(key > T) copies of T stay, in index order
-            ties = (key[start : start + n] == th).nonzero().view(-1)
-            x_bits[start : start + n][ties[k - (n - n_below - ties.numel()) :]] = 0
+            drop.mul_(~x[begin : begin + piece].isnan())
+        part.bitwise_and_(drop.bitwise_not_())
+    if x.numel() - below <= k:
+        return
+    # Only the first k - #(key > T) copies of T stay, in index order. The entries zeroed above have key 0 < T (T > 0
+    # here: with T = 0 nothing is below it), so they are no copies.
+    is_copy = lambda begin: magnitude_key(x[begin : begin + piece]) == th  # noqa: E731
+    starts = range(0, x.numel(), piece)
+    copies = [int(is_copy(begin).sum()) for begin in starts]
+    keep = k - (x.numel() - below - sum(copies))  # copies of T to keep
+    for begin, n_copies in zip(starts, copies):
+        if keep < n_copies:
+            x_bits[begin : begin + piece][is_copy(begin).nonzero().view(-1)[max(keep, 0) :]] = 0
+        keep -= n_copies
 
 
 def _spread(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -318,8 +357,8 @@ class _Step:
 
     def ties(self, slots: list[Slot], sizes: dict[int, float]) -> None:
         """Merge steps of OnTIES: Δ of whole shards, their top k, the sign election, the merge."""
-        # Δ of whole shards, a chunk's worth at once (or one larger shard): the selection takes a
-        # fixed number of ops per group, and temporaries of ~20 bytes per element.
+        # Δ of whole shards, a chunk's worth at once (or one larger shard): the selection of a group's small shards
+        # takes a fixed number of ops, and a larger shard's goes a chunk at a time (its temporaries are chunk-sized).
         for group in _whole_groups(slots, self.size):
             lengths = [s.param.numel() for s in group]
             delta = torch.empty(sum(lengths), dtype=torch.float32, device=self.launch.device)
