@@ -123,21 +123,20 @@ def _topk_select_local(
 
 
 def _kth_largest_key(x: torch.Tensor, k: int, piece: int) -> int:
-    """The k-th largest magnitude key of float32 x (1 <= k <= x.numel()): RADIX_DIGITS' digits, most significant
-    first, each from a histogram of the keys that carry the digits chosen so far, built a piece of x at a time."""
-    prefix, rest = 0, k  # rest: the rank of the wanted key among those that carry the prefix
-    for digit, (shift, bits) in enumerate(RADIX_DIGITS):
-        hist = torch.zeros(2**bits, dtype=torch.int64, device=x.device)
+    """The k-th largest magnitude key of float32 x (1 <= k <= x.numel()): `radix_select` on one slot, whose digit
+    histograms are built a piece of x at a time."""
+
+    def histogram(prefix: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
+        hist = torch.zeros(1, 2**bits, dtype=torch.int64, device=x.device)
         for begin in range(0, x.numel(), piece):
             key = magnitude_key(x[begin : begin + piece])
-            if digit:
-                key = key[(key >> (shift + bits)) == prefix]
-            hist += torch.bincount(key.bitwise_right_shift_(shift).bitwise_and_(2**bits - 1), minlength=2**bits)
-        at_or_above = hist.flip(0).cumsum(0)  # at_or_above[j]: keys whose digit is 2**bits - 1 - j or more
-        j = int(torch.searchsorted(at_or_above, rest))
-        rest -= int(at_or_above[j - 1]) if j else 0
-        prefix = (prefix << bits) | (2**bits - 1 - j)
-    return prefix
+            key = key[(key >> (shift + bits)) == prefix]  # all of them at the first digit: keys are below 2**31
+            hist[0] += torch.bincount(key.bitwise_right_shift_(shift).bitwise_and_(2**bits - 1), minlength=2**bits)
+        return hist
+
+    one = torch.ones(1, dtype=torch.bool, device=x.device)
+    first = histogram(torch.zeros(1, dtype=torch.int64, device=x.device), *RADIX_DIGITS[0])
+    return int(radix_select(first, histogram, torch.full_like(one, k, dtype=torch.int64), one, None).key)
 
 
 def _keep_from_threshold(x: torch.Tensor, k: int, th: int, piece: int) -> None:
