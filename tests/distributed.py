@@ -43,15 +43,28 @@ def run_script(script: Path, args: list[str], cwd: Path, ranks: int = 1) -> subp
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def exit_cleanly(destroy: bool) -> None:
+    """Ends a rank that passed: a barrier, destroy_process_group if `destroy`, then os._exit(0).
+
+    The barrier: no rank tears gloo down while another still has collectives in flight. os._exit: torch's DTensor
+    sharding caches keep the DeviceMesh, so gloo's threads, alive past destroy_process_group (pytorch/pytorch#190489);
+    still joinable when C++ static destructors run, they now and then abort interpreter shutdown after a pass (SIGABRT,
+    "terminate called without an active exception"). The trainer worker passes destroy=False: after DDP training
+    destroy_process_group hung at exit in CI (b6ef9af).
+    """
+    dist.barrier()
+    if destroy:
+        dist.destroy_process_group()
+    sys.stdout.flush()  # os._exit skips the flush at shutdown
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _entry(rank: int, worker: Callable[..., None], port: int, world: int, args: tuple) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
         worker(rank, *args)
-        dist.barrier()  # no rank tears gloo down while another still has collectives in flight
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter shutdown: gloo's threads can still be joinable when C++ static destructors
-    # run and abort the process ("terminate called without an active exception") after a pass.
-    os._exit(0)
+    except BaseException:
+        dist.destroy_process_group()  # a failed rank releases gloo too, then raises for mp.spawn to report
+        raise
+    exit_cleanly(destroy=True)

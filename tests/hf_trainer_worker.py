@@ -23,7 +23,6 @@ import copy
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # the torch path, as a CPU user runs it (pytest's children inherit it)
@@ -31,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch  # noqa: E402
+from distributed import exit_cleanly  # noqa: E402  (this script's directory is on sys.path)
 
 KINDS = ("dpo-ondare", "dpo-onties", "ift")
 HIDDEN = 32
@@ -139,14 +139,7 @@ def main() -> None:
     torch.save(full, opts.out / f"params-rank{rank}.pt")
     (opts.out / f"log-rank{rank}.json").write_text(json.dumps(trainer.state.log_history))
     if torch.distributed.is_initialized():
-        # No destroy_process_group: after DDP training it hung at exit in CI (b6ef9af). Nor a normal exit: gloo's
-        # threads, still joinable when C++ static destructors run, now and then aborted a run (SIGABRT, about one
-        # full test run in 5). So the ranks meet once more (no collective left in flight) and skip interpreter
-        # shutdown.
-        torch.distributed.barrier()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_cleanly(destroy=False)  # destroying the group hung CI here (b6ef9af)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # the torch path, as a CPU user runs it
@@ -32,7 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
-from utils import QUIET_TRAINING  # noqa: E402  (this script's directory is on sys.path)
+from distributed import exit_cleanly  # noqa: E402  (this script's directory is on sys.path)
+from utils import QUIET_TRAINING  # noqa: E402
 
 KINDS = ("sft", "dpo", "kto", "grpo")
 STEPS = 3
@@ -177,13 +177,7 @@ def main() -> None:
     params = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in trainer.model.named_parameters()}
     torch.save({n: p.detach().clone() for n, p in params.items()}, a.out / f"params-rank{rank}.pt")
     if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-        # The model's DTensors keep the mesh, so gloo's threads, alive in torch's caches past the destroy, and
-        # interpreter shutdown now and then aborts on them (SIGABRT): leave without it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_cleanly(destroy=True)
 
 
 if __name__ == "__main__":
