@@ -24,18 +24,19 @@ trips[0] * ... * trips[d-1] times per warp (d: its loop depth), in every warp of
     memory = bytes its loads and stores move (width x 32 lanes, every execution) / copy bandwidth
     issue  = warp instructions / (SMs x 4 schedulers x 1 instruction per cycle x clock)
     mma    = FLOPs of its HGMMA/HMMA instructions / the tensor-core rate of that instruction kind
-and the launch takes the largest of the three (the bound). A kernel that fits one CTA per SM has nothing to overlap
-its instructions outside the MMA loop (a tile's epilogue) with the tensor cores: their issue time adds to the mma
-term. In a case with a FLOPs floor (tl.dot kernels) the tile loads mostly hit L2, which this model cannot tell, so
-the memory term is left out there. A case takes the sum over
-its launches (with `pick_fastest`'s default config), and its predicted % of the ceiling is the floor's time (floor
-bytes / copy bandwidth, or floor FLOPs / bf16 wgmma rate) over that sum. Ceilings (`MACHINES`): the copy bandwidth
-(4.3 TB/s, read + write) and bf16 GEMM rate (790 TFLOP/s) measured on this project's H200 (device docs, KINDS.md);
-the H100 and A100 from their datasheets scaled by the same measured/datasheet ratios (0.9 for bandwidth, 0.8 for
-bf16 GEMM); mma.sync on sm_90 at 2/3 of wgmma; tf32 at half of bf16. The model ignores latency (loads in flight),
-waves, cache hits and divergence: it is an upper bound, good at telling which limit binds and by how much, not a
-measurement. The targets (issues 2 and 5) are H100 figures, so the H100 column is the one that can fail; the H200
-and A100 columns are printed alongside.
+and the launch takes the largest of the three (the bound). Stores inside a loop that the data masks (a compaction)
+move the share of lanes the case states for that kernel (`LaunchCase.store_share`), not all 32. A kernel that fits
+one CTA per SM has nothing to overlap its instructions outside the MMA loop (a tile's epilogue) with the tensor
+cores: their issue time adds to the mma term. In a case with a FLOPs floor (tl.dot kernels) the tile loads mostly
+hit L2, which this model cannot tell, so the memory term is left out there. A case takes the sum over its launches
+(with `pick_fastest`'s default config), and its predicted % of the ceiling is the floor's time (floor bytes / copy
+bandwidth, or floor FLOPs / bf16 wgmma rate) over that sum. Ceilings (`MACHINES`): the copy bandwidth (4.3 TB/s,
+read + write) and bf16 GEMM rate (790 TFLOP/s) measured on this project's H200 (device docs, KINDS.md); the H100 and
+A100 from their datasheets scaled by the same measured/datasheet ratios (0.9 for bandwidth, 0.8 for bf16 GEMM);
+mma.sync on sm_90 at 2/3 of wgmma; tf32 at half of bf16. The model ignores latency (loads in flight), waves, cache
+hits and divergence: it is an upper bound, good at telling which limit binds and by how much, not a measurement. The
+targets (issues 2 and 5) are H100 figures, so the H100 column is the one that can fail; the H200 and A100 columns
+are printed alongside.
 
 It fails on: a compile error; a spill; shared memory over the architecture's limit; a bf16/fp16 tl.dot kernel on
 sm_90 without wgmma; a streaming kernel (a case with a bytes floor: the aligned target specialization) whose main
@@ -388,7 +389,7 @@ class Cost:
         }
 
 
-def launch_cost(launch: Launch, compiled: Compiled, trips: tuple[int, ...]) -> Cost:
+def launch_cost(launch: Launch, compiled: Compiled, trips: tuple[int, ...], store_share: float = 1.0) -> Cost:
     sass, warps = compiled.sass, compiled.num_warps
     cost = Cost()
     if sass.loops and len(trips) < max(loop.depth for loop in sass.loops):
@@ -402,7 +403,8 @@ def launch_cost(launch: Launch, compiled: Compiled, trips: tuple[int, ...]) -> C
         if mma_loop is not None and not mma_loop.start <= i <= mma_loop.end:
             per_program.unhidden_instructions += times * warps
         if _global_load(op) or _global_store(op):
-            per_program.bytes += times * warps * 32 * _width(op) / 8
+            share = store_share if _global_store(op) and depth else 1.0
+            per_program.bytes += times * warps * 32 * _width(op) / 8 * share
         flops, kind = _mma_flops(op, warps)
         if flops:
             per_program.flops[kind] = per_program.flops.get(kind, 0.0) + times * warps * flops
@@ -437,7 +439,8 @@ def predict(
         if c.sass.loops and launch.kernel not in case.trips:
             raise ValueError(f"case {case.label!r} gives no trip counts for {launch.kernel}, whose SASS loops")
         trips = tuple(case.trips[launch.kernel](launch.args)) if launch.kernel in case.trips else ()
-        cost = launch_cost(launch, c, trips)
+        share = case.store_share[launch.kernel](launch.args) if launch.kernel in case.store_share else 1.0
+        cost = launch_cost(launch, c, trips, share)
         if cost.note:
             notes.append(cost.note)
         # The tile loads of a FLOPs-bound case mostly hit L2, which the model does not know: no memory term there.

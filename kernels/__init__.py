@@ -51,7 +51,8 @@ class LaunchCase:
     also gives the op's floor (`bytes` it must move, or `flops` it must do) and, per kernel it launches, the trip
     counts of the kernel's loop nest per program (outermost first) as a function of the launch's arguments; from
     those and the SASS, compile-check predicts the % of the ceiling (see fastalign/compile_check.py) and fails
-    below `target`.
+    below `target`. A kernel whose stores inside its loops are masked by the data (a compaction writes only the keys
+    it keeps) names in `store_share` the share of lanes they write, as a function of the launch's arguments.
     """
 
     label: str  # e.g. "fwd bf16 N=16384 V=128256"
@@ -60,6 +61,7 @@ class LaunchCase:
     flops: int = 0
     target: float | None = None  # least predicted % of the ceiling on an H100
     trips: dict[str, Callable[[dict[str, Any]], tuple[int, ...]]] = field(default_factory=dict)
+    store_share: dict[str, Callable[[dict[str, Any]], float]] = field(default_factory=dict)
 
 
 Config = TypeVar("Config")

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta
-from .radix_select import RADIX_DIGITS, radix_histogram
+from .radix_select import CANDIDATE_SHARE, RADIX_DIGITS, radix_histogram
 
 # Columns of the slot table.
 SLOT_FIELDS = (
@@ -574,7 +574,7 @@ def ties_delta(
     t: torch.Tensor,
     skip: torch.Tensor,
     grad_scale: torch.Tensor,
-    flat_numel: int,
+    delta_numel: int,
     *,
     param_dtype: torch.dtype,
     beta1: float,
@@ -583,9 +583,10 @@ def ties_delta(
     online_step: int,
     aligned: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Moments and Δ of the merging slots: returns (Δ [flat_numel] fp32, [S, 1024] int64 histogram
-    of the top radix digit of |Δ|). The ordinary-step slots of online_step > 1 are left alone."""
-    delta = torch.empty(flat_numel, device=tiles.device, dtype=torch.float32)
+    """Moments and Δ of the merging slots: returns (Δ [delta_numel] fp32: the flat space, then room for the radix
+    passes' candidate regions; [S, 1024] int64 histogram of the top radix digit of |Δ|). The ordinary-step slots of
+    online_step > 1 are left alone."""
+    delta = torch.empty(delta_numel, device=tiles.device, dtype=torch.float32)
     shift, bits = RADIX_DIGITS[0]
     hist = torch.zeros(slots.shape[0], 2**bits, device=tiles.device, dtype=torch.int64)
     if tiles.shape[0]:
@@ -691,11 +692,15 @@ def _launch_case(method: str, param_dtype, tau_dtype, rescale=False, online_step
     if online_step > 1:
         ondare_step(slots, dare_tiles, step_size, t, flag, flag, param_dtype=param_dtype, tau_dtype=None, lr_wd=1e-7,
                     alpha=0.0, reserve_p=1.0, ordinary_only=True, **adam)  # fmt: skip
-    delta, _ = ties_delta(slots, ties_tiles, step_size, t, flag, flag, flat, param_dtype=param_dtype, **adam)
+    n_tiles = ties_tiles.shape[0]
+    regions, candidates = meta(n_tiles, 2, dtype=torch.int64), meta(n_tiles, dtype=torch.int64)
+    delta_numel = flat + triton.cdiv(flat, CANDIDATE_SHARE)
+    delta, _ = ties_delta(slots, ties_tiles, step_size, t, flag, flag, delta_numel, param_dtype=param_dtype, **adam)
     for shift, bits in RADIX_DIGITS[1:-1]:
-        radix_histogram(delta, ties_tiles, per_slot, shift, bits)
+        radix_histogram(delta, ties_tiles, regions, candidates, per_slot, shift, bits)
     shift, bits = RADIX_DIGITS[-1]
-    radix_histogram(delta, ties_tiles, per_slot, shift, bits, meta(ties_tiles.shape[0], 2**bits, dtype=torch.int64))
+    tile_hist = meta(n_tiles, 2**bits, dtype=torch.int64)
+    radix_histogram(delta, ties_tiles, regions, candidates, per_slot, shift, bits, tile_hist)
     ties_apply(slots, ties_tiles, delta, per_slot, meta(ties_tiles.shape[0], dtype=torch.int64), flag,
                param_dtype=param_dtype, tau_dtype=tau_dtype, lr_wd=1e-7, alpha=0.2, online_step=online_step,
                aligned=aligned)  # fmt: skip
@@ -711,9 +716,13 @@ def compile_specs() -> list[LaunchCase]:
         return lambda args: (tile // args["BLOCK"],)
 
     dare_trips = {"_ondare_step_kernel": per_tile(DARE_TILE)}
-    ties_trips = dict.fromkeys(
-        ("_ties_delta_kernel", "_radix_histogram_kernel", "_ties_apply_kernel"), per_tile(TIES_TILE)
-    )
+    # The radix passes after the second digit's read each tile's candidates (radix_select.py), counted here at the most
+    # that fit its region: 1/CANDIDATE_SHARE of the tile's keys, which the second digit's pass also writes. AdamW's Δ
+    # fills 6-11% (CANDIDATE_SHARE's comment); the first step's fills it all, and then costs what no regions would.
+    candidates = TIES_TILE // CANDIDATE_SHARE
+    ties_trips = dict.fromkeys(("_ties_delta_kernel", "_ties_apply_kernel"), per_tile(TIES_TILE))
+    ties_trips["_radix_histogram_kernel"] = lambda a: per_tile(candidates if a["FROM_REGION"] else TIES_TILE)(a)
+    ties_stores = {"_radix_histogram_kernel": lambda args: 1 / CANDIDATE_SHARE}
     # What a step must move per parameter: read gradient, θ, both moments and τ (bf16); write θ and both moments.
     floor = numel * (4 + 4 + 4 + 16 + 2)
     cases = [
@@ -723,8 +732,9 @@ def compile_specs() -> list[LaunchCase]:
             bytes=floor,
             target=target,
             trips=trips,
+            store_share=stores,
         )
-        for method, target, trips in (("ondare", 70, dare_trips), ("onties", 50, ties_trips))
+        for method, target, trips, stores in (("ondare", 70, dare_trips, {}), ("onties", 50, ties_trips, ties_stores))
     ]
     for method, param_dtype, tau_dtype in itertools.product(
         ("ondare", "onties"), (torch.float32, torch.bfloat16, torch.float16), (torch.bfloat16, torch.float32, None)

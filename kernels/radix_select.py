@@ -12,6 +12,11 @@ its slot's row with one vector of atomics, so the histograms are [n_slots, bins]
 all-reduced across a device mesh before the host-side (but sync-free) selection picks the digit.
 At the last digit each program also stores its own counts: the tile's count in the chosen bin is
 its number of copies of the threshold key, which the tie rule needs per tile.
+
+Only the keys that match the digits chosen so far count, and after the first digit they are few. So the pass of the
+second digit also copies each tile's matching keys (its candidates) into a region of the key buffer after the keys
+(`candidate_regions`), and the later passes read a tile's region instead of the tile when its candidates fit: they
+move a fraction of the bytes and histogram a fraction of the keys.
 """
 
 from __future__ import annotations
@@ -39,6 +44,23 @@ RADIX_DIGITS = SHARED_MEMORY_DIGITS if _SHARED_MEMORY_HISTOGRAM else BALLOT_DIGI
 _BLOCK = 128 if INTERPRET else 1024
 _NUM_WARPS = 4
 
+# A tile's candidate region holds 1/CANDIDATE_SHARE of its keys (rounded up to a BLOCK): 0.5 bytes per fp32 key of
+# extra memory. On AdamW's Δ the first digit's chosen bin holds 6-11% of a parameter's entries once training is past
+# its first few steps (measured on a GPT-2 model, reserve_p 0.1 to 0.5); at step 1 every |Δ| is about lr and the bin
+# holds them all. A tile whose candidates do not fit is read whole by the later digits, as without regions.
+CANDIDATE_SHARE = 8
+
+
+def candidate_regions(tiles: list[tuple[int, int, int]], start: int) -> tuple[list[tuple[int, int]], int]:
+    """(offset, capacity) of each tile's candidate region, placed from `start` (the end of the keys, a multiple of
+    BLOCK) on, and the end of the last region: the size the key buffer needs. tiles: (slot, begin, end) rows."""
+    regions, at = [], start
+    for _, begin, end in tiles:
+        capacity = -(-(end - begin) // (CANDIDATE_SHARE * _BLOCK)) * _BLOCK
+        regions.append((at, capacity))
+        at += capacity
+    return regions, at
+
 
 @triton.jit
 def _magnitude_key(x):
@@ -65,22 +87,34 @@ def _tile_bounds(p_tiles, i_t, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _histogram_block(p_x, o_x, end, prefix, SHIFT: tl.constexpr, BITS: tl.constexpr, MASKED: tl.constexpr):
+def _histogram_block(
+    p_x, o_x, end, prefix, p_region, capacity, written,
+    SHIFT: tl.constexpr, BITS: tl.constexpr, COMPACT: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """(histogram of the digit among the block's keys that match the prefix, candidates written so far)."""
     key, m_x = _load_keys(p_x, o_x, end, MASKED)
     m_match = m_x & ((key >> (SHIFT + BITS)).to(tl.int64) == prefix)
-    return tl.histogram((key >> SHIFT) & (2**BITS - 1), 2**BITS, mask=m_match)
+    if COMPACT:  # append the matching keys to the tile's region, as fp32 bits (any order: only counts matter)
+        at = written + tl.cumsum(m_match.to(tl.int32), 0) - 1
+        tl.store(p_region + at, key.to(tl.float32, bitcast=True), mask=m_match & (at < capacity))
+        written += tl.sum(m_match.to(tl.int32), 0)
+    return tl.histogram((key >> SHIFT) & (2**BITS - 1), 2**BITS, mask=m_match), written
 
 
 @triton.jit
 def _radix_histogram_kernel(
-    p_x,  # [N] fp32: the values whose magnitudes are ranked
+    p_x,  # [N] fp32: the values whose magnitudes are ranked, then the tiles' candidate regions
     p_tiles,  # [n_tiles, 3] int64: (slot, begin, end) flat offsets, begin a multiple of BLOCK
+    p_regions,  # [n_tiles, 2] int64: (offset in p_x, a multiple of BLOCK; capacity) of each tile's candidate region
+    p_count,  # [n_tiles] int64: candidates in each tile's region, -1 where they did not fit (written if COMPACT)
     p_prefix,  # [S] int64: the key bits above this digit chosen so far; < 0 skips the slot
     p_hist,  # [S, 2**BITS] int64, accumulated into
     p_tile_hist,  # [n_tiles, 2**BITS] int64 out, if TILE_COUNTS: each tile's own counts (0 where skipped)
     SHIFT: tl.constexpr,
     BITS: tl.constexpr,
     TILE_COUNTS: tl.constexpr,
+    COMPACT: tl.constexpr,  # read the tile and fill its region with the keys that match the prefix
+    FROM_REGION: tl.constexpr,  # read the tile's region where its candidates fit
     BLOCK: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
@@ -88,10 +122,30 @@ def _radix_histogram_kernel(
     prefix = tl.load(p_prefix + slot)
     b_hist = tl.zeros([2**BITS], dtype=tl.int32)
     if prefix >= 0:
+        region = tl.multiple_of(tl.load(p_regions + i_t * 2), BLOCK)
+        capacity = tl.load(p_regions + i_t * 2 + 1).to(tl.int32)
+        if FROM_REGION:
+            count = tl.load(p_count + i_t)
+            if count >= 0:  # the tile's candidates fit its region: read them, not the tile
+                begin = region
+                end = region + count
+            full_end = begin + (end - begin) // BLOCK * BLOCK
+        begin = tl.multiple_of(begin, BLOCK)
+        written = tl.zeros((), tl.int32)
         for b0 in range(begin, full_end, BLOCK):
-            b_hist += _histogram_block(p_x, b0 + tl.arange(0, BLOCK), end, prefix, SHIFT, BITS, False)
+            hist, written = _histogram_block(
+                p_x, b0 + tl.arange(0, BLOCK), end, prefix, p_x + region, capacity, written, SHIFT, BITS, COMPACT,
+                False,
+            )  # fmt: skip
+            b_hist += hist
         if full_end < end:
-            b_hist += _histogram_block(p_x, full_end + tl.arange(0, BLOCK), end, prefix, SHIFT, BITS, True)
+            hist, written = _histogram_block(
+                p_x, full_end + tl.arange(0, BLOCK), end, prefix, p_x + region, capacity, written, SHIFT, BITS,
+                COMPACT, True,
+            )  # fmt: skip
+            b_hist += hist
+        if COMPACT:
+            tl.store(p_count + i_t, tl.where(written <= capacity, written, -1))
         tl.atomic_add(p_hist + slot * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64), sem="relaxed")
     if TILE_COUNTS:
         tl.store(p_tile_hist + i_t * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64))
@@ -100,25 +154,34 @@ def _radix_histogram_kernel(
 def radix_histogram(
     x: torch.Tensor,
     tiles: torch.Tensor,
+    regions: torch.Tensor,
+    count: torch.Tensor,
     prefix: torch.Tensor,
     shift: int,
     bits: int,
     tile_hist: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[S, 2**bits] int64 counts of digit (key >> shift) among each slot's keys whose bits above the digit equal
-    prefix[slot]. x: [N] fp32; tiles: [n_tiles, 3] int64; prefix: [S] int64; tile_hist: [n_tiles, 2**bits] int64, if
-    given, receives each tile's own counts (a zero row where its slot's prefix is < 0)."""
+    prefix[slot]. x: fp32 keys, then the candidate regions; tiles: [n_tiles, 3] int64; regions: [n_tiles, 2] int64
+    from `candidate_regions`; count: [n_tiles] int64, which the second digit's pass (RADIX_DIGITS[1]) fills and later
+    passes read; prefix: [S] int64; tile_hist: [n_tiles, 2**bits] int64, if given, receives each tile's own counts (a
+    zero row where its slot's prefix is < 0). The digits are histogrammed in RADIX_DIGITS order."""
     hist = torch.zeros(prefix.numel(), 2**bits, dtype=torch.int64, device=x.device)
+    digit = RADIX_DIGITS.index((shift, bits))
     if tiles.shape[0]:
         _radix_histogram_kernel[(tiles.shape[0],)](
             x,
             tiles,
+            regions,
+            count,
             prefix,
             hist,
             hist if tile_hist is None else tile_hist,
             SHIFT=shift,
             BITS=bits,
             TILE_COUNTS=tile_hist is not None,
+            COMPACT=digit == 1,
+            FROM_REGION=digit > 1,
             BLOCK=_BLOCK,
             num_warps=_NUM_WARPS,
         )
@@ -130,10 +193,12 @@ def compile_specs() -> list[LaunchCase]:
     launches them within the OnTIES step too."""
 
     def launch() -> None:
-        keys, tiles, per_slot = meta(2**30), meta(2**12, 3, dtype=torch.int64), meta(114, dtype=torch.int64)
+        tiles, per_slot = meta(2**12, 3, dtype=torch.int64), meta(114, dtype=torch.int64)
+        regions, count = meta(2**12, 2, dtype=torch.int64), meta(2**12, dtype=torch.int64)
+        keys = meta(2**30 + 2**30 // CANDIDATE_SHARE)
         for shift, bits in RADIX_DIGITS[1:-1]:
-            radix_histogram(keys, tiles, per_slot, shift, bits)
+            radix_histogram(keys, tiles, regions, count, per_slot, shift, bits)
         shift, bits = RADIX_DIGITS[-1]
-        radix_histogram(keys, tiles, per_slot, shift, bits, meta(2**12, 2**bits, dtype=torch.int64))
+        radix_histogram(keys, tiles, regions, count, per_slot, shift, bits, meta(2**12, 2**bits, dtype=torch.int64))
 
     return [LaunchCase("fp32 keys=2^30 tiles=4096", launch)]

@@ -450,6 +450,79 @@ def test_onties_selection_is_the_same_for_both_radix_digit_tables(backend, devic
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
+@pytest.mark.parametrize("digits", ["shared_memory", "ballot"])
+def test_radix_passes_read_a_tiles_candidates_where_they_fit(device, digits, monkeypatch):
+    """The second digit's pass copies each tile's keys that match the first digit into the tile's region of the key
+    buffer (radix_select.candidate_regions) and the later passes read them there where they fit: every digit's
+    histogram, each tile's own counts at the last digit and the threshold equal torch's over all the keys, for tiles
+    whose candidates fit (exactly filling the region, too) and for tiles whose do not."""
+    table = {"shared_memory": radix_select.SHARED_MEMORY_DIGITS, "ballot": radix_select.BALLOT_DIGITS}[digits]
+    for module in (radix_select, _select, _launch):
+        monkeypatch.setattr(module, "RADIX_DIGITS", table)
+    numels = [1300, 7, 2000]
+    tables = _launch.build_tables(numels, device)
+    tiles = tables.ties_tiles.tolist()
+    capacity = tables.ties_regions[0, 1].item()
+    gen = torch.Generator(device=device).manual_seed(torch.seed() % 2**31)
+    uniform = lambda n, lo, hi: lo + (hi - lo) * torch.rand(n, generator=gen, device=device)  # noqa: E731
+    # The third parameter's k-th largest |Δ| is in [1, 1.25) (one first digit), which holds capacity, capacity + 1,
+    # 2 * capacity and 10 of the keys of its 4 tiles; the others are below it, or above it in the last tile.
+    third = []
+    for (_, b, e), in_bin in zip(tiles[-4:], [capacity, capacity + 1, 2 * capacity, 10]):
+        other = uniform(e - b - in_bin, 0.01, 0.02) if len(third) < 3 else uniform(e - b - in_bin, 4.0, 8.0)
+        tile = torch.cat([uniform(in_bin, 1.0, 1.25), other])
+        third.append(tile[torch.randperm(e - b, generator=gen, device=device)])
+    values = [torch.randn(1300, generator=gen, device=device), torch.randn(7, generator=gen, device=device)]
+    values.append(torch.cat(third) * torch.where(torch.rand(2000, generator=gen, device=device) < 0.5, -1.0, 1.0))
+    x = torch.full((tables.delta_numel,), float("nan"), device=device)  # only written regions may be read
+    for offset, v in zip(tables.flat_offsets, values):
+        x[offset : offset + v.numel()] = v
+    key = [_torch_path.magnitude_key(v).long() for v in values]
+
+    whole = [(s, o, o + n) for s, (o, n) in enumerate(zip(tables.flat_offsets, numels))]
+
+    def reference(prefix, shift, bits, per_tile=False):
+        rows = []
+        for s, b, e in tiles if per_tile else whole:
+            k = key[s][b - tables.flat_offsets[s] : e - tables.flat_offsets[s]]
+            k = k[(k >> (shift + bits)) == prefix[s]] if prefix[s] >= 0 else k[:0]
+            rows.append(torch.bincount((k >> shift) & (2**bits - 1), minlength=2**bits))
+        return torch.stack(rows)
+
+    last_shift, last_bits = table[-1]
+    tile_hist = torch.empty(len(tiles), 2**last_bits, dtype=torch.int64, device=device)
+    candidates = torch.empty(len(tiles), dtype=torch.int64, device=device)
+    seen = []
+
+    def histogram(prefix, shift, bits):
+        last = (shift, bits) == table[-1]
+        hist = radix_select.radix_histogram(
+            x, tables.ties_tiles, tables.ties_regions, candidates, prefix, shift, bits, tile_hist if last else None
+        )
+        assert torch.equal(hist, reference(prefix, shift, bits)), (shift, bits)
+        if last:
+            assert torch.equal(tile_hist, reference(prefix, shift, bits, per_tile=True))
+        seen.append((shift, bits))
+        return hist
+
+    ks = torch.tensor([int(0.37 * 1300), 3, (tiles[-1][2] - tiles[-1][1] - 10) + 3 * capacity], device=device)
+    active = torch.ones(3, dtype=torch.bool, device=device)
+    first = reference(torch.zeros(3, dtype=torch.int64), *table[0])
+    th = _select.radix_select(first, histogram, ks, active, None)
+    assert seen == list(table[1:])
+    assert candidates[-4:].tolist() == [capacity, -1, -1, 10]
+    for (s, b, e), (at, _), count in zip(tiles, tables.ties_regions.tolist(), candidates.tolist()):
+        if count >= 0:  # the region holds the tile's keys of the chosen first digit, in any order
+            k = key[s][b - tables.flat_offsets[s] : e - tables.flat_offsets[s]]
+            k = k[(k >> table[0][0]) == (th.key[s] >> table[0][0])]
+            region = _torch_path.magnitude_key(x[at : at + count]).long()
+            assert torch.equal(torch.sort(region).values, torch.sort(k).values)
+    assert (candidates[tables.ties_tiles[:, 0] == 0] >= 0).all()  # randn: a quarter octave holds under 1/4 of them
+    for s in range(len(values)):
+        expected = torch.sort(key[s], descending=True).values[ks[s] - 1]
+        assert int(th.key[s]) == int(expected)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     sizes=st.lists(st.integers(1, 700), min_size=1, max_size=5),

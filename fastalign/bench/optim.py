@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fastalign.bench import Case, Env
-from fastalign.kernels.radix_select import RADIX_DIGITS
+from fastalign.kernels.radix_select import CANDIDATE_SHARE, RADIX_DIGITS
 from fastalign.optim import OnlineMergeAdamW
 from fastalign.optim._dare import dare_keep
 from fastalign.reference import online_merge as ref
@@ -25,14 +25,17 @@ ADAMW_BYTES = 4 + 4 + 4 + 16  # per fp32 parameter: read the gradient, θ and bo
 FLOOR_BYTES = ADAMW_BYTES + 2  # and read τ (bf16)
 
 
-def onties_bytes(param_bytes: int = 4, tau_bytes: int = 2) -> int:
+def onties_bytes(param_bytes: int = 4, tau_bytes: int = 2) -> float:
     """Global-memory bytes per parameter element of one OnTIES step of the kernels (online_step=1), counted from the
     tensors each launch reads and writes (kernels/online_merge.py, kernels/radix_select.py): the Δ pass reads the
-    gradient and both fp32 moments and writes the moments and Δ (fp32); each radix digit after the first (RADIX_DIGITS,
-    which depends on the triton version) reads Δ once; the apply pass reads Δ, θ and τ and writes θ. The per-slot and
-    per-tile tables (histograms, tie counts, budgets) are under 0.5% of that at 1B parameters and are left out."""
+    gradient and both fp32 moments and writes the moments and Δ (fp32); the second radix digit (RADIX_DIGITS, which
+    depends on the triton version) reads Δ and writes each tile's candidates, and each later digit reads them: at most
+    1/CANDIDATE_SHARE of the keys where they fit, as they do from the benchmark's mid-training state (8% of the keys);
+    the apply pass reads Δ, θ and τ and writes θ. The per-slot and per-tile tables (histograms, tie counts, budgets)
+    are under 0.5% of that at 1B parameters and are left out."""
     delta_pass = param_bytes + 4 * 4 + 4
-    radix_passes = 4 * (len(RADIX_DIGITS) - 1)
+    candidates = 4 / CANDIDATE_SHARE
+    radix_passes = 4 + candidates * (len(RADIX_DIGITS) - 1)
     apply_pass = 4 + 2 * param_bytes + tau_bytes
     return delta_pass + radix_passes + apply_pass
 
@@ -56,7 +59,7 @@ def _inputs(shapes, device, seed=0):
 def _fastalign(method, shapes, device):
     params, taus = _inputs(shapes, device)
     opt = OnlineMergeAdamW(params, method=method, ref_delta=taus, **HP)
-    return _with_state(opt.step)
+    return _mid_training(_with_state(opt.step), [opt.state[p] for p in params], device)
 
 
 def _with_state(step):
@@ -66,17 +69,33 @@ def _with_state(step):
     return step
 
 
+def _mid_training(step, states: list[dict], device, seed: int = 2):
+    """step, its optimizer's moments set to a mid-training state (spread out, step 10). From the state of a fresh
+    optimizer every timed step has about the same Δ = ±lr everywhere (one fixed gradient: m̂ = g, v̂ = g²), which a
+    real run has at step 1 only, and where OnTIES's radix select cannot skip any keys."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for state in states:
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.copy_(torch.randn(m.shape, device=device, generator=gen) * 1e-3)
+        v.copy_(torch.rand(v.shape, device=device, generator=gen) * 1e-6 + 1e-8)
+        if isinstance(state["step"], torch.Tensor):
+            state["step"].fill_(10)
+        else:
+            state["step"] = 10
+    return step
+
+
 def _official(method, shapes, device):
     params, taus = _inputs(shapes, device)
     step = ref.OfficialOnlineMergeStep(params, method=method, rescale=False, online_step=1, ref_delta=taus, **HP)
-    return step.step
+    return _mid_training(step.step, step.state, device)
 
 
 def _torch_adamw(shapes, device, fused):
     params, _ = _inputs(shapes, device)
     hp = {k: HP[k] for k in ("lr", "betas", "eps", "weight_decay")}
     opt = torch.optim.AdamW(params, **hp, fused=fused, foreach=None if fused else True)
-    return _with_state(opt.step)
+    return _mid_training(_with_state(opt.step), [opt.state[p] for p in params], device)
 
 
 def _torch_fused_works(device) -> bool:
@@ -97,14 +116,9 @@ def _make_check(method, shapes, device):
     def check():
         params, taus = _inputs(shapes, device, seed=1)
         opt = OnlineMergeAdamW(params, method=method, ref_delta=taus, **HP)
-        gen = torch.Generator(device=device).manual_seed(2)
-        before = []
-        for p in params:
-            state = opt.state[p]
-            state["exp_avg"].copy_(torch.randn(p.shape, device=device, generator=gen) * 1e-3)
-            state["exp_avg_sq"].copy_(torch.rand(p.shape, device=device, generator=gen) * 1e-6 + 1e-8)
-            state["step"].fill_(10)
-            before.append((p.detach().clone(), state["exp_avg"].clone(), state["exp_avg_sq"].clone()))
+        _mid_training(opt.step, [opt.state[p] for p in params], device)
+        before = [(p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone())
+                  for p in params]  # fmt: skip
         opt.step()
         for i, (p, (theta, m, v)) in enumerate(zip(params, before)):
             tau = opt.state[p]["ref_delta"].double()
@@ -153,7 +167,7 @@ def cases(env: Env) -> list[Case]:
                     shape=shape,
                     dtype="fp32",
                     setup=setup,
-                    bytes=numel * bytes_per_param,
+                    bytes=round(numel * bytes_per_param),
                     check=check if impl == "fastalign" else None,
                     extra=extra,
                 )

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from fastalign.kernels import online_merge as K
-from fastalign.kernels.radix_select import RADIX_DIGITS, radix_histogram
+from fastalign.kernels.radix_select import RADIX_DIGITS, candidate_regions, radix_histogram
 from fastalign.optim._select import Runs, radix_select, tie_budget, topk_count
 
 
@@ -76,11 +76,12 @@ class Tables:
     """The flat index space of a launch: slots start on BLOCK boundaries; two tilings of it."""
 
     flat_offsets: list[int]
-    flat_numel: int
     dare_tiles: torch.Tensor  # [n, 3] int64 (slot, begin, end)
     ties_tiles: torch.Tensor
     dare_ranges: torch.Tensor  # [S, 2] int64: each slot's tiles are rows [first, end) of dare_tiles
     ties_ranges: torch.Tensor
+    ties_regions: torch.Tensor  # [n, 2] int64: each TIES tile's candidate region in the Δ buffer (radix_select.py)
+    delta_numel: int  # the Δ buffer: the flat space, then the candidate regions
 
 
 def build_tables(numels: list[int], device: torch.device) -> Tables:
@@ -89,18 +90,22 @@ def build_tables(numels: list[int], device: torch.device) -> Tables:
         offsets.append(flat)
         flat += -(-n // K.BLOCK) * K.BLOCK
 
-    def tiling(tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def tiling(tile: int) -> tuple[list, list]:
         rows, ranges = [], []
         for slot, (off, n) in enumerate(zip(offsets, numels)):
             first = len(rows)
             rows += [(slot, off + b, off + min(b + tile, n)) for b in range(0, n, tile)]
             ranges.append((first, len(rows)))
-        as_tensor = lambda x, cols: torch.tensor(x, dtype=torch.int64).view(-1, cols).to(device)
-        return as_tensor(rows, 3), as_tensor(ranges, 2)
+        return rows, ranges
 
+    as_tensor = lambda x, cols: torch.tensor(x, dtype=torch.int64).view(-1, cols).to(device)  # noqa: E731
     dare_tiles, dare_ranges = tiling(K.DARE_TILE)
     ties_tiles, ties_ranges = tiling(K.TIES_TILE)
-    return Tables(offsets, flat, dare_tiles, ties_tiles, dare_ranges, ties_ranges)
+    regions, delta_numel = candidate_regions(ties_tiles, flat)
+    return Tables(
+        offsets, as_tensor(dare_tiles, 3), as_tensor(ties_tiles, 3), as_tensor(dare_ranges, 2),
+        as_tensor(ties_ranges, 2), as_tensor(regions, 2), delta_numel,
+    )  # fmt: skip
 
 
 def _to_device(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -183,7 +188,7 @@ def kernel_step(
             tau_dtype=None, lr_wd=lr_wd, alpha=0.0, reserve_p=1.0, ordinary_only=True, **common,
         )  # fmt: skip
     delta, first_hist = K.ties_delta(
-        slots, tables.ties_tiles, step_size, t, skip, grad_scale, tables.flat_numel, param_dtype=launch.param_dtype,
+        slots, tables.ties_tiles, step_size, t, skip, grad_scale, tables.delta_numel, param_dtype=launch.param_dtype,
         **common,
     )  # fmt: skip
     ks, selects = select_counts(launch)
@@ -192,11 +197,19 @@ def kernel_step(
     tile_slot = tables.ties_tiles[:, 0]
     last_shift, last_bits = RADIX_DIGITS[-1]
     tile_hist = torch.empty(tile_slot.numel(), 2**last_bits, dtype=torch.int64, device=launch.device)
+    candidates = torch.empty_like(tile_slot)
     th = radix_select(
         first_hist,
         lambda prefix, shift, bits: radix_histogram(
-            delta, tables.ties_tiles, prefix, shift, bits, tile_hist if shift == last_shift else None
-        ),
+            delta,
+            tables.ties_tiles,
+            tables.ties_regions,
+            candidates,
+            prefix,
+            shift,
+            bits,
+            tile_hist if shift == last_shift else None,
+        ),  # fmt: skip
         _to_device(ks, torch.int64, launch.device),
         select,
         launch.group,
