@@ -406,9 +406,9 @@ def test_onties_ties_across_tiles_and_parameters(backend, device, chunk, monkeyp
 
 
 def test_torch_path_selects_a_parameter_longer_than_a_chunk_a_chunk_at_a_time(monkeypatch, device):
-    """On the torch path a parameter longer than a chunk (256 elements here, 2**16 in use) finds its threshold by
-    radix digits a chunk at a time (_torch_path._kth_largest_key), not by kthvalue: the steps equal the float64
-    reference (equal |Δ|: test_onties_ties_across_tiles_and_parameters)."""
+    """On the torch path a parameter longer than a chunk (256 elements here, 2**16 in use) is selected a chunk at a
+    time (_torch_path.topk_select's pieces): the steps equal the float64 reference (equal |Δ|:
+    test_onties_ties_across_tiles_and_parameters)."""
     monkeypatch.setattr(_torch_path, "CHUNK", 256)
     with forced_backend("torch"):
         params = make_params(SHAPES, torch.float32, device)
@@ -530,13 +530,12 @@ def test_radix_passes_read_a_tiles_candidates_where_they_fit(device, digits, mon
     levels=st.sampled_from([2, 5, 0]),
     specials=st.sampled_from([0.0, 0.02, 0.6]),
     seed=st.integers(0, 2**31 - 1),
-    piece=st.sampled_from([1, 5, 64]),
+    piece=st.sampled_from([1, 5, 64, None]),
 )
-def test_torch_path_threshold_by_kthvalue_is_the_radix_selection(sizes, reserve_p, levels, specials, seed, piece):
-    """The CPU torch path of a single process picks T with torch.kthvalue (_topk_select_local), and a shard longer
-    than its pieces by radix digits a piece at a time (pieces of `piece` elements here; of CHUNK in a step): both keep
-    bit for bit what the selection across processes keeps (and what a stable descending sort keeps), with many exact
-    ties (a few levels, ±0), NaN, ±inf and equal-sized shards selected together."""
+def test_torch_path_selection_is_what_a_stable_sort_keeps(sizes, reserve_p, levels, specials, seed, piece):
+    """The torch path's selection, its histograms and masks built a piece of x at a time (pieces of `piece` elements
+    here, that cut shards and hold several; CHUNK in a step), keeps bit for bit what a stable descending sort keeps,
+    with many exact ties (a few levels, ±0), NaN, ±inf and equal-sized shards selected together."""
     gen = torch.Generator().manual_seed(seed)
     parts = []
     for n in sizes:
@@ -552,13 +551,9 @@ def test_torch_path_threshold_by_kthvalue_is_the_radix_selection(sizes, reserve_
     ks = [_select.topk_count(reserve_p, n) for n in lengths]
     selects = [k < n for k, n in zip(ks, lengths)]
     runs = _select.Runs.of([(0, n, n, n) for n in lengths], None, x.device)
-    local, radix, pieces = x.clone(), x.clone(), x.clone()
-    _torch_path.topk_select(local, lengths, ks, selects, runs)  # a single process: the kthvalue threshold
-    _torch_path._topk_select_radix(radix, lengths, ks, selects, runs)
-    _torch_path._topk_select_local(pieces, lengths, ks, selects, piece=piece)
-    assert torch.equal(local.view(torch.int32), radix.view(torch.int32))
-    assert torch.equal(pieces.view(torch.int32), radix.view(torch.int32))
-    for part, kept, k, select in zip(parts, local.split(lengths), ks, selects):
+    selected = x.clone()
+    _torch_path.topk_select(selected, lengths, ks, selects, runs, piece=piece)
+    for part, kept, k, select in zip(parts, selected.split(lengths), ks, selects):
         key = _torch_path.magnitude_key(part)
         order = torch.sort(key, descending=True, stable=True).indices
         expected = torch.zeros(part.numel(), dtype=torch.bool)

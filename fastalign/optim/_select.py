@@ -132,6 +132,8 @@ def tie_budget(th: Threshold, run_ties: torch.Tensor, runs: Runs) -> torch.Tenso
 
     run_ties: [T] int64 copies of the threshold key in each of this process's run entries.
     """
+    if runs.group is None and not any(runs.rows):  # one run per slot, nothing before it: its first th.ties copies
+        return torch.where(th.partial, th.ties, UNLIMITED)
     n_slots = th.key.numel()
     if runs.group is None:
         start, ties, slot, mine = (

@@ -32,136 +32,73 @@ def magnitude_key(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int32) & 0x7FFFFFFF
 
 
-def topk_select(x: torch.Tensor, lengths: list[int], ks: list[int], selects: list[bool], runs: Runs):
+def topk_select(
+    x: torch.Tensor, lengths: list[int], ks: list[int], selects: list[bool], runs: Runs, piece: int | None = None
+) -> None:
     """Zeroes all but the top ks[i] magnitudes of each shard of x where selects[i], in place.
 
     x: flat float32, the shards side by side (`lengths`); ks[i] entries of the whole parameter are
     kept; runs: where the shards' elements sit in their parameters, and their process group. The
     rule is _select.py's (ties at the threshold go to smaller global indices); a NaN is always kept.
-    A fixed number of torch ops for any number of shards (but shards of rows); every process of the
+    The threshold comes from radix_select, as on the kernel path, with each digit's histogram built a piece of
+    `piece` elements of x at a time (default: CHUNK on a CPU, 2**22 elements elsewhere, where this only sparsifies τ
+    at construction), and so do the masks: the temporaries are piece-sized whatever the shards. Every process of the
     group must pass the same parameters in the same order."""
-    if runs.group is None and not any(runs.rows):
-        _topk_select_local(x, lengths, ks, selects)
-    else:
-        _topk_select_radix(x, lengths, ks, selects, runs)
-
-
-def _topk_select_radix(x: torch.Tensor, lengths: list[int], ks: list[int], selects: list[bool], runs: Runs):
-    """topk_select by radix digits, as the kernels select: any shards of any process group."""
-    group = runs.group
+    piece = piece or (CHUNK if x.device.type == "cpu" else 1 << 22)
     n_slots, device = len(lengths), x.device
-    slot_ids = torch.arange(n_slots, dtype=torch.int32, device=device)
-    key = magnitude_key(x)
-    # The keys that match the digits chosen so far, shard after shard, and how many each shard has.
-    candidates, counts = key, torch.tensor(lengths, device=device)
-    local = []  # each digit's histogram of this process's keys (radix_select sums them in place)
+    starts = [sum(lengths[:i]) for i in range(n_slots + 1)]
+    # Per piece of x: its range and its shards, one index where it lies in one shard (a large shard's pieces) or an
+    # int32 tensor of each element's (a piece of small shards: one step's group of them fits in one).
+    pieces = []
+    for begin in range(0, x.numel(), piece):
+        end = min(begin + piece, x.numel())
+        counts = [max(0, min(end, starts[i + 1]) - max(begin, starts[i])) for i in range(n_slots)]
+        slots = [i for i, n in enumerate(counts) if n]
+        if len(slots) > 1:
+            ids = torch.arange(n_slots, dtype=torch.int32, device=device)
+            slots = _spread(ids, torch.tensor(counts, device=device))
+        pieces.append((begin, end, slots[0] if isinstance(slots, list) else slots))
+    local = []  # each digit's histogram of this process's keys (radix_select sums them across the group in place)
 
     def histogram(prefix: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
-        nonlocal candidates, counts
-        if local:  # keep the candidates whose higher digits are the chosen ones
-            match = (candidates >> (shift + bits)) == _spread(prefix.to(torch.int32), counts)
-            candidates = candidates.masked_select(match)
-            chosen = (prefix & (2 ** RADIX_DIGITS[len(local) - 1][1] - 1)).clamp_min(0)
-            counts = torch.where(prefix >= 0, local[-1].gather(1, chosen.view(-1, 1)).view(-1), 0)
-        bins = (candidates >> shift).bitwise_and_(2**bits - 1).bitwise_or_(_spread(slot_ids << bits, counts))
-        local.append(torch.bincount(bins, minlength=n_slots << bits).view(n_slots, 2**bits))
+        bins = n_slots << bits  # the keys that do not match go to one more bin, dropped (a mask would index slowly)
+        hist = torch.zeros(bins + 1, dtype=torch.int64, device=device)
+        prefix32, prefixes = prefix.to(torch.int32), prefix.tolist()
+        for begin, end, slot in pieces:
+            key = magnitude_key(x[begin:end])
+            one = isinstance(slot, int)
+            # A slot that does not select has prefix -1: none of its keys match.
+            match = (key >> (shift + bits)) == (prefixes[slot] if one else prefix32.index_select(0, slot))
+            digit = key.bitwise_right_shift_(shift).bitwise_and_(2**bits - 1).bitwise_or_(slot << bits)
+            hist += torch.bincount(torch.where(match, digit, bins), minlength=bins + 1)
+        local.append(hist[:-1].view(n_slots, 2**bits))
         return local[-1].clone()
 
     active = torch.tensor(selects, dtype=torch.bool, device=device)
     first = histogram(torch.where(active, 0, -1), *RADIX_DIGITS[0])
-    th = radix_select(first, histogram, torch.tensor(ks, dtype=torch.int64, device=device), active, group)
-    del candidates
+    th = radix_select(first, histogram, torch.tensor(ks, dtype=torch.int64, device=device), active, runs.group)
     last_digit = (th.key & (2 ** RADIX_DIGITS[-1][1] - 1)).clamp_min(0)
     local_ties = torch.where(active, local[-1].gather(1, last_digit.view(-1, 1)).view(-1), 0)
-    starts = [sum(lengths[:i]) for i in range(n_slots)]
-    shard_keys = lambda i: key[starts[i] : starts[i] + lengths[i]]  # noqa: E731
+    shard_keys = lambda i: magnitude_key(x[starts[i] : starts[i + 1]])  # noqa: E731
     budget = tie_budget(th, runs.ties(local_ties, shard_keys, torch.where(th.partial, th.key, -1)), runs)
-    threshold = torch.where(active, th.key, -1)  # -1: every key is above it
-    keep = key >= _spread(threshold.to(torch.int32), torch.tensor(lengths, device=device))
-    keep |= x.isnan()
-    start = 0
-    for i, (n, partial) in enumerate(zip(lengths, (budget < local_ties).tolist())):
-        if partial:  # only the first budget[i] copies of the threshold, in index order
-            ties = (key[start : start + n] == threshold[i]).nonzero().view(-1)
-            keep[start : start + n][ties[int(budget[i]) :]] = False
-        start += n
-    x.view(torch.int32).mul_(keep)  # masked_fill_(~keep, 0.0), bit for bit, without its slow CPU loop
-
-
-def _topk_select_local(
-    x: torch.Tensor, lengths: list[int], ks: list[int], selects: list[bool], piece: int | None = None
-) -> None:
-    """topk_select for shards that are whole parameters in one process: the same rule, with the threshold T (the k-th
-    largest key) found in the process, and integer ops for the masks (the bool ones loop slowly on a CPU). Entries
-    below T are zeroed (but NaN); where more than k keys are >= T, the copies of T after the first k - #(key > T) in
-    index order too, as topk_select does.
-
-    Shards of at most `piece` elements find T by one torch.kthvalue over all those of the same (length, k): one op
-    for a model's many small ones. A larger shard finds it by radix digits over pieces of `piece` keys: kthvalue's
-    temporaries are 12 bytes per key, three times the float32 Δ being selected, and they set the step's peak memory.
-    The masks go a piece at a time too. `piece` defaults to the step's CHUNK."""
-    piece = piece or CHUNK
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    shard = lambda i: x[starts[i] : starts[i] + lengths[i]]  # noqa: E731
-    thresholds: dict[int, int] = {}
-    same: dict[tuple[int, int], list[int]] = {}
-    for i, (n, k, select) in enumerate(zip(lengths, ks, selects)):
-        if select and n > piece:
-            thresholds[i] = _kth_largest_key(shard(i), k, piece)
-        elif select:
-            same.setdefault((n, k), []).append(i)
-    order, found = [], []
-    for (n, k), ids in same.items():
-        keys = torch.stack([magnitude_key(shard(i)) for i in ids])
-        # The k-th largest is the (n - k + 1)-th smallest.
-        found.append(torch.kthvalue(keys, n - k + 1, dim=1).values)
-        order += ids
-    if found:
-        thresholds.update(zip(order, torch.cat(found).tolist()))
-    for i, th in thresholds.items():
-        _keep_from_threshold(shard(i), ks[i], th, piece)
-
-
-def _kth_largest_key(x: torch.Tensor, k: int, piece: int) -> int:
-    """The k-th largest magnitude key of float32 x (1 <= k <= x.numel()): `radix_select` on one slot, whose digit
-    histograms are built a piece of x at a time."""
-
-    def histogram(prefix: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
-        hist = torch.zeros(1, 2**bits, dtype=torch.int64, device=x.device)
-        for begin in range(0, x.numel(), piece):
-            key = magnitude_key(x[begin : begin + piece])
-            key = key[(key >> (shift + bits)) == prefix]  # all of them at the first digit: keys are below 2**31
-            hist[0] += torch.bincount(key.bitwise_right_shift_(shift).bitwise_and_(2**bits - 1), minlength=2**bits)
-        return hist
-
-    one = torch.ones(1, dtype=torch.bool, device=x.device)
-    first = histogram(torch.zeros(1, dtype=torch.int64, device=x.device), *RADIX_DIGITS[0])
-    return int(radix_select(first, histogram, torch.full_like(one, k, dtype=torch.int64), one, None).key)
-
-
-def _keep_from_threshold(x: torch.Tensor, k: int, th: int, piece: int) -> None:
-    """Zeroes the entries of float32 x whose key is below th (but NaN), then, where more than k remain, the copies of
-    th after the first ones in index order, so that k remain; a piece of x at a time."""
-    x_bits, below = x.view(torch.int32), 0
-    for begin in range(0, x.numel(), piece):
-        part = x_bits[begin : begin + piece]
-        drop = (magnitude_key(x[begin : begin + piece]) - th).bitwise_right_shift_(31)  # -1 where key < T
-        below -= int(drop.sum())
-        if th > 0x7F800000:  # T is a NaN's key: a NaN below it stays
-            drop.mul_(~x[begin : begin + piece].isnan())
-        part.bitwise_and_(drop.bitwise_not_())
-    if x.numel() - below <= k:
-        return
-    # Only the first k - #(key > T) copies of T stay, in index order. The entries zeroed above have key 0 < T (T > 0
-    # here: with T = 0 nothing is below it), so they are no copies.
-    is_copy = lambda begin: magnitude_key(x[begin : begin + piece]) == th  # noqa: E731
-    starts = range(0, x.numel(), piece)
-    copies = [int(is_copy(begin).sum()) for begin in starts]
-    keep = k - (x.numel() - below - sum(copies))  # copies of T to keep
-    for begin, n_copies in zip(starts, copies):
-        if keep < n_copies:
-            x_bits[begin : begin + piece][is_copy(begin).nonzero().view(-1)[max(keep, 0) :]] = 0
-        keep -= n_copies
+    threshold = torch.where(active, th.key, 0).to(torch.int32)  # 0: every key is at or above it
+    nan_threshold = bool((threshold > 0x7F800000).any())  # T is a NaN's key: a NaN below it stays all the same
+    x_bits, thresholds = x.view(torch.int32), threshold.tolist()
+    for begin, end, slot in pieces:
+        t = thresholds[slot] if isinstance(slot, int) else threshold.index_select(0, slot)
+        drop = (magnitude_key(x[begin:end]) - t).bitwise_right_shift_(31)  # -1 where key < T
+        if nan_threshold:
+            drop.mul_(~x[begin:end].isnan())
+        x_bits[begin:end].bitwise_and_(drop.bitwise_not_())  # masked_fill_ bit for bit, without its slow CPU loop
+    # Where some copies of T go, only the first budget[i] in index order stay. The entries zeroed above have key 0,
+    # no copy of T (T = 0 drops nothing).
+    for i in (budget < local_ties).nonzero().view(-1).tolist():
+        keep, t = int(budget[i]), int(threshold[i])
+        for begin in range(starts[i], starts[i + 1], piece):
+            part = x_bits[begin : min(begin + piece, starts[i + 1])]
+            copies = (magnitude_key(part.view(torch.float32)) == t).nonzero().view(-1)
+            part[copies[max(keep, 0) :]] = 0
+            keep -= copies.numel()
 
 
 def _spread(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
