@@ -459,10 +459,10 @@ def test_radix_passes_read_a_tiles_candidates_where_they_fit(device, digits, mon
     table = {"shared_memory": radix_select.SHARED_MEMORY_DIGITS, "ballot": radix_select.BALLOT_DIGITS}[digits]
     for module in (radix_select, _select, _launch):
         monkeypatch.setattr(module, "RADIX_DIGITS", table)
-    numels = [1300, 7, 2000]
+    numels = [1300, 7, 3 * kernels.TIES_TILE + kernels.TIES_TILE * 29 // 32]  # the third has 4 tiles
     tables = _launch.build_tables(numels, device)
     tiles = tables.ties_tiles.tolist()
-    capacity = tables.ties_regions[0, 1].item()
+    capacity = tables.ties_regions[-4, 1].item()  # of each of the third parameter's full tiles
     gen = torch.Generator(device=device).manual_seed(torch.seed() % 2**31)
     uniform = lambda n, lo, hi: lo + (hi - lo) * torch.rand(n, generator=gen, device=device)  # noqa: E731
     # The third parameter's k-th largest |Δ| is in [1, 1.25) (one first digit), which holds capacity, capacity + 1,
@@ -473,7 +473,8 @@ def test_radix_passes_read_a_tiles_candidates_where_they_fit(device, digits, mon
         tile = torch.cat([uniform(in_bin, 1.0, 1.25), other])
         third.append(tile[torch.randperm(e - b, generator=gen, device=device)])
     values = [torch.randn(1300, generator=gen, device=device), torch.randn(7, generator=gen, device=device)]
-    values.append(torch.cat(third) * torch.where(torch.rand(2000, generator=gen, device=device) < 0.5, -1.0, 1.0))
+    signs = torch.where(torch.rand(numels[2], generator=gen, device=device) < 0.5, -1.0, 1.0)
+    values.append(torch.cat(third) * signs)
     x = torch.full((tables.delta_numel,), float("nan"), device=device)  # only written regions may be read
     for offset, v in zip(tables.flat_offsets, values):
         x[offset : offset + v.numel()] = v
