@@ -209,7 +209,7 @@ def kernel_step(
             shift,
             bits,
             tile_hist if shift == last_shift else None,
-        ),  # fmt: skip
+        ),
         _to_device(ks, torch.int64, launch.device),
         select,
         launch.group,
