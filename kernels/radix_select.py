@@ -49,6 +49,7 @@ _NUM_WARPS = 4
 # its first few steps (measured on a GPT-2 model, reserve_p 0.1 to 0.5); at step 1 every |Δ| is about lr and the bin
 # holds them all. A tile whose candidates do not fit is read whole by the later digits, as without regions.
 CANDIDATE_SHARE = 8
+_SCAN_ROWS = tl.constexpr(8)
 
 
 def candidate_regions(tiles: list[tuple[int, int, int]], start: int) -> tuple[list[tuple[int, int]], int]:
@@ -95,9 +96,15 @@ def _histogram_block(
     key, m_x = _load_keys(p_x, o_x, end, MASKED)
     m_match = m_x & ((key >> (SHIFT + BITS)).to(tl.int64) == prefix)
     if COMPACT:  # append the matching keys to the tile's region, as fp32 bits (any order: only counts matter)
-        at = written + tl.cumsum(m_match.to(tl.int32), 0) - 1
-        tl.store(p_region + at, key.to(tl.float32, bitcast=True), mask=m_match & (at < capacity))
-        written += tl.sum(m_match.to(tl.int32), 0)
+        # Positions by a scan along rows of the block plus each row's start: under triton 3.6 a scan of all 1024 keys
+        # at once costs 280 more SASS instructions per block (984 against 703, sm_90); under 3.9 they are even.
+        shape: tl.constexpr = [_SCAN_ROWS, o_x.shape[0] // _SCAN_ROWS]
+        match = tl.reshape(m_match.to(tl.int32), shape)
+        per_row = tl.sum(match, 1)
+        at = written + (tl.cumsum(per_row, 0) - per_row)[:, None] + tl.cumsum(match, 1) - 1
+        bits = tl.reshape(key, shape).to(tl.float32, bitcast=True)
+        tl.store(p_region + at, bits, mask=(match != 0) & (at < capacity))
+        written += tl.sum(per_row, 0)
     return tl.histogram((key >> SHIFT) & (2**BITS - 1), 2**BITS, mask=m_match), written
 
 
