@@ -55,6 +55,8 @@ _SCAN_ROWS = tl.constexpr(8)
 def candidate_regions(tiles: list[tuple[int, int, int]], start: int) -> tuple[list[tuple[int, int]], int]:
     """(offset, capacity) of each tile's candidate region, placed from `start` (the end of the keys, a multiple of
     BLOCK) on, and the end of the last region: the size the key buffer needs. tiles: (slot, begin, end) rows."""
+    if start % _BLOCK:  # the kernel tells the compiler a region starts on a BLOCK: its loads are 16-byte wide
+        raise ValueError(f"candidate regions must start on a multiple of {_BLOCK} elements; got {start}")
     regions, at = [], start
     for _, begin, end in tiles:
         capacity = -(-(end - begin) // (CANDIDATE_SHARE * _BLOCK)) * _BLOCK
