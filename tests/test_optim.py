@@ -524,6 +524,16 @@ def test_radix_passes_read_a_tiles_candidates_where_they_fit(device, digits, mon
         assert int(th.key[s]) == int(expected)
 
 
+def test_candidate_regions_start_on_a_block():
+    """The radix kernel reads regions with 16-byte loads, trusting that they start on a BLOCK."""
+    block = radix_select._BLOCK
+    regions, end = radix_select.candidate_regions([(0, 0, 5), (1, block, 20 * block)], 3 * block)
+    assert regions[0] == (3 * block, block) and regions[1][0] == 4 * block and end == 4 * block + regions[1][1]
+    assert all(at % block == 0 and capacity % block == 0 and capacity > 0 for at, capacity in regions)
+    with pytest.raises(ValueError, match="multiple of"):
+        radix_select.candidate_regions([(0, 0, 5)], block + 3)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     sizes=st.lists(st.integers(1, 700), min_size=1, max_size=5),
