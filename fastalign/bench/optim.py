@@ -58,22 +58,23 @@ def _inputs(shapes, device, seed=0):
 
 def _fastalign(method, shapes, device):
     params, taus = _inputs(shapes, device)
-    opt = OnlineMergeAdamW(params, method=method, ref_delta=taus, **HP)
-    return _mid_training(_with_state(opt.step), [opt.state[p] for p in params], device)
+    return _with_state(OnlineMergeAdamW(params, method=method, ref_delta=taus, **HP), params, device)
 
 
-def _with_state(step):
-    """step, once taken: torch's optimizers make their state (both moments) in their first step, the official one
-    at construction, so the memory a later step needs is what the cases measure (a CPU case's is its first call's)."""
-    step()
-    return step
+def _with_state(opt, params, device):
+    """opt.step, once taken and then from a mid-training state: torch's optimizers make their state (both moments) in
+    their first step, the official one at construction, so the memory a later step needs is what the cases measure (a
+    CPU case's is its first call's)."""
+    opt.step()
+    _mid_training([opt.state[p] for p in params], device)
+    return opt.step
 
 
-def _mid_training(step, states: list[dict], device, seed: int = 2):
-    """step, its optimizer's moments set to a mid-training state (spread out, step 10). From the state of a fresh
+def _mid_training(states: list[dict], device) -> None:
+    """Sets optimizer states' moments to a mid-training state (spread out, step 10). From the state of a fresh
     optimizer every timed step has about the same Δ = ±lr everywhere (one fixed gradient: m̂ = g, v̂ = g²), which a
     real run has at step 1 only, and where OnTIES's radix select cannot skip any keys."""
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(2)
     for state in states:
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.copy_(torch.randn(m.shape, device=device, generator=gen) * 1e-3)
@@ -82,20 +83,19 @@ def _mid_training(step, states: list[dict], device, seed: int = 2):
             state["step"].fill_(10)
         else:
             state["step"] = 10
-    return step
 
 
 def _official(method, shapes, device):
     params, taus = _inputs(shapes, device)
     step = ref.OfficialOnlineMergeStep(params, method=method, rescale=False, online_step=1, ref_delta=taus, **HP)
-    return _mid_training(step.step, step.state, device)
+    _mid_training(step.state, device)
+    return step.step
 
 
 def _torch_adamw(shapes, device, fused):
     params, _ = _inputs(shapes, device)
     hp = {k: HP[k] for k in ("lr", "betas", "eps", "weight_decay")}
-    opt = torch.optim.AdamW(params, **hp, fused=fused, foreach=None if fused else True)
-    return _mid_training(_with_state(opt.step), [opt.state[p] for p in params], device)
+    return _with_state(torch.optim.AdamW(params, **hp, fused=fused, foreach=None if fused else True), params, device)
 
 
 def _torch_fused_works(device) -> bool:
@@ -116,7 +116,7 @@ def _make_check(method, shapes, device):
     def check():
         params, taus = _inputs(shapes, device, seed=1)
         opt = OnlineMergeAdamW(params, method=method, ref_delta=taus, **HP)
-        _mid_training(opt.step, [opt.state[p] for p in params], device)
+        _mid_training([opt.state[p] for p in params], device)
         before = [(p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone())
                   for p in params]  # fmt: skip
         opt.step()
