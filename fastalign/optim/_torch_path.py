@@ -49,15 +49,14 @@ def topk_select(
     starts = [sum(lengths[:i]) for i in range(n_slots + 1)]
     # Per piece of x: its range and its shards, one index where it lies in one shard (a large shard's pieces) or an
     # int32 tensor of each element's (a piece of small shards: one step's group of them fits in one).
+    slot_ids = torch.arange(n_slots, dtype=torch.int32, device=device)
     pieces = []
     for begin in range(0, x.numel(), piece):
         end = min(begin + piece, x.numel())
         counts = [max(0, min(end, starts[i + 1]) - max(begin, starts[i])) for i in range(n_slots)]
-        slots = [i for i, n in enumerate(counts) if n]
-        if len(slots) > 1:
-            ids = torch.arange(n_slots, dtype=torch.int32, device=device)
-            slots = _spread(ids, torch.tensor(counts, device=device))
-        pieces.append((begin, end, slots[0] if isinstance(slots, list) else slots))
+        inside = [i for i, n in enumerate(counts) if n]
+        slot = inside[0] if len(inside) == 1 else _spread(slot_ids, torch.tensor(counts, device=device))
+        pieces.append((begin, end, slot))
     local = []  # each digit's histogram of this process's keys (radix_select sums them across the group in place)
 
     def histogram(prefix: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
