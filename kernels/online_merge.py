@@ -694,7 +694,7 @@ def _launch_case(method: str, param_dtype, tau_dtype, rescale=False, online_step
                     alpha=0.0, reserve_p=1.0, ordinary_only=True, **adam)  # fmt: skip
     n_tiles = ties_tiles.shape[0]
     regions, candidates = meta(n_tiles, 2, dtype=torch.int64), meta(n_tiles, dtype=torch.int64)
-    delta_numel = flat + triton.cdiv(flat, CANDIDATE_SHARE)
+    delta_numel = flat + triton.cdiv(flat, CANDIDATE_SHARE)  # about candidate_regions' size: meta tensors hold nothing
     delta, _ = ties_delta(slots, ties_tiles, step_size, t, flag, flag, delta_numel, param_dtype=param_dtype, **adam)
     for shift, bits in RADIX_DIGITS[1:-1]:
         radix_histogram(delta, ties_tiles, regions, candidates, per_slot, shift, bits)
