@@ -185,6 +185,31 @@ class _Fast:
     outputs: Outputs  # entropy / argmax at the scored rows, for the loss's metrics
     use_kernels: bool
     shard: VocabShard | None  # the weight's slice of the vocabulary when vocab-parallel
+    sized_for_gemms: bool  # memory_budget was left at its default on a kernel path: see `_chunk_rows`
+
+
+# A chunk's d-weight GEMM over K rows reads and writes the fp32 [V, H] accumulator, 8 bytes per element for 2 K FLOPs,
+# so it is memory-bound below K = 4 x GEMM rate / copy bandwidth: 735 rows on an H200 (790 TFLOP/s, 4.3 TB/s, measured;
+# compile_check.MACHINES) and 1053 on an H100. The default budget alone gives 348 rows at V = 128256 in bf16, which
+# would take the accumulate 2.1x its FLOPs' time on an H200 (3.0x on an H100), with a d-hidden GEMM of 348 x H outputs
+# too small to fill the GPU. Up to twice the H100's ridge, then, where the memory allows (TRL's fused head accumulates
+# over tiles of 4096 tokens).
+_GEMM_ROWS = 2048
+
+
+def _chunk_rows(budget: int, width: int, H: int, d_bytes: int, weight_bytes: int, sized_for_gemms: bool):
+    """(rows of whole units a chunk may take, rows of logits at a time within a longer unit). A row of the chunk
+    buffers takes `width` fp32 logits plus, if d logits has a buffer of its own, its d_bytes per logit.
+
+    sized_for_gemms (memory_budget left at its default, on a kernel path): chunks take up to _GEMM_ROWS rows, within
+    the bytes of the weight's gradient in the weight's dtype (weight_bytes each; 0 for fp32), which the backward
+    allocates next to the fp32 accumulator anyway: the forward's buffers then add nothing to the backward's peak. A
+    longer unit's slices stay within the budget: its d-weight GEMM runs over the whole unit."""
+    row_bytes = width * (4 + d_bytes)
+    slice_rows = max(1, budget // row_bytes)
+    if sized_for_gemms:
+        return max(slice_rows, min(_GEMM_ROWS, width * H * weight_bytes // row_bytes)), slice_rows
+    return slice_rows, slice_rows
 
 
 def _unit_order(objective: _Objective, R: int) -> list[int]:
@@ -215,8 +240,9 @@ def _chunks(unit_rows: list[int], limit: int, splittable: bool) -> list[tuple[in
     """(first, end, whole) row ranges over the units in order: whole units, at most `limit` rows where they fit;
     a unit longer than that alone, marked whole=False. Token units (splittable) cut anywhere."""
     total = sum(unit_rows)
-    if splittable:
-        return [(r0, min(total, r0 + limit), True) for r0 in range(0, total, limit)]
+    if splittable:  # chunks of equal size: a short last one would cost a whole pass over the accumulator
+        size = -(-total // -(-total // limit)) if total else 1
+        return [(r0, min(total, r0 + size), True) for r0 in range(0, total, size)]
     chunks, start, end = [], 0, 0
     for n in unit_rows:
         if end + n - start > limit and end > start:
@@ -346,7 +372,10 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         separate = d_dtype != torch.float32
         # Vocab-parallel: every rank sizes its chunks by the widest slice, so all take the same collectives.
         width = V if shard is None else shard.widest
-        limit = max(1, head.memory_budget // (width * (4 + (d_dtype.itemsize if separate else 0))))
+        weight_bytes = 0 if weight.dtype == torch.float32 else weight.element_size()
+        limit, slice_rows = _chunk_rows(
+            head.memory_budget, width, H, d_dtype.itemsize if separate else 0, weight_bytes, plan.sized_for_gemms
+        )
         chunks = _chunks(unit_rows, limit, objective.unit == "token")
 
         flat_labels = plan.labels.reshape(-1)
@@ -376,7 +405,8 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         # kernels move 16 bytes per access at any V; the torch path's log_softmax would copy a strided view.
         row = padded_width(V) if plan.use_kernels else V
         d_buf = torch.empty(max((r1 - r0 for r0, r1, _ in chunks), default=0), row, device=dev, dtype=d_dtype)[:, :V]
-        a_buf = torch.empty(min(limit, rows.numel()), row, device=dev)[:, :V] if separate else None
+        a_rows = max((r1 - r0 if whole else min(slice_rows, r1 - r0) for r0, r1, whole in chunks), default=0)
+        a_buf = torch.empty(a_rows, row, device=dev)[:, :V] if separate else None
 
         result = None
         labels_differ = []  # vocab-parallel: whether the group's ranks scored different rows, per chunk
@@ -389,8 +419,8 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                 mean_c = torch.empty(n, device=dev) if smoothing else None
                 # Whole units: one slice; d logits is written once the loss's gradient is known. A unit longer than
                 # the budget: slices, each row's d log p / d logits written at once, scaled by the gradient after.
-                for s0 in range(0, n, n if whole else limit):
-                    s1 = min(n, s0 + limit) if not whole else n
+                for s0 in range(0, n, n if whole else slice_rows):
+                    s1 = min(n, s0 + slice_rows) if not whole else n
                     a = a_buf[: s1 - s0] if separate else d[s0:s1]
                     _logits_into(a, h_c[s0:s1], weight)
                     lse, logp_c[s0:s1], grad_labels, found, differ = _row_stats(
@@ -426,8 +456,8 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                 if need_b and whole:
                     db += d.sum(0, dtype=torch.float32)
                 elif need_b:
-                    for s0 in range(0, n, limit):  # fp32 products, a slice of rows at a time
-                        db += coef[s0 : s0 + limit] @ d[s0 : s0 + limit].float()
+                    for s0 in range(0, n, slice_rows):  # fp32 products, a slice of rows at a time
+                        db += coef[s0 : s0 + slice_rows] @ d[s0 : s0 + slice_rows].float()
 
         check_same_rows(labels_differ)  # one host sync for every chunk's check
         if result is None:  # no scored row
@@ -510,7 +540,8 @@ def _fused_linear_loss(
     if shard is not None:  # the slices; the gradients' DTensors come from to_local's backward
         hidden, weight, bias = local_operands(hidden, weight, bias, shard)
         shard = shard if shard.size < shard.vocab else None  # a one-rank group's slice is the whole vocabulary
-    plan = _Fast(objective, labels.to(torch.int64), head, outputs, use_kernels, shard)
+    sized_for_gemms = use_kernels and head_args["memory_budget"] is None
+    plan = _Fast(objective, labels.to(torch.int64), head, outputs, use_kernels, shard, sized_for_gemms)
     loss, _logps, entropy, argmax, *_values, metrics = _FastFusedLinearLoss.apply(hidden, weight, bias, plan)
     return (loss, *metrics), entropy, argmax
 
@@ -581,7 +612,9 @@ def dpo_loss_from_hidden(
         ref_hidden: [2B, T, H'] the reference model's hidden states, projected under no_grad by ref_weight
             ([V, H'], default `weight`, as when the reference shares the policy's lm_head) and ref_bias.
         temperature, softcap, logit_scale: the logits, as in `linear_token_stats`.
-        memory_budget: bytes for the logits-sized buffers (default 256 MiB); see `strategy`.
+        memory_budget: bytes for the logits-sized buffers (default 256 MiB; left at the default on a GPU, fast's
+            chunks take up to 2048 rows, within the size of the weight's gradient: see `_chunk_rows`); see
+            `strategy`.
         strategy: "auto" (default), "fast" or "lean" (see the module docstring). fast computes the gradient in the
             forward at 6 N H V FLOPs, holding an fp32 [V, H] d-weight accumulator (none for an fp32 weight) and
             the d logits of whole pairs; lean recomputes the logits in the backward (8 N H V) and holds no [V, H]

@@ -570,6 +570,77 @@ def test_kto_ift_and_cross_entropy_decompose_over_sequences():
         assert torch.equal(alone, _unit_gradient(loss_of, logps, [1], [0, 2, 3], 10 * torch.randn(3, T_))), name
 
 
+# ----------------------------------------------------------------------------- chunk sizes
+
+
+def test_fast_chunks_at_the_default_budget_take_enough_rows_for_the_gemms():
+    """At the target (bf16, H = 4096, V = 128256) the default 256 MiB alone gives 348 rows, under the d-weight
+    accumulate's ridge (4 x GEMM rate / bandwidth rows) on every sm_90 machine compile-check models; left at the
+    default on a kernel path, chunks take what the bf16 weight gradient's bytes allow (H / 3 rows, 6 bytes a logit),
+    above the ridge. An explicit budget, the torch path (sized_for_gemms False) and an fp32 weight keep the budget."""
+    from fastalign.compile_check import MACHINES
+    from fastalign.linear_logprobs import DEFAULT_MEMORY_BUDGET
+
+    V_, H_ = 128256, 4096
+    budget_rows = DEFAULT_MEMORY_BUDGET // (V_ * 6)
+    assert losses_module._chunk_rows(DEFAULT_MEMORY_BUDGET, V_, H_, 2, 2, True) == (H_ // 3, budget_rows)
+    assert losses_module._chunk_rows(DEFAULT_MEMORY_BUDGET, V_, H_, 2, 2, False) == (budget_rows, budget_rows)
+    fp32_rows = DEFAULT_MEMORY_BUDGET // (V_ * 4)
+    assert losses_module._chunk_rows(DEFAULT_MEMORY_BUDGET, V_, H_, 0, 0, True) == (fp32_rows, fp32_rows)
+    assert losses_module._chunk_rows(DEFAULT_MEMORY_BUDGET, V_, 2**15, 2, 2, True)[0] == losses_module._GEMM_ROWS
+    for machine in (m for m in MACHINES if m.arch == 90):
+        ridge = 4 * machine.mma_tflops * 1e12 / (machine.copy_gbps * 1e9)
+        assert budget_rows < ridge < H_ // 3, machine.name
+
+
+@pytest.mark.parametrize("name", ["dpo", "ce"])
+def test_fast_chunks_at_the_default_budget_hold_whole_units_and_change_no_result(name, backend, device, monkeypatch):
+    """A default budget shrunk to 2 rows of bf16 logits (6 bytes each) with H = 48: on the kernel path chunks take up
+    to H / 3 = 16 rows, on the torch path (4 bytes a logit) 3; an explicit budget of the same bytes keeps the kernel
+    path to 2. Cross-entropy (33 scored rows) cuts them into equal chunks; DPO's pairs (16 and 17 scored rows) go
+    whole into one chunk where they fit, else alone, computed 2 or 3 rows of logits at a time. Losses and gradients
+    agree across the chunkings, and the d-weight GEMMs cover every scored row."""
+    import fastalign.linear_logprobs as logprobs_module
+
+    R, T_, H_, V_ = 4, 13, 48, 103
+    hidden, weight, bias, labels = make_batch(device, torch.bfloat16, batch=R, T=T_, H=H_, V=V_)
+    labels[1, -1] = IGNORE  # scored rows 7, 8, 9, 9: pairs (0, 2) and (1, 3) of 16 and 17
+    scored = int((labels != IGNORE).sum())
+    budget = 2 * V_ * 6
+    monkeypatch.setattr(logprobs_module, "DEFAULT_MEMORY_BUDGET", budget)
+    gemm_rows = []
+    real_accumulate = losses_module._accumulate_dweight
+
+    def accumulate(acc, d, h, first):
+        gemm_rows.append(d.shape[0])
+        real_accumulate(acc, d, h, first)
+
+    monkeypatch.setattr(losses_module, "_accumulate_dweight", accumulate)
+    reference = {"ref_chosen_logps": torch.zeros(2, device=device), "ref_rejected_logps": torch.zeros(2, device=device)}
+    calls = {
+        "dpo": lambda *a, **k: fastalign.linear_losses.dpo_loss_from_hidden(*a, **reference, **k)[0],
+        "ce": lambda *a, **k: cross_entropy_from_hidden(*a, **k)[0],
+    }
+    results = {}
+    for memory_budget in (None, budget):
+        leaves = leaves_of(hidden, weight, bias)
+        loss = calls[name](*leaves[:2], labels, leaves[2], strategy="fast", memory_budget=memory_budget)
+        (2.5 * loss).backward()
+        results[memory_budget] = (loss.detach(), *(leaf.grad for leaf in leaves))
+        assert sum(gemm_rows) == scored, gemm_rows
+        sized = backend == "kernel" and memory_budget is None
+        most = 16 if sized else (2 if backend == "kernel" else 3)
+        if name == "ce":
+            size = -(-scored // -(-scored // most))
+            assert gemm_rows == [min(size, scored - r0) for r0 in range(0, scored, size)], gemm_rows
+        else:  # one pair a chunk when it fits, else a longer unit alone, its d-weight GEMM over the whole pair
+            pairs = (labels != IGNORE).sum(1).view(2, -1).sum(0).tolist()
+            assert gemm_rows == pairs, gemm_rows
+        gemm_rows.clear()
+    for got, want in zip(results[None], results[budget]):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
+
+
 # ----------------------------------------------------------------------------- matmul FLOPs
 
 
