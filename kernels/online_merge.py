@@ -716,9 +716,10 @@ def compile_specs() -> list[LaunchCase]:
         return lambda args: (tile // args["BLOCK"],)
 
     dare_trips = {"_ondare_step_kernel": per_tile(DARE_TILE)}
-    # The radix passes after the second digit's read each tile's candidates (radix_select.py), counted here at the most
-    # that fit its region: 1/CANDIDATE_SHARE of the tile's keys, which the second digit's pass also writes. AdamW's Δ
-    # fills 6-11% (CANDIDATE_SHARE's comment); the first step's fills it all, and then costs what no regions would.
+    # The histogram passes of the second and later digits read each tile's candidates (radix_select.py), counted here
+    # at the most that fit its region: 1/CANDIDATE_SHARE of the tile's keys, which the copy pass (COMPACT) writes after
+    # reading the tile. AdamW's Δ fills 6-11% (CANDIDATE_SHARE's comment); the first step's fills it all, and then
+    # costs what no regions would.
     candidates = TIES_TILE // CANDIDATE_SHARE
     ties_trips = dict.fromkeys(("_ties_delta_kernel", "_ties_apply_kernel"), per_tile(TIES_TILE))
     ties_trips["_radix_histogram_kernel"] = lambda a: per_tile(candidates if a["FROM_REGION"] else TIES_TILE)(a)

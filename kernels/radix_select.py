@@ -13,10 +13,10 @@ all-reduced across a device mesh before the host-side (but sync-free) selection 
 At the last digit each program also stores its own counts: the tile's count in the chosen bin is
 its number of copies of the threshold key, which the tie rule needs per tile.
 
-Only the keys that match the digits chosen so far count, and after the first digit they are few. So the pass of the
-second digit also copies each tile's matching keys (its candidates) into a region of the key buffer after the keys
-(`candidate_regions`), and the later passes read a tile's region instead of the tile when its candidates fit: they
-move a fraction of the bytes and histogram a fraction of the keys.
+Only the keys that match the digits chosen so far count, and after the first digit they are few. So a pass copies
+each tile's matching keys (its candidates) into a region of the key buffer after the keys (`candidate_regions`), and
+the second and later digits' passes read a tile's region instead of the tile when its candidates fit: they move a
+fraction of the bytes and histogram a fraction of the keys.
 """
 
 from __future__ import annotations
@@ -90,24 +90,35 @@ def _tile_bounds(p_tiles, i_t, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _histogram_block(
-    p_x, o_x, end, prefix, p_region, capacity, written,
-    SHIFT: tl.constexpr, BITS: tl.constexpr, COMPACT: tl.constexpr, MASKED: tl.constexpr,
-):  # fmt: skip
-    """(histogram of the digit among the block's keys that match the prefix, candidates written so far)."""
+def _matching_keys(p_x, o_x, end, prefix, SHIFT: tl.constexpr, BITS: tl.constexpr, MASKED: tl.constexpr):
+    """(keys of the block, mask of those whose bits above the digit equal prefix)."""
     key, m_x = _load_keys(p_x, o_x, end, MASKED)
-    m_match = m_x & ((key >> (SHIFT + BITS)).to(tl.int64) == prefix)
-    if COMPACT:  # append the matching keys to the tile's region, as fp32 bits (any order: only counts matter)
-        # Positions by a scan along rows of the block plus each row's start: under triton 3.6 a scan of all 1024 keys
-        # at once costs 280 more SASS instructions per block (984 against 703, sm_90); under 3.9 they are even.
-        shape: tl.constexpr = [_SCAN_ROWS, o_x.shape[0] // _SCAN_ROWS]
-        match = tl.reshape(m_match.to(tl.int32), shape)
-        per_row = tl.sum(match, 1)
-        at = written + (tl.cumsum(per_row, 0) - per_row)[:, None] + tl.cumsum(match, 1) - 1
-        bits = tl.reshape(key, shape).to(tl.float32, bitcast=True)
-        tl.store(p_region + at, bits, mask=(match != 0) & (at < capacity))
-        written += tl.sum(per_row, 0)
-    return tl.histogram((key >> SHIFT) & (2**BITS - 1), 2**BITS, mask=m_match), written
+    return key, m_x & ((key >> (SHIFT + BITS)).to(tl.int64) == prefix)
+
+
+@triton.jit
+def _histogram_block(p_x, o_x, end, prefix, SHIFT: tl.constexpr, BITS: tl.constexpr, MASKED: tl.constexpr):
+    """Histogram of the digit among the block's keys that match the prefix."""
+    key, m_match = _matching_keys(p_x, o_x, end, prefix, SHIFT, BITS, MASKED)
+    return tl.histogram((key >> SHIFT) & (2**BITS - 1), 2**BITS, mask=m_match)
+
+
+@triton.jit
+def _compact_block(
+    p_x, o_x, end, prefix, p_region, capacity, written, SHIFT: tl.constexpr, BITS: tl.constexpr, MASKED: tl.constexpr
+):  # fmt: skip
+    """Appends the block's keys that match the prefix to the tile's region, as fp32 bits (in any order: only counts
+    matter), where they fit; returns the candidates counted so far."""
+    key, m_match = _matching_keys(p_x, o_x, end, prefix, SHIFT, BITS, MASKED)
+    # Positions by a scan along rows of the block plus each row's start: under triton 3.6 a scan of all 1024 keys at
+    # once costs 280 more SASS instructions per block (984 against 703, sm_90); under 3.9 they are even.
+    shape: tl.constexpr = [_SCAN_ROWS, o_x.shape[0] // _SCAN_ROWS]
+    match = tl.reshape(m_match.to(tl.int32), shape)
+    per_row = tl.sum(match, 1)
+    at = written + (tl.cumsum(per_row, 0) - per_row)[:, None] + tl.cumsum(match, 1) - 1
+    bits = tl.reshape(key, shape).to(tl.float32, bitcast=True)
+    tl.store(p_region + at, bits, mask=(match != 0) & (at < capacity))
+    return written + tl.sum(per_row, 0)
 
 
 @triton.jit
@@ -117,13 +128,13 @@ def _radix_histogram_kernel(
     p_regions,  # [n_tiles, 2] int64: (offset in p_x, a multiple of BLOCK; capacity) of each tile's candidate region
     p_count,  # [n_tiles] int64: candidates in each tile's region, -1 where they did not fit (written if COMPACT)
     p_prefix,  # [S] int64: the key bits above this digit chosen so far; < 0 skips the slot
-    p_hist,  # [S, 2**BITS] int64, accumulated into
+    p_hist,  # [S, 2**BITS] int64, accumulated into (unless COMPACT)
     p_tile_hist,  # [n_tiles, 2**BITS] int64 out, if TILE_COUNTS: each tile's own counts (0 where skipped)
     SHIFT: tl.constexpr,
     BITS: tl.constexpr,
     TILE_COUNTS: tl.constexpr,
-    COMPACT: tl.constexpr,  # read the tile and fill its region with the keys that match the prefix
-    FROM_REGION: tl.constexpr,  # read the tile's region where its candidates fit
+    COMPACT: tl.constexpr,  # only fill each tile's region with its keys that match the prefix, reading the tile
+    FROM_REGION: tl.constexpr,  # histogram the tile's region where its candidates fit, else the tile
     BLOCK: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
@@ -132,30 +143,32 @@ def _radix_histogram_kernel(
     b_hist = tl.zeros([2**BITS], dtype=tl.int32)
     if prefix >= 0:
         region = tl.multiple_of(tl.load(p_regions + i_t * 2), BLOCK)
-        capacity = tl.load(p_regions + i_t * 2 + 1).to(tl.int32)
-        if FROM_REGION:
-            count = tl.load(p_count + i_t)
-            if count >= 0:  # the tile's candidates fit its region: read them, not the tile
-                begin = region
-                end = region + count
-            full_end = begin + (end - begin) // BLOCK * BLOCK
-        begin = tl.multiple_of(begin, BLOCK)
-        written = tl.zeros((), tl.int32)
-        for b0 in range(begin, full_end, BLOCK):
-            hist, written = _histogram_block(
-                p_x, b0 + tl.arange(0, BLOCK), end, prefix, p_x + region, capacity, written, SHIFT, BITS, COMPACT,
-                False,
-            )  # fmt: skip
-            b_hist += hist
-        if full_end < end:
-            hist, written = _histogram_block(
-                p_x, full_end + tl.arange(0, BLOCK), end, prefix, p_x + region, capacity, written, SHIFT, BITS,
-                COMPACT, True,
-            )  # fmt: skip
-            b_hist += hist
         if COMPACT:
+            capacity = tl.load(p_regions + i_t * 2 + 1).to(tl.int32)
+            written = tl.zeros((), tl.int32)
+            for b0 in range(begin, full_end, BLOCK):
+                written = _compact_block(
+                    p_x, b0 + tl.arange(0, BLOCK), end, prefix, p_x + region, capacity, written, SHIFT, BITS, False
+                )
+            if full_end < end:
+                written = _compact_block(
+                    p_x, full_end + tl.arange(0, BLOCK), end, prefix, p_x + region, capacity, written, SHIFT, BITS,
+                    True,
+                )  # fmt: skip
             tl.store(p_count + i_t, tl.where(written <= capacity, written, -1))
-        tl.atomic_add(p_hist + slot * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64), sem="relaxed")
+        else:
+            if FROM_REGION:
+                count = tl.load(p_count + i_t)
+                if count >= 0:  # the tile's candidates fit its region: read them, not the tile
+                    begin = region
+                    end = region + count
+                full_end = begin + (end - begin) // BLOCK * BLOCK
+            begin = tl.multiple_of(begin, BLOCK)
+            for b0 in range(begin, full_end, BLOCK):
+                b_hist += _histogram_block(p_x, b0 + tl.arange(0, BLOCK), end, prefix, SHIFT, BITS, False)
+            if full_end < end:
+                b_hist += _histogram_block(p_x, full_end + tl.arange(0, BLOCK), end, prefix, SHIFT, BITS, True)
+            tl.atomic_add(p_hist + slot * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64), sem="relaxed")
     if TILE_COUNTS:
         tl.store(p_tile_hist + i_t * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64))
 
@@ -172,28 +185,34 @@ def radix_histogram(
 ) -> torch.Tensor:
     """[S, 2**bits] int64 counts of digit (key >> shift) among each slot's keys whose bits above the digit equal
     prefix[slot]. x: fp32 keys, then the candidate regions; tiles: [n_tiles, 3] int64; regions: [n_tiles, 2] int64
-    from `candidate_regions`; count: [n_tiles] int64, which the second digit's pass (RADIX_DIGITS[1]) fills and later
-    passes read; prefix: [S] int64; tile_hist: [n_tiles, 2**bits] int64, if given, receives each tile's own counts (a
-    zero row where its slot's prefix is < 0). The digits are histogrammed in RADIX_DIGITS order."""
+    from `candidate_regions`; count: [n_tiles] int64, which the second digit (RADIX_DIGITS[1]) fills before its
+    histogram and the later digits read; prefix: [S] int64; tile_hist: [n_tiles, 2**bits] int64, if given, receives
+    each tile's own counts (a zero row where its slot's prefix is < 0). The digits are histogrammed in RADIX_DIGITS
+    order."""
     hist = torch.zeros(prefix.numel(), 2**bits, dtype=torch.int64, device=x.device)
+    # The second digit first copies each tile's candidates, then histograms them from the regions as the later digits
+    # do. Under triton 3.6, whose histograms are ballots, one pass that did both issued 703 SASS instructions per block
+    # (sm_90), more than its 4 bytes per key take on an H200; the copy alone issues 288, the histogram of a region 473
+    # per block of candidates (an eighth of the keys at most).
     digit = RADIX_DIGITS.index((shift, bits))
-    if tiles.shape[0]:
-        _radix_histogram_kernel[(tiles.shape[0],)](
-            x,
-            tiles,
-            regions,
-            count,
-            prefix,
-            hist,
-            hist if tile_hist is None else tile_hist,
-            SHIFT=shift,
-            BITS=bits,
-            TILE_COUNTS=tile_hist is not None,
-            COMPACT=digit == 1,
-            FROM_REGION=digit > 1,
-            BLOCK=_BLOCK,
-            num_warps=_NUM_WARPS,
-        )
+    for compact in (True, False) if digit == 1 else (False,):
+        if tiles.shape[0]:
+            _radix_histogram_kernel[(tiles.shape[0],)](
+                x,
+                tiles,
+                regions,
+                count,
+                prefix,
+                hist,
+                hist if tile_hist is None else tile_hist,
+                SHIFT=shift,
+                BITS=bits,
+                TILE_COUNTS=tile_hist is not None and not compact,
+                COMPACT=compact,
+                FROM_REGION=not compact and digit >= 1,
+                BLOCK=_BLOCK,
+                num_warps=_NUM_WARPS,
+            )
     return hist
 
 

@@ -452,10 +452,10 @@ def test_onties_selection_is_the_same_for_both_radix_digit_tables(backend, devic
 
 @pytest.mark.parametrize("digits", ["shared_memory", "ballot"])
 def test_radix_passes_read_a_tiles_candidates_where_they_fit(device, digits, monkeypatch):
-    """The second digit's pass copies each tile's keys that match the first digit into the tile's region of the key
-    buffer (radix_select.candidate_regions) and the later passes read them there where they fit: every digit's
-    histogram, each tile's own counts at the last digit and the threshold equal torch's over all the keys, for tiles
-    whose candidates fit (exactly filling the region, too) and for tiles whose do not."""
+    """The second digit first copies each tile's keys that match the first digit into the tile's region of the key
+    buffer (radix_select.candidate_regions), then its histogram and the later digits' read them there where they fit:
+    every digit's histogram, each tile's own counts at the last digit and the threshold equal torch's over all the
+    keys, for tiles whose candidates fit (exactly filling the region, too) and for tiles whose do not."""
     table = {"shared_memory": radix_select.SHARED_MEMORY_DIGITS, "ballot": radix_select.BALLOT_DIGITS}[digits]
     for module in (radix_select, _select, _launch):
         monkeypatch.setattr(module, "RADIX_DIGITS", table)

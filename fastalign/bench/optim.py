@@ -29,13 +29,13 @@ def onties_bytes(param_bytes: int = 4, tau_bytes: int = 2) -> float:
     """Global-memory bytes per parameter element of one OnTIES step of the kernels (online_step=1), counted from the
     tensors each launch reads and writes (kernels/online_merge.py, kernels/radix_select.py): the Δ pass reads the
     gradient and both fp32 moments and writes the moments and Δ (fp32); the second radix digit (RADIX_DIGITS, which
-    depends on the triton version) reads Δ and writes each tile's candidates, and each later digit reads them: at most
-    1/CANDIDATE_SHARE of the keys where they fit, as they do from the benchmark's mid-training state (8% of the keys);
+    depends on the triton version) reads Δ and writes each tile's candidates, then it and each later digit read them:
+    at most 1/CANDIDATE_SHARE of the keys where they fit, as they do from the benchmark's mid-training state (8%);
     the apply pass reads Δ, θ and τ and writes θ. The per-slot and per-tile tables (histograms, tie counts, budgets)
     are under 0.5% of that at 1B parameters and are left out."""
     delta_pass = param_bytes + 4 * 4 + 4
     candidates = 4 / CANDIDATE_SHARE
-    radix_passes = 4 + candidates * (len(RADIX_DIGITS) - 1)
+    radix_passes = 4 + candidates * len(RADIX_DIGITS)
     apply_pass = 4 + 2 * param_bytes + tau_bytes
     return delta_pass + radix_passes + apply_pass
 
