@@ -8,6 +8,9 @@
   eager, TRL's fused head followed by its DPO loss (what TRL's DPOTrainer runs), and Liger's LigerFusedLinearDPOLoss
   without its reference model (Liger takes no precomputed reference log-probs: the same matmuls).
 - FusedLinearIFTLoss: fast and lean against eager.
+- FusedLinearCrossEntropyLoss (the SFT loss, mean over the counted tokens): fast and lean against eager
+  (F.linear, then F.cross_entropy), TRL's fused head followed by the mean negative log-likelihood (what its
+  SFTTrainer runs), and Liger's LigerFusedLinearCrossEntropyLoss.
 
 Throughput counts the FLOPs the op must do at least on its N scored tokens: 2 N H V forward and 6 N H V forward +
 backward (forward, d hidden, d weight). The losses' fast strategy does just that; their lean strategy and
@@ -308,6 +311,53 @@ def _dpo_cases(env: Env) -> list[Case]:
     return _cases(env, "FusedLinearDPOLoss", shapes, impls, make_inputs, _loss_flops(_prompt), check_for)
 
 
+def _trl_sft():
+    head = _trl_head()
+    if head is None:
+        return None
+
+    def fn(hidden, weight, labels):
+        # TRL's SFTTrainer with its fused head: per-token log-probs, then the mean negative log-likelihood.
+        counted = labels != IGNORE
+        return -head(hidden, weight, labels).sum() / counted.sum()
+
+    return fn
+
+
+def _liger_cross_entropy(cuda: bool):
+    if not cuda:  # its kernels are Triton's, with no CPU path
+        return None
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception:
+        return None
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
+    return lambda hidden, weight, labels: loss(weight, hidden.flatten(0, 1), labels.flatten())
+
+
+def _cross_entropy_cases(env: Env) -> list[Case]:
+    shapes = _shapes(env, [_TARGET], (4, 64, 128, 32000, torch.float32))
+    impls = {f"fastalign-{s}": fastalign.FusedLinearCrossEntropyLoss(strategy=s) for s in ("fast", "lean")}
+    impls["eager"] = lambda h, w, y: ref.linear_cross_entropy(h, w, y, ignore_index=IGNORE)
+    for name, peer in (("trl", _trl_sft()), ("liger", _liger_cross_entropy(env.cuda))):
+        if peer is not None:
+            impls[name] = peer
+
+    def make_inputs(shape, requires_grad):
+        return _inputs(env, shape, requires_grad, prompt=True)
+
+    def check_for(shape, impl):
+        def check():
+            hidden, weight, labels = make_inputs(shape, False)
+            counted = labels != IGNORE
+            eager = lambda logp: -torch.where(counted, logp, 0.0).sum() / counted.sum()  # noqa: E731
+            _check_against_float32(eager, hidden, weight, labels, lambda h, w: impls[impl](h, w, labels))
+
+        return check
+
+    return _cases(env, "FusedLinearCrossEntropyLoss", shapes, impls, make_inputs, _loss_flops(_prompt), check_for)
+
+
 def _fused_dpo(strategy: str):
     loss = fastalign.FusedLinearDPOLoss(beta=0.1, strategy=strategy)
     return lambda h, w, y, rc, rr: loss(h, w, y, ref_chosen_logps=rc, ref_rejected_logps=rr)[0]
@@ -338,4 +388,4 @@ def _ift_cases(env: Env) -> list[Case]:
 
 
 def cases(env: Env) -> list[Case]:
-    return _logprobs_cases(env) + _dpo_cases(env) + _ift_cases(env)
+    return _logprobs_cases(env) + _dpo_cases(env) + _ift_cases(env) + _cross_entropy_cases(env)
