@@ -591,6 +591,11 @@ def test_fast_chunks_at_the_default_budget_take_enough_rows_for_the_gemms():
     for machine in (m for m in MACHINES if m.arch == 90):
         ridge = 4 * machine.mma_tflops * 1e12 / (machine.copy_gbps * 1e9)
         assert budget_rows < ridge < H_ // 3, machine.name
+    # A chunk's buffers (fp32 logits and bf16/fp16 d logits) stay within the weight gradient in the weight's dtype,
+    # which the backward allocates next to the accumulator, or within the budget where that is larger.
+    for width, hidden_size in ((128256, 4096), (128256, 2048), (32000, 4096), (151936, 8192), (50257, 768)):
+        limit, _ = losses_module._chunk_rows(DEFAULT_MEMORY_BUDGET, width, hidden_size, 2, 2, True)
+        assert limit * width * 6 <= max(DEFAULT_MEMORY_BUDGET, width * hidden_size * 2), (width, hidden_size)
 
 
 @pytest.mark.parametrize("name", ["dpo", "ce"])
