@@ -195,6 +195,13 @@ class _Fast:
 # too small to fill the GPU. Up to twice the H100's ridge, then, where the memory allows (TRL's fused head accumulates
 # over tiles of 4096 tokens).
 _GEMM_ROWS = 2048
+# The largest row tile cuBLAS and the GEMM kernels take: a GEMM of 348 rows computes 512 in 256-row tiles.
+_TILE_ROWS = 256
+
+
+def _whole_tiles(rows: int) -> int:
+    """rows rounded down to whole row tiles, once there is one."""
+    return rows // _TILE_ROWS * _TILE_ROWS if rows >= _TILE_ROWS else rows
 
 
 def _chunk_rows(budget: int, width: int, H: int, d_bytes: int, weight_bytes: int, sized_for_gemms: bool):
@@ -206,9 +213,9 @@ def _chunk_rows(budget: int, width: int, H: int, d_bytes: int, weight_bytes: int
     allocates next to the fp32 accumulator anyway: the forward's buffers then add nothing to the backward's peak. A
     longer unit's slices stay within the budget: its d-weight GEMM runs over the whole unit."""
     row_bytes = width * (4 + d_bytes)
-    slice_rows = max(1, budget // row_bytes)
+    slice_rows = _whole_tiles(max(1, budget // row_bytes))
     if sized_for_gemms:
-        return max(slice_rows, min(_GEMM_ROWS, width * H * weight_bytes // row_bytes)), slice_rows
+        return max(slice_rows, _whole_tiles(min(_GEMM_ROWS, width * H * weight_bytes // row_bytes))), slice_rows
     return slice_rows, slice_rows
 
 
@@ -240,8 +247,10 @@ def _chunks(unit_rows: list[int], limit: int, splittable: bool) -> list[tuple[in
     """(first, end, whole) row ranges over the units in order: whole units, at most `limit` rows where they fit;
     a unit longer than that alone, marked whole=False. Token units (splittable) cut anywhere."""
     total = sum(unit_rows)
-    if splittable:  # chunks of equal size: a short last one would cost a whole pass over the accumulator
+    if splittable:  # chunks of equal size in whole tiles: a short last one would cost a pass over the accumulator
         size = -(-total // -(-total // limit)) if total else 1
+        if size >= _TILE_ROWS:
+            size = min(limit, -(-size // _TILE_ROWS) * _TILE_ROWS)
         return [(r0, min(total, r0 + size), True) for r0 in range(0, total, size)]
     chunks, start, end = [], 0, 0
     for n in unit_rows:

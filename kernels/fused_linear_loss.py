@@ -346,10 +346,11 @@ def _launch_case(dtype: torch.dtype, M: int, V: int, features: bool) -> None:
 
 
 def compile_specs() -> list[LaunchCase]:
-    """The target's chunk (bf16 H=4096 V=128256: 1365 rows, the bytes of the bf16 weight gradient at 6 bytes per
-    logit, as fastalign.linear_losses sizes a GPU chunk at the default budget), without and with every feature; fp16
-    and fp32 (d logits in place); each at an odd vocabulary too (32001, its rows padded to 32016: "V=32001+15")."""
-    M, V = 4096 // 3, 128256
+    """The target's chunk (bf16 H=4096 V=128256: 1280 rows, the bf16 weight gradient's bytes at 6 bytes per logit
+    in whole 256-row tiles, as fastalign.linear_losses sizes a GPU chunk at the default budget), without and with
+    every feature; fp16 and fp32 (d logits in place); each at an odd vocabulary too (32001, its rows padded to 32016:
+    "V=32001+15")."""
+    M, V = 1280, 128256
     trips = {"_logits_stats_kernel": lambda a: (triton.cdiv(a["V"], a["BLOCK_V"]),)}
     shapes = list(itertools.product((torch.bfloat16, torch.float16, torch.float32), (V, 32001)))
     cases = []

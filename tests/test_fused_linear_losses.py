@@ -574,23 +574,26 @@ def test_kto_ift_and_cross_entropy_decompose_over_sequences():
 
 
 def test_fast_chunks_at_the_default_budget_take_enough_rows_for_the_gemms():
-    """At the target (bf16, H = 4096, V = 128256) the default 256 MiB alone gives 348 rows, under the d-weight
-    accumulate's ridge (4 x GEMM rate / bandwidth rows) on every sm_90 machine compile-check models; left at the
-    default on a kernel path, chunks take what the bf16 weight gradient's bytes allow (H / 3 rows, 6 bytes a logit),
-    above the ridge. An explicit budget, the torch path (sized_for_gemms False) and an fp32 weight keep the budget."""
+    """At the target (bf16, H = 4096, V = 128256) the default 256 MiB alone gives 348 rows (256 in whole 256-row
+    GEMM tiles), under the d-weight accumulate's ridge (4 x GEMM rate / bandwidth rows) on every sm_90 machine
+    compile-check models; left at the default on a kernel path, chunks take what the bf16 weight gradient's bytes
+    allow (H / 3 = 1365 rows at 6 bytes a logit: 1280 in whole tiles), above the ridge. An explicit budget, the torch
+    path (sized_for_gemms False) and an fp32 weight keep the budget; fewer rows than a tile stay as they are."""
     from fastalign.compile_check import MACHINES
     from fastalign.linear_logprobs import DEFAULT_MEMORY_BUDGET
 
     V_, H_ = 128256, 4096
-    budget_rows = DEFAULT_MEMORY_BUDGET // (V_ * 6)
-    assert losses_module._chunk_rows(DEFAULT_MEMORY_BUDGET, V_, H_, 2, 2, True) == (H_ // 3, budget_rows)
-    assert losses_module._chunk_rows(DEFAULT_MEMORY_BUDGET, V_, H_, 2, 2, False) == (budget_rows, budget_rows)
-    fp32_rows = DEFAULT_MEMORY_BUDGET // (V_ * 4)
-    assert losses_module._chunk_rows(DEFAULT_MEMORY_BUDGET, V_, H_, 0, 0, True) == (fp32_rows, fp32_rows)
+    assert DEFAULT_MEMORY_BUDGET // (V_ * 6) == 348
+    assert losses_module._chunk_rows(DEFAULT_MEMORY_BUDGET, V_, H_, 2, 2, True) == (1280, 256)
+    assert losses_module._chunk_rows(DEFAULT_MEMORY_BUDGET, V_, H_, 2, 2, False) == (256, 256)
+    assert losses_module._chunk_rows(DEFAULT_MEMORY_BUDGET, V_, H_, 0, 0, True) == (512, 512)  # 523 fp32 rows
     assert losses_module._chunk_rows(DEFAULT_MEMORY_BUDGET, V_, 2**15, 2, 2, True)[0] == losses_module._GEMM_ROWS
+    assert losses_module._chunk_rows(200 * V_ * 6, V_, 64, 2, 2, True) == (200, 200)
     for machine in (m for m in MACHINES if m.arch == 90):
         ridge = 4 * machine.mma_tflops * 1e12 / (machine.copy_gbps * 1e9)
-        assert budget_rows < ridge < H_ // 3, machine.name
+        assert 348 < ridge < 1280, machine.name
+    # Cross-entropy's 12288 scored tokens: 10 chunks, of whole tiles but the last.
+    assert [r1 - r0 for r0, r1, _ in losses_module._chunks([1] * 12288, 1280, True)] == [1280] * 9 + [768]
     # A chunk's buffers (fp32 logits and bf16/fp16 d logits) stay within the weight gradient in the weight's dtype,
     # which the backward allocates next to the accumulator, or within the budget where that is larger.
     for width, hidden_size in ((128256, 4096), (128256, 2048), (32000, 4096), (151936, 8192), (50257, 768)):
