@@ -24,8 +24,9 @@ trips[0] * ... * trips[d-1] times per warp (d: its loop depth), in every warp of
     memory = bytes its loads and stores move (width x 32 lanes, every execution) / copy bandwidth
     issue  = warp instructions / (SMs x 4 schedulers x 1 instruction per cycle x clock)
     mma    = FLOPs of its HGMMA/HMMA instructions / the tensor-core rate of that instruction kind
-and the launch takes the largest of the three (the bound). Stores inside a loop that the data masks (a compaction)
-move the share of lanes the case states for that kernel (`LaunchCase.store_share`), not all 32. A kernel that fits
+and the launch takes the largest of the three (the bound). Predicated stores inside a loop (a compaction's, which
+the data masks) move the share of lanes the case states for that kernel (`LaunchCase.store_share`), not all 32; its
+unpredicated streaming stores move all. A kernel that fits
 one CTA per SM has nothing to overlap its instructions outside the MMA loop (a tile's epilogue) with the tensor
 cores: their issue time adds to the mma term. In a case with a FLOPs floor (tl.dot kernels) the tile loads mostly
 hit L2, which this model cannot tell, so the memory term is left out there. A case takes the sum over its launches
@@ -194,6 +195,7 @@ class Sass:
     opcodes: list[str]  # every instruction, modifiers included: "LDG.E.128"
     loops: list[Loop]
     depth: list[int]  # per instruction: how many loops enclose it
+    predicated: list[bool] = field(default_factory=list)  # per instruction: guarded by a predicate ("@P0 STG.E")
 
     @property
     def mma(self) -> str:
@@ -228,7 +230,7 @@ class Sass:
         ]
 
 
-_INSTRUCTION = re.compile(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)*)")
+_INSTRUCTION = re.compile(r"/\*[0-9a-f]+\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)*)")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _BRANCH_TARGET = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
 
@@ -236,6 +238,7 @@ _BRANCH_TARGET = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
 def parse_sass(text: str) -> Sass:
     """Instructions, labels and loops (each backward branch closes one) of nvdisasm's output for one kernel."""
     opcodes: list[str] = []
+    predicated: list[bool] = []
     labels: dict[str, int] = {}
     back: dict[str, int] = {}  # label -> last instruction that branches back to it
     for line in text.splitlines():
@@ -244,7 +247,8 @@ def parse_sass(text: str) -> Sass:
         if m := _INSTRUCTION.search(line):
             if (b := _BRANCH_TARGET.search(line)) and b.group(1) in labels:
                 back[b.group(1)] = len(opcodes)
-            opcodes.append(m.group(1))
+            opcodes.append(m.group(2))
+            predicated.append(m.group(1) is not None and not m.group(1).startswith("@PT"))
     # A branch to itself is the trap after the kernel's EXIT, not a loop.
     loops = [Loop(labels[label], end) for label, end in back.items() if labels[label] < end]
     loops.sort(key=lambda lp: (lp.start, -lp.end))
@@ -253,7 +257,7 @@ def parse_sass(text: str) -> Sass:
         loop.depth = 1 + sum(1 for o in loops if o is not loop and o.start <= loop.start and loop.end <= o.end)
         for i in range(loop.start, loop.end + 1):
             depth[i] = max(depth[i], loop.depth)
-    return Sass(opcodes, loops, depth)
+    return Sass(opcodes, loops, depth, predicated)
 
 
 def _global_load(op: str) -> bool:
@@ -403,7 +407,7 @@ def launch_cost(launch: Launch, compiled: Compiled, trips: tuple[int, ...], stor
         if mma_loop is not None and not mma_loop.start <= i <= mma_loop.end:
             per_program.unhidden_instructions += times * warps
         if _global_load(op) or _global_store(op):
-            share = store_share if _global_store(op) and depth else 1.0
+            share = store_share if _global_store(op) and depth and sass.predicated[i] else 1.0
             per_program.bytes += times * warps * 32 * _width(op) / 8 * share
         flops, kind = _mma_flops(op, warps)
         if flops:

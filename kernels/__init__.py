@@ -52,7 +52,8 @@ class LaunchCase:
     counts of the kernel's loop nest per program (outermost first) as a function of the launch's arguments; from
     those and the SASS, compile-check predicts the % of the ceiling (see fastalign/compile_check.py) and fails
     below `target`. A kernel whose stores inside its loops are masked by the data (a compaction writes only the keys
-    it keeps) names in `store_share` the share of lanes they write, as a function of the launch's arguments.
+    it keeps) names in `store_share` the share of lanes they write, as a function of the launch's arguments; it
+    applies to its predicated in-loop stores, not to its unpredicated streaming ones.
     """
 
     label: str  # e.g. "fwd bf16 N=16384 V=128256"

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta
-from .radix_select import CANDIDATE_SHARE, RADIX_DIGITS, radix_histogram
+from .radix_select import CANDIDATE_SHARE, RADIX_DIGITS, append_candidates, radix_histogram
 
 # Columns of the slot table.
 SLOT_FIELDS = (
@@ -326,18 +326,28 @@ def _ondare_step_kernel(
 @triton.jit
 def _ties_delta_block(
     p_grad, p_m, p_v, p_c, p_delta, o, end, step_size, inv_scale, beta1, beta2, eps,
-    ACCUMULATE: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, MASKED: tl.constexpr,
+    ACCUMULATE: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
+    """Updates the moments and stores Δ; returns (the magnitude keys of Δ, the block's lanes inside the tile)."""
     m = o < end
     d = _adam_delta(p_grad, p_m, p_v, o, m, inv_scale, step_size, beta1, beta2, eps, True, MASKED)
     if ACCUMULATE:
         d += _ld(p_c, o, m, MASKED)
     _st(p_delta, o, d, m, MASKED)
-    key = d.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return d.to(tl.int32, bitcast=True) & 0x7FFFFFFF, m
+
+
+@triton.jit
+def _guessed_digit_block(key, m, guess, p_region, capacity, written, above, SHIFT: tl.constexpr, MASKED: tl.constexpr):
+    """Appends the keys whose top digit is the guess to the tile's region; returns (candidates counted so far, keys
+    above the guess so far)."""
+    digit = key >> SHIFT
+    m_eq = digit == guess
+    m_above = digit > guess
     if MASKED:
-        return tl.histogram(key >> SHIFT, 2**BITS, mask=m)
-    else:
-        return tl.histogram(key >> SHIFT, 2**BITS)
+        m_eq &= m
+        m_above &= m
+    return append_candidates(key, m_eq, p_region, capacity, written), above + tl.sum(m_above.to(tl.int32), 0)
 
 
 @triton.jit
@@ -346,8 +356,11 @@ def _ties_delta_kernel(
     p_tiles,  # [n_tiles, 3] int64: (slot, flat begin, flat end)
     p_step_size,  # [S] fp32
     p_t,  # [S] int64
-    p_delta,  # [flat] fp32 out: Δ (plus the accumulated Δ) of merging slots
-    p_hist,  # [S, 2**BITS] int64, accumulated into: the top digit of |Δ|
+    p_delta,  # [flat] fp32 out: Δ (plus the accumulated Δ) of merging slots, then the tiles' candidate regions
+    p_hist,  # [S, 2**BITS] int64, accumulated into: the top digit of |Δ| (GUESS: see p_guess)
+    p_guess,  # [S] int64, if GUESS: a guess of the threshold's top digit (< 0: none)
+    p_regions,  # [n_tiles, 2] int64, if GUESS: (offset in p_delta, capacity) of each tile's candidate region
+    p_count,  # [n_tiles] int64 out, if GUESS: keys at the guessed digit in the region, -1 where they did not fit
     p_skip,  # [] fp32
     p_grad_scale,  # [] fp32
     beta1,
@@ -357,6 +370,9 @@ def _ties_delta_kernel(
     PARAM_DTYPE: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     ALIGNED: tl.constexpr,
+    # Instead of the top digit's histogram: copy the keys at the guessed digit to the tile's candidate region, and
+    # count them in p_hist's bin of the guess and the keys above it in its top bin (radix_select.py).
+    GUESS: tl.constexpr,
     SHIFT: tl.constexpr,
     BITS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -375,17 +391,40 @@ def _ties_delta_kernel(
         step_size = tl.load(p_step_size + slot)
         inv_scale = 1.0 / tl.load(p_grad_scale)
         b_hist = tl.zeros([2**BITS], dtype=tl.int32)
+        guess = tl.zeros((), tl.int64) - 1
+        p_region = p_delta
+        capacity = tl.zeros((), tl.int32)
+        if GUESS:
+            guess = tl.load(p_guess + slot)
+            p_region = p_delta + tl.multiple_of(tl.load(p_regions + i_t * 2), BLOCK)
+            capacity = tl.load(p_regions + i_t * 2 + 1).to(tl.int32)
+        written = tl.zeros((), tl.int32)
+        above = tl.zeros((), tl.int32)
         for b0 in range(begin, full_end, BLOCK):
-            b_hist += _ties_delta_block(
+            key, m = _ties_delta_block(
                 p_grad, p_m, p_v, p_c, p_d, b0 + tl.arange(0, BLOCK), end, step_size, inv_scale, beta1, beta2,
-                eps, ACCUMULATE, SHIFT, BITS, False,
+                eps, ACCUMULATE, False,
             )  # fmt: skip
+            if GUESS:
+                written, above = _guessed_digit_block(key, m, guess, p_region, capacity, written, above, SHIFT, False)
+            else:
+                b_hist += tl.histogram(key >> SHIFT, 2**BITS)
         if full_end < end:
-            b_hist += _ties_delta_block(
+            key, m = _ties_delta_block(
                 p_grad, p_m, p_v, p_c, p_d, full_end + tl.arange(0, BLOCK), end, step_size, inv_scale, beta1,
-                beta2, eps, ACCUMULATE, SHIFT, BITS, True,
+                beta2, eps, ACCUMULATE, True,
             )  # fmt: skip
-        tl.atomic_add(p_hist + slot * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64), sem="relaxed")
+            if GUESS:
+                written, above = _guessed_digit_block(key, m, guess, p_region, capacity, written, above, SHIFT, True)
+            else:
+                b_hist += tl.histogram(key >> SHIFT, 2**BITS, mask=m)
+        if GUESS:
+            tl.store(p_count + i_t, tl.where((guess >= 0) & (written <= capacity), written, -1))
+            if guess >= 0:
+                tl.atomic_add(p_hist + slot * 2**BITS + guess, written.to(tl.int64), sem="relaxed")
+                tl.atomic_add(p_hist + slot * 2**BITS + 2**BITS - 1, above.to(tl.int64), sem="relaxed")
+        else:
+            tl.atomic_add(p_hist + slot * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64), sem="relaxed")
 
 
 @triton.jit
@@ -582,13 +621,20 @@ def ties_delta(
     eps: float,
     online_step: int,
     aligned: bool = True,
+    guess: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Moments and Δ of the merging slots: returns (Δ [delta_numel] fp32: the flat space, then room for the radix
-    passes' candidate regions; [S, 1024] int64 histogram of the top radix digit of |Δ|). The ordinary-step slots of
-    online_step > 1 are left alone."""
+    passes' candidate regions; [S, 1024] int64 counts of the top radix digit of |Δ|). The ordinary-step slots of
+    online_step > 1 are left alone.
+
+    guess: ([S] int64 guessed top digit of each slot's threshold, < 0 for none; [n_tiles, 2] int64 candidate regions;
+    [n_tiles] int64 counts, out): the keys at the guessed digit go to each tile's region (count -1 where they do not
+    fit, or without a guess), and a slot's row of counts holds them in the guess's bin and the keys above it in the
+    top bin, instead of the whole histogram."""
     delta = torch.empty(delta_numel, device=tiles.device, dtype=torch.float32)
     shift, bits = RADIX_DIGITS[0]
     hist = torch.zeros(slots.shape[0], 2**bits, device=tiles.device, dtype=torch.int64)
+    guesses, regions, count = guess if guess is not None else (hist, hist, hist)
     if tiles.shape[0]:
         _ties_delta_kernel[(tiles.shape[0],)](
             slots,
@@ -597,6 +643,9 @@ def ties_delta(
             t,
             delta,
             hist,
+            guesses,
+            regions,
+            count,
             skip,
             grad_scale,
             beta1,
@@ -606,6 +655,7 @@ def ties_delta(
             PARAM_DTYPE=_TL_DTYPE[param_dtype],
             ACCUMULATE=online_step > 1,
             ALIGNED=aligned,
+            GUESS=guess is not None,
             SHIFT=shift,
             BITS=bits,
             BLOCK=BLOCK,
@@ -671,9 +721,10 @@ def _decoder_1b() -> list[int]:
     return [32000 * hidden] + layer * 14 + [hidden]
 
 
-def _launch_case(method: str, param_dtype, tau_dtype, rescale=False, online_step=1, aligned=True) -> None:
+def _launch_case(method: str, param_dtype, tau_dtype, rescale=False, online_step=1, aligned=True, guess=True) -> None:
     """One optimizer step over `_decoder_1b`'s tables, launched as fastalign.optim._launch.kernel_step does (with the
-    skip_nonfinite check when rescale is on)."""
+    skip_nonfinite check when rescale is on); OnTIES with the first digit guessed (every merge after the first) or
+    not (the first)."""
     numels = _decoder_1b()
     S, flat = len(numels), sum(triton.cdiv(n, BLOCK) * BLOCK for n in numels)
     slots = meta(S, len(SLOT_FIELDS), dtype=torch.int64)
@@ -695,9 +746,15 @@ def _launch_case(method: str, param_dtype, tau_dtype, rescale=False, online_step
     n_tiles = ties_tiles.shape[0]
     regions, candidates = meta(n_tiles, 2, dtype=torch.int64), meta(n_tiles, dtype=torch.int64)
     delta_numel = flat + triton.cdiv(flat, CANDIDATE_SHARE)  # about candidate_regions' size: meta tensors hold nothing
-    delta, _ = ties_delta(slots, ties_tiles, step_size, t, flag, flag, delta_numel, param_dtype=param_dtype, **adam)
+    guessed = (per_slot, regions, candidates) if guess else None
+    delta, _ = ties_delta(
+        slots, ties_tiles, step_size, t, flag, flag, delta_numel, param_dtype=param_dtype, guess=guessed, **adam
+    )
+    copied = meta(S, dtype=torch.bool) if guess else None
+    if guess:  # the first digit again where the guess missed (fastalign.optim._select.radix_select)
+        radix_histogram(delta, ties_tiles, regions, candidates, per_slot, *RADIX_DIGITS[0])
     for shift, bits in RADIX_DIGITS[1:-1]:
-        radix_histogram(delta, ties_tiles, regions, candidates, per_slot, shift, bits)
+        radix_histogram(delta, ties_tiles, regions, candidates, per_slot, shift, bits, copied=copied)
     shift, bits = RADIX_DIGITS[-1]
     tile_hist = meta(n_tiles, 2**bits, dtype=torch.int64)
     radix_histogram(delta, ties_tiles, regions, candidates, per_slot, shift, bits, tile_hist)
@@ -708,7 +765,7 @@ def _launch_case(method: str, param_dtype, tau_dtype, rescale=False, online_step
 
 def compile_specs() -> list[LaunchCase]:
     """The targets (a 1B-parameter fp32 model, τ in bf16: OnDARE and OnTIES steps), then every parameter dtype and τ
-    dtype with rescale and online_step > 1, and an unaligned shard."""
+    dtype with rescale and online_step > 1, an unaligned shard, and OnTIES's first merge (no guessed digit)."""
     numel = sum(_decoder_1b())
 
     # Every program loops over the BLOCKs of one tile (a few tiles of small parameters are shorter).
@@ -716,14 +773,23 @@ def compile_specs() -> list[LaunchCase]:
         return lambda args: (tile // args["BLOCK"],)
 
     dare_trips = {"_ondare_step_kernel": per_tile(DARE_TILE)}
-    # The histogram passes of the second and later digits read each tile's candidates (radix_select.py), counted here
-    # at the most that fit its region: 1/CANDIDATE_SHARE of the tile's keys, which the copy pass (COMPACT) writes after
-    # reading the tile. AdamW's Δ fills 6-11% (CANDIDATE_SHARE's comment); the first step's fills it all, and then
-    # costs what no regions would.
-    candidates = TIES_TILE // CANDIDATE_SHARE
+    # A merge after the first: the Δ pass copies each tile's keys at the guessed top digit to its region, and the
+    # histogram passes of the second and later digits read the regions (radix_select.py), counted here at the most
+    # that fit: 1/CANDIDATE_SHARE of the tile's keys. AdamW's Δ fills 6-11% (CANDIDATE_SHARE's comment); the first
+    # step's fills it all, and then costs what no regions would. Where a slot's guess missed (MISSED of them: its
+    # threshold's top digit moved between merges in 8-11% of them on a GPT-2 run), the first digit is histogrammed
+    # again and the copy pass (COMPACT) reads its tiles.
+    candidates, missed = TIES_TILE // CANDIDATE_SHARE, 0.1
+    first_shift = RADIX_DIGITS[0][0]
+
+    def radix_trips(args):
+        if args["COMPACT"] or args["SHIFT"] == first_shift:
+            return (missed * TIES_TILE / args["BLOCK"],)
+        return per_tile(candidates if args["FROM_REGION"] else TIES_TILE)(args)
+
     ties_trips = dict.fromkeys(("_ties_delta_kernel", "_ties_apply_kernel"), per_tile(TIES_TILE))
-    ties_trips["_radix_histogram_kernel"] = lambda a: per_tile(candidates if a["FROM_REGION"] else TIES_TILE)(a)
-    ties_stores = {"_radix_histogram_kernel": lambda args: 1 / CANDIDATE_SHARE}
+    ties_trips["_radix_histogram_kernel"] = radix_trips
+    ties_stores = dict.fromkeys(("_radix_histogram_kernel", "_ties_delta_kernel"), lambda args: 1 / CANDIDATE_SHARE)
     # What a step must move per parameter: read gradient, θ, both moments and τ (bf16); write θ and both moments.
     floor = numel * (4 + 4 + 4 + 16 + 2)
     cases = [
@@ -746,4 +812,7 @@ def compile_specs() -> list[LaunchCase]:
     for method in ("ondare", "onties"):
         run = functools.partial(_launch_case, method, torch.bfloat16, torch.bfloat16, aligned=False)
         cases.append(LaunchCase(f"{method} bf16 unaligned shard", run))
+    for param_dtype in (torch.float32, torch.bfloat16, torch.float16):  # the first merge: no guess yet
+        run = functools.partial(_launch_case, "onties", param_dtype, torch.bfloat16, rescale=True, guess=False)
+        cases.append(LaunchCase(f"onties {TRITON_DTYPE[param_dtype]} tau=bf16 first merge", run))
     return cases

@@ -16,7 +16,9 @@ its number of copies of the threshold key, which the tie rule needs per tile.
 Only the keys that match the digits chosen so far count, and after the first digit they are few. So a pass copies
 each tile's matching keys (its candidates) into a region of the key buffer after the keys (`candidate_regions`), and
 the second and later digits' passes read a tile's region instead of the tile when its candidates fit: they move a
-fraction of the bytes and histogram a fraction of the keys.
+fraction of the bytes and histogram a fraction of the keys. From an optimizer's second merge on, the pass that makes
+the keys copies them under a guessed first digit (online_merge.py), and the copy pass here skips the slots whose
+guess held (`copied`).
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ import triton.language as tl
 
 from . import INTERPRET, LaunchCase, meta
 
-# (shift, bits) of each digit of the 31-bit magnitude key, most significant first. The first digit is histogrammed in
-# the Δ pass (online_merge's _ties_delta_kernel); each later one costs a pass over the keys (4 bytes per key), so the
-# digits are as wide as tl.histogram stays cheap. Triton 3.9 lowers it to shared-memory atomics: a 2048-bin
+# (shift, bits) of each digit of the 31-bit magnitude key, most significant first. The first digit is histogrammed (or
+# guessed) in the Δ pass (online_merge's _ties_delta_kernel); each later one costs a pass over the keys (4 bytes per
+# key), so the digits are as wide as tl.histogram stays cheap. Triton 3.9 lowers it to shared-memory atomics: a 2048-bin
 # histogram of 1024 keys is 87 SASS instructions, and the passes stay memory-bound. Earlier versions (the GPU image's
-# 3.6) lower it to ballots and popcounts whose cost grows with the bins (issue 11: with digits of 11, 10 and 10 bits
-# the passes were issue-bound, OnTIES predicted at 39% of copy bandwidth on the H100): one more pass with narrow
-# digits costs less there.
+# 3.6) lower it to ballots and popcounts whose cost grows with the bins (issue 11: with digits of 11, 10 and 10 bits the
+# passes were issue-bound, OnTIES predicted at 39% of copy bandwidth on the H100): one more pass with narrow digits
+# costs less there.
 SHARED_MEMORY_DIGITS = ((21, 10), (10, 11), (0, 10))
 BALLOT_DIGITS = ((21, 10), (14, 7), (7, 7), (0, 7))
 _SHARED_MEMORY_HISTOGRAM = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
@@ -104,21 +106,27 @@ def _histogram_block(p_x, o_x, end, prefix, SHIFT: tl.constexpr, BITS: tl.conste
 
 
 @triton.jit
-def _compact_block(
-    p_x, o_x, end, prefix, p_region, capacity, written, SHIFT: tl.constexpr, BITS: tl.constexpr, MASKED: tl.constexpr
-):  # fmt: skip
-    """Appends the block's keys that match the prefix to the tile's region, as fp32 bits (in any order: only counts
-    matter), where they fit; returns the candidates counted so far."""
-    key, m_match = _matching_keys(p_x, o_x, end, prefix, SHIFT, BITS, MASKED)
+def append_candidates(key, m_match, p_region, capacity, written):
+    """Appends the keys where m_match holds to a tile's region, as fp32 bits (in any order: only counts matter), where
+    they fit; returns the candidates counted so far (written: before this block)."""
     # Positions by a scan along rows of the block plus each row's start: under triton 3.6 a scan of all 1024 keys at
     # once costs 280 more SASS instructions per block (984 against 703, sm_90); under 3.9 they are even.
-    shape: tl.constexpr = [_SCAN_ROWS, o_x.shape[0] // _SCAN_ROWS]
+    shape: tl.constexpr = [_SCAN_ROWS, key.shape[0] // _SCAN_ROWS]
     match = tl.reshape(m_match.to(tl.int32), shape)
     per_row = tl.sum(match, 1)
     at = written + (tl.cumsum(per_row, 0) - per_row)[:, None] + tl.cumsum(match, 1) - 1
     bits = tl.reshape(key, shape).to(tl.float32, bitcast=True)
     tl.store(p_region + at, bits, mask=(match != 0) & (at < capacity))
     return written + tl.sum(per_row, 0)
+
+
+@triton.jit
+def _compact_block(
+    p_x, o_x, end, prefix, p_region, capacity, written, SHIFT: tl.constexpr, BITS: tl.constexpr, MASKED: tl.constexpr
+):  # fmt: skip
+    """Appends the block's keys that match the prefix to the tile's region; returns the candidates counted so far."""
+    key, m_match = _matching_keys(p_x, o_x, end, prefix, SHIFT, BITS, MASKED)
+    return append_candidates(key, m_match, p_region, capacity, written)
 
 
 @triton.jit
@@ -182,18 +190,20 @@ def radix_histogram(
     shift: int,
     bits: int,
     tile_hist: torch.Tensor | None = None,
+    copied: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[S, 2**bits] int64 counts of digit (key >> shift) among each slot's keys whose bits above the digit equal
     prefix[slot]. x: fp32 keys, then the candidate regions; tiles: [n_tiles, 3] int64; regions: [n_tiles, 2] int64
     from `candidate_regions`; count: [n_tiles] int64, which the second digit (RADIX_DIGITS[1]) fills before its
     histogram and the later digits read; prefix: [S] int64; tile_hist: [n_tiles, 2**bits] int64, if given, receives
-    each tile's own counts (a zero row where its slot's prefix is < 0). The digits are histogrammed in RADIX_DIGITS
-    order."""
+    each tile's own counts (a zero row where its slot's prefix is < 0); copied: [S] bool, the slots whose candidates
+    are in their regions already (the Δ pass copied the keys under a guessed first digit that held). The digits are
+    histogrammed in RADIX_DIGITS order."""
     hist = torch.zeros(prefix.numel(), 2**bits, dtype=torch.int64, device=x.device)
-    # The second digit first copies each tile's candidates, then histograms them from the regions as the later digits
-    # do. Under triton 3.6, whose histograms are ballots, one pass that did both issued 703 SASS instructions per block
-    # (sm_90), more than its 4 bytes per key take on an H200; the copy alone issues 288, the histogram of a region 473
-    # per block of candidates (an eighth of the keys at most).
+    # The second digit first copies each tile's candidates (but the slots `copied` already), then histograms them from
+    # the regions as the later digits do. Under triton 3.6, whose histograms are ballots, one pass that did both issued
+    # 703 SASS instructions per block (sm_90), more than its 4 bytes per key take on an H200; the copy alone issues 288,
+    # the histogram of a region 473 per block of candidates (an eighth of the keys at most).
     digit = RADIX_DIGITS.index((shift, bits))
     for compact in (True, False) if digit == 1 else (False,):
         if tiles.shape[0]:
@@ -202,7 +212,7 @@ def radix_histogram(
                 tiles,
                 regions,
                 count,
-                prefix,
+                prefix if not compact or copied is None else torch.where(copied, -1, prefix),
                 hist,
                 hist if tile_hist is None else tile_hist,
                 SHIFT=shift,

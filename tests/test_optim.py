@@ -495,7 +495,7 @@ def test_radix_passes_read_a_tiles_candidates_where_they_fit(device, digits, mon
     candidates = torch.empty(len(tiles), dtype=torch.int64, device=device)
     seen = []
 
-    def histogram(prefix, shift, bits):
+    def histogram(prefix, shift, bits, copied):
         last = (shift, bits) == table[-1]
         hist = radix_select.radix_histogram(
             x, tables.ties_tiles, tables.ties_regions, candidates, prefix, shift, bits, tile_hist if last else None
@@ -522,6 +522,121 @@ def test_radix_passes_read_a_tiles_candidates_where_they_fit(device, digits, mon
     for s in range(len(values)):
         expected = torch.sort(key[s], descending=True).values[ks[s] - 1]
         assert int(th.key[s]) == int(expected)
+
+
+def test_delta_pass_with_a_guess_copies_the_keys_at_the_guessed_digit(device):
+    """With a guessed top digit per slot, the Δ pass writes Δ as without one, copies each tile's keys at the guessed
+    digit to the tile's region where they fit (count -1 where they do not, or without a guess), and counts per slot
+    the keys at the guess (in its bin) and above it (in the top bin), nothing else."""
+    numels = [1300, 7, 2 * kernels.TIES_TILE + 5]
+    tables = _launch.build_tables(numels, device)
+    gen = torch.Generator(device=device).manual_seed(torch.seed() % 2**31)
+    grads = [torch.randn(n, generator=gen, device=device) for n in numels]
+    grads[2] = torch.where(torch.rand(numels[2], generator=gen, device=device) < 0.9, 1.0, grads[2])  # Δ = -1/2
+    moments = [(torch.zeros(n, device=device), torch.zeros(n, device=device)) for n in numels]
+    rows = [
+        [g.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), 0, 0, off, 0, n, n, 0]
+        for g, (m, v), off, n in zip(grads, moments, tables.flat_offsets, numels)
+    ]
+    slots = torch.tensor(rows, dtype=torch.int64, device=device)
+    one, zero = torch.ones(3, device=device), torch.zeros((), device=device)
+    t = torch.ones(3, dtype=torch.int64, device=device)
+    # betas 0 and eps 1: Δ = -g / (|g| + 1). Slot 0 guesses the median's digit, slot 2 that of 1/2, slot 1 nothing.
+    median = _torch_path.magnitude_key(grads[0] / (grads[0].abs() + 1)).median().long()
+    half = _torch_path.magnitude_key(torch.tensor(0.5)).long()
+    shift, bits = radix_select.RADIX_DIGITS[0]
+    guess = torch.stack([median >> shift, torch.tensor(-1), half >> shift]).to(device)
+    count = torch.empty(tables.ties_tiles.shape[0], dtype=torch.int64, device=device)
+    common = dict(param_dtype=torch.float32, beta1=0.0, beta2=0.0, eps=1.0, online_step=1)
+    args = (slots, tables.ties_tiles, one, t, zero, zero + 1, tables.delta_numel)
+    plain, plain_hist = kernels.ties_delta(*args, **common)
+    for m, v in moments:
+        m.zero_(), v.zero_()
+    delta, hist = kernels.ties_delta(*args, guess=(guess, tables.ties_regions, count), **common)
+    flat = tables.delta_numel - sum(c for _, c in tables.ties_regions.tolist())
+    assert torch.equal(delta[:flat].nan_to_num(7.0), plain[:flat].nan_to_num(7.0))  # padding between slots unwritten
+    keys = _torch_path.magnitude_key(delta).long()
+    expected_hist = torch.zeros_like(hist)
+    for (s, b, e), (at, capacity), got in zip(tables.ties_tiles.tolist(), tables.ties_regions.tolist(), count.tolist()):
+        k = keys[b:e]
+        if guess[s] < 0:
+            assert got == -1
+            continue
+        at_guess = k[(k >> shift) == guess[s]]
+        expected_hist[s, guess[s]] += at_guess.numel()
+        expected_hist[s, -1] += int(((k >> shift) > guess[s]).sum())
+        assert got == (at_guess.numel() if at_guess.numel() <= capacity else -1), (s, b)
+        if got >= 0:
+            assert torch.equal(torch.sort(keys[at : at + got]).values, torch.sort(at_guess).values)
+    assert torch.equal(hist, expected_hist)
+    assert count[tables.ties_tiles[:, 0] == 2].tolist()[:2] == [-1, -1]  # its full tiles overflow
+    assert (count[tables.ties_tiles[:, 0] == 0] >= 0).all()
+    assert plain_hist.sum() == sum(numels)  # the histogram without a guess counts every key
+
+
+def test_onties_guessed_first_digit_changes_no_bit(device, monkeypatch):
+    """From the second merge on, the Δ pass copies the keys under each slot's last threshold's top digit to the
+    candidate regions instead of histogramming that digit (kernels/online_merge.py, GUESS). θ after every step is bit
+    for bit what it is without guesses: where the guess holds (the copy pass then skips the slot), where it misses
+    (lr x 300 at step 10 moves every |Δ|: the first digit is histogrammed again), where the guessed bin overflows
+    every region (a gradient of ±1: |Δ| = lr / 2 everywhere, all ties), and with skip_nonfinite skipping step 11.
+    Each parameter's gradient is the same at every step, betas are 0 and eps 1, so Δ = lr g / (|g| + 1) is spread out
+    (but for the ±1 one) and the same at every step: its threshold's top digit holds until lr changes."""
+    sizes = [1300, 7, 2 * kernels.TIES_TILE + 5, 600]
+    gen = torch.Generator(device=device).manual_seed(torch.seed() % 2**31)
+    fixed = [torch.randn(n, generator=gen, device=device) for n in sizes[:3]]
+    fixed.append(torch.linspace(-1, 1, sizes[3], device=device).sign())
+    grads = [list(fixed) for _ in range(12)]
+    grads[10][0] = fixed[0].clone()
+    grads[10][0][3] = float("nan")
+    lrs = [1e-2] * 9 + [3.0] * 3
+    real_delta, real_histogram = kernels.ties_delta, _launch.radix_histogram
+
+    def run(guessing: bool):
+        calls = []
+
+        def ties_delta(*args, guess=None, **kwargs):
+            guess = guess if guessing else None
+            calls.append(("delta", guess is not None))
+            return real_delta(*args, guess=guess, **kwargs)
+
+        def histogram(x, tiles, regions, count, prefix, shift, bits, tile_hist=None, copied=None):
+            calls.append((shift, (prefix >= 0).tolist(), None if copied is None else copied.tolist()))
+            return real_histogram(x, tiles, regions, count, prefix, shift, bits, tile_hist, copied)
+
+        monkeypatch.setattr(kernels, "ties_delta", ties_delta)
+        monkeypatch.setattr(_launch, "radix_histogram", histogram)
+        params = [torch.nn.Parameter(torch.zeros(n, device=device)) for n in sizes]
+        opt = OnlineMergeAdamW(
+            params, lr=1e-2, betas=(0.0, 0.0), eps=1.0, method="onties", reserve_p=0.3, skip_nonfinite=True
+        )
+        thetas = []
+        for lr, step_grads in zip(lrs, grads):
+            opt.param_groups[0]["lr"] = lr
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+            thetas.append([p.detach().clone() for p in params])
+        return thetas, calls
+
+    guessed, calls = run(True)
+    plain, _ = run(False)
+    for step, (a, b) in enumerate(zip(guessed, plain)):
+        for x, y in zip(a, b):
+            assert torch.equal(x.view(torch.int32), y.view(torch.int32)), step
+    first_shift, second_shift = radix_select.RADIX_DIGITS[0][0], radix_select.RADIX_DIGITS[1][0]
+    steps = [[]]
+    for call in calls:
+        if call[0] == "delta" and steps[-1]:
+            steps.append([])
+        steps[-1].append(call)
+    assert [step[0] for step in steps] == [("delta", False)] + [("delta", True)] * 11
+    again = [next(c[1] for c in step if c[0] == first_shift) for step in steps[1:]]
+    copied = [next(c[2] for c in step if c[0] == second_shift) for step in steps[1:]]
+    # Guessed steps: the slots whose guess held are skipped by the first digit's second histogram and marked copied.
+    assert all(a == [not c for c in cp] for a, cp in zip(again, copied))
+    # Steps 2 to 12: the guesses hold but where lr changes (step 10) and on the skipped step 11, which computes nothing.
+    assert copied == [[True] * 4] * 8 + [[False] * 4] * 2 + [[True] * 4], copied
 
 
 def test_candidate_regions_start_on_a_block():

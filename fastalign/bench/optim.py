@@ -26,16 +26,17 @@ FLOOR_BYTES = ADAMW_BYTES + 2  # and read τ (bf16)
 
 
 def onties_bytes(param_bytes: int = 4, tau_bytes: int = 2) -> float:
-    """Global-memory bytes per parameter element of one OnTIES step of the kernels (online_step=1), counted from the
-    tensors each launch reads and writes (kernels/online_merge.py, kernels/radix_select.py): the Δ pass reads the
-    gradient and both fp32 moments and writes the moments and Δ (fp32); the second radix digit (RADIX_DIGITS, which
-    depends on the triton version) reads Δ and writes each tile's candidates, then it and each later digit read them:
-    at most 1/CANDIDATE_SHARE of the keys where they fit, as they do from the benchmark's mid-training state (8%);
-    the apply pass reads Δ, θ and τ and writes θ. The per-slot and per-tile tables (histograms, tie counts, budgets)
-    are under 0.5% of that at 1B parameters and are left out."""
-    delta_pass = param_bytes + 4 * 4 + 4
+    """Global-memory bytes per parameter element of one OnTIES step of the kernels (online_step=1) after the first
+    merge, where each slot's guess of its threshold's top digit holds (the next merge's holds in about 9 of 10),
+    counted from the tensors each launch reads and writes (kernels/online_merge.py, kernels/radix_select.py): the Δ
+    pass reads the gradient and both fp32 moments, writes the moments and Δ (fp32) and copies each tile's keys at the
+    guessed digit (its candidates); each later radix digit (RADIX_DIGITS, which depends on the triton version) reads
+    them: at most 1/CANDIDATE_SHARE of the keys where they fit, as they do from the benchmark's mid-training state
+    (8%); the apply pass reads Δ, θ and τ and writes θ. The per-slot and per-tile tables (histograms, tie counts,
+    budgets) are under 0.5% of that at 1B parameters and are left out."""
     candidates = 4 / CANDIDATE_SHARE
-    radix_passes = 4 + candidates * len(RADIX_DIGITS)
+    delta_pass = param_bytes + 4 * 4 + 4 + candidates
+    radix_passes = candidates * (len(RADIX_DIGITS) - 1)
     apply_pass = 4 + 2 * param_bytes + tau_bytes
     return delta_pass + radix_passes + apply_pass
 

@@ -187,20 +187,25 @@ def kernel_step(
             slots, tables.dare_tiles, step_size, t, skip, grad_scale, param_dtype=launch.param_dtype,
             tau_dtype=None, lr_wd=lr_wd, alpha=0.0, reserve_p=1.0, ordinary_only=True, **common,
         )  # fmt: skip
+    tile_slot = tables.ties_tiles[:, 0]
+    candidates = torch.empty_like(tile_slot)
+    # The threshold's top digit rarely moves between merges (unchanged in about 9 of 10 on a GPT-2 run): guessing the
+    # last one lets the Δ pass copy the keys under it to the candidate regions, with no histogram and no pass over Δ
+    # to copy them. A slot whose threshold moved has its top digit histogrammed again (radix_select).
+    guess_key = ("ties_guess", *(s.param.data_ptr() for s in launch.slots))
+    guess = cache.get(guess_key)
     delta, first_hist = K.ties_delta(
         slots, tables.ties_tiles, step_size, t, skip, grad_scale, tables.delta_numel, param_dtype=launch.param_dtype,
-        **common,
+        guess=None if guess is None else (guess, tables.ties_regions, candidates), **common,
     )  # fmt: skip
     ks, selects = select_counts(launch)
     merge = t % hp["online_step"] == 0
     select = merge & _to_device(selects, torch.bool, launch.device)
-    tile_slot = tables.ties_tiles[:, 0]
     last_shift, last_bits = RADIX_DIGITS[-1]
     tile_hist = torch.empty(tile_slot.numel(), 2**last_bits, dtype=torch.int64, device=launch.device)
-    candidates = torch.empty_like(tile_slot)
     th = radix_select(
         first_hist,
-        lambda prefix, shift, bits: radix_histogram(
+        lambda prefix, shift, bits, copied: radix_histogram(
             delta,
             tables.ties_tiles,
             tables.ties_regions,
@@ -209,11 +214,15 @@ def kernel_step(
             shift,
             bits,
             tile_hist if shift == last_shift else None,
+            copied,
         ),
         _to_device(ks, torch.int64, launch.device),
         select,
         launch.group,
+        guess,
     )
+    new_guess = th.key >> (RADIX_DIGITS[0][0])
+    cache[guess_key] = torch.where(select & (skip == 0), new_guess, -1 if guess is None else guess)
     # The last digit's per-tile counts in the threshold key's bin are its copies per tile; they matter only where some
     # copies are dropped.
     last_digit = (th.key & (2**last_bits - 1)).clamp_min(0)

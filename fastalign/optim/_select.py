@@ -39,27 +39,45 @@ class Threshold:
 
 def radix_select(
     first_hist: torch.Tensor,
-    histogram: Callable[[torch.Tensor, int, int], torch.Tensor],
+    histogram: Callable[[torch.Tensor, int, int, torch.Tensor | None], torch.Tensor],
     k: torch.Tensor,
     active: torch.Tensor,
     group,
+    guess: torch.Tensor | None = None,
 ) -> Threshold:
     """Finds each active slot's k-th largest magnitude key, one radix digit at a time.
 
     first_hist: [S, 2**bits] int64 local counts of the first digit (RADIX_DIGITS[0]);
-    histogram(prefix, shift, bits): [S, 2**bits] local counts of the digit at `shift` among the
-    keys whose higher bits equal prefix[s] (slots with prefix < 0 are skipped);
+    histogram(prefix, shift, bits, copied): [S, 2**bits] local counts of the digit at `shift` among the keys whose
+    higher bits equal prefix[s] (slots with prefix < 0 are skipped); copied: [S] bool, at the second digit, the slots
+    whose keys under the first digit were copied to candidate regions already (radix_select.py), else None;
     k: [S] int64 with 1 <= k <= numel; active: [S] bool; group: the shards' process group or None.
+    guess: [S] int64 guessed first digit (< 0: none); a guessed slot's row of first_hist holds only its keys at that
+    digit (in its bin) and above it (in the top bin). Where the k-th largest key is not at the guess, the first digit
+    is histogrammed again, by histogram(0, *RADIX_DIGITS[0], None).
     """
     hist = first_hist
+    if group is not None:
+        dist.all_reduce(hist, group=group)
+    held = None
+    if guess is not None:
+        bins = hist.shape[1]
+        at_least = hist.flip(-1).cumsum(-1).flip(-1)
+        at = guess.clamp(0, bins - 1)[:, None]
+        above = torch.where(guess < bins - 1, at_least.gather(1, (at + 1).clamp_max(bins - 1)).squeeze(1), 0)
+        held = active & (guess >= 0) & (above < k) & (k <= at_least.gather(1, at).squeeze(1))
+        again = histogram(torch.where(active & ~held, 0, -1), *RADIX_DIGITS[0], None)
+        if group is not None:
+            dist.all_reduce(again, group=group)
+        hist = torch.where(held[:, None], hist, again)
     prefix = torch.where(active, 0, -1)
     remaining = k.clone()
     count_eq = torch.zeros_like(k)
     for i, (shift, bits) in enumerate(RADIX_DIGITS):
         if i:
-            hist = histogram(prefix, shift, bits)
-        if group is not None:
-            dist.all_reduce(hist, group=group)
+            hist = histogram(prefix, shift, bits, held if i == 1 else None)
+            if group is not None:
+                dist.all_reduce(hist, group=group)
         at_least = hist.flip(-1).cumsum(-1).flip(-1)  # [s, d]: keys whose digit is >= d
         digit = ((at_least >= remaining[:, None]).sum(-1) - 1).clamp_min(0)
         count_eq = hist.gather(1, digit[:, None]).squeeze(1)

@@ -59,7 +59,7 @@ def topk_select(
         pieces.append((begin, end, slot))
     local = []  # each digit's histogram of this process's keys (radix_select sums them across the group in place)
 
-    def histogram(prefix: torch.Tensor, shift: int, bits: int) -> torch.Tensor:
+    def histogram(prefix: torch.Tensor, shift: int, bits: int, _copied=None) -> torch.Tensor:  # no regions here
         bins = n_slots << bits  # the keys that do not match go to one more bin, dropped (a mask would index slowly)
         hist = torch.zeros(bins + 1, dtype=torch.int64, device=device)
         prefix32, prefixes = prefix.to(torch.int32), prefix.tolist()
