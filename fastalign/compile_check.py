@@ -26,18 +26,17 @@ trips[0] * ... * trips[d-1] times per warp (d: its loop depth), in every warp of
     mma    = FLOPs of its HGMMA/HMMA instructions / the tensor-core rate of that instruction kind
 and the launch takes the largest of the three (the bound). Predicated stores inside a loop (a compaction's, which
 the data masks) move the share of lanes the case states for that kernel (`LaunchCase.store_share`), not all 32; its
-unpredicated streaming stores move all. A kernel that fits
-one CTA per SM has nothing to overlap its instructions outside the MMA loop (a tile's epilogue) with the tensor
-cores: their issue time adds to the mma term. In a case with a FLOPs floor (tl.dot kernels) the tile loads mostly
-hit L2, which this model cannot tell, so the memory term is left out there. A case takes the sum over its launches
-(with `pick_fastest`'s default config), and its predicted % of the ceiling is the floor's time (floor bytes / copy
-bandwidth, or floor FLOPs / bf16 wgmma rate) over that sum. Ceilings (`MACHINES`): the copy bandwidth (4.3 TB/s,
-read + write) and bf16 GEMM rate (790 TFLOP/s) measured on this project's H200 (device docs, KINDS.md); the H100 and
-A100 from their datasheets scaled by the same measured/datasheet ratios (0.9 for bandwidth, 0.8 for bf16 GEMM);
-mma.sync on sm_90 at 2/3 of wgmma; tf32 at half of bf16. The model ignores latency (loads in flight), waves, cache
-hits and divergence: it is an upper bound, good at telling which limit binds and by how much, not a measurement. The
-targets (issues 2 and 5) are H100 figures, so the H100 column is the one that can fail; the H200 and A100 columns
-are printed alongside.
+unpredicated streaming stores move all. A kernel that fits one CTA per SM has nothing to overlap its instructions
+outside the MMA loop (a tile's epilogue) with the tensor cores: their issue time adds to the mma term. In a case
+with a FLOPs floor (tl.dot kernels) the tile loads mostly hit L2, which this model cannot tell, so the memory term
+is left out there. A case takes the sum over its launches (with `pick_fastest`'s default config), and its predicted
+% of the ceiling is the floor's time (floor bytes / copy bandwidth, or floor FLOPs / bf16 wgmma rate) over that sum.
+Ceilings (`MACHINES`): the copy bandwidth (4.3 TB/s, read + write) and bf16 GEMM rate (790 TFLOP/s) measured on this
+project's H200 (device docs, KINDS.md); the H100 and A100 from their datasheets scaled by the same
+measured/datasheet ratios (0.9 for bandwidth, 0.8 for bf16 GEMM); mma.sync on sm_90 at 2/3 of wgmma; tf32 at half of
+bf16. The model ignores latency (loads in flight), waves, cache hits and divergence: it is an upper bound, good at
+telling which limit binds and by how much, not a measurement. The targets (issues 2 and 5) are H100 figures, so the
+H100 column is the one that can fail; the H200 and A100 columns are printed alongside.
 
 It fails on: a compile error; a spill; shared memory over the architecture's limit; a bf16/fp16 tl.dot kernel on
 sm_90 without wgmma; a streaming kernel (a case with a bytes floor: the aligned target specialization) whose main

@@ -65,6 +65,8 @@ def radix_select(
         at_least = hist.flip(-1).cumsum(-1).flip(-1)
         at = guess.clamp(0, bins - 1)[:, None]
         above = torch.where(guess < bins - 1, at_least.gather(1, (at + 1).clamp_max(bins - 1)).squeeze(1), 0)
+        # Held: the k-th largest key is at the guess, counted (a skipped step counts nothing: never held, so no pass
+        # reads regions its Δ pass did not fill).
         held = active & (guess >= 0) & (above < k) & (k <= at_least.gather(1, at).squeeze(1))
         again = histogram(torch.where(active & ~held, 0, -1), *RADIX_DIGITS[0], None)
         if group is not None:
