@@ -1,13 +1,14 @@
-"""The fused-linear ops forward+backward under pytest-benchmark, against eager, TRL's chunked fused log-prob head and
-Liger, with the peak-memory checks.
+"""The fused-linear ops forward+backward under pytest-benchmark, against eager, TRL's chunked fused log-prob head,
+Apple's Cut Cross-Entropy (on a GPU) and Liger, with the peak-memory checks.
 
 - linear_token_logprobs (bf16; N = 4096 tokens, H = 256, V = 32000 on a CPU): fastalign's extra peak memory is at
   most half of eager's; on a GPU, at the issue's target (N = 16384, H = 4096, V = 128256), at most 1 GiB beyond the
   gradients it returns.
 - FusedLinearDPOLoss, sigmoid, reference log-probs given: the fast and lean strategies, TRL's fused head followed by
-  its DPO loss, and Liger's LigerFusedLinearDPOLoss (compiled on a GPU only; without its reference model, as it
-  takes no precomputed reference log-probs). Issue 12's sizes: bf16 N = 16384, H = 4096, V = 128256 on a GPU;
-  fp32 8 sequences of 512 tokens, H = 1024, V = 32000 on a CPU. fast's extra peak memory is at most TRL's.
+  its DPO loss, the same loss on CCE's per-token log-probs (GPU only), and Liger's LigerFusedLinearDPOLoss (compiled
+  on a GPU only; without its reference model, as it takes no precomputed reference log-probs). Issue 12's sizes:
+  bf16 N = 16384, H = 4096, V = 128256 on a GPU; fp32 8 sequences of 512 tokens, H = 1024, V = 32000 on a CPU. fast's
+  extra peak memory is at most TRL's.
 """
 
 from __future__ import annotations
@@ -29,10 +30,16 @@ DPO_ROWS, DPO_T, DPO_H, DPO_V, DPO_DTYPE = (
 )
 
 LOGPROBS = {"fastalign": fastalign.linear_token_logprobs, "eager": ref.linear_token_logprobs}
-if (trl := suite._trl_head()) is not None:
-    LOGPROBS["trl"] = trl
+for name, peer in (("trl", suite._trl_head()), ("cce", suite._cce_head(CUDA))):
+    if peer is not None:
+        LOGPROBS[name] = peer
 DPO = {f"fastalign-{strategy}": suite._fused_dpo(strategy) for strategy in ("fast", "lean")}
-for name, peer in (("trl", suite._trl_dpo()), ("liger", suite._liger_dpo(CUDA))):
+DPO_PEERS = (
+    ("trl", suite._dpo_on(suite._trl_head())),
+    ("cce", suite._dpo_on(suite._cce_head(CUDA))),
+    ("liger", suite._liger_dpo(CUDA)),
+)
+for name, peer in DPO_PEERS:
     if peer is not None:
         DPO[name] = peer
 

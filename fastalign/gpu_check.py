@@ -11,8 +11,8 @@ them. `benches/gpu_run.sh` is that whole command.)
 In order, and no new step or case starts once the budget (seconds, from the start) is spent:
 0. Peers. If `.gpu-wheels/` exists (`benches/gpu_wheels.sh` fills it on a machine with network; carry it along), its
    wheels are installed with `pip install --no-index --no-deps --target` into a temporary folder that goes first on
-   the path. Otherwise the peers the machine lacks (trl, liger-kernel, peft) are skipped, and the output and the
-   JSON say so.
+   the path. Otherwise the peers the machine lacks (trl, liger-kernel, cut-cross-entropy, peft) are skipped, and the
+   output and the JSON say so.
 1. Correctness, compiled: the float64-reference tests of every public op (`TEST_SELECTION`: forward and every
    gradient, V 32001/128256, T 1/257, H 4097, bf16/fp16/fp32, NaN-poisoned outputs, the out-of-range-label NaN path,
    `strict`) in a pytest subprocess with FASTALIGN_TEST_DEVICE=cuda, stopped after CORRECTNESS_SECONDS.
@@ -47,7 +47,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS_DIR = REPO / ".gpu-wheels"
-PEERS = {"trl": "trl", "liger_kernel": "liger-kernel", "peft": "peft"}  # module -> distribution
+# module -> distribution
+PEERS = {"trl": "trl", "liger_kernel": "liger-kernel", "cut_cross_entropy": "cut-cross-entropy", "peft": "peft"}
 CORRECTNESS_SECONDS = 90
 # The float64-reference tests of every public op, compiled; the torch-path variants are not what a GPU runs.
 TEST_FILES = (

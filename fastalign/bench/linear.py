@@ -1,16 +1,24 @@
-"""Log-probs and losses from hidden states (the fused-linear ops) against eager PyTorch, TRL and Liger.
+"""Log-probs and losses from hidden states (the fused-linear ops) against eager PyTorch, TRL, Liger and Apple's Cut
+Cross-Entropy (CCE).
 
 - linear_token_logprobs: fastalign, and fastalign-tp1 (its vocab-parallel path on a one-rank "tp" mesh: issue 15 wants
   it within 5% of the plain op), against eager (hidden @ W.T in the inputs' dtype, then float32
-  log_softmax + gather) and TRL's chunked fused log-prob head (trl.kernels.ChunkedLogProbFunction, what
-  `add_fused_lm_head` runs), on N valid tokens.
+  log_softmax + gather), TRL's chunked fused log-prob head (trl.kernels.ChunkedLogProbFunction, what
+  `add_fused_lm_head` runs) and CCE's per-token losses (`linear_cross_entropy(reduction="none")`, negated), on N
+  valid tokens.
 - FusedLinearDPOLoss (sigmoid, the reference log-probs given): the fast and lean strategies side by side, against
-  eager, TRL's fused head followed by its DPO loss (what TRL's DPOTrainer runs), and Liger's LigerFusedLinearDPOLoss
-  without its reference model (Liger takes no precomputed reference log-probs: the same matmuls).
+  eager, TRL's fused head followed by its DPO loss (what TRL's DPOTrainer runs), the same DPO loss on CCE's per-token
+  log-probs, and Liger's LigerFusedLinearDPOLoss without its reference model (Liger takes no precomputed reference
+  log-probs: the same matmuls).
 - FusedLinearIFTLoss: fast and lean against eager.
 - FusedLinearCrossEntropyLoss (the SFT loss, mean over the counted tokens): fast and lean against eager
   (F.linear, then F.cross_entropy), TRL's fused head followed by the mean negative log-likelihood (what its
-  SFTTrainer runs), and Liger's LigerFusedLinearCrossEntropyLoss.
+  SFTTrainer runs), Liger's LigerFusedLinearCrossEntropyLoss and CCE's `linear_cross_entropy`.
+
+CCE runs as its users run it, with its defaults: its gradient skips the vocabulary entries whose softmax is below
+bf16 precision (`filter_eps="high"`), so it does less work than an exact gradient. Its kernels are Triton's with no
+CPU path (its `torch_compile` variant materializes the logits, which is not the method), so it runs on a GPU only;
+like Liger's.
 
 Throughput counts the FLOPs the op must do at least on its N scored tokens: 2 N H V forward and 6 N H V forward +
 backward (forward, d hidden, d weight). The losses' fast strategy does just that; their lean strategy and
@@ -108,6 +116,24 @@ def _trl_head():
             hidden[mask], weight, None, labels[mask], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs",)
         )[0]
         return logp.new_zeros(mask.shape).masked_scatter(mask, logp)
+
+    return fn
+
+
+def _cce_head(cuda: bool, impl: str = "cce"):
+    """CCE's per-token log-probs, 0 at ignored positions: fn(hidden, weight, labels) -> [rows, T], and
+    fn(..., reduction="mean") -> its mean cross-entropy. `impl` is CCE's: its "torch_compile" reference (the tests
+    run it uncompiled, on the CPU) checks this wrapper where the "cce" kernels cannot run."""
+    if not cuda and impl == "cce":
+        return None
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception:
+        return None
+
+    def fn(hidden, weight, labels, reduction="none"):
+        loss = linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, reduction=reduction, impl=impl)
+        return -loss if reduction == "none" else loss
 
     return fn
 
@@ -240,8 +266,9 @@ def _logprobs_cases(env: Env) -> list[Case]:
     if (tp1 := _vocab_parallel_at_tp1(env)) is not None:
         impls["fastalign-tp1"] = tp1
     impls["eager"] = ref.linear_token_logprobs
-    if (trl := _trl_head()) is not None:
-        impls["trl"] = trl
+    for name, peer in (("trl", _trl_head()), ("cce", _cce_head(env.cuda))):
+        if peer is not None:
+            impls[name] = peer
 
     def make_inputs(shape, requires_grad):
         return _inputs(env, shape, requires_grad, prompt=False)  # N valid tokens
@@ -262,13 +289,13 @@ def _prompt(T: int) -> int:
     return T // 4
 
 
-def _trl_dpo():
-    head = _trl_head()
+def _dpo_on(head):
+    """The DPO loss on a peer's per-token log-probs head(hidden, weight, labels), as TRL's DPOTrainer computes it from
+    its fused head: summed over the completion, then its sigmoid loss."""
     if head is None:
         return None
 
     def fn(hidden, weight, labels, ref_chosen, ref_rejected):
-        # TRL's DPOTrainer: per-token log-probs from the fused head, summed over the completion, then its sigmoid loss.
         chosen, rejected = head(hidden, weight, labels).sum(-1).chunk(2)
         margin = (chosen - ref_chosen) - (rejected - ref_rejected)
         return -torch.nn.functional.logsigmoid(0.1 * margin).mean()
@@ -280,7 +307,8 @@ def _dpo_cases(env: Env) -> list[Case]:
     shapes = _shapes(env, [_TARGET], (4, 64, 128, 32000, torch.float32))  # 2B sequences, the chosen ones first
     impls = {f"fastalign-{strategy}": _fused_dpo(strategy) for strategy in ("fast", "lean")}
     impls["eager"] = _eager_dpo
-    for name, peer in (("trl", _trl_dpo()), ("liger", _liger_dpo(env.cuda))):
+    peers = (("trl", _dpo_on(_trl_head())), ("cce", _dpo_on(_cce_head(env.cuda))), ("liger", _liger_dpo(env.cuda)))
+    for name, peer in peers:
         if peer is not None:
             impls[name] = peer
 
@@ -335,11 +363,18 @@ def _liger_cross_entropy(cuda: bool):
     return lambda hidden, weight, labels: loss(weight, hidden.flatten(0, 1), labels.flatten())
 
 
+def _mean_of(head):
+    """CCE's own mean over the counted tokens."""
+    return lambda hidden, weight, labels: head(hidden, weight, labels, reduction="mean")
+
+
 def _cross_entropy_cases(env: Env) -> list[Case]:
     shapes = _shapes(env, [_TARGET], (4, 64, 128, 32000, torch.float32))
     impls = {f"fastalign-{s}": fastalign.FusedLinearCrossEntropyLoss(strategy=s) for s in ("fast", "lean")}
     impls["eager"] = lambda h, w, y: ref.linear_cross_entropy(h, w, y, ignore_index=IGNORE)
-    for name, peer in (("trl", _trl_sft()), ("liger", _liger_cross_entropy(env.cuda))):
+    cce = _cce_head(env.cuda)
+    cce_mean = None if cce is None else _mean_of(cce)
+    for name, peer in (("trl", _trl_sft()), ("liger", _liger_cross_entropy(env.cuda)), ("cce", cce_mean)):
         if peer is not None:
             impls[name] = peer
 
