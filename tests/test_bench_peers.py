@@ -1,6 +1,6 @@
-"""The bench's peer wrappers compute what their case compares them as: per-token log-probs, the DPO loss and the mean
-cross-entropy, equal to eager's on the same inputs, gradients included. A wrong sign, a dropped ignore_index or a
-different reduction would otherwise show up only as a fast (and wrong) peer in the GPU's results.
+"""The bench's peer wrappers compute what their case compares them as: per-token log-probs, the DPO and KTO losses and
+the mean cross-entropy, equal to eager's on the same inputs, gradients included. A wrong sign, a dropped ignore_index
+or a different reduction would otherwise show up only as a fast (and wrong) peer in the GPU's results.
 
 CCE's kernels have no CPU path (and use libdevice, which Triton's interpreter lacks), so its wrapper is checked on the
 same API with CCE's own `torch_compile` reference implementation, run uncompiled."""
@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from fastalign.bench import linear as suite
+from fastalign.reference import dpo as ref_dpo
 from fastalign.reference import linear_logprobs as ref
 
-ROWS, T, H, V = 4, 24, 32, 1001  # 2 DPO pairs; the first quarter of each row ignored
+ROWS, T, H, V = 4, 24, 32, 1001  # 2 DPO pairs
+PROMPT = suite._prompt(T)  # the ignored positions at the start of each row, as in the bench
 
 
-def _inputs():
-    hidden, weight, labels = suite._head(ROWS, T, H, V, torch.float32, torch.device("cpu"), suite._prompt(T))
+def _inputs(prompt=PROMPT):
+    hidden, weight, labels = suite._head(ROWS, T, H, V, torch.float32, torch.device("cpu"), prompt)
     return hidden.requires_grad_(True), weight.requires_grad_(True), labels
 
 
@@ -38,9 +40,10 @@ def _trl_head(monkeypatch):
 HEADS = {"trl": _trl_head, "cce": _cce_reference_head}
 
 
-def _assert_same(got_fn, expected_fn):
-    """got_fn(hidden, weight, labels) and expected_fn(...) agree in value and in both gradients."""
-    hidden, weight, labels = _inputs()
+def _assert_same(got_fn, expected_fn, prompt=PROMPT):
+    """got_fn(hidden, weight, labels) and expected_fn(...) agree in value and in both gradients; the first `prompt`
+    positions of each row are ignored."""
+    hidden, weight, labels = _inputs(prompt)
     got, expected = got_fn(hidden, weight, labels), expected_fn(hidden, weight, labels)
     g = torch.randn_like(expected)
     grads = [torch.autograd.grad((out * g).sum(), (hidden, weight)) for out in (got, expected)]
@@ -73,6 +76,49 @@ def test_dpo_on_a_peer_head_is_eager_dpo(peer, monkeypatch):
         return lambda hidden, weight, labels: fn(hidden, weight, labels, ref_chosen, ref_rejected)
 
     _assert_same(with_reference(dpo), with_reference(suite._eager_dpo))
+
+
+@pytest.mark.parametrize("kl", [0.5, -0.5])
+def test_the_peers_kto_loss_is_the_reference_kto_loss(kl):
+    gen = torch.Generator().manual_seed(0)
+    policy = (torch.randn(6, generator=gen, dtype=torch.float64) * 10).requires_grad_(True)
+    ref_logps = torch.randn(6, generator=gen, dtype=torch.float64)
+    desirable = torch.tensor([True, False, True, True, False, False])
+    kl = torch.tensor(kl, dtype=torch.float64)
+    got = suite._kto_loss(policy, ref_logps, desirable, kl)
+    expected = ref_dpo.kto_loss(policy, ref_logps, desirable, kl, beta=0.1)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    (d_got,), (d_expected,) = (torch.autograd.grad(x, policy) for x in (got, expected))
+    torch.testing.assert_close(d_got, d_expected, rtol=1e-12, atol=0)
+
+
+# KTO's 1 - sigmoid saturates (its gradient 0 in float32, and a flipped sign unseen) unless the policy's log-prob
+# sums are within a few 1 / beta of the reference's: one scored token per row (a log-prob near -log V - 2), and a
+# reference of 0 there, which is what Liger reads without its reference model.
+KTO_PROMPT = T - 1
+
+
+def _kto_inputs():
+    desirable = torch.arange(ROWS) % 2 == 0
+    return desirable, torch.zeros(ROWS), torch.tensor(0.5)
+
+
+@pytest.mark.parametrize("peer", HEADS)
+def test_kto_on_a_peer_head_is_eager_kto(peer, monkeypatch):
+    kto, eager = suite._kto_on(HEADS[peer](monkeypatch)), suite._kto_on(ref.linear_token_logprobs)
+    args = _kto_inputs()
+    _assert_same(lambda h, w, y: kto(h, w, y, *args), lambda h, w, y: eager(h, w, y, *args), KTO_PROMPT)
+
+
+def test_liger_kto_is_eager_kto_with_a_zero_reference():
+    pytest.importorskip("liger_kernel")
+    args = _kto_inputs()
+    eager = suite._kto_on(ref.linear_token_logprobs)
+    _assert_same(
+        lambda h, w, y: suite._liger_kto(cuda=False)(h, w, y, *args),
+        lambda h, w, y: eager(h, w, y, *args),
+        KTO_PROMPT,
+    )
 
 
 SFT_LOSSES = {

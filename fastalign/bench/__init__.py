@@ -40,7 +40,13 @@ SUITES = {
     "logprobs": ("token_logprobs",),
     "losses": ("DPOLoss", "IFTLoss", "ift_loss", "ift_inputs_embeds"),
     "optim": ("ondare_step", "onties_step"),
-    "linear": ("linear_token_logprobs", "FusedLinearDPOLoss", "FusedLinearIFTLoss", "FusedLinearCrossEntropyLoss"),
+    "linear": (
+        "linear_token_logprobs",
+        "FusedLinearDPOLoss",
+        "FusedLinearKTOLoss",
+        "FusedLinearIFTLoss",
+        "FusedLinearCrossEntropyLoss",
+    ),
 }
 OPS = tuple(op for ops in SUITES.values() for op in ops)
 RESULTS_DIR = "benches/results"

@@ -10,6 +10,9 @@ Cross-Entropy (CCE).
   eager, TRL's fused head followed by its DPO loss (what TRL's DPOTrainer runs), the same DPO loss on CCE's per-token
   log-probs, and Liger's LigerFusedLinearDPOLoss without its reference model (Liger takes no precomputed reference
   log-probs: the same matmuls).
+- FusedLinearKTOLoss (TRL's "kto" loss, the reference log-probs and the KL estimate given, half the sequences
+  desirable): fast and lean against eager, TRL's fused head or CCE followed by TRL's KTO loss (what its KTOTrainer
+  runs), and Liger's LigerFusedLinearKTOLoss without its reference model (as for DPO).
 - FusedLinearIFTLoss: fast and lean against eager.
 - FusedLinearCrossEntropyLoss (the SFT loss, mean over the counted tokens): fast and lean against eager
   (F.linear, then F.cross_entropy), TRL's fused head followed by the mean negative log-likelihood (what its
@@ -393,6 +396,80 @@ def _cross_entropy_cases(env: Env) -> list[Case]:
     return _cases(env, "FusedLinearCrossEntropyLoss", shapes, impls, make_inputs, _loss_flops(_prompt), check_for)
 
 
+def _kto_loss(policy_logps, ref_logps, desirable, kl, beta=0.1):
+    """TRL's KTO loss (loss_type "kto", unit weights) on per-sequence log-prob sums, as its KTOTrainer computes it (in
+    tensors, no host sync): the loss of eager and of the peers' heads. kl: the detached batch KL estimate, clamped at
+    0."""
+    sign = torch.where(desirable, 1.0, -1.0)
+    return (1 - torch.sigmoid(sign * (beta * (policy_logps - ref_logps - kl.clamp(min=0))))).mean()
+
+
+def _kto_on(head):
+    """TRL's KTO loss on a head's per-token log-probs head(hidden, weight, labels), summed over the completion."""
+    if head is None:
+        return None
+    return lambda hidden, weight, labels, desirable, ref, kl: _kto_loss(
+        head(hidden, weight, labels).sum(-1), ref, desirable, kl
+    )
+
+
+def _liger_kto(cuda: bool):
+    """Liger's fused KTO without its reference model, as `_liger_dpo` (its loss reads a reference of 0)."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearKTOLoss
+    except Exception:
+        return None
+    loss = LigerFusedLinearKTOLoss(ignore_index=IGNORE, beta=0.1, compiled=cuda, use_ref_model=False)
+
+    def fn(hidden, weight, labels, desirable, ref, kl):
+        return loss(hidden, weight, labels, preference_labels=desirable, kl=kl)[0]
+
+    return fn
+
+
+def _kto_cases(env: Env) -> list[Case]:
+    shapes = _shapes(env, [_TARGET], (4, 64, 128, 32000, torch.float32))
+    impls = {}
+    for strategy in ("fast", "lean"):
+        loss = fastalign.FusedLinearKTOLoss(beta=0.1, strategy=strategy)
+        impls[f"fastalign-{strategy}"] = lambda h, w, y, d, ref, kl, loss=loss: loss(h, w, y, d, ref_logps=ref, kl=kl)[
+            0
+        ]
+    impls["eager"] = _kto_on(ref.linear_token_logprobs)
+    peers = (("trl", _kto_on(_trl_head())), ("cce", _kto_on(_cce_head(env.cuda))), ("liger", _liger_kto(env.cuda)))
+    for name, peer in peers:
+        if peer is not None:
+            impls[name] = peer
+
+    def make_inputs(shape, requires_grad):
+        hidden, weight, labels = _inputs(env, shape, requires_grad, prompt=True)
+        rows = labels.shape[0]
+        # The reference within about 1 / beta of the policy: KTO's 1 - sigmoid saturates (a zero gradient, in fp32)
+        # when they are far apart, as with made-up log-probs.
+        with torch.no_grad():
+            policy = fastalign.linear_token_logprobs(hidden, weight, labels).sum(-1)
+        gen = torch.Generator(device=env.device).manual_seed(4)
+        ref_logps = policy + 10 * torch.randn(rows, device=env.device, generator=gen)
+        desirable = torch.arange(rows, device=env.device) % 2 == 0
+        return hidden, weight, labels, desirable, ref_logps, torch.tensor(0.5, device=env.device)
+
+    def check_for(shape, impl):
+        def check():
+            hidden, weight, labels, desirable, ref_logps, kl = make_inputs(shape, False)
+
+            def loss_of_logps(logp):
+                return ref_dpo.kto_loss(logp.sum(-1), ref_logps, desirable, kl, beta=0.1)[0]
+
+            fused = impls[impl]
+            _check_against_float32(
+                loss_of_logps, hidden, weight, labels, lambda h, w: fused(h, w, labels, desirable, ref_logps, kl)
+            )
+
+        return check
+
+    return _cases(env, "FusedLinearKTOLoss", shapes, impls, make_inputs, _loss_flops(_prompt), check_for)
+
+
 def _fused_dpo(strategy: str):
     loss = fastalign.FusedLinearDPOLoss(beta=0.1, strategy=strategy)
     return lambda h, w, y, rc, rr: loss(h, w, y, ref_chosen_logps=rc, ref_rejected_logps=rr)[0]
@@ -423,4 +500,4 @@ def _ift_cases(env: Env) -> list[Case]:
 
 
 def cases(env: Env) -> list[Case]:
-    return _logprobs_cases(env) + _dpo_cases(env) + _ift_cases(env) + _cross_entropy_cases(env)
+    return _logprobs_cases(env) + _dpo_cases(env) + _kto_cases(env) + _ift_cases(env) + _cross_entropy_cases(env)
