@@ -41,11 +41,11 @@ SUITES = {
     "losses": ("DPOLoss", "IFTLoss", "ift_loss", "ift_inputs_embeds"),
     "optim": ("ondare_step", "onties_step"),
     "linear": (
-        "linear_token_logprobs",
         "FusedLinearDPOLoss",
+        "linear_token_logprobs",
+        "FusedLinearCrossEntropyLoss",
         "FusedLinearKTOLoss",
         "FusedLinearIFTLoss",
-        "FusedLinearCrossEntropyLoss",
     ),
 }
 OPS = tuple(op for ops in SUITES.values() for op in ops)

@@ -500,4 +500,6 @@ def _ift_cases(env: Env) -> list[Case]:
 
 
 def cases(env: Env) -> list[Case]:
-    return _logprobs_cases(env) + _dpo_cases(env) + _kto_cases(env) + _ift_cases(env) + _cross_entropy_cases(env)
+    # In the order a short GPU budget should cover them (gpu-check runs a suite's groups in order): issue 12's DPO
+    # target, then the log-probs, the SFT loss, KTO and IFT.
+    return _dpo_cases(env) + _logprobs_cases(env) + _cross_entropy_cases(env) + _kto_cases(env) + _ift_cases(env)

@@ -21,10 +21,14 @@ def linear_logits(
 ) -> torch.Tensor:
     """softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) / temperature, in float32 or float64."""
     z = torch.nn.functional.linear(hidden, weight, bias)
-    z = (z if z.dtype == torch.float64 else z.float()) * logit_scale
+    z = z if z.dtype == torch.float64 else z.float()
+    # The identity options cost nothing, as in a user's code (each would be a [..., V] copy, and a backward pass, in
+    # the eager benchmark baselines that run this).
+    if logit_scale != 1.0:
+        z = z * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    return z / temperature
+    return z if temperature == 1.0 else z / temperature
 
 
 def linear_token_logprobs(
