@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta
-from .radix_select import CANDIDATE_SHARE, RADIX_DIGITS, append_candidates, radix_histogram
+from .radix_select import CANDIDATE_SHARE, HISTOGRAM_CANDIDATES, RADIX_DIGITS, append_candidates, radix_histogram
 
 # Columns of the slot table.
 SLOT_FIELDS = (
@@ -778,14 +778,13 @@ def compile_specs() -> list[LaunchCase]:
     # that fit: 1/CANDIDATE_SHARE of the tile's keys. AdamW's Δ fills 6-11% (CANDIDATE_SHARE's comment); the first
     # step's fills it all, and then costs what no regions would. Where a slot's guess missed (MISSED of them: its
     # threshold's top digit moved between merges in 8-11% of them on a GPT-2 run), the first digit is histogrammed
-    # again and the copy pass (COMPACT) reads its tiles.
+    # again and the copy pass reads its tiles.
     candidates, missed = TIES_TILE // CANDIDATE_SHARE, 0.1
-    first_shift = RADIX_DIGITS[0][0]
 
     def radix_trips(args):
-        if args["COMPACT"] or args["SHIFT"] == first_shift:
+        if args["PASS"] != HISTOGRAM_CANDIDATES.value:  # the missed slots' passes over their tiles
             return (missed * TIES_TILE / args["BLOCK"],)
-        return per_tile(candidates if args["FROM_REGION"] else TIES_TILE)(args)
+        return per_tile(candidates)(args)
 
     ties_trips = dict.fromkeys(("_ties_delta_kernel", "_ties_apply_kernel"), per_tile(TIES_TILE))
     ties_trips["_radix_histogram_kernel"] = radix_trips

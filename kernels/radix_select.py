@@ -53,6 +53,13 @@ _NUM_WARPS = 4
 CANDIDATE_SHARE = 8
 _SCAN_ROWS = tl.constexpr(8)
 
+# What a launch of _radix_histogram_kernel does (its PASS), digit by digit (`radix_histogram`):
+# - HISTOGRAM_TILES: histogram the digit among each tile's keys (the first digit, where a guess missed);
+# - COPY_CANDIDATES: copy each tile's keys that match the prefix to its region and count them (the second digit,
+#   before its histogram);
+# - HISTOGRAM_CANDIDATES: histogram the digit among a tile's region where its candidates fit, else among the tile.
+HISTOGRAM_TILES, COPY_CANDIDATES, HISTOGRAM_CANDIDATES = (tl.constexpr(i) for i in range(3))
+
 
 def candidate_regions(tiles: list[tuple[int, int, int]], start: int) -> tuple[list[tuple[int, int]], int]:
     """(offset, capacity) of each tile's candidate region, placed from `start` (the end of the keys, a multiple of
@@ -134,15 +141,14 @@ def _radix_histogram_kernel(
     p_x,  # [N] fp32: the values whose magnitudes are ranked, then the tiles' candidate regions
     p_tiles,  # [n_tiles, 3] int64: (slot, begin, end) flat offsets, begin a multiple of BLOCK
     p_regions,  # [n_tiles, 2] int64: (offset in p_x, a multiple of BLOCK; capacity) of each tile's candidate region
-    p_count,  # [n_tiles] int64: candidates in each tile's region, -1 where they did not fit (written if COMPACT)
+    p_count,  # [n_tiles] int64: candidates in each tile's region, -1 where they did not fit (COPY_CANDIDATES writes)
     p_prefix,  # [S] int64: the key bits above this digit chosen so far; < 0 skips the slot
-    p_hist,  # [S, 2**BITS] int64, accumulated into (unless COMPACT)
+    p_hist,  # [S, 2**BITS] int64, accumulated into (not by COPY_CANDIDATES)
     p_tile_hist,  # [n_tiles, 2**BITS] int64 out, if TILE_COUNTS: each tile's own counts (0 where skipped)
     SHIFT: tl.constexpr,
     BITS: tl.constexpr,
     TILE_COUNTS: tl.constexpr,
-    COMPACT: tl.constexpr,  # only fill each tile's region with its keys that match the prefix, reading the tile
-    FROM_REGION: tl.constexpr,  # histogram the tile's region where its candidates fit, else the tile
+    PASS: tl.constexpr,  # HISTOGRAM_TILES, COPY_CANDIDATES or HISTOGRAM_CANDIDATES
     BLOCK: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
@@ -151,7 +157,7 @@ def _radix_histogram_kernel(
     b_hist = tl.zeros([2**BITS], dtype=tl.int32)
     if prefix >= 0:
         region = tl.multiple_of(tl.load(p_regions + i_t * 2), BLOCK)
-        if COMPACT:
+        if PASS == COPY_CANDIDATES:
             capacity = tl.load(p_regions + i_t * 2 + 1).to(tl.int32)
             written = tl.zeros((), tl.int32)
             for b0 in range(begin, full_end, BLOCK):
@@ -165,7 +171,7 @@ def _radix_histogram_kernel(
                 )  # fmt: skip
             tl.store(p_count + i_t, tl.where(written <= capacity, written, -1))
         else:
-            if FROM_REGION:
+            if PASS == HISTOGRAM_CANDIDATES:
                 count = tl.load(p_count + i_t)
                 if count >= 0:  # the tile's candidates fit its region: read them, not the tile
                     begin = region
@@ -205,21 +211,22 @@ def radix_histogram(
     # 703 SASS instructions per block (sm_90), more than its 4 bytes per key take on an H200; the copy alone issues 288,
     # the histogram of a region 473 per block of candidates (an eighth of the keys at most).
     digit = RADIX_DIGITS.index((shift, bits))
-    for compact in (True, False) if digit == 1 else (False,):
+    passes = {0: (HISTOGRAM_TILES,), 1: (COPY_CANDIDATES, HISTOGRAM_CANDIDATES)}.get(digit, (HISTOGRAM_CANDIDATES,))
+    for pass_ in passes:
+        copies = pass_ is COPY_CANDIDATES
         if tiles.shape[0]:
             _radix_histogram_kernel[(tiles.shape[0],)](
                 x,
                 tiles,
                 regions,
                 count,
-                prefix if not compact or copied is None else torch.where(copied, -1, prefix),
+                prefix if not copies or copied is None else torch.where(copied, -1, prefix),
                 hist,
                 hist if tile_hist is None else tile_hist,
                 SHIFT=shift,
                 BITS=bits,
-                TILE_COUNTS=tile_hist is not None and not compact,
-                COMPACT=compact,
-                FROM_REGION=not compact and digit >= 1,
+                TILE_COUNTS=tile_hist is not None and not copies,
+                PASS=pass_.value,
                 BLOCK=_BLOCK,
                 num_warps=_NUM_WARPS,
             )
