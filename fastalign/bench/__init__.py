@@ -39,7 +39,7 @@ from fastalign.kernels import tuned_configs
 SUITES = {
     "logprobs": ("token_logprobs",),
     "losses": ("DPOLoss", "IFTLoss", "ift_loss", "ift_inputs_embeds"),
-    "optim": ("ondare_step", "onties_step"),
+    "optim": ("onties_step", "ondare_step"),
     "linear": (
         "FusedLinearDPOLoss",
         "linear_token_logprobs",

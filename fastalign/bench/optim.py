@@ -148,7 +148,7 @@ def cases(env: Env) -> list[Case]:
     fused = _torch_fused_works(env.device)
     torch_name = "torch-fused" if fused else "torch-foreach"
     out = []
-    for method in ("ondare", "onties"):
+    for method in ("onties", "ondare"):  # OnTIES first: issue 11's target, should a GPU budget run short
         check = _make_check(method, shapes, env.device)
         moved = onties_bytes() if method == "onties" and env.cuda else FLOOR_BYTES
         impls = {
