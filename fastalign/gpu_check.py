@@ -16,17 +16,21 @@ In order, and no new step or case starts once the budget (seconds, from the star
 1. Correctness, compiled: the float64-reference tests of every public op (`TEST_SELECTION`: forward and every
    gradient, V 32001/128256, T 1/257, H 4097, bf16/fp16/fp32, NaN-poisoned outputs, the out-of-range-label NaN path,
    `strict`) in a pytest subprocess with FASTALIGN_TEST_DEVICE=cuda, stopped after CORRECTNESS_SECONDS.
-2. Benchmarks: the `fastalign bench --size target` cases with % of the copy bandwidth and of cuBLAS bf16 TFLOP/s
+2. Profiles: the time of each kernel in one call of each PROFILED case (torch.profiler), for at most
+   PROFILE_SECONDS: where fast's time goes (cuBLAS against the elementwise kernels, TRL's alike) and each OnTIES
+   pass's time, beside compile-check's per-launch predictions.
+3. Benchmarks: the `fastalign bench --size target` cases with % of the copy bandwidth and of cuBLAS bf16 TFLOP/s
    measured in the same run, each group after its correctness check at that size; the first group of every suite
    runs before the second of any, so a short budget still covers every suite.
-3. Results: `benches/results/<gpu>-<date>.json`: the bench's schema (device, torch/triton versions, commit, ceilings,
-   one record per measurement, skipped cases and why) plus `gpu_check` (budget, peers, correctness, what was cut).
+4. Results: `benches/results/<gpu>-<date>.json`: the bench's schema (device, torch/triton versions, commit, ceilings,
+   one record per measurement, skipped cases and why) plus `gpu_check` (budget, peers, correctness, profiles, what
+   was cut).
    `fastalign report --write` then regenerates README's Performance table from the committed files.
 
 `--rehearse` runs the same code on the CPU, so that no GPU minute is lost to a typo: the command re-executes itself
-with TRITON_INTERPRET=1 (the kernels run in Triton's interpreter), runs a few tests (REHEARSE_SELECTION) and the
-bench's smallest ops (REHEARSE_OPS) at CPU sizes, and writes the same JSON schema to a temporary folder unless --out
-says where.
+with TRITON_INTERPRET=1 (the kernels run in Triton's interpreter), runs a few tests (REHEARSE_SELECTION), profiles
+REHEARSE_PROFILED (its torch ops on the CPU) and the bench's smallest ops (REHEARSE_OPS) at CPU sizes, and writes the
+same JSON schema to a temporary folder unless --out says where.
 """
 
 from __future__ import annotations
@@ -62,6 +66,20 @@ TEST_FILES = (
 TEST_SELECTION = (*TEST_FILES, "-k", "not torch- and not fsdp")
 REHEARSE_SELECTION = ("tests/test_logprobs.py", "-k", "strict or nan_for_out_of_range")
 REHEARSE_OPS = ["ift_loss", "ift_inputs_embeds"]
+# (op, impl, mode) of the cases whose time per kernel is recorded (torch.profiler, one warm call each, at the first
+# shape): what the open targets hinge on, to set beside compile-check's per-launch predictions and the fused-linear
+# model (how much of fast's time is cuBLAS, how much the elementwise kernels; TRL's alike).
+PROFILED = (
+    ("FusedLinearDPOLoss", "fastalign-fast", "fwd+bwd"),
+    ("FusedLinearDPOLoss", "trl", "fwd+bwd"),
+    ("onties_step", "fastalign", "step"),
+    ("FusedLinearCrossEntropyLoss", "fastalign-fast", "fwd+bwd"),
+    ("token_logprobs", "fastalign", "fwd+bwd"),
+    ("linear_token_logprobs", "fastalign", "fwd+bwd"),
+)
+REHEARSE_PROFILED = (("ift_loss", "fastalign", "fwd+bwd"),)
+PROFILE_SECONDS = 30  # no profile starts after this many seconds of profiling
+PROFILE_TOP = 12  # kernels kept per profile, the longest first
 # Seconds kept back from the benchmarks for writing the results.
 RESERVE_SECONDS = 5
 _OUTCOME = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
@@ -181,6 +199,58 @@ def prioritized(cases: list) -> list:
     return sorted(cases, key=lambda c: (rank[c.op, c.shape, c.dtype], suite_of[c.op]))
 
 
+def profile_kernels(fn, cuda: bool) -> dict:
+    """Time per kernel of one call of fn (already warm): {"total_us", "kernels": [{"name", "calls", "us"}, ...]},
+    the PROFILE_TOP longest; on a CPU (the rehearsal) its torch ops, by self time."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    device_type = DeviceType.CUDA if cuda else DeviceType.CPU
+    with profile(activities=[activity]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        if event.device_type == device_type:
+            us = event.self_device_time_total if cuda else event.self_cpu_time_total
+            rows.append({"name": event.key[:160], "calls": event.count, "us": round(us, 1)})
+    rows.sort(key=lambda row: -row["us"])
+    return {"total_us": round(sum(row["us"] for row in rows), 1), "kernels": rows[:PROFILE_TOP]}
+
+
+def _profiles(env, cases: list, wanted: tuple, clock: Clock, cut: list[str]) -> list[dict]:
+    """profile_kernels of the first case of each (op, impl, mode) in `wanted`, for at most PROFILE_SECONDS."""
+    from fastalign import bench
+
+    stop = min(time.monotonic() + PROFILE_SECONDS, clock.deadline - RESERVE_SECONDS)
+    out = []
+    for op, impl, mode in wanted:
+        case = next((c for c in cases if (c.op, c.impl, c.mode) == (op, impl, mode)), None)
+        if case is None:
+            continue  # a peer that is not installed
+        name = bench._name(case)
+        if time.monotonic() > stop:
+            cut.append(f"profile {name}: budget")
+            continue
+        try:
+            fn = case.setup()
+            fn()  # compiles, tunes and warms up outside the profile
+            profile = profile_kernels(fn, env.cuda)
+        except Exception as exc:  # a profile is diagnostics: report it and go on
+            cut.append(f"profile {name}: {type(exc).__name__}: {exc}")
+            continue
+        finally:
+            fn = None
+            bench._free(env)
+        out.append({"case": name, **profile})
+        top = ", ".join(f"{k['name'][:40]} {k['us'] / 1e3:.2f} ms" for k in profile["kernels"][:3])
+        print(f"profile {name}: {profile['total_us'] / 1e3:.2f} ms in kernels; {top}", flush=True)
+    return out
+
+
 def results_path(device: str, folder: Path = REPO / "benches" / "results") -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     return folder / f"{slug}-{datetime.date.today().isoformat()}.json"
@@ -244,6 +314,7 @@ def main(budget: float = 300, rehearse: bool = False, out: str | None = None) ->
     tests = _correctness(clock, rehearse, path.with_suffix(".pytest.log") if out else work / "pytest.log", cut)
 
     cases = prioritized(bench.collect_cases(env, REHEARSE_OPS if rehearse else None))
+    profiles = _profiles(env, cases, REHEARSE_PROFILED if rehearse else PROFILED, clock, cut)
     print(f"benchmarks: {len(cases)} cases, for {max(0.0, clock.left() - RESERVE_SECONDS):.0f} s", flush=True)
     records, skipped, ceilings = bench.run_cases(env, cases, deadline=clock.deadline - RESERVE_SECONDS)
     bench.print_table(records, ceilings)
@@ -253,6 +324,7 @@ def main(budget: float = 300, rehearse: bool = False, out: str | None = None) ->
 
     seconds = round(time.monotonic() - clock.start, 1)
     summary = {"budget_s": budget, "rehearse": rehearse, "seconds": seconds, "peers": peers, "correctness": tests}
+    summary["profiles"] = profiles
     bench.write_results(path, env, records, skipped, ceilings, gpu_check={**summary, "cut": cut})
     print(f"wrote {path}" + ("" if rehearse else "; commit it, then `fastalign report --write` for README's table"))
     wrong = [r for r in records if r["correct"] not in (None, "ok")]

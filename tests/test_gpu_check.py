@@ -202,11 +202,14 @@ def test_out_folder_gets_the_results_under_their_name_and_pytest_log_beside(tmp_
     monkeypatch.setattr(gpu_check, "WHEELS_DIR", tmp_path / "no-wheels")
     out = tmp_path / "out"
     out.mkdir()
-    assert gpu_check.main(budget=12, rehearse=True, out=str(out)) == 0
+    assert gpu_check.main(budget=60, rehearse=True, out=str(out)) == 0  # an upper bound: a loaded machine is slow
     (results,) = out.glob("*.json")
     assert results.name == gpu_check.results_path(json.loads(results.read_text())["device"], out).name
     assert "test_sample.py::test_ok PASSED" in results.with_suffix(".pytest.log").read_text()
-    assert json.loads(results.read_text())["gpu_check"]["correctness"]["outcomes"] == {"PASSED": 1}
+    summary = json.loads(results.read_text())["gpu_check"]
+    assert summary["correctness"]["outcomes"] == {"PASSED": 1}
+    (profile,) = summary["profiles"]  # REHEARSE_PROFILED: ift_loss, the rehearsal's op
+    assert profile["case"].startswith("ift_loss fastalign fwd+bwd") and profile["kernels"]
 
 
 def _wheel(folder, name="fastalign_fake_peer", version="1.0"):
@@ -235,3 +238,36 @@ def test_peers_come_from_carried_wheels_or_are_reported_missing(tmp_path, monkey
     assert importlib.import_module("fastalign_fake_peer").VALUE == 42
     assert str(tmp_path / "site") in sys.path and str(tmp_path / "site") in os.environ["PYTHONPATH"]
     sys.modules.pop("fastalign_fake_peer")
+
+
+def test_a_profile_lists_the_longest_kernels_of_one_call_and_their_total():
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    profile = gpu_check.profile_kernels(lambda: (a @ b).softmax(-1).sum(), cuda=False)
+    names = [k["name"] for k in profile["kernels"]]
+    assert "aten::mm" in names and "aten::_softmax" in names and len(names) <= gpu_check.PROFILE_TOP
+    times = [k["us"] for k in profile["kernels"]]
+    assert times == sorted(times, reverse=True) and 0 < sum(times) <= profile["total_us"]
+    assert all(k["calls"] >= 1 for k in profile["kernels"])
+
+
+def test_profiles_take_the_first_matching_case_and_report_what_they_could_not(capsys):
+    env = bench.Env(torch.device("cpu"), "small")
+
+    def failing_setup():
+        raise RuntimeError("no such kernel")
+
+    cases = [
+        _case(shape="N=1"),
+        _case(shape="N=2"),
+        _case(op="ift_loss", setup=failing_setup),
+    ]
+    wanted = (("token_logprobs", "fastalign", "fwd"), ("ift_loss", "fastalign", "fwd"), ("DPOLoss", "trl", "fwd"))
+    cut = []
+    profiles = gpu_check._profiles(env, cases, wanted, gpu_check.Clock(60), cut)
+    assert [p["case"] for p in profiles] == [bench._name(cases[0])]
+    assert profiles[0]["kernels"] and profiles[0]["total_us"] > 0
+    assert cut == [f"profile {bench._name(cases[2])}: RuntimeError: no such kernel"]  # a missing peer is no cut
+    assert "profile token_logprobs fastalign fwd N=1" in capsys.readouterr().out
+    cut = []
+    assert gpu_check._profiles(env, cases, wanted[:1], gpu_check.Clock(0), cut) == []
+    assert cut == [f"profile {bench._name(cases[0])}: budget"]
