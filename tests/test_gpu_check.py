@@ -271,3 +271,14 @@ def test_profiles_take_the_first_matching_case_and_report_what_they_could_not(ca
     cut = []
     assert gpu_check._profiles(env, cases, wanted[:1], gpu_check.Clock(0), cut) == []
     assert cut == [f"profile {bench._name(cases[0])}: budget"]
+
+
+def test_every_profiled_case_is_a_case_of_the_target_run():
+    pytest.importorskip("trl")  # one of them is TRL's
+    env = bench.Env(torch.device("cpu"), "target")
+    cases = {(c.op, c.impl, c.mode) for c in bench.collect_cases(env)}
+    assert set(gpu_check.PROFILED) <= cases, set(gpu_check.PROFILED) - cases  # a typo would waste GPU seconds
+    rehearsal = {
+        (c.op, c.impl, c.mode) for c in bench.collect_cases(bench.Env(env.device, "small"), gpu_check.REHEARSE_OPS)
+    }
+    assert set(gpu_check.REHEARSE_PROFILED) <= rehearsal
