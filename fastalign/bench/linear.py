@@ -432,14 +432,14 @@ def _liger_kto(cuda: bool):
     return fn
 
 
+def _fused_kto(strategy: str):
+    loss = fastalign.FusedLinearKTOLoss(beta=0.1, strategy=strategy)
+    return lambda h, w, y, desirable, ref, kl: loss(h, w, y, desirable, ref_logps=ref, kl=kl)[0]
+
+
 def _kto_cases(env: Env) -> list[Case]:
     shapes = _shapes(env, [_TARGET], (4, 64, 128, 32000, torch.float32))
-    impls = {}
-    for strategy in ("fast", "lean"):
-        loss = fastalign.FusedLinearKTOLoss(beta=0.1, strategy=strategy)
-        impls[f"fastalign-{strategy}"] = lambda h, w, y, d, ref, kl, loss=loss: loss(h, w, y, d, ref_logps=ref, kl=kl)[
-            0
-        ]
+    impls = {f"fastalign-{strategy}": _fused_kto(strategy) for strategy in ("fast", "lean")}
     impls["eager"] = _kto_on(ref.linear_token_logprobs)
     peers = (("trl", _kto_on(_trl_head())), ("cce", _kto_on(_cce_head(env.cuda))), ("liger", _liger_kto(env.cuda)))
     for name, peer in peers:
