@@ -246,7 +246,7 @@ def test_a_profile_lists_the_longest_kernels_of_one_call_and_their_total():
     names = [k["name"] for k in profile["kernels"]]
     assert "aten::mm" in names and "aten::_softmax" in names and len(names) <= gpu_check.PROFILE_TOP
     times = [k["us"] for k in profile["kernels"]]
-    assert times == sorted(times, reverse=True) and 0 < sum(times) <= profile["total_us"]
+    assert times == sorted(times, reverse=True) and 0 < sum(times) <= profile["total_us"] + 1e-6  # float sums
     assert all(k["calls"] >= 1 for k in profile["kernels"])
 
 
