@@ -30,18 +30,15 @@ DPO_ROWS, DPO_T, DPO_H, DPO_V, DPO_DTYPE = (
 )
 
 LOGPROBS = {"fastalign": fastalign.linear_token_logprobs, "eager": ref.linear_token_logprobs}
-for name, peer in (("trl", suite._trl_head()), ("cce", suite._cce_head(CUDA))):
-    if peer is not None:
-        LOGPROBS[name] = peer
+LOGPROBS.update(suite._installed(trl=suite._trl_head(), cce=suite._cce_head(CUDA)))
 DPO = {f"fastalign-{strategy}": suite._fused_dpo(strategy) for strategy in ("fast", "lean")}
-DPO_PEERS = (
-    ("trl", suite._dpo_on(suite._trl_head())),
-    ("cce", suite._dpo_on(suite._cce_head(CUDA))),
-    ("liger", suite._liger_dpo(CUDA)),
+DPO.update(
+    suite._installed(
+        trl=suite._dpo_on(suite._trl_head()),
+        cce=suite._dpo_on(suite._cce_head(CUDA)),
+        liger=suite._liger_dpo(CUDA),
+    )
 )
-for name, peer in DPO_PEERS:
-    if peer is not None:
-        DPO[name] = peer
 
 
 def _inputs(prompt):

@@ -248,7 +248,8 @@ def _chunks(unit_rows: list[int], limit: int, splittable: bool) -> list[tuple[in
     a unit longer than that alone, marked whole=False. Token units (splittable) cut anywhere."""
     total = sum(unit_rows)
     if splittable:  # chunks of equal size in whole tiles: a short last one would cost a pass over the accumulator
-        size = -(-total // -(-total // limit)) if total else 1
+        n_chunks = -(-total // limit)  # ceiling divisions
+        size = -(-total // n_chunks) if total else 1
         if size >= _TILE_ROWS:
             size = min(limit, -(-size // _TILE_ROWS) * _TILE_ROWS)
         return [(r0, min(total, r0 + size), True) for r0 in range(0, total, size)]

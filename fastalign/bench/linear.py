@@ -123,6 +123,11 @@ def _trl_head():
     return fn
 
 
+def _installed(**peers) -> dict:
+    """The peers whose package is here (a peer's maker returns None when it is not, or has no path on this device)."""
+    return {name: fn for name, fn in peers.items() if fn is not None}
+
+
 def _cce_head(cuda: bool, impl: str = "cce"):
     """CCE's per-token log-probs, 0 at ignored positions: fn(hidden, weight, labels) -> [rows, T], and
     fn(..., reduction="mean") -> its mean cross-entropy. `impl` is CCE's: its "torch_compile" reference (the tests
@@ -274,9 +279,7 @@ def _logprobs_cases(env: Env) -> list[Case]:
     if (tp1 := _vocab_parallel_at_tp1(env)) is not None:
         impls["fastalign-tp1"] = tp1
     impls["eager"] = ref.linear_token_logprobs
-    for name, peer in (("trl", _trl_head()), ("cce", _cce_head(env.cuda))):
-        if peer is not None:
-            impls[name] = peer
+    impls.update(_installed(trl=_trl_head(), cce=_cce_head(env.cuda)))
 
     def make_inputs(shape, requires_grad):
         return _inputs(env, shape, requires_grad, prompt=False)  # N valid tokens
@@ -315,10 +318,7 @@ def _dpo_cases(env: Env) -> list[Case]:
     shapes = _shapes(env, [_TARGET], (4, 64, 128, 32000, torch.float32))  # 2B sequences, the chosen ones first
     impls = {f"fastalign-{strategy}": _fused_dpo(strategy) for strategy in ("fast", "lean")}
     impls["eager"] = _eager_dpo
-    peers = (("trl", _dpo_on(_trl_head())), ("cce", _dpo_on(_cce_head(env.cuda))), ("liger", _liger_dpo(env.cuda)))
-    for name, peer in peers:
-        if peer is not None:
-            impls[name] = peer
+    impls.update(_installed(trl=_dpo_on(_trl_head()), cce=_dpo_on(_cce_head(env.cuda)), liger=_liger_dpo(env.cuda)))
 
     def make_inputs(shape, requires_grad):
         hidden, weight, labels = _inputs(env, shape, requires_grad, prompt=True)
@@ -372,7 +372,9 @@ def _liger_cross_entropy(cuda: bool):
 
 
 def _mean_of(head):
-    """CCE's own mean over the counted tokens."""
+    """CCE's own mean over the counted tokens (None without CCE)."""
+    if head is None:
+        return None
     return lambda hidden, weight, labels: head(hidden, weight, labels, reduction="mean")
 
 
@@ -380,11 +382,7 @@ def _cross_entropy_cases(env: Env) -> list[Case]:
     shapes = _shapes(env, [_TARGET], (4, 64, 128, 32000, torch.float32))
     impls = {f"fastalign-{s}": fastalign.FusedLinearCrossEntropyLoss(strategy=s) for s in ("fast", "lean")}
     impls["eager"] = lambda h, w, y: ref.linear_cross_entropy(h, w, y, ignore_index=IGNORE)
-    cce = _cce_head(env.cuda)
-    cce_mean = None if cce is None else _mean_of(cce)
-    for name, peer in (("trl", _trl_sft()), ("liger", _liger_cross_entropy(env.cuda)), ("cce", cce_mean)):
-        if peer is not None:
-            impls[name] = peer
+    impls.update(_installed(trl=_trl_sft(), liger=_liger_cross_entropy(env.cuda), cce=_mean_of(_cce_head(env.cuda))))
 
     def make_inputs(shape, requires_grad):
         return _inputs(env, shape, requires_grad, prompt=True)
@@ -441,10 +439,7 @@ def _kto_cases(env: Env) -> list[Case]:
     shapes = _shapes(env, [_TARGET], (4, 64, 128, 32000, torch.float32))
     impls = {f"fastalign-{strategy}": _fused_kto(strategy) for strategy in ("fast", "lean")}
     impls["eager"] = _kto_on(ref.linear_token_logprobs)
-    peers = (("trl", _kto_on(_trl_head())), ("cce", _kto_on(_cce_head(env.cuda))), ("liger", _liger_kto(env.cuda)))
-    for name, peer in peers:
-        if peer is not None:
-            impls[name] = peer
+    impls.update(_installed(trl=_kto_on(_trl_head()), cce=_kto_on(_cce_head(env.cuda)), liger=_liger_kto(env.cuda)))
 
     def make_inputs(shape, requires_grad):
         hidden, weight, labels = _inputs(env, shape, requires_grad, prompt=True)

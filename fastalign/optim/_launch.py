@@ -221,7 +221,7 @@ def kernel_step(
         launch.group,
         guess,
     )
-    new_guess = th.key >> (RADIX_DIGITS[0][0])
+    new_guess = th.key >> RADIX_DIGITS[0][0]
     cache[guess_key] = torch.where(select & (skip == 0), new_guess, -1 if guess is None else guess)
     # The last digit's per-tile counts in the threshold key's bin are its copies per tile; they matter only where some
     # copies are dropped.
