@@ -21,7 +21,8 @@ log-probs of other units. Then one mechanism serves every loss: the loss (the sa
 differentiates) is evaluated on batch-shaped log-probs whose entries outside the chunk are detached placeholders,
 and autograd's gradient is read at the chunk's entries. What each loss relies on:
 - DPO: each pair's loss reads the pair's two sums (and lengths, from the labels); "sft" averages over a token
-  count that comes from the labels. "aot"/"aot_unpaired" sort the margins across the batch: lean only.
+  count that comes from the labels. "aot"/"aot_unpaired" sort the margins across the batch, and "sft" under
+  use_weighting (WPO) weighs the batch's NLL by every pair's weight: lean only.
 - KTO: each example's loss reads its own sum; the KL estimate is an input, detached (as TRL has it).
 - IFT: each sequence's loss reads that sequence's log-probs only.
 - Cross-entropy: each token's loss reads its own log-prob (and mean log-prob, for label smoothing); the mean
@@ -628,9 +629,9 @@ def dpo_loss_from_hidden(
         strategy: "auto" (default), "fast" or "lean" (see the module docstring). fast computes the gradient in the
             forward at 6 N H V FLOPs, holding an fp32 [V, H] d-weight accumulator (none for an fp32 weight) and
             the d logits of whole pairs; lean recomputes the logits in the backward (8 N H V) and holds no [V, H]
-            buffer. auto takes fast unless the loss type sorts across the batch ("aot", "aot_unpaired") or a
-            pair's d logits (2 T rows x V, in the inputs' dtype on a GPU) exceed max(memory_budget, the
-            accumulator's size).
+            buffer. auto takes fast unless the loss couples the pairs ("aot", "aot_unpaired", or "sft" with
+            use_weighting) or a pair's d logits (2 T rows x V, in the inputs' dtype on a GPU) exceed
+            max(memory_budget, the accumulator's size).
         beta, loss_type, loss_weights, label_smoothing, **options: `dpo_loss_from_token_logps`'s (every `dpo_loss`
             option, ld_alpha, use_weighting, return_per_example); the completion lengths come from the labels.
 
@@ -656,6 +657,10 @@ def dpo_loss_from_hidden(
     )
     coupled = [t for t in types if t in ("aot", "aot_unpaired")]
     not_fast = f"loss_type {coupled} sorts the margins across the batch" if coupled else None
+    if options.get("use_weighting") and "sft" in types:
+        # The batch's NLL is a constant per pair times the pair's weight: its gradient at a pair's tokens is the
+        # sum of every pair's weight, which no chunk knows before the last.
+        not_fast = "use_weighting=True weights the batch-level 'sft' term by every pair's WPO weight"
     objective = _Objective(loss_of, "pair", not_fast, extras)
     return _fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0]
 

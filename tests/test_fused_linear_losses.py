@@ -246,6 +246,36 @@ def test_dpo_token_level_options_match_the_composition(strategy, backend, device
         assert rel_err(leaf.grad, leaf_c.grad) < 1e-5
 
 
+@pytest.mark.parametrize("strategy", ["auto", "fast", "lean"])
+def test_weighted_sft_couples_the_pairs_so_it_runs_lean(strategy, backend, device):
+    """WPO's weights scale the batch-level 'sft' NLL per pair, so its gradient at any token is the sum of every
+    pair's weight: auto takes lean (fast gave the unweighted gradient when the pairs spanned chunks), fast refuses."""
+    hidden, weight, bias, labels = make_batch(device, batch=6)
+    ref_logps = torch.randn(6, device=device) - 20
+    reference = {"ref_chosen_logps": ref_logps[:3], "ref_rejected_logps": ref_logps[3:]}
+    options = dict(beta=0.3, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], use_weighting=True)
+    pair_bytes = 2 * T * V * 4  # a budget of one pair: on fast, one chunk per pair
+    module = fastalign.FusedLinearDPOLoss(**options, strategy=strategy, memory_budget=pair_bytes)
+    leaves = leaves_of(hidden, weight, bias)
+    if strategy == "fast":
+        with pytest.raises(ValueError, match="decomposes over examples: use_weighting=True weights the batch-level"):
+            module(*leaves[:2], labels, leaves[2], **reference)
+        return
+    loss, metrics = module(*leaves[:2], labels, leaves[2], **reference)
+    (0.7 * loss).backward()
+
+    composed = leaves_of(hidden, weight, bias)
+    stats = fastalign.linear_token_stats(*composed[:2], labels, composed[2], log_sum_sq_probs=True)
+    mask = labels != IGNORE
+    loss_c, metrics_c = fastalign.dpo.dpo_loss_from_token_logps(
+        stats.logprobs, mask, *ref_logps.chunk(2), log_sum_sq_probs=stats.log_sum_sq_probs, **options
+    )
+    (0.7 * loss_c).backward()
+    torch.testing.assert_close(loss, loss_c)
+    for leaf, leaf_c in zip(leaves, composed):
+        assert rel_err(leaf.grad, leaf_c.grad) < 1e-5
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_kto_options_match_the_composition(strategy, backend, device):
     hidden, weight, bias, labels = make_batch(device, batch=3)
@@ -552,6 +582,28 @@ def test_the_loss_decomposes_over_pairs_unless_it_sorts_the_batch(loss_type):
         assert not torch.equal(above, below)
     else:
         assert torch.equal(alone, moved) and torch.equal(alone, above) and torch.equal(alone, below)
+
+
+@pytest.mark.parametrize("loss_type", [t for t in DPO_LOSS_TYPES if t not in BATCH_COUPLED])
+def test_wpo_weighted_losses_decompose_over_pairs_but_sft(loss_type):
+    """Under use_weighting each pair's loss is scaled by its own (detached) weight: still per pair, except the
+    batch-level 'sft' NLL, whose gradient then sums every pair's weight (dpo_loss_from_hidden runs it lean)."""
+    R, T_ = 8, 5
+    mask = torch.rand(R, T_) < 0.7
+    mask[:, 0] = True
+    ref_logps = torch.randn(R, dtype=torch.float64) - 10
+    log_sum_sq = -torch.rand(R, T_, dtype=torch.float64)
+
+    def loss_of(logps):
+        return fastalign.dpo.dpo_loss_from_token_logps(
+            logps, mask, *ref_logps.chunk(2), log_sum_sq_probs=log_sum_sq, use_weighting=True, **dpo_kwargs(loss_type)
+        )[0]
+
+    logps = -torch.rand(R, T_, dtype=torch.float64) * 3
+    unit, others = [0, R // 2], [r for r in range(R) if r not in (0, R // 2)]
+    alone = _unit_gradient(loss_of, logps, unit, others, 0.0)
+    moved = _unit_gradient(loss_of, logps, unit, others, torch.rand(len(others), T_, dtype=torch.float64))
+    assert torch.equal(alone, moved) != (loss_type == "sft")
 
 
 def test_kto_ift_and_cross_entropy_decompose_over_sequences():
