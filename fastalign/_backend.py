@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -103,6 +104,8 @@ def check_label_range(name: str, labels: torch.Tensor, vocab: int, ignore_index:
     device."""
     if labels.numel() == 0:
         return
+    if labels.dtype not in (torch.int32, torch.int64):  # in int8/uint8/int16, -100 and V would wrap (-100 -> 156)
+        labels = labels.long()
     ids = labels if ignore_index is None else labels.masked_fill(labels == ignore_index, 0)
     low, high = torch.aminmax(ids)  # one pass and one sync; the mask of bad ids only on the way to the error
     if low < 0 or high >= vocab:
@@ -120,7 +123,8 @@ def label_range_error(
 
 
 def check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and 0 < float(value) < float("inf")):
+    # numbers.Real: numpy scalars too (a temperature read from a config array); callers take float(value).
+    if not (isinstance(value, numbers.Real) and 0 < float(value) < float("inf")):
         raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
 
 

@@ -21,6 +21,7 @@ keeps them), and one host sync, to count the rows that are scored and reject lab
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -411,7 +412,7 @@ def _check_head_args(hidden, weight, labels, bias, ignore_index, temperature, so
     check_positive("logit_scale", logit_scale)
     if softcap is not None:
         check_positive("softcap", softcap)
-    if memory_budget is not None and not (isinstance(memory_budget, int) and memory_budget > 0):
+    if memory_budget is not None and not (isinstance(memory_budget, numbers.Integral) and memory_budget > 0):
         raise ValueError(f"memory_budget must be a positive int (bytes) or None; got {memory_budget!r}")
 
 
@@ -431,7 +432,7 @@ def _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap, l
         float(temperature),
         None if softcap is None else float(softcap),
         float(logit_scale),
-        DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget,
+        DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget),
     )
     return hidden, weight, bias, head
 

@@ -138,6 +138,11 @@ def _torch_bwd(x, dx, labels, lse, logp, dlogp, entropy, dentropy, ignore_index,
             p = torch.softmax(z, -1, out=dz)
         if dentropy is None:
             p.mul_(-g)
+            # An ignored row's gradient is 0 even where its softmax is NaN (all -inf logits: a masked-out padding
+            # row): 0 * NaN is NaN. Such a row is NaN throughout, so its first column finds it in n reads.
+            nan_ignored = (labels[r0:r1] == ignore_index).view(column) & p[..., :1].isnan()
+            if nan_ignored.any():
+                p.masked_fill_(nan_ignored, 0.0)
         else:
             gh = dentropy[r0:r1].view(column) / temperature
             dz.mul_(log_p.clamp_(min=_LOG_P_FLOOR).add_(entropy[r0:r1].view(column)).mul_(gh).add_(g)).neg_()
@@ -250,6 +255,14 @@ def _combine_shards(shard, x, labels, ignore_index, temperature, logp, lse, entr
 # ---------------------------------------------------------------------------------------------
 
 
+def _rows_overlap(x: torch.Tensor) -> bool:
+    """Whether two rows of x [B, T, V] (unit stride over V) may share memory; conservative: False proves they do
+    not (t rows V apart at least, b blocks past the last t row)."""
+    B, T, V = x.shape
+    stride_b, stride_t, _ = x.stride()
+    return (T > 1 and stride_t < V) or (B > 1 and stride_b < (T - 1) * stride_t + V)
+
+
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, temperature, extras, inplace_backward, shard):
@@ -280,13 +293,18 @@ class _TokenLogprobs(torch.autograd.Function):
         x = as_btv(logits)
         # In place: the gradient overwrites the logits buffer, saving a [tokens, vocab] allocation.
         # as_btv returns a view of the caller's storage unless the layout forced a copy.
-        inplace = ctx.inplace_backward and x.data_ptr() == logits.data_ptr()
+        # Not over rows that share memory (an expanded [B, 1, V] prior): each would take every row's gradient.
+        inplace = ctx.inplace_backward and x.data_ptr() == logits.data_ptr() and not _rows_overlap(x)
         dx = x if inplace else torch.empty(x.shape, device=x.device, dtype=x.dtype)
         dlogp = torch.zeros_like(logp) if dlogp is None else dlogp.reshape(-1).float().contiguous()
         if dentropy is not None:
             dentropy = dentropy.reshape(-1).float().contiguous()
         bwd = token_logprobs_bwd if ctx.use_kernels else _torch_bwd
         bwd(x, dx, labels, lse, logp, dlogp, entropy, dentropy, ctx.ignore_index, ctx.temperature, *ctx.vocab_shard)
+        if inplace and ctx.use_kernels:
+            # A kernel's write is invisible to autograd: mark it, so that a second backward through this graph
+            # (retain_graph) raises as it does on the torch path instead of reading gradients as logits.
+            torch.autograd.graph.increment_version(logits)
         dlogits = logits if inplace else dx.view(logits.shape)
         return dlogits, None, None, None, None, None, None
 

@@ -173,6 +173,72 @@ def test_inplace_backward_overwrites_logits_with_the_gradient(dtype, backend, de
     assert torch.equal(leaf.grad[:, :-1], expected) and (leaf.grad[:, -1] == 0).all()
 
 
+def test_ignored_rows_of_neg_inf_logits_have_a_zero_gradient(backend, device):
+    """A fully masked padding row (every logit -inf) whose label is ignored: log-prob 0 and gradient 0, not the
+    NaN of its softmax times 0."""
+    logits = torch.randn(3, 40, device=device)
+    logits[1] = float("-inf")
+    x = logits.requires_grad_(True)
+    out = fastalign.token_logprobs(x, torch.tensor([3, IGNORE, 7], device=device))
+    out.backward(torch.tensor([0.5, 2.0, -1.0], device=device))
+    assert out[1] == 0 and (x.grad[1] == 0).all() and torch.isfinite(x.grad).all()
+
+
+def test_inplace_backward_over_rows_that_share_memory_writes_a_fresh_buffer(backend, device):
+    """An expanded [B, 1, V] -> [B, T, V] prior: written in place, every row would take every row's gradient."""
+    base = torch.randn(2, 1, 50, device=device, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 3), device=device)
+    g = torch.randn(2, 3, device=device)
+    (expected,) = torch.autograd.grad(fastalign.token_logprobs(base.expand(2, 3, 50), labels), base, g)
+    logits = (base * 1).expand(2, 3, 50)
+    (got,) = torch.autograd.grad(fastalign.token_logprobs(logits, labels, inplace_backward=True), base, g)
+    torch.testing.assert_close(got, expected)
+
+
+def test_a_second_backward_after_inplace_backward_raises(backend, device):
+    """The kernels' in-place write is marked for autograd, as the torch path's in-place ops are, so reusing the
+    graph cannot read gradients as logits."""
+    leaf = torch.randn(2, 6, 32, device=device, requires_grad=True)
+    out = fastalign.token_logprobs(leaf * 1, torch.randint(0, 32, (2, 6), device=device), inplace_backward=True)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32, torch.uint16])
+def test_narrow_integer_labels(dtype, backend):
+    """Labels in any integer dtype are checked as the ids they hold: in int8 or uint8, V = 300 would wrap to 44 and
+    ignore_index -100 to 156, so valid ids were refused and a uint8 156 passed as ignored."""
+    logits = torch.randn(2, 3, 300)
+    labels = torch.tensor([[100, 3, 0], [7, 119, 5]])
+    expected = fastalign.token_logprobs(logits, labels)
+    torch.testing.assert_close(fastalign.token_logprobs(logits, labels.to(dtype)), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="labels holds 100, outside \\[0, 50\\)"):
+        fastalign.token_logprobs(logits[..., :50], labels.to(dtype))
+    if dtype == torch.uint8:
+        with pytest.raises(ValueError, match="labels holds 156, outside"):
+            fastalign.token_logprobs(logits[..., :150], torch.full((2, 3), 156, dtype=dtype))
+    if dtype.is_signed:
+        ignored = labels.clone()
+        ignored[0, 0] = IGNORE
+        torch.testing.assert_close(
+            fastalign.token_logprobs(logits, ignored.to(dtype)), fastalign.token_logprobs(logits, ignored)
+        )
+
+
+def test_numpy_scalar_options(backend):
+    """A temperature, softcap, logit scale or budget read from a numpy config is a number like any other."""
+    np = pytest.importorskip("numpy")
+    logits, labels = torch.randn(2, 5, 64), torch.randint(0, 64, (2, 5))
+    expected = fastalign.token_logprobs(logits, labels, temperature=0.7)
+    torch.testing.assert_close(fastalign.token_logprobs(logits, labels, temperature=np.float32(0.7)), expected)
+    hidden, weight = torch.randn(2, 5, 8), torch.randn(64, 8)
+    options = dict(temperature=0.7, softcap=30.0, logit_scale=0.5, memory_budget=2**20)
+    expected = fastalign.linear_token_logprobs(hidden, weight, labels, **options)
+    as_numpy = {name: np.float32(v) if isinstance(v, float) else np.int64(v) for name, v in options.items()}
+    torch.testing.assert_close(fastalign.linear_token_logprobs(hidden, weight, labels, **as_numpy), expected)
+
+
 def test_argmax_takes_the_first_maximum(backend, device):
     logits = torch.zeros(2, 9000, device=device)
     logits[0, [17, 8500]] = 5.0  # a tie across two blocks
