@@ -481,7 +481,12 @@ class _FastFusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss, *_non_differentiable):
-        """Scales the gradients the forward computed by grad_output."""
+        """Scales the gradients the forward computed by grad_output, in place: once."""
+        if ctx.grads is None:
+            raise RuntimeError(
+                "strategy='fast' computes the gradients in the forward and hands them to the first backward, in place; "
+                "a second backward through the same graph (retain_graph=True) needs strategy='lean'"
+            )
         (dh, dw, db), (w_dtype, b_dtype) = ctx.grads, ctx.dtypes
         ctx.grads = None
         scale = dloss.float()

@@ -277,6 +277,21 @@ def test_weighted_sft_couples_the_pairs_so_it_runs_lean(strategy, backend, devic
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_second_backward_runs_lean_and_is_refused_clearly_fast(strategy, backend, device):
+    hidden, weight, bias, labels = make_batch(device)
+    reference = {"ref_chosen_logps": torch.zeros(B, device=device), "ref_rejected_logps": torch.zeros(B, device=device)}
+    leaves = leaves_of(hidden, weight, bias)
+    loss, _ = fastalign.FusedLinearDPOLoss(strategy=strategy)(*leaves[:2], labels, leaves[2], **reference)
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    if strategy == "fast":
+        with pytest.raises(RuntimeError, match="second backward .* needs strategy='lean'"):
+            torch.autograd.grad(loss, leaves)
+    else:
+        for again, once in zip(torch.autograd.grad(loss, leaves), first):
+            torch.testing.assert_close(again, once, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_kto_options_match_the_composition(strategy, backend, device):
     hidden, weight, bias, labels = make_batch(device, batch=3)
     desirable = torch.tensor([True, False, False], device=device)
