@@ -945,7 +945,7 @@ def _kto(
             return torch.where(group, x, 0).sum() / group.sum()  # 0 / 0 = NaN for an empty group
 
         metrics = {
-            "kl": kl,
+            "kl": kl if loss_type == "kto" else torch.zeros_like(kl),  # TRL logs 0 for a loss that reads no KL
             "rewards/chosen": group_mean(rewards, desirable),
             "rewards/rejected": group_mean(rewards, ~desirable),
             "logps/chosen": group_mean(logps, desirable),

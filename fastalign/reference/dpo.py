@@ -271,7 +271,7 @@ def kto_loss(
     logps = policy_logps.detach()
     chosen, rejected = desirable, ~desirable
     metrics = {
-        "kl": torch.tensor(z0, dtype=ratio.dtype),
+        "kl": torch.tensor(z0 if loss_type == "kto" else 0.0, dtype=ratio.dtype),
         "rewards/chosen": rewards[chosen].mean(),
         "rewards/rejected": rewards[rejected].mean(),
         "logps/chosen": logps[chosen].mean(),
