@@ -756,6 +756,33 @@ def test_many_small_parameters_share_one_launch(monkeypatch, device):
     assert all(int(opt.state[p]["step"]) == 1 for p in params)
 
 
+def test_layout_cache_keeps_the_last_two_steps_layouts_without_changing_results(backend, device, monkeypatch):
+    """Each set of parameters with gradients is a new layout (unused MoE experts): the tables, runs
+    and guesses kept for them stay those of the last two steps instead of growing with every set,
+    and the trajectory is bit for bit the one of a cache that keeps everything."""
+    params0 = make_params([(300,)] * 6, torch.float32, device)
+    has_grad = torch.rand(8, 6, generator=torch.Generator().manual_seed(0)) < 0.5  # the same sets on every run
+    grads = [[g if has else None for g, has in zip(random_grads(params0), row)] for row in has_grad.tolist()]
+
+    def run():
+        params = [torch.nn.Parameter(p.detach().clone()) for p in params0]
+        opt = OnlineMergeAdamW(params, lr=1e-2, method="onties", reserve_p=0.3)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g
+            opt.step()
+        return params, len(opt._tables)
+
+    bounded, entries = run()
+    monkeypatch.setattr(_launch.LayoutCache, "new_step", lambda self: None)  # keeps every entry
+    unbounded, every_entry = run()
+    for a, b in zip(bounded, unbounded):
+        assert torch.equal(a, b)
+    # One launch a step, which keeps its tables, TIES runs and guess (kernels) or its TIES runs (torch path).
+    per_step = 3 if backend == "kernel" else 1
+    assert entries <= 2 * per_step < every_entry
+
+
 # ----------------------------------------------------------------------------- scaling and skipping
 
 
@@ -850,6 +877,47 @@ def test_torch_grad_scaler(device):
     assert torch.isfinite(scaled.weight).all() and not torch.isfinite(plain.weight).all()
 
 
+@pytest.mark.parametrize("skip", ["found_inf", "skip_nonfinite"])
+def test_a_skipped_step_counts_once_across_devices(skip, backend, device, monkeypatch):
+    """With parameters on two devices, a skipped step leaves every step counter where it was (the
+    devices' flags were summed: each extra device took the counter one step back, and with three
+    it reached t = 0, where bias correction divides by 0). GradScaler's found_inf is the sum of its
+    devices' flags, here 2. The second group's launches are relabelled as another device that
+    allocates on the same one."""
+    real = OnlineMergeAdamW._launches
+
+    def on_two_devices(self):
+        launches = real(self)
+        for launch in launches:
+            if launch.hp is self.param_groups[1]:
+                index = launch.device.index
+                launch.device = torch.device(launch.device.type, 0 if index is None else None)
+        return launches
+
+    monkeypatch.setattr(OnlineMergeAdamW, "_launches", on_two_devices)
+    params = make_params([(16,), (16,)], torch.float32, device)
+    opt = OnlineMergeAdamW([{"params": [params[0]]}, {"params": [params[1]]}], lr=1e-2, skip_nonfinite=True)
+    for p, g in zip(params, random_grads(params)):
+        p.grad = g
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, float("nan"))
+    if skip == "found_inf":
+        opt.skip_nonfinite = False
+        opt.grad_scale, opt.found_inf = torch.tensor(1.0, device=device), torch.tensor(2.0, device=device)
+    opt.step()
+    assert [int(opt.state[p]["step"]) for p in params] == [1, 1]
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    if skip == "found_inf":
+        del opt.grad_scale, opt.found_inf
+    for p, g in zip(params, random_grads(params)):
+        p.grad = g
+    opt.step()
+    assert [int(opt.state[p]["step"]) for p in params] == [2, 2]
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(params, before))
+
+
 # ----------------------------------------------------------------------------- state
 
 
@@ -895,6 +963,55 @@ def test_state_dict_round_trip_and_resume(method, reserve_p, backend, device):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_load_state_dict_rejects_state_of_another_shape(device):
+    """A state tensor of another shape than the parameter (here another model's) raises, naming the
+    entry and the shape, instead of loading the first elements; the optimizer is left as it was."""
+    big, small = torch.nn.Linear(16, 8).to(device), torch.nn.Linear(4, 8).to(device)
+    big_opt, opt = OnlineMergeAdamW(big.parameters()), OnlineMergeAdamW(small.parameters())
+    saved = big_opt.state_dict()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"state 'exp_avg' of parameter 0 \(shape \(8, 4\)\) must have shape \(8, 4\)"):
+        opt.load_state_dict(saved)
+    saved = copy.deepcopy(opt.state_dict())  # (a state dict holds the optimizer's own tensors)
+    saved["state"][1]["step"] = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"state 'step' of parameter 1 \(shape \(8,\)\) must hold one number"):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()
+    for i, state in before["state"].items():
+        assert all(torch.equal(value, after["state"][i][key]) for key, value in state.items())
+
+
+@pytest.mark.parametrize("method", ["ondare", "onties"])
+def test_ref_delta_is_stored_without_its_autograd_graph(method, device):
+    """τ = sft - base of live models requires grad: the optimizer keeps its values, not its graph
+    (which held on to both models and made the state impossible to deepcopy)."""
+    base, sft, policy = (torch.nn.Linear(8, 4).to(device) for _ in range(3))
+    tau = [s - b for s, b in zip(sft.parameters(), base.parameters())]
+    opt = OnlineMergeAdamW(policy.parameters(), method=method, reserve_p=0.5, alpha=0.1, ref_delta=tau)
+    for p in policy.parameters():
+        stored = opt.state[p]["ref_delta"]
+        assert not stored.requires_grad and stored.grad_fn is None
+    copy.deepcopy(opt.state_dict())
+
+
+def test_load_state_dict_runs_hooks_as_torch_does(device):
+    """A pre-hook's returned state dict is the one loaded; post-hooks run once the state is in."""
+    params = make_params([(4, 3), (5,)], torch.float32, device)
+    opt = OnlineMergeAdamW(params)
+    saved = OnlineMergeAdamW(make_params([(4, 3), (5,)], torch.float32, device)).state_dict()
+
+    def sevens(optimizer, state_dict):
+        state = {i: {**s, "exp_avg": torch.full_like(s["exp_avg"], 7.0)} for i, s in state_dict["state"].items()}
+        return {**state_dict, "state": state}
+
+    seen = []
+    opt.register_load_state_dict_pre_hook(sevens)
+    opt.register_load_state_dict_post_hook(lambda o: seen.extend(o.state[p]["exp_avg"].clone() for p in params))
+    opt.load_state_dict(saved)
+    assert all((opt.state[p]["exp_avg"] == 7).all() for p in params)
+    assert len(seen) == 2 and all((x == 7).all() for x in seen)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -911,6 +1028,8 @@ def test_bad_input(device):
         ({"alpha": 0.5}, ValueError, "ref_delta is required"),
         ({"online_step": 0}, ValueError, "online_step"),
         ({"betas": (0.9, 1.0)}, ValueError, "betas"),
+        ({"betas": (torch.tensor(0.9), torch.tensor(0.999))}, ValueError, "betas must be two numbers"),
+        ({"lr": torch.tensor(1e-3)}, ValueError, "lr must be a number"),
         ({"ref_delta_dtype": torch.float16}, ValueError, "ref_delta_dtype"),
         ({"ref_delta": {"layer.weight": torch.zeros(3, 4, device=device)}}, ValueError, "layer.weight must have shape"),
         ({"ref_delta": {"layer.weight": torch.zeros(4, 3, device="meta")}}, ValueError, "layer.weight must be on"),
@@ -927,6 +1046,37 @@ def test_bad_input(device):
         OnlineMergeAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))])
     with pytest.raises(ValueError, match="contiguous"):
         OnlineMergeAdamW([torch.nn.Parameter(torch.zeros(3, 4, device=device).t())])
+
+
+def test_add_param_group_that_raises_changes_nothing(backend, device):
+    """A group the optimizer refuses is not left in param_groups without state (the next step
+    raised KeyError('exp_avg'))."""
+    p = torch.nn.Parameter(torch.randn(4, device=device))
+    opt = OnlineMergeAdamW([p], lr=1e-3)
+    for group, error, match in [
+        ({"params": [torch.nn.Parameter(torch.randn(3, 4, device=device).t())]}, ValueError, "contiguous"),
+        ({"params": [torch.nn.Parameter(torch.randn(4, device=device).double())]}, TypeError, "float64"),
+        ({"params": [torch.nn.Parameter(torch.randn(4, device=device))], "betas": (torch.tensor(0.9), 0.9)},
+         ValueError, "betas"),
+    ]:  # fmt: skip
+        with pytest.raises(error, match=match):
+            opt.add_param_group(group)
+        assert len(opt.param_groups) == 1
+        group["params"][0].grad = torch.ones_like(group["params"][0])
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert int(opt.state[p]["step"]) == 1 and len(opt.state_dict()["state"]) == 1
+
+
+def test_parameter_cast_to_float64_after_construction_raises(backend, device):
+    model = torch.nn.Linear(8, 4).to(device)
+    opt = OnlineMergeAdamW(model.parameters(), lr=1e-2)
+    model.double()
+    model(torch.randn(2, 8, device=device, dtype=torch.float64)).square().mean().backward()
+    with pytest.raises(
+        TypeError, match=r"parameter 0 \(shape \(4, 8\)\) must be float32, bfloat16 or float16; got torch.float64"
+    ):
+        opt.step()
 
 
 # ----------------------------------------------------------------------------- reference_delta

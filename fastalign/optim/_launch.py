@@ -42,6 +42,33 @@ class Launch:
     tau_dtype: torch.dtype | None
 
 
+class LayoutCache:
+    """What steps keep per layout of a launch's shards: kernel tables and TIES runs (which depend
+    on nothing else) and TIES's threshold guesses (any guess gives the same result). Only the
+    entries that this step or the one before used are kept: the layouts change whenever the set of
+    parameters with gradients does (unused MoE experts, frozen layers), so keeping every layout
+    ever seen would grow without bound, while a fixed number of entries could drop some that the
+    current step, however many launches it has, is still using."""
+
+    def __init__(self) -> None:
+        self.current: dict = {}  # used by this step
+        self.previous: dict = {}  # used by the step before, not yet by this one
+
+    def new_step(self) -> None:
+        self.previous, self.current = self.current, {}
+
+    def get(self, key):
+        if key in self.previous:
+            self.current[key] = self.previous.pop(key)
+        return self.current.get(key)
+
+    def __setitem__(self, key, value) -> None:
+        self.current[key] = value
+
+    def __len__(self) -> int:
+        return len(self.current) + len(self.previous)
+
+
 def step_sizes(launch: Launch) -> tuple[torch.Tensor, torch.Tensor]:
     """([S] int64 step number t being taken, [S] fp32 lr · sqrt(1 - beta2^t) / (1 - beta1^t)),
     computed on the device in float64 from the step counters, without a sync."""
@@ -124,22 +151,24 @@ def _segments(values: torch.Tensor, ranges: torch.Tensor) -> tuple[torch.Tensor,
     return per_slot, cs[:-1] - cs[first]
 
 
-def _tables(launch: Launch, cache: dict) -> Tables:
+def _tables(launch: Launch, cache: LayoutCache) -> Tables:
     """The launch's tables, built once per layout of local sizes."""
     numels = [s.param.numel() for s in launch.slots]
     key = (tuple(numels), launch.device)
-    if key not in cache:
-        cache[key] = build_tables(numels, launch.device)
-    return cache[key]
+    tables = cache.get(key)
+    if tables is None:
+        tables = cache[key] = build_tables(numels, launch.device)
+    return tables
 
 
-def _runs(launch: Launch, cache: dict) -> Runs:
+def _runs(launch: Launch, cache: LayoutCache) -> Runs:
     """The launch's runs for the TIES tie rule, built once per layout of shards (a collective)."""
     shards = [(s.offset, s.param.numel(), s.run, s.run_stride) for s in launch.slots]
     key = ("runs", tuple(shards), launch.device, id(launch.group))
-    if key not in cache:
-        cache[key] = Runs.of(shards, launch.group, launch.device)
-    return cache[key]
+    runs = cache.get(key)
+    if runs is None:
+        runs = cache[key] = Runs.of(shards, launch.group, launch.device)
+    return runs
 
 
 def kernel_step(

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from fastalign.kernels.online_merge import keep_threshold
 from fastalign.kernels.radix_select import RADIX_DIGITS
 from fastalign.optim._dare import CHUNK, KeepHasher, chunks, step_key
-from fastalign.optim._launch import Launch, Slot, rescale_factors
+from fastalign.optim._launch import Launch, LayoutCache, Slot, rescale_factors
 from fastalign.optim._select import Runs, radix_select, tie_budget, topk_count
 
 Segment = tuple[Slot, int, int]  # a shard and a range [begin, end) of its elements
@@ -138,7 +138,7 @@ def _views(tensors: list[torch.Tensor | None], segments: list[Segment]) -> list:
 class _Step:
     """One step of one launch; the kernels' arithmetic, a bundle at a time."""
 
-    def __init__(self, launch: Launch, grad_scale, cache: dict):
+    def __init__(self, launch: Launch, grad_scale, cache: LayoutCache):
         self.launch, self.hp, self.cache = launch, launch.hp, cache
         self.inv_scale = 1.0 / float(grad_scale) if grad_scale is not None else None
         self.lr_wd = self.hp["lr"] * self.hp["weight_decay"]
@@ -320,9 +320,10 @@ class _Step:
         """The runs of these shards for the tie rule, built once per layout (a collective)."""
         shards = [(s.offset, s.param.numel(), s.run, s.run_stride) for s in slots]
         key = ("runs", tuple(shards), id(self.launch.group))
-        if key not in self.cache:
-            self.cache[key] = Runs.of(shards, self.launch.group, self.launch.device)
-        return self.cache[key]
+        runs = self.cache.get(key)
+        if runs is None:
+            runs = self.cache[key] = Runs.of(shards, self.launch.group, self.launch.device)
+        return runs
 
     def elect(self, segments: list[Segment], flat: torch.Tensor) -> None:
         """TIES's sign election and merge on a bundle's Δ (`flat`, the segments side by side): the
@@ -353,7 +354,7 @@ def _whole_groups(slots: list[Slot], size: int) -> Iterator[list[Slot]]:
         yield group
 
 
-def torch_step(launch: Launch, t: torch.Tensor, step_size: torch.Tensor, skip, grad_scale, cache: dict) -> None:
+def torch_step(launch: Launch, t: torch.Tensor, step_size: torch.Tensor, skip, grad_scale, cache: LayoutCache) -> None:
     """The step of kernels/online_merge.py in torch ops; cache keeps what depends on the layout only."""
     if skip is not None and bool(skip):
         return

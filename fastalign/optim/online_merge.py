@@ -6,6 +6,8 @@ and its step-K bug fixed. See README.md, "Online-merging optimizer".
 
 from __future__ import annotations
 
+import copy
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from fastalign._backend import backend_for
 from fastalign.optim import _torch_path
 from fastalign.optim._dare import dare_keep, dare_key
-from fastalign.optim._launch import Launch, Slot, kernel_nonfinite, kernel_step, step_sizes
+from fastalign.optim._launch import Launch, LayoutCache, Slot, kernel_nonfinite, kernel_step, step_sizes
 from fastalign.optim._layout import FlatShard, Layout, layout_of, like_param, local_part, local_tensor
 from fastalign.optim._select import Runs, topk_count
 
@@ -31,11 +33,15 @@ _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "cached_delta")
 _LAUNCH_NUMEL = 1 << 28
 
 
+def _is_number(x: Any) -> bool:
+    """A Python int or float: the kernels take hyperparameters as scalar arguments, which a tensor is not."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _check_group(group: Mapping[str, Any]) -> None:
     def real(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
         x = group[name]
-        ok = isinstance(x, (int, float)) and not isinstance(x, bool)
-        ok = ok and (lo < x if lo_open else lo <= x) and (x < hi if hi_open else x <= hi)
+        ok = _is_number(x) and (lo < x if lo_open else lo <= x) and (x < hi if hi_open else x <= hi)
         if not ok:
             lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
             raise ValueError(f"{name} must be a number in {lb}{lo}, {hi}{rb}; got {x!r}")
@@ -48,7 +54,7 @@ def _check_group(group: Mapping[str, Any]) -> None:
     real("alpha", 0.0, 1.0)
     real("clip", 0.0, inf, lo_open=True)
     betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
         raise ValueError(f"betas must be two numbers in [0, 1); got {betas!r}")
     if group["method"] not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {group['method']!r}")
@@ -129,7 +135,7 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
         self._index: dict[torch.Tensor, int] = {}
         self._names: dict[torch.Tensor, str] = {}
         self._layouts: dict[torch.Tensor, Layout] = {}
-        self._tables: dict = {}  # kernel tables per layout of local sizes
+        self._tables = LayoutCache()  # what the steps keep per layout of their launches
         self._constructed = False
         defaults = dict(
             lr=lr,
@@ -164,23 +170,33 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
             self._follow_swapped_params()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        names = group.get("param_names", [None] * len(group["params"]))
-        for p, name in zip(group["params"], names):
+        indices = range(len(self._params), len(self._params) + len(group["params"]))
+        names = [
+            name or f"parameter {index} (shape {tuple(p.shape)})"
+            for index, p, name in zip(indices, group["params"], group.get("param_names", [None] * len(indices)))
+        ]
+        try:  # every parameter is checked before any is registered, so a call that raises changes nothing
+            layouts = [self._checked_layout(p, name) for p, name in zip(group["params"], names)]
+        except Exception:
+            self.param_groups.pop()
+            raise
+        for index, p, name, layout in zip(indices, group["params"], names, layouts):
             self._params.append(p)
-            self._register(p, name, len(self._params) - 1)
+            self._register(p, name, index, layout)
         if self._constructed:  # a group added later starts without τ
             for p in group["params"]:
                 self._init_state(p, group, None)
 
-    def _register(self, p: torch.Tensor, name: str | None, index: int) -> None:
-        self._index[p] = index
-        self._names[p] = name or f"parameter {index} (shape {tuple(p.shape)})"
-        name = self._names[p]
-        if p.dtype not in PARAM_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16 or float16; got {p.dtype}")
-        self._layouts[p] = layout_of(p, self._flat_shards.get(p), name)
+    def _checked_layout(self, p: torch.Tensor, name: str) -> Layout:
+        """p's layout; raises TypeError or ValueError on a parameter the optimizer cannot step."""
+        _check_dtype(p, name)
+        layout = layout_of(p, self._flat_shards.get(p), name)
         if not local_tensor(p).is_contiguous():
             raise ValueError(f"{name} must be contiguous (its local shard, for a DTensor)")
+        return layout
+
+    def _register(self, p: torch.Tensor, name: str, index: int, layout: Layout) -> None:
+        self._index[p], self._names[p], self._layouts[p] = index, name, layout
 
     def _follow_swapped_params(self) -> None:
         """Re-keys everything kept per parameter when param_groups hold new tensors in the places of
@@ -208,11 +224,12 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
             )
         if old in self._flat_shards:
             raise ValueError(f"{name} is a flat shard (flat_shards); it cannot be replaced in param_groups")
+        layout = self._checked_layout(new, name)
         for table in (self._index, self._names, self._layouts):
             del table[old]
         state = self.state.pop(old, {})
         self._params[index] = new
-        self._register(new, name, index)
+        self._register(new, name, index, layout)
         self.state[new] = {key: self._loaded(new, key, value) for key, value in state.items()}
 
     def _ref_delta_entries(self, ref_delta) -> dict[torch.Tensor, torch.Tensor]:
@@ -242,7 +259,7 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
 
     def _local_ref_delta(self, p: torch.Tensor, entry) -> torch.Tensor:
         """This process's part of τ for p, as float32, after checking its shape and device."""
-        name, layout, local = self._names[p], self._layouts[p], local_tensor(p)
+        name, local = self._names[p], local_tensor(p)
         if not isinstance(entry, torch.Tensor) or not entry.is_floating_point():
             raise TypeError(f"ref_delta for {name} must be a floating-point tensor; got {type(entry).__name__}")
         if isinstance(entry, DTensor):
@@ -253,14 +270,21 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
                 )
             part = entry.to_local()
         else:
-            if tuple(entry.shape) != layout.shape and not (len(layout.shape) == 1 and entry.numel() == layout.numel):
-                raise ValueError(f"ref_delta for {name} must have shape {layout.shape}; got {tuple(entry.shape)}")
-            part = local_part(entry, layout, local)
+            part = self._local_part(p, f"ref_delta for {name}", entry)
+        part = part.detach()  # τ built from live models (sft - base) must not keep their autograd graph
         if part.device != local.device:
             raise ValueError(f"ref_delta for {name} must be on {local.device}, like the parameter; got {part.device}")
         if not bool(torch.isfinite(part).all()):  # TIES's sign election would drop a NaN τ silently
             raise ValueError(f"ref_delta for {name} holds NaN or ±inf")
         return part.float().contiguous()
+
+    def _local_part(self, p: torch.Tensor, what: str, whole: torch.Tensor) -> torch.Tensor:
+        """This process's part of `whole`, a plain tensor of the whole parameter p (of its shape, or
+        for a flat shard of its number of elements); raises ValueError naming `what` otherwise."""
+        layout = self._layouts[p]
+        if tuple(whole.shape) != layout.shape and not (len(layout.shape) == 1 and whole.numel() == layout.numel):
+            raise ValueError(f"{what} must have shape {layout.shape}; got {tuple(whole.shape)}")
+        return local_part(whole, layout, local_tensor(p))
 
     def _init_state(self, p: torch.Tensor, group: dict, entry) -> None:
         """Creates the whole state now, so torch.distributed.checkpoint never needs a dummy step."""
@@ -307,6 +331,7 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{self._names[p]} has a sparse gradient; OnlineMergeAdamW needs dense ones")
+                _check_dtype(p, self._names[p])  # again: the model may have been cast since (model.double())
                 state, layout, local = self.state[p], self._layouts[p], local_tensor(p)
                 if group["online_step"] > 1 and "cached_delta" not in state:
                     state["cached_delta"] = like_param(torch.zeros_like(local, dtype=torch.float32), p)
@@ -338,27 +363,30 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
         return launches
 
     def _skip_flags(self, launches: list[Launch]) -> dict[torch.device, torch.Tensor | None]:
-        """Per device, a [] fp32 flag that is nonzero when this step must be skipped: GradScaler's
-        found_inf, or (skip_nonfinite) a NaN/inf gradient anywhere, across every process that
-        holds a shard. None when nothing can skip the step."""
+        """Per device, a [] fp32 flag, 1 when this step must be skipped and 0 otherwise (step() adds
+        1 - flag to the step counters): GradScaler's found_inf > 0, or (skip_nonfinite) a NaN/inf
+        gradient anywhere, on any device of any process that holds a shard. None when nothing can
+        skip the step."""
         devices = {launch.device for launch in launches}
         found_inf = getattr(self, "found_inf", None)
         if found_inf is None and not self.skip_nonfinite:
             return dict.fromkeys(devices)
         flags = {}
-        for d in devices:
-            flags[d] = torch.zeros((), dtype=torch.float32, device=d)
-            if found_inf is not None:
-                flags[d] += found_inf.to(d, torch.float32)
+        for d in devices:  # found_inf is GradScaler's sum of its devices' flags: 2 or more when several overflow
+            if found_inf is None:
+                flags[d] = torch.zeros((), dtype=torch.float32, device=d)
+            else:
+                flags[d] = (found_inf.to(d) > 0).float()
         if self.skip_nonfinite:
             for launch in launches:
                 if backend_for(launch.slots[0].param) == "torch":
                     _torch_path.nonfinite(launch, flags[launch.device])
                 else:
                     kernel_nonfinite(launch, flags[launch.device], self._tables)
-        if len(flags) > 1:
-            total = sum(f.to(next(iter(flags))) for f in flags.values())
-            flags = {d: total.to(d) for d in flags}
+        if len(flags) > 1:  # one device skips, all skip: a max, which keeps the flag 0 or 1 (a sum would not)
+            first = next(iter(flags))
+            anywhere = torch.stack([f.to(first) for f in flags.values()]).amax()
+            flags = {d: anywhere.to(d) for d in flags}
         # Every process reduces over its groups in one global order (smaller groups first, then by
         # their ranks), so overlapping groups of a 2-D mesh cannot wait on each other; the largest
         # (FSDP x TP's flattened mesh) comes last and leaves every process of it with one flag.
@@ -375,6 +403,7 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._follow_swapped_params()
+        self._tables.new_step()
         launches = self._launches()
         skip = self._skip_flags(launches)
         grad_scale = getattr(self, "grad_scale", None)
@@ -406,16 +435,33 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads hyperparameters and state without casting the state to the parameters' dtype:
         moments stay fp32 and τ keeps its stored dtype (torch.optim would cast both to the
-        parameter's dtype). Values are copied to the parameter's device and layout."""
+        parameter's dtype). Values are copied to the parameter's device and layout. The hooks run
+        as torch.optim.Optimizer's do: the pre-hooks first (one may return a new state dict), the
+        post-hooks once all is loaded. A state dict that does not fit raises before anything changes."""
         self._follow_swapped_params()
-        saved = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
-        params = [p for g in self.param_groups for p in g["params"]]
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for i, p in zip(ids, params):
-            if i not in saved or not {"step", "exp_avg", "exp_avg_sq"} <= set(saved[i]):
-                raise ValueError(f"the state dict has no step, exp_avg and exp_avg_sq for {self._names[p]}")
-            self.state[p] = {key: self._loaded(p, key, value) for key, value in saved[i].items()}
+        state_dict = state_dict.copy()  # shallow, as torch.optim's: a pre-hook may change it in place
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        sizes, saved_sizes = ([len(g["params"]) for g in groups] for groups in (self.param_groups, saved_groups))
+        if saved_sizes != sizes:
+            raise ValueError(
+                f"the state dict's param groups hold {saved_sizes} parameters; this optimizer's hold {sizes}"
+            )
+        saved, state = state_dict["state"], {}
+        for group, saved_group in zip(self.param_groups, saved_groups):
+            for p, i in zip(group["params"], saved_group["params"]):
+                if i not in saved or not {"step", "exp_avg", "exp_avg_sq"} <= set(saved[i]):
+                    raise ValueError(f"the state dict has no step, exp_avg and exp_avg_sq for {self._names[p]}")
+                state[p] = {key: self._loaded(p, key, value) for key, value in saved[i].items()}
+            saved_group["params"] = group["params"]  # the groups as torch.optim loads them
+            if "param_names" in group:
+                saved_group.setdefault("param_names", group["param_names"])
+        self.__setstate__({"state": defaultdict(dict, state), "param_groups": saved_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _loaded(self, p: torch.Tensor, key: str, value):
         """A state value for p: this process's part of it, on p's device, in the state's dtype.
@@ -430,6 +476,10 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
                 raise ValueError(f"state {key!r} of {self._names[p]} is on the meta device; its values are lost")
             value = torch.zeros(value.shape, dtype=dtype)
         if key == "step":
+            if value.numel() != 1:
+                raise ValueError(
+                    f"state 'step' of {self._names[p]} must hold one number; got shape {tuple(value.shape)}"
+                )
             return local_tensor(value).detach().to(local.device, torch.float32).reshape(()).clone()
         if isinstance(value, DTensor) and _laid_out_like(value, p):
             value = value.to_local()
@@ -437,8 +487,13 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
             if isinstance(value, DTensor):
                 value = value.full_tensor()
             if isinstance(p, DTensor) or tuple(value.shape) != tuple(local.shape):
-                value = local_part(value, self._layouts[p], local)  # a whole-parameter tensor
+                value = self._local_part(p, f"state {key!r} of {self._names[p]}", value)
         return like_param(value.detach().to(local.device, dtype).contiguous().clone(), p)
+
+
+def _check_dtype(p: torch.Tensor, name: str) -> None:
+    if p.dtype not in PARAM_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16; got {p.dtype}")
 
 
 def _group_order(group) -> tuple[int, list[int]]:
