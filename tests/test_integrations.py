@@ -141,6 +141,16 @@ def small_config(arch: str, vocab: int):
         return transformers.MixtralConfig(
             **common, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.1
         )
+    if arch == "jetmoe-aux-loss-coef":  # its coefficient is `aux_loss_coef`
+        return transformers.JetMoeConfig(
+            vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
+            num_key_value_heads=1, kv_channels=16, num_local_experts=4, num_experts_per_tok=2,
+            output_router_logits=True, aux_loss_coef=0.5,
+        )  # fmt: skip
+    if arch == "recurrent-gemma-softcap":  # its softcap is `logits_soft_cap`
+        return transformers.RecurrentGemmaConfig(
+            **common, lru_width=HIDDEN, attention_window_size=16, logits_soft_cap=1.0, use_cache=False
+        )
     raise ValueError(arch)
 
 
@@ -153,6 +163,8 @@ def small_config(arch: str, vocab: int):
         pytest.param("cohere-logit-scale", False, id="cohere-logit-scale"),
         pytest.param("granite-logits-scaling", False, id="granite-logits-scaling"),
         pytest.param("mixtral-router-aux-loss", False, id="mixtral-router-aux-loss"),
+        pytest.param("jetmoe-aux-loss-coef", False, id="jetmoe-aux-loss-coef"),
+        pytest.param("recurrent-gemma-softcap", False, id="recurrent-gemma-softcap"),
     ],
 )
 def test_patched_forward_matches_the_models_own(arch, on_kernels, tok, rows):
@@ -184,6 +196,50 @@ def test_patched_forward_matches_the_models_own(arch, on_kernels, tok, rows):
     assert rel_err(out.log_sum_sq_probs[mask], log_sum_sq[mask]) < LOSS_RTOL
     assert (out.mean_logits[~mask] == 0).all() and (out.log_sum_sq_probs[~mask] == 0).all()
     assert_same_grads(grads(model), expected)
+
+
+def test_heads_the_fused_head_cannot_compute_are_refused(tok, rows):
+    """A prediction head between the backbone and the output embedding (RoBERTa's dense + norm), a hidden-state
+    multiplier (Inkling), or a load-balancing loss that is not Mixtral's (Doge): refused, never a wrong loss."""
+    small = dict(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2)
+    roberta = transformers.RobertaForCausalLM(
+        transformers.RobertaConfig(**small, num_attention_heads=2, is_decoder=True, pad_token_id=0)
+    )
+    with pytest.raises(TypeError, match="RobertaForCausalLM computes them through lm_head too"):
+        patch_causal_lm(roberta)
+    inkling = transformers.InklingForCausalLM(
+        transformers.InklingTextConfig(
+            **small, num_attention_heads=2, num_key_value_heads=1, logits_mup_width_multiplier=4.0
+        )
+    )
+    with pytest.raises(TypeError, match="logits_mup_width_multiplier"):
+        patch_causal_lm(inkling)
+    doge = transformers.AutoModelForCausalLM.from_config(
+        transformers.DogeConfig(
+            **small,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            is_moe=True,
+            num_experts=16,
+            num_experts_per_tok=4,
+            output_router_logits=True,
+            router_aux_loss_coef=0.1,
+        )  # fmt: skip
+    )
+    patch_causal_lm(doge)
+    enc, labels = encode(tok, rows[:2])
+    with forced_backend("torch"), pytest.raises(NotImplementedError, match="DogeForCausalLM's load-balancing loss"):
+        doge(**enc, labels=labels)
+
+
+def test_return_dict_false_gives_a_tuple_with_the_loss_first(tok, rows):
+    model = tiny_llama(tok, hidden_size=HIDDEN)
+    enc, labels = encode(tok, rows[:2])
+    own = model(**enc, labels=labels, return_dict=False)
+    patch_causal_lm(model)
+    with forced_backend("torch"):
+        out = model(**enc, labels=labels, return_dict=False)
+    assert isinstance(out, tuple) and rel_err(out[0], own[0]) < LOSS_RTOL
 
 
 def test_shift_labels_and_num_items_in_batch(tok, rows):
@@ -368,6 +424,8 @@ def test_dpo_bad_options_raise(tok, rows, tmp_path):
     model = tiny_llama(tok, hidden_size=HIDDEN)
     with pytest.raises(ValueError, match=r"ld_alpha must be None or a number in \[0, 1\]"):
         dpo_trainer(DPOTrainer, tok, rows, tmp_path, model, copy.deepcopy(model), ld_alpha=1.5)
+    with pytest.raises(ValueError, match="ref_adapter_name names the PEFT adapter .* no ref_model"):
+        dpo_trainer(DPOTrainer, tok, rows, tmp_path, model, copy.deepcopy(model), ref_adapter_name="ref")
 
 
 def test_dpo_online_merge_applies_tau(tok, rows, tmp_path):

@@ -10,6 +10,7 @@ patch survives PEFT wrapping and FSDP2 sharding applied after it.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import types
 import warnings
@@ -31,6 +32,8 @@ IGNORE_INDEX = -100
 # (HyperCLOVA X multiplies by it).
 _MULTIPLIER_ATTRS = ("logit_scale", "output_multiplier", "lm_head_multiplier")
 _LOGITS_SCALING_MULTIPLIES = {"hyperclovax"}
+# Where each family keeps its final softcap: c * tanh(logits / c) (Gemma 2-4, RecurrentGemma, xLSTM).
+_SOFTCAP_ATTRS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 
 
 @dataclass
@@ -74,8 +77,31 @@ def logit_transform(config: Any) -> tuple[float, float | None]:
     scaling = getattr(text_config, "logits_scaling", None)
     if scale is None and scaling is not None:
         scale = scaling if text_config.model_type in _LOGITS_SCALING_MULTIPLIES else 1.0 / scaling
-    softcap = getattr(text_config, "final_logit_softcapping", None)
+    softcap = next((getattr(text_config, a) for a in _SOFTCAP_ATTRS if getattr(text_config, a, None) is not None), None)
     return float(1.0 if scale is None else scale), (None if softcap is None else float(softcap))
+
+
+def _check_plain_head(model: torch.nn.Module) -> None:
+    """Raises TypeError unless the model's logits are its output embedding applied to its backbone's last hidden
+    state (up to what `logit_transform` reads): the fused head computes exactly that, so any other module in
+    between (a BERT/RoBERTa-style prediction head, Inkling 2's softcap module) would be skipped silently."""
+    head, backbone = model.get_output_embeddings(), _backbone(model)
+    names = {module: name for name, module in model.named_modules()}
+    others = [name for name, child in model.named_children() if child is not head and child is not backbone]
+    if backbone is None or others or "." in names.get(head, "."):
+        raise TypeError(
+            f"model must compute its logits as lm_head(last hidden state of its backbone); {type(model).__name__} "
+            f"computes them through {', '.join(others) or names.get(head)} too, which the fused head would skip"
+        )
+    text_config = model.config.get_text_config()
+    unpadded = getattr(text_config, "unpadded_vocab_size", None)
+    if getattr(text_config, "logits_mup_width_multiplier", None) not in (None, 1) or (
+        unpadded is not None and unpadded < head.weight.shape[0]
+    ):
+        raise TypeError(
+            f"{type(model).__name__} scales its last hidden state (logits_mup_width_multiplier) or cuts its "
+            "vocabulary (unpadded_vocab_size), which the fused head cannot apply"
+        )
 
 
 def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
@@ -91,14 +117,42 @@ def _check_lm_head(lm_head: torch.nn.Module) -> None:
         )
 
 
-def _moe_aux_loss(model, backbone_outputs, attention_mask) -> torch.Tensor | None:
-    router_logits = getattr(backbone_outputs, "router_logits", None)
-    if router_logits is None or not hasattr(model, "num_experts"):
-        return None
-    # transformers' MoE families share Mixtral's load-balancing loss.
-    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+_MIXTRAL_LOSS_ARGS = ["gate_logits", "num_experts", "top_k", "attention_mask"]
 
-    return load_balancing_loss_func(router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
+
+def _moe_aux_loss(model, text_config, backbone_outputs, attention_mask) -> tuple[float, torch.Tensor] | None:
+    """(coefficient, load-balancing loss) as the model's own forward adds them to its loss, or None without router
+    logits. Each family's modeling module has its own `load_balancing_loss_func`; the coefficient lives on the
+    model (`router_aux_loss_coef`, JetMoe's `aux_loss_coef`) or in its text config (the vision-language MoEs)."""
+    router_logits = getattr(backbone_outputs, "router_logits", None)
+    if router_logits is None:
+        return None
+    loss_func = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+    found = {
+        "coefficient": next(
+            (
+                getattr(x, a)
+                for x in (model, text_config)
+                for a in ("router_aux_loss_coef", "aux_loss_coef")
+                if hasattr(x, a)
+            ),
+            None,
+        ),
+        "num_experts": getattr(model, "num_experts", getattr(text_config, "num_experts", None)),
+        "top_k": getattr(model, "num_experts_per_tok", getattr(text_config, "num_experts_per_tok", None)),
+    }
+    if (
+        loss_func is None
+        or list(inspect.signature(loss_func).parameters) != _MIXTRAL_LOSS_ARGS
+        or None in found.values()
+    ):
+        raise NotImplementedError(
+            f"fastalign: {type(model).__name__}'s load-balancing loss is not Mixtral's (gate_logits, num_experts, "
+            "top_k, attention_mask) with a known coefficient, so the patched forward cannot add it as the model's own "
+            "forward does; pass output_router_logits=False (and add the model's aux loss yourself) or use the "
+            "unpatched model"
+        )
+    return found["coefficient"], loss_func(router_logits, found["num_experts"], found["top_k"], attention_mask)
 
 
 def _call_head(lm_head, hidden, labels, head, extras: dict[str, bool]):
@@ -213,6 +267,7 @@ def _fused_forward(
 
     kwargs["use_cache"] = False
     kwargs.pop("logits_to_keep", None)
+    return_dict = kwargs.pop("return_dict", None)  # the backbone's outputs are read by name
     text_config = self.config.get_text_config()
     if getattr(text_config, "output_router_logits", False):
         kwargs.setdefault("output_router_logits", True)
@@ -231,14 +286,15 @@ def _fused_forward(
     mask = labels != IGNORE_INDEX
     count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     loss = -stats.logprobs.sum() / count
-    aux_loss = _moe_aux_loss(self, backbone_outputs, kwargs.get("attention_mask"))
+    aux_loss = _moe_aux_loss(self, text_config, backbone_outputs, kwargs.get("attention_mask"))
     if aux_loss is not None:
-        loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss.to(loss.device)
+        coefficient, aux_loss = aux_loss
+        loss = loss + coefficient * aux_loss.to(loss.device)
 
     def labelled(x, fill=0.0):
         return None if x is None else torch.where(mask, x, fill)
 
-    return FusedCausalLMOutput(
+    output = FusedCausalLMOutput(
         loss=loss,
         logprobs=stats.logprobs,
         entropy=labelled(stats.entropy),
@@ -248,6 +304,7 @@ def _fused_forward(
         label_mask=mask,
         aux_loss=aux_loss,
     )
+    return output.to_tuple() if return_dict is False else output  # a tuple as the model's own: the loss first
 
 
 def patch_causal_lm(
@@ -265,7 +322,8 @@ def patch_causal_lm(
         temperature: the logits are divided by it (default 1.0).
         logit_scale: multiplier of the logits before softcapping; default: read from the config
             (`logit_scale`, `logits_scaling`, `lm_head_multiplier`, `output_multiplier`), else 1.0.
-        softcap: `final_logit_softcapping`; default: read from the config, else none.
+        softcap: default: read from the config (`final_logit_softcapping`, `logits_soft_cap`,
+            `output_logit_soft_cap`), else none.
 
     The patched forward takes, besides the model's own arguments, `labels` (aligned with input_ids,
     shifted inside, -100 ignored) or pre-shifted `shift_labels`, `num_items_in_batch`, and the
@@ -280,6 +338,7 @@ def patch_causal_lm(
     target = _unwrap_peft(model)
     if not hasattr(target, "get_output_embeddings") or target.get_output_embeddings() is None:
         raise TypeError(f"model must be a transformers causal LM with an lm_head; got {type(target).__name__}")
+    _check_plain_head(target)
     check_positive("temperature", temperature)
     config_scale, config_softcap = logit_transform(target.config)
     head = getattr(target, "_fastalign_head", None)

@@ -58,6 +58,11 @@ class _FastalignMixin:
             self._check_supported(bound["args"])
         super().__init__(*args, **kwargs)
         model = self.accelerator.unwrap_model(self.model)
+        if ref_adapter_name is not None and (self.ref_model is not None or not is_peft_model(model)):
+            raise ValueError(
+                "ref_adapter_name names the PEFT adapter that holds the reference: it needs a PEFT model and no "
+                "ref_model (it would be ignored)"
+            )
         if is_peft_model(model):
             if self.online_merge is not None:
                 raise ValueError("online_merge merges full weights; it cannot train a PEFT adapter")
