@@ -41,9 +41,10 @@ class _IFTLoss(torch.autograd.Function):
 def _decay_matrix(block: int, gamma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[k, t] = gamma^(k - t) for k >= t, else 0: a constant of the scan, kept because building it (block^2 powers)
     took 40% of a T = 512 forward. Read only (a matmul operand), so sharing it between calls is safe."""
-    k = torch.arange(block, device=device)
-    distance = k.unsqueeze(1) - k.unsqueeze(0)  # [k, t] = k - t
-    return torch.where(distance >= 0, gamma ** distance.clamp(min=0).to(dtype), 0.0).to(dtype)
+    with torch.inference_mode(False):  # a first call under inference_mode would cache a tensor autograd cannot save
+        k = torch.arange(block, device=device)
+        distance = k.unsqueeze(1) - k.unsqueeze(0)  # [k, t] = k - t
+        return torch.where(distance >= 0, gamma ** distance.clamp(min=0).to(dtype), 0.0).to(dtype)
 
 
 def _reverse_discounted_cumsum(x: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -172,7 +173,8 @@ class _IFTInputsEmbeds(torch.autograd.Function):
         g = dout.reshape(input_ids.numel(), dout.shape[-1]).float()  # not (-1, D): D may be 0
         dweight = torch.zeros(ctx.vocab, g.shape[1], device=g.device, dtype=torch.float32)
         dweight.index_add_(0, input_ids.reshape(-1), torch.where(response, (1 - ctx.lam) * g, g))
-        mixed = _shifted_predictions(input_ids, predicted_ids).reshape(-1)
+        # The ids the forward read: a prediction at a prompt position may be anything (-100 where unscored).
+        mixed = _mixed_ids(input_ids, predicted_ids, labels, ctx.ignore_index).reshape(-1)
         dweight.index_add_(0, mixed, torch.where(response, ctx.lam * g, 0.0))
         return dweight.to(dout.dtype), None, None, None, None, None
 

@@ -238,7 +238,7 @@ def _scored_rows_by_unit(labels: torch.Tensor, vocab: int, ignore_index: int, or
     if n_bad:
         raise label_range_error("labels", labels, bad, vocab, ignore_index)
     rank = torch.empty(R, dtype=torch.int64, device=labels.device)
-    rank[torch.tensor(order, device=labels.device)] = torch.arange(R, device=labels.device)
+    rank[torch.tensor(order, device=labels.device, dtype=torch.int64)] = torch.arange(R, device=labels.device)
     key = rank[:, None] * T + torch.arange(T, device=labels.device)
     key = torch.where(valid, key, R * T).view(-1)
     return torch.argsort(key, stable=True)[: sum(counts)], counts
@@ -538,7 +538,10 @@ def _fused_linear_loss(
     shard = vocab_shard(weight)
     if _strategy_for(strategy, objective, hidden, weight, head, use_kernels, shard) == "lean":
         if "mean_logps" in objective.extras:
-            raise ValueError("label_smoothing > 0 needs strategy 'fast' or 'auto' (the lean path has no mean log-prob)")
+            raise ValueError(
+                "label_smoothing > 0 runs on the fast strategy only (the lean path has no mean log-prob)"
+                + (f", which cannot take {objective.not_fast}" if objective.not_fast else "")
+            )
         stats = linear_token_stats(
             hidden,
             weight,

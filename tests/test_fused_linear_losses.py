@@ -547,6 +547,16 @@ def test_every_loss_odd_sizes_empty_rows_and_dtypes(name, strategy, dtype, backe
         assert (leaves[0].grad[2] == 0).all()
 
 
+@pytest.mark.parametrize("strategy", ["auto", "fast", "lean"])
+def test_cross_entropy_of_an_empty_batch_is_zero(strategy, backend, device):
+    hidden, weight, bias, labels = make_batch(device)
+    hidden, labels = hidden[:0], labels[:0]
+    leaves = leaves_of(hidden, weight, bias)
+    loss, _ = cross_entropy_from_hidden(*leaves[:2], labels, leaves[2], strategy=strategy)
+    loss.backward()
+    assert loss.item() == 0 and all((leaf.grad == 0).all() for leaf in leaves[1:])
+
+
 def test_autocast_fast_computes_in_the_autocast_dtype(backend, device):
     hidden, weight, bias, labels = make_batch(device)
     leaves = leaves_of(hidden, weight, bias)

@@ -258,6 +258,35 @@ def test_inputs_embeds_frozen_weight_and_non_contiguous_ids(backend, device):
     torch.testing.assert_close(out, ref.ift_inputs_embeds(weight, input_ids, predicted, labels).float())
 
 
+def test_inputs_embeds_backward_skips_predictions_at_prompt_positions(backend, device):
+    """A prediction that feeds a prompt position is never read, so it may be anything: the patched model's argmax
+    is -100 where unscored. The backward scattered to it (an out-of-bounds index on the kernel path)."""
+    weight = torch.randn(50, 4, device=device, requires_grad=True)
+    input_ids = torch.tensor([[3, 4, 5, 6]], device=device)
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6]], device=device)
+    predicted = torch.tensor([[IGNORE, 7, 8]], device=device)  # [B, T - 1]: pred[0] would feed position 1, a prompt
+    out = fastalign.ift_inputs_embeds(weight, input_ids, predicted, labels, lam=0.2)
+    out.backward(torch.ones_like(out))
+    expected = torch.zeros(50, device=device)
+    expected[[3, 4]] = 4.0  # prompt rows: all of g to the token
+    expected[[5, 6]] = 0.8 * 4  # response rows: (1 - lam) g to the token ...
+    expected[[7, 8]] = 0.2 * 4  # ... and lam g to the prediction made one position before
+    torch.testing.assert_close(weight.grad.sum(1), expected)
+
+
+def test_a_call_under_inference_mode_leaves_training_calls_working(backend, device):
+    """The torch path's scan caches its decay matrix: one built under inference_mode could not be saved for
+    backward, so an eval step broke every later training step at the same length."""
+    logps = -torch.rand(2, 300, device=device)
+    mask = torch.ones(2, 300, dtype=torch.bool, device=device)
+    with torch.inference_mode():
+        expected = fastalign.ift_loss(logps, mask, gamma=0.77)
+    x = logps.clone().requires_grad_(True)
+    loss = fastalign.ift_loss(x, mask, gamma=0.77)
+    loss.backward()
+    assert loss.item() == expected.item() and torch.isfinite(x.grad).all()
+
+
 def test_inputs_embeds_kernel_gives_nan_for_out_of_range_ids(device):
     weight = torch.randn(11, 4, device=device)
     input_ids = torch.tensor([[3, 12345, 2, 1]], device=device)
