@@ -963,6 +963,35 @@ def test_state_dict_round_trip_and_resume(method, reserve_p, backend, device):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("method", ["ondare", "onties"])
+def test_a_deep_copied_or_pickled_optimizer_steps_as_the_original(method, backend, device):
+    """torch.optim's __getstate__ keeps defaults, state and param_groups only: the copy lost the per-parameter
+    tables and could not step."""
+    torch.manual_seed(0)
+    params = make_params(SHAPES, torch.float32, device)
+    opt = OnlineMergeAdamW(params, lr=0.05, method=method, reserve_p=0.4, alpha=0.3, ref_delta=make_taus(params))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(opt), torch.load(buffer, weights_only=False)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    expected = [p.detach().clone() for p in params]
+    opt.step()
+    for other in copies:
+        other_params = [p for g in other.param_groups for p in g["params"]]
+        with torch.no_grad():
+            for q, p, before in zip(other_params, params, expected):
+                q.copy_(before)
+                q.grad = p.grad.clone()
+        other.step()
+        for p, q in zip(params, other_params):
+            assert torch.equal(p, q)
+
+
 def test_load_state_dict_rejects_state_of_another_shape(device):
     """A state tensor of another shape than the parameter (here another model's) raises, naming the
     entry and the shape, instead of loading the first elements; the optimizer is left as it was."""

@@ -31,6 +31,17 @@ _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "cached_delta")
 # parameter): it bounds OnTIES's fp32 Δ buffer. Whole-parameter sizes, so every process of a
 # sharded run cuts the same launches and their collectives line up.
 _LAUNCH_NUMEL = 1 << 28
+# What OnlineMergeAdamW keeps besides torch.optim's defaults, state and param_groups (see __getstate__).
+_OWN_ATTRIBUTES = (
+    "ref_delta_dtype",
+    "skip_nonfinite",
+    "_flat_shards",
+    "_params",
+    "_index",
+    "_names",
+    "_layouts",
+    "_constructed",
+)
 
 
 def _is_number(x: Any) -> bool:
@@ -161,6 +172,13 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 self._init_state(p, group, entries.get(p))
         self._constructed = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch.optim keeps only defaults, state and param_groups when an optimizer is copied or pickled; this one
+        also needs what it holds per parameter (copy.deepcopy(opt) could not step). The per-layout cache is rebuilt.
+        """
+        kept = {k: v for k, v in self.__dict__.items() if k in _OWN_ATTRIBUTES}
+        return {**super().__getstate__(), **kept, "_tables": LayoutCache()}
 
     # ------------------------------------------------------------------------- construction
 
