@@ -2,9 +2,9 @@
 # The one prepared command for a GPU machine lent by the device tool: `fastalign gpu-check` with its results, pytest's
 # log and its own output written into $OUT, the only folder whose files come back. From the development machine:
 #   bash benches/gpu_wheels.sh        # once, with network: the peers' wheels into .gpu-wheels/
-#   device run: command "FASTALIGN_COMMIT=$(git rev-parse --short HEAD) bash benches/gpu_run.sh" (the commit typed
-#               in: the copied tree has no .git), carry [".gpu-wheels"], timeout_s 480
-#   then: cp <files_at>/*.json benches/results/ && fastalign report --write; commit both.
+#   device run: command "FASTALIGN_COMMIT=<the short hash, typed in> bash benches/gpu_run.sh" (expanded here: the
+#               copied tree has no .git, so $(git ...) there records "unknown"), carry [".gpu-wheels"], timeout_s 480
+#   then: mkdir -p benches/results && cp <files_at>/*.json benches/results/ && fastalign report --write; commit both.
 # Arguments go on to gpu-check: CI runs this script with `--rehearse --budget 150` on the CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
