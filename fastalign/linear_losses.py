@@ -67,7 +67,14 @@ from fastalign.linear_logprobs import (
     linear_token_logprobs,
     linear_token_stats,
 )
-from fastalign.vocab_parallel import VocabShard, check_same_rows, combine_vocab_stats, local_operands, vocab_shard
+from fastalign.vocab_parallel import (
+    VocabShard,
+    check_same_row_counts,
+    check_same_rows,
+    combine_vocab_stats,
+    local_operands,
+    vocab_shard,
+)
 
 STRATEGIES = ("auto", "fast", "lean")
 _NONE = Outputs()  # no per-token extras
@@ -373,6 +380,8 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         shard = plan.shard
         vocab = V if shard is None else shard.vocab
         rows, counts = _scored_rows_by_unit(plan.labels, vocab, head.ignore_index, order)
+        if shard is not None:  # the chunks come from the counts: the same on every rank, or no collective matches
+            check_same_row_counts(counts, shard.group, dev)
         if objective.unit == "pair":
             unit_rows = [counts[p] + counts[R // 2 + p] for p in range(R // 2)]
         else:

@@ -299,7 +299,9 @@ def fast_losses_main(rank: int, world: int, V: int, backend: str) -> None:
             else:
                 assert calls and {c for c, _ in calls} == {"all_gather", "all_reduce"}, (name, calls)
                 assert all(n <= 9 * R * T_ for c, n in calls if c == "all_gather"), (name, calls)
-                assert sum(n for c, n in calls if c == "all_reduce") == (labels != IGNORE).sum() * H, (name, calls)
+                # d hidden's sums, and the check that every rank scores as many rows per sequence (2 R integers).
+                reduced = (labels != IGNORE).sum() * H + 2 * labels.shape[0]
+                assert sum(n for c, n in calls if c == "all_reduce") == reduced, (name, calls)
 
             w1, h1 = weight.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
             b1 = bias.clone().requires_grad_(True) if with_bias else None
@@ -470,10 +472,18 @@ def errors_main(rank: int, world: int) -> None:
     # every rank raises, on the head, the fast losses and Shard(-1) logits alike.
     mine = labels.clone()
     mine[0, 0] = rank
+    # As many rows, or fewer on one rank (or none): the fast loss plans its chunks, and so its collectives, from the
+    # counts, so it checks them first (it aborted in a mismatched collective, or hung).
+    fewer, none = labels.clone(), labels.clone()
+    fewer[0, 0] = -100 if rank == 1 else labels[0, 0]
+    none[:] = -100 if rank == 1 else labels
+    refs = {"ref_chosen_logps": torch.zeros(B // 2), "ref_rejected_logps": torch.zeros(B // 2)}
     logits = distribute_tensor(linear_logits(hidden, weight), mesh, [Shard(-1)])
     for name, call in (
         ("head", lambda: linear_token_logprobs(hidden, w, mine)),
         ("fast loss", lambda: cross_entropy_from_hidden(hidden, w, mine, strategy="fast")),
+        ("fast loss, a row fewer", lambda: cross_entropy_from_hidden(hidden, w, fewer, strategy="fast")),
+        ("fast DPO, no row on one rank", lambda: dpo_loss_from_hidden(hidden, w, none, strategy="fast", **refs)),
         ("Shard(-1) logits", lambda: token_logprobs(logits, mine)),
     ):
         try:
