@@ -62,7 +62,6 @@ from fastalign.linear_logprobs import (
     _prepare,
     _row_blocks,
     _rows_of,
-    _torch_chain_,
     _torch_stats,
     linear_token_logprobs,
     linear_token_stats,
@@ -73,6 +72,7 @@ from fastalign.vocab_parallel import (
     check_same_rows,
     combine_vocab_stats,
     local_operands,
+    row_logits,
     vocab_shard,
 )
 
@@ -302,23 +302,18 @@ def _stats(a, bias, labels, head: _Head, outputs: Outputs, use_kernels: bool):
     return _torch_stats(a, bias, labels, head, outputs)
 
 
-def _logits_at(a, bias, columns, lse, head: _Head, use_kernels: bool) -> torch.Tensor:
-    """fp32 [rows] z at one column per row of the chunk buffer `a`: raw logits on the kernel paths, log p (with
-    log-sum-exp `lse`) on the torch path after `_stats`."""
-    at = a.gather(1, columns[:, None]).squeeze(1)
-    if not use_kernels:
-        return at + lse
-    return _torch_chain_(at, None if bias is None else bias[columns], head)
-
-
-def _row_stats(a, bias, labels, head: _Head, outputs: Outputs, plan: _Fast):
+def _row_stats(a, h, weight, bias, labels, head: _Head, outputs: Outputs, plan: _Fast):
     """(lse, label log-probs, labels for `_dlogits`, {name: value} of _STAT_NAMES asked for in `outputs`, and when
     vocab-parallel the combination's labels_differ flag, for `check_same_rows` after the chunks, else None) of the rows
-    of the chunk buffer a [rows, V] (fp32 raw logits) with labels [rows] in [0, vocab), over the whole vocabulary.
+    of the chunk buffer a [rows, V] (fp32 raw logits h @ weight.T) with labels [rows] in [0, vocab), over the whole
+    vocabulary.
 
     Vocab-parallel: a holds this rank's slice; its statistics are combined across the group (one all-gather of
     <= 9 floats per row), and the labels for `_dlogits` are local to the slice, -1 where another rank's slice holds
-    the label. The torch path's buffer then holds log p over the whole vocabulary, as `_torch_dlogits` expects."""
+    the label. The torch path's buffer then holds log p over the whole vocabulary, as `_torch_dlogits` expects. Each
+    slice's maximum logit is recomputed from h and its weight row, as the lean path's: identical rows on two ranks
+    then tie exactly, and the first wins as in torch.argmax (the buffer's log p + lse, or two GEMMs of different
+    shapes, round differently)."""
     shard = plan.shard
     if shard is None:
         lse, z_label, *values = _stats(a, bias, labels, head, outputs, plan.use_kernels)
@@ -328,7 +323,7 @@ def _row_stats(a, bias, labels, head: _Head, outputs: Outputs, plan: _Fast):
     lse_r, z_label, entropy, argmax, log_sum_sq, mean = _stats(
         a, bias, torch.where(here, local, 0), head, outputs, plan.use_kernels
     )
-    argmax_logit = None if argmax is None else _logits_at(a, bias, argmax, lse_r, head, plan.use_kernels)
+    argmax_logit = None if argmax is None else row_logits(h, weight, bias, argmax, head)
     stats = combine_vocab_stats(
         shard.group,
         lse_r,
@@ -444,7 +439,7 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                     a = a_buf[: s1 - s0] if separate else d[s0:s1]
                     _logits_into(a, h_c[s0:s1], weight)
                     lse, logp_c[s0:s1], grad_labels, found, differ = _row_stats(
-                        a, bias, lab_c[s0:s1], head, wanted, plan
+                        a, h_c[s0:s1], weight, bias, lab_c[s0:s1], head, wanted, plan
                     )
                     if differ is not None:
                         labels_differ.append(differ)

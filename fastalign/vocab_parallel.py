@@ -292,11 +292,11 @@ def _local_bias(bias: torch.Tensor | None, shard: VocabShard) -> torch.Tensor | 
 # ---------------------------------------------------------------------------------------------- linear head
 
 
-_ROW_BLOCK = 4096  # rows per block of `_row_logits`: its temporaries stay 2 x 4096 x H floats
+_ROW_BLOCK = 4096  # rows per block of `row_logits`: its temporaries stay 2 x 4096 x H floats
 
 
 @torch.no_grad()
-def _row_logits(hidden, weight, bias, index, head) -> torch.Tensor:
+def row_logits(hidden, weight, bias, index, head) -> torch.Tensor:
     """fp32 [N] logits z[n, index[n]] of the rows of hidden [..., H] (N rows) under weight [V_r, H] and bias [V_r]
     (the head's transform), accumulated in fp32; no gradient."""
     rows = hidden.reshape(-1, hidden.shape[-1])
@@ -344,7 +344,7 @@ def linear_head_stats(hidden, weight, labels, bias, head, outputs, shard: VocabS
     logp_r, entropy_r, argmax_r, sq_r, mean_r, lse_r = local_stats(x, w_local, local, b_local, outputs)
     argmax_logit = argmax_index = None
     if argmax_r is not None:
-        argmax_logit = _row_logits(x, w_local, b_local, argmax_r.reshape(-1), head)
+        argmax_logit = row_logits(x, w_local, b_local, argmax_r.reshape(-1), head)
         argmax_index = argmax_r.reshape(-1) + shard.start
     stats = combine_vocab_stats(
         group,

@@ -531,9 +531,30 @@ def one_rank_main(rank: int, world: int, V: int, backend: str) -> None:
         check(rank, world, V, backend)
 
 
+def argmax_tie_main(rank: int, world: int, V: int, backend: str) -> None:
+    """Two identical weight rows, the largest logit of every row, in the first and the last rank's slices: each
+    slice's maximum is recomputed from the same operands, so the two tie exactly and the first wins as in
+    torch.argmax, on both strategies (fast's torch path compared log p + lse, which rounds differently on each rank,
+    and lost 3-6% of the ties). Unsharded, one GEMM's tiles may round the twins apart: no comparison with it."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(B, 64, H, generator=gen)
+    weight = torch.randn(V, H, generator=gen) * 0.1
+    twin = torch.randn(H, generator=gen)
+    hidden += 3 * twin / twin.norm()  # every row's largest logit is at the twins
+    weight[3] = weight[V - 1] = twin
+    labels = torch.full((B, 64), 3)
+    w = distribute_tensor(weight, _tp_mesh(world), [Shard(0)])
+    with _path(backend):
+        for head in ({}, HEAD):
+            for strategy in ("fast", "lean"):
+                got = cross_entropy_from_hidden(hidden, w, labels, accuracy=True, strategy=strategy, **head)[1]
+                assert got["mean_token_accuracy"] == 1, (strategy, head, got)
+
+
 def ops_main(rank: int, world: int, V: int, backend: str) -> None:
     """Every op check in one set of processes (starting processes costs more than the checks)."""
-    for check in (stats_main, logprobs_main, dpo_main, smoothing_main, fast_losses_main, logits_losses_main):
+    checks = (stats_main, logprobs_main, dpo_main, smoothing_main, fast_losses_main, logits_losses_main)
+    for check in (*checks, argmax_tie_main):
         check(rank, world, V, backend)
     errors_main(rank, world)
 
@@ -561,13 +582,13 @@ def tp1_ops_main(rank: int, world: int, V: int, backend: str) -> None:
 
     calls: list = []
     restore = _count_collectives(calls)
-    real = vocab_parallel.combine_vocab_stats, vocab_parallel._row_logits
-    vocab_parallel.combine_vocab_stats = vocab_parallel._row_logits = None  # TP = 1 must not reach them
+    real = vocab_parallel.combine_vocab_stats, vocab_parallel.row_logits
+    vocab_parallel.combine_vocab_stats = vocab_parallel.row_logits = None  # TP = 1 must not reach them
     try:
         stats, logp, dh = run(w, b)
     finally:
         restore()
-        vocab_parallel.combine_vocab_stats, vocab_parallel._row_logits = real
+        vocab_parallel.combine_vocab_stats, vocab_parallel.row_logits = real
     assert calls == [], calls
     w_plain, b_plain = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
     ref, ref_logp, ref_dh = run(w_plain, b_plain)
