@@ -65,7 +65,9 @@ def train_flat(source, slices, opt, n):
         source.zero_grad()
         source(x).square().mean().backward()
         for local, (offset, p) in zip(opt.param_groups[0]["params"], slices):
-            local.grad = p.grad.reshape(-1)[offset : offset + local.numel()].clone()
+            # An empty slice gets no gradient, as a framework that skips it would leave it: it still takes part in
+            # the collectives of the parameter's step, which the other rank runs.
+            local.grad = p.grad.reshape(-1)[offset : offset + local.numel()].clone() if local.numel() else None
         opt.step()
         with torch.no_grad():
             for local, (offset, p) in zip(opt.param_groups[0]["params"], slices):
@@ -126,11 +128,11 @@ def check_case(name: str, hp: dict, tmp: str, after_prepare: bool = False) -> No
 
 
 def check_flat_shards(name: str, hp: dict, whole: torch.nn.Module, rank: int) -> None:
-    # ZeRO-style flat partitions, split unevenly (rank 0 holds 40% of every parameter).
+    # ZeRO-style flat partitions, split unevenly (rank 0 holds 40% of every parameter, and all of the first).
     source = make_model()
     slices, flat_params, shards = [], [], {}
-    for p in source.parameters():
-        cut = (p.numel() * 2) // 5
+    for j, p in enumerate(source.parameters()):
+        cut = (p.numel() * 2) // 5 if j else p.numel()
         offset, size = (0, cut) if rank == 0 else (cut, p.numel() - cut)
         local = torch.nn.Parameter(p.detach().reshape(-1)[offset : offset + size].clone())
         flat_params.append(local)
@@ -164,10 +166,27 @@ def check_checkpoint(name: str, hp: dict, tmp: str, sharded, sharded_opt, after_
             assert resumed_opt.state[q][key].dtype == value.dtype
 
 
+def check_partial_gradient(name: str, hp: dict) -> None:
+    """A parameter whose non-empty shard has no gradient on one rank while the other's has one: TIES's selection
+    runs collectives over its shards, so every rank raises (one aborted in a mismatched collective)."""
+    sharded, opt = sharded_with_optimizer(hp, False)
+    sharded(next(batches(1))).square().mean().backward()
+    if dist.get_rank() == 1:
+        sharded[0].weight.grad = None
+    try:
+        opt.step()
+    except ValueError as e:
+        assert "has a gradient on some processes of its group and none on others" in str(e), (name, e)
+    else:
+        raise AssertionError(f"{name}: a gradient on one rank only must raise")
+
+
 def main(rank: int, tmp: str, backend: str, names: list[str], after_prepare: bool = False) -> None:
     with forced_backend("torch") if backend == "torch" else contextlib.nullcontext():
         for name in names:
             check_case(name, CASES[name], tmp, after_prepare)
+            if CASES[name]["method"] == "onties" and not after_prepare:
+                check_partial_gradient(name, CASES[name])
 
 
 # ----------------------------------------------------------------------------- 2-D meshes

@@ -340,14 +340,48 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------- step
 
+    def _taking_part(self, group: dict) -> set[torch.Tensor]:
+        """The parameters of `group` this step updates: those with a gradient, and where the step's launches run
+        collectives over a parameter's shards (TIES's selection, rescale's norms), also a shard with no gradient on
+        this process while another process of its group has one: the launches must hold the same slots on every
+        process. Only an empty shard can take part so (with its empty gradient); a non-empty one would be half
+        updated, and every process raises ValueError. One all-reduce per process group (and a host sync)."""
+        taking = {p for p in group["params"] if p.grad is not None}
+        if group["method"] != "onties" and not group["rescale"]:
+            return taking
+        by_group: dict[int, list[torch.Tensor]] = {}
+        for p in group["params"]:
+            if self._layouts[p].group is not None:
+                by_group.setdefault(id(self._layouts[p].group), []).append(p)
+        for params in sorted(by_group.values(), key=lambda ps: _group_order(self._layouts[ps[0]].group)):
+            flags = torch.tensor(
+                [
+                    [p.grad is not None for p in params],
+                    [p.grad is None and local_tensor(p).numel() > 0 for p in params],
+                ],
+                dtype=torch.int32,
+                device=local_tensor(params[0]).device,
+            )
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._layouts[params[0]].group)
+            for p, somewhere, missing in zip(params, *flags.tolist()):
+                if somewhere and missing:
+                    raise ValueError(
+                        f"{self._names[p]} has a gradient on some processes of its group and none on others, where "
+                        "its shard is not empty: its step would update part of it"
+                    )
+                if somewhere:
+                    taking.add(p)
+        return taking
+
     def _launches(self) -> list[Launch]:
         launches = []
         for group in self.param_groups:
             buckets: dict[tuple, list[Slot]] = {}
+            taking = self._taking_part(group)
             for p in group["params"]:
-                if p.grad is None:
+                if p not in taking:
                     continue
-                if p.grad.is_sparse:
+                if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(f"{self._names[p]} has a sparse gradient; OnlineMergeAdamW needs dense ones")
                 _check_dtype(p, self._names[p])  # again: the model may have been cast since (model.double())
                 state, layout, local = self.state[p], self._layouts[p], local_tensor(p)
@@ -356,7 +390,9 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
                 tau = state.get("ref_delta")
                 slot = Slot(
                     param=local,
-                    grad=local_tensor(p.grad).contiguous(),
+                    grad=torch.zeros_like(local)
+                    if p.grad is None
+                    else local_tensor(p.grad).contiguous(),  # empty shard
                     exp_avg=local_tensor(state["exp_avg"]),
                     exp_avg_sq=local_tensor(state["exp_avg_sq"]),
                     ref_delta=None if tau is None else local_tensor(tau),
