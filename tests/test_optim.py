@@ -48,11 +48,13 @@ def ulp_tolerance(expected: torch.Tensor, dtype: torch.dtype, ulps: float) -> to
     return ulps * torch.finfo(dtype).eps * torch.exp2(exponent)
 
 
-def assert_close_ulps(actual, expected, dtype, ulps, where=None, what="", atol=1e-8):
-    """Within `ulps` units in the last place of `dtype`, or atol (the float32 error of an lr-sized
-    update) for entries near 0."""
+def assert_close_ulps(actual, expected, dtype, ulps, where=None, what="", atol=1e-8, magnitude=None):
+    """Within `ulps` units in the last place of `dtype` at `magnitude` (default: expected's; over several steps,
+    the largest an entry had, since each step rounds at its own magnitude), or atol (the float32 error of an
+    lr-sized update) for entries near 0."""
     actual, expected = actual.double(), expected.double()
-    bad = (actual - expected).abs() > ulp_tolerance(expected, dtype, ulps) + atol
+    scale = expected if magnitude is None else magnitude.double()
+    bad = (actual - expected).abs() > ulp_tolerance(scale, dtype, ulps) + atol
     if where is not None:
         bad &= where
     assert not bad.any(), f"{what}: {int(bad.sum())} entries off, e.g. {actual[bad][:3]} vs {expected[bad][:3]}"
@@ -259,6 +261,7 @@ def test_ondare_matches_float64_reference(dtype, tau_dtype, reserve_p, alpha, on
             keep = dare_keep(seed, 0, i, 0, p.numel(), reserve_p, device)
             expected = ref.sparsify_ref_delta(tau.double(), "ondare", reserve_p, 1.0, keep.view(p.shape))
             assert_close_ulps(opt.state[p]["ref_delta"], expected, tau_dtype, 1, what="τ")
+    peak = [p.detach().double().abs() for p in params]  # the largest |θ| of each entry over the steps
     for _ in range(4):
         grads = random_grads(params)
         keeps = dare_keeps(opt, params, seed, reserve_p)
@@ -268,9 +271,14 @@ def test_ondare_matches_float64_reference(dtype, tau_dtype, reserve_p, alpha, on
         reference.step([g.double() for g in grads], keeps)
         if dtype != torch.float32:  # the reference stores θ in its dtype too
             reference.params = [x.to(dtype).double() for x in reference.params]
+        peak = [torch.maximum(top, x.abs()) for top, x in zip(peak, reference.params)]
     ulps = 8 if dtype == torch.float32 else 2  # fp32 drifts a few ulps over 4 steps
-    for p, expected, m in zip(params, reference.params, reference.m):
-        assert_close_ulps(p, expected, dtype, ulps, what="θ")
+    # rescale multiplies the update by about 1 / reserve_p, and K steps' Δ merge at once: its fp32 error with them.
+    atol = 2e-8 * online_step / reserve_p if rescale else 1e-8
+    for p, expected, m, top in zip(params, reference.params, reference.m, peak):
+        # A bf16 entry that shrank (0.0071 from above 0.0078) carries roundings of a coarser ulp: FASTALIGN_SEED=
+        # 962084411 was 4 ulps off at its end, 2 at its peak; with rescale, 1523002478 was 1.3e-8 off in fp32.
+        assert_close_ulps(p, expected, dtype, ulps, what="θ", atol=atol, magnitude=top)
         assert rel_err(opt.state[p]["exp_avg"], m) < 1e-6
         assert opt.state[p]["exp_avg"].dtype == torch.float32 and int(opt.state[p]["step"]) == 4
 
