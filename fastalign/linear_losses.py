@@ -67,8 +67,8 @@ from fastalign.linear_logprobs import (
     linear_token_stats,
 )
 from fastalign.vocab_parallel import (
+    ROWS_DIFFER,
     VocabShard,
-    check_same_row_counts,
     check_same_rows,
     combine_vocab_stats,
     local_operands,
@@ -234,16 +234,26 @@ def _unit_order(objective: _Objective, R: int) -> list[int]:
     return [r for p in range(R // 2) for r in (p, R // 2 + p)]
 
 
-def _scored_rows_by_unit(labels: torch.Tensor, vocab: int, ignore_index: int, order: list[int]):
+def _scored_rows_by_unit(labels: torch.Tensor, vocab: int, ignore_index: int, order: list[int], group=None):
     """([M] int64 scored rows of labels.view(-1), in unit order; per-sequence counts of scored rows, host ints).
 
-    The call's one host sync: the counts, and a check that every label is in [0, vocab) or ignore_index."""
+    The call's one host sync: the counts, a check that every label is in [0, vocab) or ignore_index, and with a
+    vocab-parallel `group` a check that every rank scores as many rows per sequence (one all-reduce of 2R integers
+    before the sync): the chunks, and so the collectives, are planned from the counts."""
     R, T = labels.shape
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= vocab))
-    *counts, n_bad = torch.cat([valid.sum(1), bad.sum().view(1)]).tolist()
+    numbers = [valid.sum(1), bad.sum().view(1)]
+    if group is not None:  # the group's most and (negated) least counts
+        spread = torch.cat([numbers[0], -numbers[0]])
+        dist.all_reduce(spread, op=dist.ReduceOp.MAX, group=group)
+        numbers.append(spread)
+    flat = torch.cat(numbers).tolist()
+    counts, n_bad, most, least = flat[:R], flat[R], flat[R + 1 : 2 * R + 1], flat[2 * R + 1 :]
     if n_bad:
         raise label_range_error("labels", labels, bad, vocab, ignore_index)
+    if group is not None and most != [-c for c in least]:
+        raise ValueError(ROWS_DIFFER)
     rank = torch.empty(R, dtype=torch.int64, device=labels.device)
     rank[torch.tensor(order, device=labels.device, dtype=torch.int64)] = torch.arange(R, device=labels.device)
     key = rank[:, None] * T + torch.arange(T, device=labels.device)
@@ -374,9 +384,7 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         order = _unit_order(objective, R)
         shard = plan.shard
         vocab = V if shard is None else shard.vocab
-        rows, counts = _scored_rows_by_unit(plan.labels, vocab, head.ignore_index, order)
-        if shard is not None:  # the chunks come from the counts: the same on every rank, or no collective matches
-            check_same_row_counts(counts, shard.group, dev)
+        rows, counts = _scored_rows_by_unit(plan.labels, vocab, head.ignore_index, order, shard and shard.group)
         if objective.unit == "pair":
             unit_rows = [counts[p] + counts[R // 2 + p] for p in range(R // 2)]
         else:

@@ -88,30 +88,19 @@ class VocabStats:
     labels_differ: torch.Tensor | None = None  # 0-d bool, on the device: for `check_same_rows`
 
 
+ROWS_DIFFER = (
+    "labels differ across the tensor-parallel group: a vocab-parallel head needs the same rows (hidden states and "
+    "labels) on every rank of the group, as ColwiseParallel's replicated input (e.g. give every rank the same batch, "
+    "and the same sampled completions)"
+)
+
+
 def check_same_rows(labels_differ: list[torch.Tensor]) -> None:
     """Raises ValueError if any of `combine_vocab_stats`'s labels_differ flags is set (the same verdict on every
     rank). The check's one host sync is the caller's, so that a loop of combinations (the fast losses' chunks) pays
     it once, after its work is queued."""
     if labels_differ and bool(torch.stack(labels_differ).any()):
-        raise ValueError(_ROWS_DIFFER)
-
-
-def check_same_row_counts(counts: list[int], group: dist.ProcessGroup, device: torch.device) -> None:
-    """Raises ValueError, on every rank, unless every rank of `group` scores as many rows per sequence (`counts`):
-    work planned from them (the fast losses' chunks) runs the same collectives on every rank only then. One
-    all-reduce of 2 x len(counts) integers, and a host sync."""
-    both = torch.tensor([*counts, *(-c for c in counts)], dtype=torch.int64, device=device)
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    most, least = both.view(2, -1)
-    if not torch.equal(most, -least):
-        raise ValueError(_ROWS_DIFFER)
-
-
-_ROWS_DIFFER = (
-    "labels differ across the tensor-parallel group: a vocab-parallel head needs the same rows (hidden states and "
-    "labels) on every rank of the group, as ColwiseParallel's replicated input (e.g. give every rank the same batch, "
-    "and the same sampled completions)"
-)
+        raise ValueError(ROWS_DIFFER)
 
 
 def combine_vocab_stats(
