@@ -86,12 +86,12 @@ def _check_plain_head(model: torch.nn.Module) -> None:
     state (up to what `logit_transform` reads): the fused head computes exactly that, so any other module in
     between (a BERT/RoBERTa-style prediction head, Inkling 2's softcap module) would be skipped silently."""
     head, backbone = model.get_output_embeddings(), _backbone(model)
-    names = {module: name for name, module in model.named_modules()}
     others = [name for name, child in model.named_children() if child is not head and child is not backbone]
-    if backbone is None or others or "." in names.get(head, "."):
+    if backbone is None or others or not any(child is head for child in model.children()):
         raise TypeError(
             f"model must compute its logits as lm_head(last hidden state of its backbone); {type(model).__name__} "
-            f"computes them through {', '.join(others) or names.get(head)} too, which the fused head would skip"
+            f"computes them through {', '.join(others) or 'a module around its output embedding'} too, which the "
+            "fused head would skip"
         )
     text_config = model.config.get_text_config()
     unpadded = getattr(text_config, "unpadded_vocab_size", None)
