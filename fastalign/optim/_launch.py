@@ -161,13 +161,13 @@ def _tables(launch: Launch, cache: LayoutCache) -> Tables:
     return tables
 
 
-def _runs(launch: Launch, cache: LayoutCache) -> Runs:
-    """The launch's runs for the TIES tie rule, built once per layout of shards (a collective)."""
-    shards = [(s.offset, s.param.numel(), s.run, s.run_stride) for s in launch.slots]
-    key = ("runs", tuple(shards), launch.device, id(launch.group))
+def cached_runs(cache: LayoutCache, slots: list[Slot], group, device) -> Runs:
+    """The runs of these shards for the TIES tie rule, built once per layout of shards (a collective); both paths'."""
+    shards = [(s.offset, s.param.numel(), s.run, s.run_stride) for s in slots]
+    key = ("runs", tuple(shards), device, id(group))
     runs = cache.get(key)
     if runs is None:
-        runs = cache[key] = Runs.of(shards, launch.group, launch.device)
+        runs = cache[key] = Runs.of(shards, group, device)
     return runs
 
 
@@ -258,7 +258,7 @@ def kernel_step(
     tile_ties = tile_hist.gather(1, last_digit[tile_slot, None]).squeeze(1)
     tile_ties = torch.where(th.partial[tile_slot], tile_ties, 0)
     local_ties, ties_before = _segments(tile_ties, tables.ties_ranges)
-    runs = _runs(launch, cache)
+    runs = cached_runs(cache, launch.slots, launch.group, launch.device)
     keys = lambda i: (
         delta[tables.flat_offsets[i] : tables.flat_offsets[i] + launch.slots[i].param.numel()].view(  # noqa: E731
             torch.int32

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from fastalign.kernels.online_merge import keep_threshold
 from fastalign.kernels.radix_select import RADIX_DIGITS
 from fastalign.optim._dare import CHUNK, KeepHasher, chunks, step_key
-from fastalign.optim._launch import Launch, LayoutCache, Slot, rescale_factors
+from fastalign.optim._launch import Launch, LayoutCache, Slot, cached_runs, rescale_factors
 from fastalign.optim._select import Runs, radix_select, tie_budget, topk_count
 
 Segment = tuple[Slot, int, int]  # a shard and a range [begin, end) of its elements
@@ -309,21 +309,14 @@ class _Step:
             ks = [topk_count(self.hp["reserve_p"], s.numel) for s in group]
             selects = [k < s.numel for k, s in zip(ks, group)]
             if any(selects):
-                topk_select(delta, lengths, ks, selects, self.runs(group))
+                topk_select(
+                    delta, lengths, ks, selects, cached_runs(self.cache, group, self.launch.group, self.launch.device)
+                )
             at = 0
             for segments in bundles(group, self.size):
                 n = sum(e - b for _, b, e in segments)
                 self.elect(segments, delta[at : at + n])
                 at += n
-
-    def runs(self, slots: list[Slot]) -> Runs:
-        """The runs of these shards for the tie rule, built once per layout (a collective)."""
-        shards = [(s.offset, s.param.numel(), s.run, s.run_stride) for s in slots]
-        key = ("runs", tuple(shards), id(self.launch.group))
-        runs = self.cache.get(key)
-        if runs is None:
-            runs = self.cache[key] = Runs.of(shards, self.launch.group, self.launch.device)
-        return runs
 
     def elect(self, segments: list[Segment], flat: torch.Tensor) -> None:
         """TIES's sign election and merge on a bundle's Δ (`flat`, the segments side by side): the
