@@ -488,6 +488,20 @@ def test_step_zero_equals_trl(kind, tok, rows, tmp_path):
 
 
 @pytest.mark.parametrize("kind", PREFERENCE)
+def test_precomputed_reference_equal_to_the_policy_gives_zero_rewards(kind, tok, rows, tmp_path):
+    """Policy = reference with precompute_ref_log_probs: every reward metric is exactly 0, as TRL logs (the
+    references were read back in float32 while the policy's sums are float64: margins of rounding noise)."""
+    make, ours_cls, *_ = PREFERENCE[kind]
+    model = tiny_llama(tok, hidden_size=HIDDEN)
+    with forced_backend("torch"):  # the precompute (in __init__) and the step on the same path
+        trainer = make(ours_cls, tok, rows, tmp_path, copy.deepcopy(model), model, steps=1, lr=0.0,
+                       precompute_ref_log_probs=True)  # fmt: skip
+        trainer.train()
+    rewards = {k: v for k, v in trainer.state.log_history[0].items() if k.startswith("rewards/")}
+    assert len(rewards) >= 3 and all(v == 0 for v in rewards.values()), rewards
+
+
+@pytest.mark.parametrize("kind", PREFERENCE)
 def test_training_lowers_the_loss_and_logs_trls_metrics(kind, tok, rows, tmp_path):
     make, ours_cls, _, metrics, least_drop = PREFERENCE[kind]
     reference = tiny_llama(tok, hidden_size=HIDDEN)

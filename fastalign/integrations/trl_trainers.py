@@ -35,6 +35,22 @@ _KTO_NON_MODEL_KEYS = {
 }
 
 
+class _ReferencesInFloat64:
+    """The trainer's collator, with the precomputed reference sums read back in float64. TRL stores them in the
+    dataset as computed (float64 here) but its collators rebuild them with torch.tensor(list of floats), in float32:
+    with policy = reference the reward margins were then rounding noise (accuracy 0.5 at step 0, where TRL logs 0)."""
+
+    def __init__(self, collate, keys: tuple[str, ...]):
+        self.collate, self.keys = collate, keys
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        for key in self.keys:
+            if key in batch and key in examples[0]:
+                batch[key] = torch.tensor([example[key] for example in examples], dtype=torch.float64)
+        return batch
+
+
 def _real_positions(per_token: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
     # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens.
     return None if per_token is None else per_token[:, -seq_len:]
@@ -46,6 +62,7 @@ class _FastalignMixin:
 
     _trl_trainer: type  # the TRL class this one extends
     _non_model_keys: set[str]
+    _reference_keys: tuple[str, ...]  # the precomputed reference columns
 
     def __init__(self, *args, ref_adapter_name: str | None = None, online_merge: dict | None = None, **kwargs):
         # Set before TRL's __init__, which may precompute reference log-probs through our forward.
@@ -57,6 +74,7 @@ class _FastalignMixin:
         if bound.get("args") is not None:
             self._check_supported(bound["args"])
         super().__init__(*args, **kwargs)
+        self.data_collator = _ReferencesInFloat64(self.data_collator, self._reference_keys)
         model = self.accelerator.unwrap_model(self.model)
         if ref_adapter_name is not None and (self.ref_model is not None or not is_peft_model(model)):
             raise ValueError(
@@ -204,6 +222,7 @@ class DPOTrainer(_FastalignMixin, trl.DPOTrainer):
 
     _trl_trainer = trl.DPOTrainer
     _non_model_keys = _DPO_NON_MODEL_KEYS
+    _reference_keys = ("ref_chosen_logps", "ref_rejected_logps")
     _always_log_logits = True
 
     def __init__(self, *args, average_log_prob: bool = False, **kwargs):
@@ -284,6 +303,7 @@ class KTOTrainer(_FastalignMixin, trl.KTOTrainer):
 
     _trl_trainer = trl.KTOTrainer
     _non_model_keys = _KTO_NON_MODEL_KEYS
+    _reference_keys = ("ref_logps", "ref_KL_logps")
     _always_log_logits = False
 
     def _kl_inputs(self, batch: dict) -> tuple[dict, torch.Tensor]:
