@@ -194,6 +194,9 @@ class _Fast:
     use_kernels: bool
     shard: VocabShard | None  # the weight's slice of the vocabulary when vocab-parallel
     sized_for_gemms: bool  # memory_budget was left at its default on a kernel path: see `_chunk_rows`
+    # Which of hidden, weight, bias get a gradient, decided at the call: inside forward, ctx.needs_input_grad says
+    # requires_grad even under no_grad, and an evaluation pass would compute d logits and both GEMMs for nothing.
+    needs_grad: tuple[bool, bool, bool]
 
 
 # A chunk's d-weight GEMM over K rows reads and writes the fp32 [V, H] accumulator, 8 bytes per element for 2 K FLOPs,
@@ -391,7 +394,9 @@ class _FastFusedLinearLoss(torch.autograd.Function):
             unit_rows = [counts[r] for r in order]
         # d logits goes into the GEMMs' operand dtype: the inputs' dtype on the kernel paths (tensor-core GEMMs, the
         # fp32 logits in a buffer of their own), fp32 on the torch path (in place over the logits).
-        d_dtype = x.dtype if plan.use_kernels else torch.float32
+        need_h, need_w, need_b = plan.needs_grad
+        grads = need_h or need_w or need_b  # without them the buffer holds the fp32 logits alone: 2 N H V FLOPs
+        d_dtype = x.dtype if plan.use_kernels and grads else torch.float32
         separate = d_dtype != torch.float32
         # Vocab-parallel: every rank sizes its chunks by the widest slice, so all take the same collectives.
         width = V if shard is None else shard.widest
@@ -409,7 +414,6 @@ class _FastFusedLinearLoss(torch.autograd.Function):
             "argmax": torch.zeros(R, T, device=dev, dtype=torch.int64) if plan.outputs.argmax else None,
             **{name: torch.zeros(R, T, device=dev) if name in objective.extras else None for name in TOKEN_EXTRAS},
         }
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         # Unscored rows get a zero d hidden; the first chunk writes d weight over the empty buffer.
         new_dh = torch.empty if sum(counts) == R * T else torch.zeros
         dh = new_dh(R * T, H, device=dev, dtype=x.dtype) if need_h else None
@@ -456,7 +460,7 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                     for name, value in found.items():
                         if per_token.get(name) is not None:
                             per_token[name].view(-1)[rows_c[s0:s1]] = value
-                    if not whole:
+                    if not whole and grads:
                         ones = torch.ones(s1 - s0, device=dev)
                         _dlogits(a, d[s0:s1], bias, grad_labels, lse, ones, None, head, plan.use_kernels, vocab)
                 logps.view(-1)[rows_c] = logp_c
@@ -464,10 +468,10 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                     per_token["mean_logps"].view(-1)[rows_c] = mean_c
                 extras = {name: per_token[name] for name in objective.extras}
                 coef, coef_mean, result = _loss_gradient(objective, logps, extras, rows_c, logp_c, mean_c)
-                if whole:
+                if whole and grads:
                     _dlogits(a, d, bias, grad_labels, lse, coef, coef_mean, head, plan.use_kernels, vocab)
                     h_w = h_c
-                else:  # the rows' scale moves onto the [n, H] side of each GEMM
+                elif grads:  # the rows' scale moves onto the [n, H] side of each GEMM
                     h_w = (h_c.float() * coef[:, None]).to(d_dtype if separate else torch.float32)
                 if need_h:
                     dh_c = _dlogits_times_weight(d, weight)
@@ -572,7 +576,8 @@ def _fused_linear_loss(
         hidden, weight, bias = local_operands(hidden, weight, bias, shard)
         shard = shard if shard.size < shard.vocab else None  # a one-rank group's slice is the whole vocabulary
     sized_for_gemms = use_kernels and head_args["memory_budget"] is None
-    plan = _Fast(objective, labels.to(torch.int64), head, outputs, use_kernels, shard, sized_for_gemms)
+    needs_grad = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    plan = _Fast(objective, labels.to(torch.int64), head, outputs, use_kernels, shard, sized_for_gemms, needs_grad)
     loss, _logps, entropy, argmax, *_values, metrics = _FastFusedLinearLoss.apply(hidden, weight, bias, plan)
     return (loss, *metrics), entropy, argmax
 

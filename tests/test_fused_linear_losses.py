@@ -798,7 +798,8 @@ def test_matmul_flops_fast_6_lean_8_and_2_more_for_a_computed_reference(name, ba
                     kwargs |= reference[name](hidden + 0.5 if with_reference else None)
                 leaves = leaves_of(hidden, weight, bias)
                 with MatmulFlops(monkeypatch) as counter:
-                    calls[name](*leaves[:2], labels, leaves[2], **kwargs).backward()
+                    loss = calls[name](*leaves[:2], labels, leaves[2], **kwargs)
+                    loss.backward()
                 want = expected + 2 * with_reference
                 assert want * nhv <= counter.flops <= (want + 0.05) * nhv, (
                     strategy,
@@ -806,6 +807,12 @@ def test_matmul_flops_fast_6_lean_8_and_2_more_for_a_computed_reference(name, ba
                     with_reference,
                     counter.flops / nhv,
                 )
+                # An evaluation pass (no_grad, leaves requiring grad) computes the logits only, on every strategy.
+                with torch.no_grad(), MatmulFlops(monkeypatch) as counter:
+                    evaluated = calls[name](*leaves[:2], labels, leaves[2], **kwargs)
+                want = 2 + 2 * with_reference
+                assert want * nhv <= counter.flops <= (want + 0.05) * nhv, (strategy, budget, counter.flops / nhv)
+                assert rel_err(evaluated, loss.detach()) < 1e-6
 
 
 # ----------------------------------------------------------------------------- FSDP2
