@@ -69,10 +69,11 @@ def _scored_rows(labels: torch.Tensor, vocab: int, ignore_index: int, every_row:
     return torch.argsort((~valid).to(torch.int8), stable=True)[:n_valid]
 
 
-def _rows_of(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """[M, H]: `rows` (from _scored_rows) of a [B, T, H] view; a view of it when rows is every row."""
+def _rows_of(x: torch.Tensor, rows: torch.Tensor, ascending: bool) -> torch.Tensor:
+    """[M, H]: the flat `rows` of a [B, T, H] view. Ascending rows that number B * T are every row in order, so a view
+    of it; rows in another order (a DPO pair's chosen, then its rejected) are gathered."""
     B, T, H = x.shape
-    if rows.numel() == B * T:
+    if ascending and rows.numel() == B * T:
         return x.reshape(B * T, H)
     return x[rows // T, rows % T]
 
@@ -156,7 +157,7 @@ def _torch_fwd(x, weight, bias, rows, labels, head: _Head, outputs: Outputs):
     one chunk (kept for the backward), else None."""
     N, V, M = labels.numel(), weight.shape[0], rows.numel()
     dev = x.device
-    h32 = _rows_of(x, rows).float()
+    h32 = _rows_of(x, rows, ascending=True).float()
     lab = labels[rows]
     chunk = _vocab_chunk(V, head.memory_budget, 4 * (3 * M + x.shape[2]), 64)
     if chunk == V and M:
@@ -295,7 +296,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                 g = g - g_lse
                 label_term = g_lse * _dz_da_at(logp.reshape(-1)[rows] + lse, head)
 
-            h_rows = _rows_of(x, rows)
+            h_rows = _rows_of(x, rows, ascending=True)
             if ctx.use_kernels:
                 da_dtype, multiple = x.dtype, bwd_chunk_multiple(x.dtype)
                 fp32_copies = 0 if _fast_mm(h_rows, weight) else M + H  # the operands' fp32 upcasts, a chunk at a time

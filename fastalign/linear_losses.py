@@ -385,6 +385,7 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         # The kernels read the bias 16 bytes at a time from a padded copy (V elements); the torch path as it is.
         bias = padded_bias(bias) if plan.use_kernels else None if bias is None else bias.contiguous()
         order = _unit_order(objective, R)
+        ascending = order == sorted(order)  # the rows come in unit order: a pair's chosen row, then its rejected
         shard = plan.shard
         vocab = V if shard is None else shard.vocab
         rows, counts = _scored_rows_by_unit(plan.labels, vocab, head.ignore_index, order, shard and shard.group)
@@ -440,7 +441,7 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         with torch.autocast(dev.type, enabled=False):
             for i_chunk, (r0, r1, whole) in enumerate(chunks):
                 rows_c, n = rows[r0:r1], r1 - r0
-                h_c, lab_c = _rows_of(x, rows_c), flat_labels[rows_c]
+                h_c, lab_c = _rows_of(x, rows_c, ascending), flat_labels[rows_c]
                 d = d_buf[:n]
                 logp_c = torch.empty(n, device=dev)
                 mean_c = torch.empty(n, device=dev) if smoothing else None

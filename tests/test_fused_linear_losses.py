@@ -184,6 +184,26 @@ def test_dpo_completion_fully_masked(strategy, backend, device):
     assert (leaves[0].grad[1] == 0).all()
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dpo_with_no_label_ignored_matches_float64(strategy, backend, device):
+    # Every row scored: the fast strategy takes the rows in pair order (chosen p, then rejected p), so no shortcut may
+    # take them as the [2B * T, H] view in batch order.
+    hidden, weight, bias, _ = make_batch(device)
+    labels = torch.randint(0, V, (2 * B, T), device=device)
+    ref_logps = torch.randn(2 * B, device=device) - 20
+    leaves = leaves_of(hidden, weight, bias)
+    loss, _ = fastalign.FusedLinearDPOLoss(beta=0.2, strategy=strategy)(
+        *leaves[:2], labels, leaves[2], ref_chosen_logps=ref_logps[:B], ref_rejected_logps=ref_logps[B:]
+    )
+    (2.5 * loss).backward()
+    leaves64 = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
+    sums = sequence_logps_64(*leaves64, labels)
+    loss64 = ref_dpo.dpo_loss(sums[:B], sums[B:], ref_logps[:B].double(), ref_logps[B:].double(), beta=0.2)[0]
+    (2.5 * loss64).backward()
+    assert abs(loss.item() - loss64.item()) <= 1e-5 * max(1.0, abs(loss64.item()))
+    check_grads(leaves, leaves64, 1e-4)
+
+
 def test_dpo_bad_inputs(device):
     hidden, weight, bias, labels = make_batch(device)
     module = fastalign.FusedLinearDPOLoss(beta=0.1)
