@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -126,6 +127,62 @@ def check_positive(name: str, value: float) -> None:
     # numbers.Real: numpy scalars too (a temperature read from a config array); callers take float(value).
     if not (isinstance(value, numbers.Real) and 0 < float(value) < float("inf")):
         raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+
+
+def check_flag(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+
+
+def check_ignore_index(ignore_index: int) -> None:
+    # bool is an int, and ignore_index=True would ignore every label 1.
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+
+
+SECOND_ORDER = (
+    "fastalign's ops compute their gradients with kernels and in-place writes, which autograd cannot differentiate: "
+    "a gradient of their gradient (a backward with create_graph=True, then one through its result) is not supported"
+)
+
+
+class _SecondOrderRefused(torch.autograd.Function):
+    """Links a first-order gradient to the op's inputs, so that a backward through it reaches this node and raises
+    wherever it would otherwise take a gradient to the inputs without our op's term."""
+
+    @staticmethod
+    def forward(ctx, n_grads, *grads_then_inputs):
+        return tuple(g.view_as(g) for g in grads_then_inputs[:n_grads])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(SECOND_ORDER)
+
+
+def first_order_only(backward):
+    """Decorates an autograd.Function's backward: it runs without a graph, and under create_graph=True its
+    gradients hang off a node that raises when a second backward reaches it. That node links them to the tensors
+    the forward saved that require grad (its inputs); a Function that saved none refuses create_graph=True at once.
+    (torch's once_differentiable links nothing: a second order of a composite, say a gradient of the lm_head weight
+    through d hidden = d logits @ W, would silently lack our op's term.)"""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():
+            return grads
+        sources = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        if not sources:
+            raise RuntimeError(SECOND_ORDER)
+        grads = list(grads) if isinstance(grads, tuple) else [grads]
+        at = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor) and g.dtype.is_floating_point]
+        linked = _SecondOrderRefused.apply(len(at), *(grads[i].detach() for i in at), *sources)
+        for i, g in zip(at, linked):
+            grads[i] = g
+        return tuple(grads) if len(grads) > 1 else grads[0]
+
+    return wrapper
 
 
 def as_btv(x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fastalign._backend import check_positive
+from fastalign._backend import check_flag, check_positive
 from fastalign.logprobs import token_logprobs, token_stats
 
 DPO_LOSS_TYPES = (
@@ -244,11 +244,6 @@ def _check_lengths(name: str, lengths: torch.Tensor, like: torch.Tensor) -> torc
     return lengths.to(LOSS_MATH_DTYPE)
 
 
-def _check_flag(name: str, value: bool) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False; got {value!r}")
-
-
 def _check_ld_alpha(ld_alpha: float | None) -> None:
     if ld_alpha is not None and not (isinstance(ld_alpha, (int, float)) and 0 <= ld_alpha <= 1):
         raise ValueError(f"ld_alpha must be None or a number in [0, 1]; got {ld_alpha!r}")
@@ -295,7 +290,7 @@ def check_dpo_options(
         raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
     if "exo_pair" in types and label_smoothing == 0:
         raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair' (the EXO paper uses 1e-3)")
-    _check_flag("average_log_prob", average_log_prob)
+    check_flag("average_log_prob", average_log_prob)
     if f_divergence_type not in F_DIVERGENCE_TYPES:
         raise ValueError(f"f_divergence_type {f_divergence_type!r} is not one of {list(F_DIVERGENCE_TYPES)}")
     unsupported = [t for t in types if t not in F_DIVERGENCE_LOSS_TYPES]
@@ -308,7 +303,7 @@ def check_dpo_options(
         raise ValueError(f"f_alpha_divergence_coef must be a finite number; got {f_alpha_divergence_coef!r}")
     check_positive("discopop_tau", discopop_tau)
     _check_ld_alpha(ld_alpha)
-    _check_flag("use_weighting", use_weighting)
+    check_flag("use_weighting", use_weighting)
     sorted_types = [t for t in types if t in ("aot", "aot_unpaired")]
     if use_weighting and sorted_types:
         raise ValueError(
@@ -334,8 +329,8 @@ def check_kto_options(
             raise ValueError(f"{name} must be a finite number >= 0; got {w!r}")
     if loss_type not in KTO_LOSS_TYPES:
         raise ValueError(f"Unsupported loss_type {loss_type!r}: not one of {list(KTO_LOSS_TYPES)}")
-    _check_flag("average_log_prob", average_log_prob)
-    _check_flag("clamp_kl", clamp_kl)
+    check_flag("average_log_prob", average_log_prob)
+    check_flag("clamp_kl", clamp_kl)
 
 
 # ---------------------------------------------------------------------------------------------- sequences
@@ -362,7 +357,7 @@ def sequence_token_weights(
     same as summing with these weights), so the fused paths sum with `sequence_logps(..., ld_alpha=...)`.
     """
     _check_mask("mask", mask, "[R, T]")
-    _check_flag("average_log_prob", average_log_prob)
+    check_flag("average_log_prob", average_log_prob)
     _check_ld_alpha(ld_alpha)
     weights = mask.to(torch.float32)
     if ld_alpha is not None:
@@ -539,7 +534,7 @@ def _dpo(
         f_alpha_divergence_coef=f_alpha_divergence_coef,
         discopop_tau=discopop_tau,
     )
-    _check_flag("return_per_example", return_per_example)
+    check_flag("return_per_example", return_per_example)
     types = [t for t, _ in terms]
     needs = [t for t in types if t in NEEDS_LENGTHS] + (["average_log_prob"] if average_log_prob else [])
     if needs and (chosen_lengths is None or rejected_lengths is None):
@@ -909,7 +904,7 @@ def _kto(
     check_kto_options(
         beta, desirable_weight, undesirable_weight, loss_type, average_log_prob=average_log_prob, clamp_kl=clamp_kl
     )
-    _check_flag("return_per_example", return_per_example)
+    check_flag("return_per_example", return_per_example)
     if average_log_prob and lengths is None:
         raise ValueError("average_log_prob=True needs lengths (completion token counts)")
     dtype = torch.promote_types(first.dtype, torch.float32) if out_dtype is None else out_dtype

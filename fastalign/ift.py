@@ -12,7 +12,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from fastalign._backend import backend_for, check_float, check_label_range, check_labels
+from fastalign._backend import backend_for, check_float, check_label_range, check_labels, first_order_only
 from fastalign.kernels.ift import ift_bwd, ift_fwd, ift_inputs_embeds_fwd
 from fastalign.logprobs import token_logprobs
 
@@ -31,6 +31,7 @@ class _IFTLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dloss):
         token_logps, mask, c, loss, s, n = ctx.saved_tensors
         dlogps = ift_bwd(token_logps, mask, c, loss, s, n, dloss.float().contiguous(), ctx.gamma)

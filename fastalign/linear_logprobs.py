@@ -26,7 +26,17 @@ from dataclasses import dataclass
 
 import torch
 
-from fastalign._backend import as_btv, backend_for, check_float, check_labels, check_positive, label_range_error
+from fastalign._backend import (
+    as_btv,
+    backend_for,
+    check_flag,
+    check_float,
+    check_ignore_index,
+    check_labels,
+    check_positive,
+    first_order_only,
+    label_range_error,
+)
 from fastalign.kernels.linear_logprobs import Outputs, bwd_chunk_multiple, linear_logprobs_bwd, linear_logprobs_fwd
 from fastalign.logprobs import TokenStats
 from fastalign.vocab_parallel import linear_head_stats, vocab_shard
@@ -270,6 +280,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         return logp.view(labels.shape), *extras, row_lse.view(labels.shape)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dlogp, dentropy, *rest):
         """A vocabulary chunk at a time: d a for the chunk (kernel or torch), then the two fp32-accumulating GEMMs."""
         hidden, weight, bias, rows, labels, lse, entropy, kept, logp = ctx.saved_tensors
@@ -390,6 +401,19 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+def check_head_options(ignore_index, temperature, softcap, logit_scale, memory_budget) -> None:
+    """The logit options every fused-linear entry point takes (the loss modules check them at construction)."""
+    check_ignore_index(ignore_index)
+    check_positive("temperature", temperature)
+    check_positive("logit_scale", logit_scale)
+    if softcap is not None:
+        check_positive("softcap", softcap)
+    if memory_budget is not None and not (
+        isinstance(memory_budget, numbers.Integral) and not isinstance(memory_budget, bool) and memory_budget > 0
+    ):
+        raise ValueError(f"memory_budget must be a positive int (bytes) or None; got {memory_budget!r}")
+
+
 def _check_head_args(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget):
     check_float("hidden", hidden)
     check_float("weight", weight)
@@ -407,14 +431,7 @@ def _check_head_args(hidden, weight, labels, bias, ignore_index, temperature, so
         if bias.device != hidden.device:
             raise ValueError(f"bias must be on hidden's device ({hidden.device}); got {bias.device}")
     check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
-    check_positive("temperature", temperature)
-    check_positive("logit_scale", logit_scale)
-    if softcap is not None:
-        check_positive("softcap", softcap)
-    if memory_budget is not None and not (isinstance(memory_budget, numbers.Integral) and memory_budget > 0):
-        raise ValueError(f"memory_budget must be a positive int (bytes) or None; got {memory_budget!r}")
+    check_head_options(ignore_index, temperature, softcap, logit_scale, memory_budget)
 
 
 def _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget):
@@ -491,7 +508,9 @@ def linear_token_stats(
     hidden, weight, bias, head = _prepare(
         hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget
     )
-    outputs = Outputs(bool(entropy), bool(argmax), bool(log_sum_sq_probs), bool(mean_logits))
+    outputs = Outputs(entropy, argmax, log_sum_sq_probs, mean_logits)
+    for name, value in outputs._asdict().items():
+        check_flag(name, value)
     shard = vocab_shard(weight)
     if shard is not None:
 

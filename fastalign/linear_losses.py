@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fastalign._backend import as_btv, backend_for, check_labels, label_range_error
+from fastalign._backend import as_btv, backend_for, check_flag, check_labels, first_order_only, label_range_error
 from fastalign.dpo import (
     check_dpo_options,
     check_kto_options,
@@ -63,6 +63,7 @@ from fastalign.linear_logprobs import (
     _row_blocks,
     _rows_of,
     _torch_stats,
+    check_head_options,
     linear_token_logprobs,
     linear_token_stats,
 )
@@ -77,6 +78,7 @@ from fastalign.vocab_parallel import (
 )
 
 STRATEGIES = ("auto", "fast", "lean")
+REDUCTIONS = ("mean", "sum", "none")
 _NONE = Outputs()  # no per-token extras
 
 
@@ -101,10 +103,124 @@ class _Objective:
     extras: tuple[str, ...] = ()
 
 
-def check_strategy(strategy: str) -> str:
+def check_strategy(strategy: str, not_fast: str | None = None, needs_fast: str | None = None) -> None:
+    """strategy against what the loss's options allow: not_fast says why it cannot run fast (it couples the
+    examples), needs_fast why it cannot run lean (lean has no mean log-prob)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}; got {strategy!r}")
-    return strategy
+    if strategy == "fast" and not_fast is not None:
+        raise ValueError(f"strategy='fast' needs a loss that decomposes over examples: {not_fast}")
+    if needs_fast is not None and (strategy == "lean" or not_fast is not None):
+        raise ValueError(
+            f"{needs_fast} runs on the fast strategy only (the lean path has no mean log-prob)"
+            + (f", which cannot take {not_fast}" if not_fast else f", not strategy={strategy!r}")
+        )
+
+
+def _head_options(ignore_index, temperature, softcap, logit_scale, memory_budget) -> dict:
+    """The logit options as one dict, checked."""
+    check_head_options(ignore_index, temperature, softcap, logit_scale, memory_budget)
+    return {
+        "ignore_index": ignore_index,
+        "temperature": temperature,
+        "softcap": softcap,
+        "logit_scale": logit_scale,
+        "memory_budget": memory_budget,
+    }
+
+
+# Each loss's options, checked without a tensor: the function checks them first, its nn.Module at construction.
+# Each returns the logit options (head_args) and why the loss cannot run fast (None when it can).
+
+
+def check_dpo_hidden_options(
+    *,
+    beta=0.1,
+    loss_type="sigmoid",
+    loss_weights=None,
+    label_smoothing=0.0,
+    ignore_index=-100,
+    temperature=1.0,
+    softcap=None,
+    logit_scale=1.0,
+    memory_budget=None,
+    strategy="auto",
+    return_per_example=False,
+    **options,
+) -> tuple[dict, str | None]:
+    types = [t for t, _ in check_dpo_options(beta, loss_type, loss_weights, label_smoothing, **options)]
+    check_flag("return_per_example", return_per_example)
+    head_args = _head_options(ignore_index, temperature, softcap, logit_scale, memory_budget)
+    coupled = [t for t in types if t in ("aot", "aot_unpaired")]
+    not_fast = f"loss_type {coupled} sorts the margins across the batch" if coupled else None
+    if options.get("use_weighting") and "sft" in types:
+        # The batch's NLL is a constant per pair times the pair's weight: its gradient at a pair's tokens is the
+        # sum of every pair's weight, which no chunk knows before the last.
+        not_fast = "use_weighting=True weights the batch-level 'sft' term by every pair's WPO weight"
+    check_strategy(strategy, not_fast)
+    return head_args, not_fast
+
+
+def check_kto_hidden_options(
+    *,
+    beta=0.1,
+    desirable_weight=1.0,
+    undesirable_weight=1.0,
+    loss_type="kto",
+    ignore_index=-100,
+    temperature=1.0,
+    softcap=None,
+    logit_scale=1.0,
+    memory_budget=None,
+    strategy="auto",
+    return_per_example=False,
+    **options,
+) -> tuple[dict, str | None]:
+    check_kto_options(beta, desirable_weight, undesirable_weight, loss_type, **options)
+    check_flag("return_per_example", return_per_example)
+    check_strategy(strategy)  # every KTO loss type decomposes: the KL is an input
+    return _head_options(ignore_index, temperature, softcap, logit_scale, memory_budget), None
+
+
+def check_ift_hidden_options(
+    *,
+    gamma=0.95,
+    ignore_index=-100,
+    temperature=1.0,
+    softcap=None,
+    logit_scale=1.0,
+    memory_budget=None,
+    strategy="auto",
+) -> tuple[dict, str | None]:
+    check_gamma(gamma)
+    check_strategy(strategy)
+    return _head_options(ignore_index, temperature, softcap, logit_scale, memory_budget), None
+
+
+def check_cross_entropy_options(
+    *,
+    reduction="mean",
+    ignore_index=-100,
+    label_smoothing=0.0,
+    entropy=False,
+    accuracy=False,
+    temperature=1.0,
+    softcap=None,
+    logit_scale=1.0,
+    memory_budget=None,
+    strategy="auto",
+) -> tuple[dict, str | None]:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}; got {reduction!r}")
+    if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1):
+        raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
+    check_flag("entropy", entropy)
+    check_flag("accuracy", accuracy)
+    head_args = _head_options(ignore_index, temperature, softcap, logit_scale, memory_budget)
+    # A per-token loss's weights in the weight gradient are unknown in the forward.
+    not_fast = "reduction='none'" if reduction == "none" else None
+    check_strategy(strategy, not_fast, "label_smoothing > 0" if label_smoothing > 0 else None)
+    return head_args, not_fast
 
 
 # ---------------------------------------------------------------------------------------------- matmuls
@@ -497,6 +613,7 @@ class _FastFusedLinearLoss(torch.autograd.Function):
         return loss, logps, *per_token.values(), tuple(metrics)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dloss, *_non_differentiable):
         """Scales the gradients the forward computed by grad_output, in place: once."""
         if ctx.grads is None:
@@ -528,11 +645,9 @@ def _strategy_for(
 ) -> str:
     """The strategy a call runs: auto takes fast unless the loss cannot, or its largest unit's d logits would take
     more memory than max(memory_budget, the fp32 [V, H] d-weight accumulator that fast holds anyway); V is the
-    widest slice's when vocab-parallel (the same decision on every rank)."""
-    check_strategy(strategy)
+    widest slice's when vocab-parallel (the same decision on every rank). The options' check_*_options refused
+    what they cannot run."""
     if objective.not_fast is not None:
-        if strategy == "fast":
-            raise ValueError(f"strategy='fast' needs a loss that decomposes over examples: {objective.not_fast}")
         return "lean"
     if strategy != "auto":
         return strategy
@@ -554,10 +669,10 @@ def _fused_linear_loss(
     use_kernels = backend_for(hidden) != "torch"
     shard = vocab_shard(weight)
     if _strategy_for(strategy, objective, hidden, weight, head, use_kernels, shard) == "lean":
-        if "mean_logps" in objective.extras:
+        if "mean_logps" in objective.extras:  # auto, where a unit's d logits would exceed the memory budget
             raise ValueError(
-                "label_smoothing > 0 runs on the fast strategy only (the lean path has no mean log-prob)"
-                + (f", which cannot take {objective.not_fast}" if objective.not_fast else "")
+                "label_smoothing > 0 runs on the fast strategy only (the lean path has no mean log-prob), and "
+                f"strategy='auto' found a token's d logits larger than memory_budget={head.memory_budget}"
             )
         stats = linear_token_stats(
             hidden,
@@ -581,16 +696,6 @@ def _fused_linear_loss(
     plan = _Fast(objective, labels.to(torch.int64), head, outputs, use_kernels, shard, sized_for_gemms, needs_grad)
     loss, _logps, entropy, argmax, *_values, metrics = _FastFusedLinearLoss.apply(hidden, weight, bias, plan)
     return (loss, *metrics), entropy, argmax
-
-
-def _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget) -> dict:
-    return {
-        "ignore_index": ignore_index,
-        "temperature": temperature,
-        "softcap": softcap,
-        "logit_scale": logit_scale,
-        "memory_budget": memory_budget,
-    }
 
 
 def _references_and_mask(
@@ -664,16 +769,17 @@ def dpo_loss_from_hidden(
     Returns:
         (loss, metrics), or (loss, metrics, per_example) with return_per_example, as `fastalign.dpo_loss`.
     """
+    kwargs = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing)
+    head_args, not_fast = check_dpo_hidden_options(
+        **kwargs, ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        memory_budget=memory_budget, strategy=strategy, **options,
+    )  # fmt: skip
     check_paired_batch("hidden", hidden, "[2B, T, H]")
     token_options = {k: options[k] for k in ("ld_alpha", "use_weighting") if k in options}
-    dpo_options = {k: v for k, v in options.items() if k != "return_per_example"}
-    types = [t for t, _ in check_dpo_options(beta, loss_type, loss_weights, label_smoothing, **dpo_options)]
-    head_args = _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget)
     given = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
     (ref_chosen, ref_rejected), mask = _references_and_mask(
         given, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, token_options.get("ld_alpha")
     )
-    kwargs = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing)
 
     def loss_of(logps, extras):
         return dpo_loss_from_token_logps(logps, mask, ref_chosen, ref_rejected, **extras, **kwargs, **options)
@@ -681,12 +787,6 @@ def dpo_loss_from_hidden(
     extras = ("log_sum_sq_probs",) * bool(options.get("use_weighting")) + ("mean_logits",) * bool(
         options.get("return_per_example")
     )
-    coupled = [t for t in types if t in ("aot", "aot_unpaired")]
-    not_fast = f"loss_type {coupled} sorts the margins across the batch" if coupled else None
-    if options.get("use_weighting") and "sft" in types:
-        # The batch's NLL is a constant per pair times the pair's weight: its gradient at a pair's tokens is the
-        # sum of every pair's weight, which no chunk knows before the last.
-        not_fast = "use_weighting=True weights the batch-level 'sft' term by every pair's WPO weight"
     objective = _Objective(loss_of, "pair", not_fast, extras)
     return _fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0]
 
@@ -723,15 +823,15 @@ def kto_loss_from_hidden(
     the per-example outputs add logits, the mean logit over each completion's tokens). strategy: as in
     `dpo_loss_from_hidden`, with a sequence as the unit (every KTO loss type decomposes: the KL is an input).
     """
-    check_kto_options(beta, desirable_weight, undesirable_weight, loss_type, **{
-        k: v for k, v in options.items() if k != "return_per_example"
-    })  # fmt: skip
-    head_args = _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget)
+    kwargs = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+    head_args, not_fast = check_kto_hidden_options(
+        **kwargs, loss_type=loss_type, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+        logit_scale=logit_scale, memory_budget=memory_budget, strategy=strategy, **options,
+    )  # fmt: skip
     (ref,), mask = _references_and_mask(
         {"ref_logps": ref_logps}, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, None
     )
     lengths = mask.sum(-1)
-    kwargs = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
 
     def loss_of(logps, extras):
         result = kto_loss(
@@ -745,7 +845,7 @@ def kto_loss_from_hidden(
         return result
 
     extras = ("mean_logits",) * bool(options.get("return_per_example"))
-    objective = _Objective(loss_of, "sequence", None, extras)
+    objective = _Objective(loss_of, "sequence", not_fast, extras)
     return _fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0]
 
 
@@ -765,19 +865,19 @@ def ift_loss_from_hidden(
 ) -> torch.Tensor:
     """`fastalign.ift_loss` straight from hidden [B, T, H], weight [V, H] and labels [B, T] (aligned; the caller
     shifts). strategy: as in `dpo_loss_from_hidden`, with a sequence as the unit."""
-    gamma = check_gamma(gamma)
-    head_args = _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget)
+    head_args, not_fast = check_ift_hidden_options(
+        gamma=gamma, ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        memory_budget=memory_budget, strategy=strategy,
+    )  # fmt: skip
+    gamma = float(gamma)
     check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
     mask = labels != ignore_index
 
     def loss_of(logps, _extras):
         return (ift_loss(logps, mask, gamma=gamma),)
 
-    objective = _Objective(loss_of, "sequence")
+    objective = _Objective(loss_of, "sequence", not_fast)
     return _fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0][0]
-
-
-REDUCTIONS = ("mean", "sum", "none")
 
 
 def cross_entropy_from_hidden(
@@ -800,9 +900,10 @@ def cross_entropy_from_hidden(
     """Token cross-entropy (the SFT loss) of `labels` under the logits hidden @ weight.T, as F.cross_entropy.
 
     Args:
-        hidden: [B, T, H]; weight: [V, H]; bias: [V] or None; labels: [B, T] int64 aligned with hidden (the caller
-            shifts), ignore_index where no loss is taken.
-        reduction: "mean" over the tokens that count (default; 0 when none does), "sum", or "none" ([B, T],
+        hidden: [B, T, H], or [N, H] tokens (as F.cross_entropy and Liger take them); weight: [V, H]; bias: [V] or
+            None; labels: [B, T] (or [N]) int64 aligned with hidden (the caller shifts), ignore_index where no loss
+            is taken.
+        reduction: "mean" over the tokens that count (default; 0 when none does), "sum", or "none" (labels' shape,
             0 where ignored; lean only: a per-token loss's weights in the weight gradient are unknown in the
             forward).
         label_smoothing: in [0, 1) (default 0): (1 - eps) * NLL + eps * mean_v(-log p_v), as F.cross_entropy;
@@ -815,11 +916,14 @@ def cross_entropy_from_hidden(
     Returns:
         (loss, metrics): the loss (float32) and the metrics asked for.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}; got {reduction!r}")
-    if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1):
-        raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
-    head_args = _head_args(ignore_index, temperature, softcap, logit_scale, memory_budget)
+    head_args, not_fast = check_cross_entropy_options(
+        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, entropy=entropy,
+        accuracy=accuracy, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        memory_budget=memory_budget, strategy=strategy,
+    )  # fmt: skip
+    tokens = isinstance(hidden, torch.Tensor) and hidden.dim() == 2 and isinstance(labels, torch.Tensor)
+    if tokens:  # [N, H] as one sequence of N tokens: a view
+        hidden, labels = hidden[None], labels[None]
     check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
     mask = labels != ignore_index
     count = mask.sum().clamp(min=1)
@@ -831,11 +935,12 @@ def cross_entropy_from_hidden(
             return (nll,)
         return (nll.sum() / count if reduction == "mean" else nll.sum(),)
 
-    not_fast = "reduction='none'" if reduction == "none" else None
     objective = _Objective(loss_of, "token", not_fast, ("mean_logps",) * (eps > 0))
     (loss,), ent, amax = _fused_linear_loss(
         hidden, weight, labels, bias, objective, head_args, strategy, Outputs(entropy=entropy, argmax=accuracy)
     )
+    if tokens and reduction == "none":
+        loss = loss[0]
     metrics = {}
     if entropy:
         metrics["entropy"] = torch.where(mask, ent, 0.0).sum() / count

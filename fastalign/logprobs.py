@@ -9,10 +9,13 @@ import torch
 from fastalign._backend import (
     as_btv,
     backend_for,
+    check_flag,
     check_float,
+    check_ignore_index,
     check_label_range,
     check_labels,
     check_positive,
+    first_order_only,
     row_chunks,
 )
 from fastalign.kernels.logprobs import token_logprobs_bwd, token_logprobs_fwd
@@ -288,6 +291,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return logp, entropy, argmax, log_sum_sq, mean
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dlogp, dentropy, *_non_differentiable):
         logits, labels, lse, logp, entropy = ctx.saved_tensors
         x = as_btv(logits)
@@ -358,11 +362,13 @@ def token_stats(
         labels = labels.to_local()
     check_labels("labels", labels, logits.shape[:-1], logits.device, "logits.shape[:-1]")
     check_positive("temperature", temperature)
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)
+    flags = dict(entropy=entropy, argmax=argmax, log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits)
+    for name, value in {**flags, "inplace_backward": inplace_backward, "strict": strict}.items():
+        check_flag(name, value)
     if strict or logits.device.type == "cpu":
         check_label_range("labels", labels, vocab, ignore_index)
-    extras = (entropy, argmax, log_sum_sq_probs, mean_logits)
+    extras = tuple(flags.values())
     outputs = _TokenLogprobs.apply(logits, labels, ignore_index, float(temperature), extras, inplace_backward, shard)
     return TokenStats(*outputs)
 

@@ -84,13 +84,17 @@ def check_grads(leaves, leaves64, tol):
 def test_dpo_matches_float64_and_the_composition(loss_type, strategy, backend, device):
     hidden, weight, bias, labels = make_batch(device)
     ref_logps = torch.randn(2 * B, device=device) - 20
-    module = fastalign.FusedLinearDPOLoss(**dpo_kwargs(loss_type), strategy=strategy)
     leaves = leaves_of(hidden, weight, bias)
     reference = {"ref_chosen_logps": ref_logps[:B], "ref_rejected_logps": ref_logps[B:]}
-    if strategy == "fast" and loss_type in BATCH_COUPLED:
+    if strategy == "fast" and loss_type in BATCH_COUPLED:  # the module at construction, the function at the call
         with pytest.raises(ValueError, match="strategy='fast' needs a loss that decomposes"):
-            module(*leaves[:2], labels, leaves[2], **reference)
+            fastalign.FusedLinearDPOLoss(**dpo_kwargs(loss_type), strategy=strategy)
+        with pytest.raises(ValueError, match="strategy='fast' needs a loss that decomposes"):
+            fastalign.linear_losses.dpo_loss_from_hidden(
+                *leaves[:2], labels, leaves[2], **reference, **dpo_kwargs(loss_type), strategy=strategy
+            )
         return
+    module = fastalign.FusedLinearDPOLoss(**dpo_kwargs(loss_type), strategy=strategy)
     loss, metrics = module(*leaves[:2], labels, leaves[2], **reference)
     (2.5 * loss).backward()  # grad_output != 1
 
@@ -275,12 +279,12 @@ def test_weighted_sft_couples_the_pairs_so_it_runs_lean(strategy, backend, devic
     reference = {"ref_chosen_logps": ref_logps[:3], "ref_rejected_logps": ref_logps[3:]}
     options = dict(beta=0.3, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], use_weighting=True)
     pair_bytes = 2 * T * V * 4  # a budget of one pair: on fast, one chunk per pair
-    module = fastalign.FusedLinearDPOLoss(**options, strategy=strategy, memory_budget=pair_bytes)
     leaves = leaves_of(hidden, weight, bias)
     if strategy == "fast":
         with pytest.raises(ValueError, match="decomposes over examples: use_weighting=True weights the batch-level"):
-            module(*leaves[:2], labels, leaves[2], **reference)
+            fastalign.FusedLinearDPOLoss(**options, strategy=strategy, memory_budget=pair_bytes)
         return
+    module = fastalign.FusedLinearDPOLoss(**options, strategy=strategy, memory_budget=pair_bytes)
     loss, metrics = module(*leaves[:2], labels, leaves[2], **reference)
     (0.7 * loss).backward()
 
@@ -309,6 +313,45 @@ def test_a_second_backward_runs_lean_and_is_refused_clearly_fast(strategy, backe
     else:
         for again, once in zip(torch.autograd.grad(loss, leaves), first):
             torch.testing.assert_close(again, once, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["token_logprobs", "linear_token_logprobs", "ift_loss", "dpo-fast", "dpo-lean"])
+def test_a_second_order_gradient_is_refused_not_silently_wrong(op, backend, device):
+    # The backwards run kernels (or write in place), which autograd cannot differentiate: with create_graph=True the
+    # first-order gradient is right and a gradient of it raises, instead of coming out zero, partial or wrong.
+    hidden, weight, bias, labels = make_batch(device, torch.bfloat16)
+    leaves = leaves_of(hidden, weight, bias)
+    if op == "token_logprobs":
+        loss = fastalign.token_logprobs(leaves[0] @ leaves[1].T, labels).sum()
+    elif op == "linear_token_logprobs":
+        loss = fastalign.linear_token_logprobs(*leaves[:2], labels, leaves[2]).sum()
+    elif op == "ift_loss":
+        logps = torch.randn(2 * B, T, device=device, requires_grad=True)
+        leaves = [logps]
+        loss = fastalign.ift_loss(logps, labels != IGNORE)
+    else:
+        zeros = torch.zeros(B, device=device)
+        module = fastalign.FusedLinearDPOLoss(strategy=op.split("-")[1])
+        loss, _ = module(*leaves[:2], labels, leaves[2], ref_chosen_logps=zeros, ref_rejected_logps=zeros)
+    refused = "a gradient of their gradient .* is not supported"
+    if op == "dpo-fast":  # its gradients come from the forward, linked to no input: create_graph=True is refused
+        with pytest.raises(RuntimeError, match=refused):
+            torch.autograd.grad(loss, leaves[0], create_graph=True)
+        return
+    first = torch.autograd.grad(loss, leaves[0], create_graph=True)[0]
+    assert torch.isfinite(first).all() and first.abs().sum() > 0
+    if op == "ift_loss" and backend == "torch":  # plain torch ops: their second order is right, and allowed
+        logps64 = leaves[0].detach().double().requires_grad_(True)
+        first64 = torch.autograd.grad(ref_ift.ift_loss(logps64, labels != IGNORE), logps64, create_graph=True)[0]
+        second64 = torch.autograd.grad(first64.square().sum(), logps64)[0]
+        assert rel_err(torch.autograd.grad(first.square().sum(), leaves[0])[0], second64) < 1e-5
+        return
+    with pytest.raises(RuntimeError, match=refused):
+        torch.autograd.grad(first.float().square().sum(), leaves[0])
+    if op == "token_logprobs":  # through d hidden = d logits @ W, the weight's second order needs our op's term
+        first = torch.autograd.grad(loss, leaves[0], create_graph=True)[0]
+        with pytest.raises(RuntimeError, match=refused):
+            torch.autograd.grad(first.float().square().sum(), leaves[1])
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -444,12 +487,14 @@ def test_cross_entropy_matches_float64(reduction, label_smoothing, strategy, bac
     head = {"softcap": 4.0, "temperature": 1.3}
     kwargs = {"reduction": reduction, "label_smoothing": label_smoothing, **head}
     leaves = leaves_of(hidden, weight, bias)
-    module = fastalign.FusedLinearCrossEntropyLoss(**kwargs, entropy=True, accuracy=True, strategy=strategy)
     lean_only = reduction == "none"
     if (strategy == "fast" and lean_only) or (strategy == "lean" and label_smoothing):
         with pytest.raises(ValueError, match="strategy"):
-            module(*leaves[:2], labels, leaves[2])
+            fastalign.FusedLinearCrossEntropyLoss(**kwargs, strategy=strategy)
+        with pytest.raises(ValueError, match="strategy"):
+            cross_entropy_from_hidden(*leaves[:2], labels, leaves[2], **kwargs, strategy=strategy)
         return
+    module = fastalign.FusedLinearCrossEntropyLoss(**kwargs, entropy=True, accuracy=True, strategy=strategy)
     loss, metrics = module(*leaves[:2], labels, leaves[2])
     g = torch.randn(loss.shape, device=device)
     (loss * g).sum().backward()
@@ -484,6 +529,31 @@ def test_cross_entropy_counts_accuracy_and_ignores_padding(backend, device):
         assert empty.item() == 0 and (leaf.grad == 0).all()
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_takes_tokens_as_n_by_h(reduction, backend, device):
+    # [N, H] hidden and [N] labels, as F.cross_entropy and Liger's fused loss take them: the same as [1, N, H].
+    hidden, weight, bias, labels = make_batch(device)
+    flat = hidden.reshape(-1, H)[::2]  # non-contiguous rows
+    flat_labels = labels.reshape(-1)[::2]
+    module = fastalign.FusedLinearCrossEntropyLoss(
+        reduction=reduction, strategy="lean" if reduction == "none" else "auto"
+    )
+    leaves, leaves3 = leaves_of(flat, weight, bias), leaves_of(flat, weight, bias)
+    loss = module(leaves[0], leaves[1], flat_labels, leaves[2])
+    loss3 = module(leaves3[0][None], leaves3[1], flat_labels[None], leaves3[2])
+    assert loss.shape == flat_labels.shape[: 1 if reduction == "none" else 0]
+    torch.testing.assert_close(loss, loss3.reshape(loss.shape))
+    g = torch.rand(loss.shape, device=device) + 0.5
+    (loss * g).sum().backward()
+    (loss3.reshape(loss.shape) * g).sum().backward()
+    for leaf, leaf3 in zip(leaves, leaves3):
+        torch.testing.assert_close(leaf.grad, leaf3.grad)
+    expected = torch.nn.functional.cross_entropy(
+        flat.double() @ weight.double().T + bias.double(), flat_labels, reduction=reduction
+    )
+    assert rel_err(loss.detach(), expected) < 1e-5
+
+
 def test_cross_entropy_bad_inputs(device):
     hidden, weight, bias, labels = make_batch(device)
     with pytest.raises(ValueError, match=r"reduction must be one of \['mean', 'sum', 'none'\]"):
@@ -494,6 +564,63 @@ def test_cross_entropy_bad_inputs(device):
         cross_entropy_from_hidden(hidden, weight, torch.full_like(labels, V))
     with pytest.raises(TypeError, match="weight must be float32"):
         cross_entropy_from_hidden(hidden, weight.long(), labels)
+
+
+MODULES = {
+    "dpo": fastalign.FusedLinearDPOLoss,
+    "kto": fastalign.FusedLinearKTOLoss,
+    "ift": fastalign.FusedLinearIFTLoss,
+    "ce": fastalign.FusedLinearCrossEntropyLoss,
+}
+# (module, options, error, message): each refused at construction, before any tensor is seen.
+BAD_MODULE_OPTIONS = [
+    ("ce", {"reduction": "avg"}, ValueError, r"reduction must be one of \['mean', 'sum', 'none'\]; got 'avg'"),
+    ("ce", {"label_smoothing": 1.5}, ValueError, r"label_smoothing must be in \[0, 1\); got 1.5"),
+    ("ce", {"reduction": "none", "label_smoothing": 0.1}, ValueError, "fast strategy only.*reduction='none'"),
+    ("ce", {"label_smoothing": 0.1, "strategy": "lean"}, ValueError, "fast strategy only.*not strategy='lean'"),
+    ("ce", {"reduction": "none", "strategy": "fast"}, ValueError, "strategy='fast' needs.*reduction='none'"),
+    ("ce", {"entropy": "no"}, TypeError, "entropy must be True or False; got 'no'"),
+    ("ce", {"accuracy": 1}, TypeError, "accuracy must be True or False; got 1"),
+    ("dpo", {"loss_type": "aot", "strategy": "fast"}, ValueError, r"strategy='fast' needs.*\['aot'\] sorts"),
+    ("dpo", {"return_per_example": "yes"}, TypeError, "return_per_example must be True or False"),
+    ("kto", {"beta": 0.0}, ValueError, "beta must be a finite number > 0; got 0.0"),
+    ("ift", {"gamma": 2}, ValueError, r"gamma must be a number in \[0, 1\]; got 2"),
+]
+for name in MODULES:  # the logit options, the same in every module
+    BAD_MODULE_OPTIONS += [
+        (name, {"temperature": 0}, ValueError, "temperature must be a finite number > 0; got 0"),
+        (name, {"softcap": 0.0}, ValueError, "softcap must be a finite number > 0; got 0.0"),
+        (name, {"logit_scale": math.nan}, ValueError, "logit_scale must be a finite number > 0; got nan"),
+        (name, {"memory_budget": -1}, ValueError, r"memory_budget must be a positive int \(bytes\) or None; got -1"),
+        (name, {"memory_budget": "1GB"}, ValueError, "memory_budget must be a positive int.*got '1GB'"),
+        (name, {"ignore_index": 0.5}, TypeError, "ignore_index must be an int; got float"),
+        (name, {"ignore_index": None}, TypeError, "ignore_index must be an int; got NoneType"),
+        (name, {"strategy": "quick"}, ValueError, r"strategy must be one of \['auto', 'fast', 'lean'\]"),
+        (name, {"temprature": 2.0}, TypeError, r"unexpected keyword arguments \['temprature'\]"),
+    ]
+
+
+@pytest.mark.parametrize(("name", "options", "error", "message"), BAD_MODULE_OPTIONS)
+def test_modules_refuse_bad_options_at_construction_naming_them(name, options, error, message):
+    with pytest.raises(error, match=message):
+        MODULES[name](**options)
+
+
+def test_module_options_are_attributes_checked_when_set(backend, device):
+    hidden, weight, bias, labels = make_batch(device)
+    module = fastalign.FusedLinearCrossEntropyLoss(label_smoothing=0.1)
+    assert module.label_smoothing == 0.1 and "label_smoothing=0.1" in repr(module)
+    module.label_smoothing = 0.0  # takes effect at the next call
+    torch.testing.assert_close(
+        module(hidden, weight, labels, bias), cross_entropy_from_hidden(hidden, weight, labels, bias)[0]
+    )
+    with pytest.raises(ValueError, match="fast strategy only.*reduction='none'"):
+        module.reduction, module.label_smoothing = "none", 0.1
+    assert module.reduction == "none" and module.label_smoothing == 0.0  # the refused value was not taken
+    dpo = fastalign.FusedLinearDPOLoss()
+    with pytest.raises(ValueError, match="beta must be a finite number > 0; got -1"):
+        dpo.beta = -1
+    assert dpo.beta == 0.1
 
 
 # ----------------------------------------------------------------------------- every loss, harder inputs

@@ -405,6 +405,9 @@ def test_bad_inputs_name_the_argument(device):
         f(hidden, weight, labels, memory_budget=0)
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         f(hidden, weight, labels, ignore_index=-100.0)
+    for flag in ("entropy", "argmax", "log_sum_sq_probs", "mean_logits"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False; got 'no'"):  # "no" is truthy
+            fastalign.linear_token_stats(hidden, weight, labels, **{flag: "no"})
 
 
 @pytest.mark.parametrize("bad", [11, 12345, -1])

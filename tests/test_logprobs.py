@@ -349,6 +349,11 @@ def test_bad_shapes_dtypes_devices(device):
         fastalign.token_logprobs(logits, labels, temperature=0.0)
     with pytest.raises(ValueError, match="temperature"):
         fastalign.token_logprobs(logits, labels, temperature=float("inf"))
+    for flag in ("entropy", "argmax", "log_sum_sq_probs", "mean_logits", "inplace_backward", "strict"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False; got 'no'"):  # "no" is truthy
+            fastalign.token_stats(logits, labels, **{flag: "no"})
+    with pytest.raises(TypeError, match="ignore_index must be an int; got bool"):
+        fastalign.token_logprobs(logits, labels, ignore_index=True)
 
 
 @pytest.mark.parametrize("bad", [11, 12345, -1, -101])
