@@ -117,110 +117,73 @@ def check_strategy(strategy: str, not_fast: str | None = None, needs_fast: str |
         )
 
 
-def _head_options(ignore_index, temperature, softcap, logit_scale, memory_budget) -> dict:
-    """The logit options as one dict, checked."""
-    check_head_options(ignore_index, temperature, softcap, logit_scale, memory_budget)
-    return {
-        "ignore_index": ignore_index,
-        "temperature": temperature,
-        "softcap": softcap,
-        "logit_scale": logit_scale,
-        "memory_budget": memory_budget,
-    }
+def _pop_head(options: dict) -> dict:
+    """The logit options and the strategy, taken out of a loss's options (defaults filled in)."""
+    head = {"ignore_index": -100, "temperature": 1.0, "softcap": None, "logit_scale": 1.0, "memory_budget": None}
+    head.update({name: options.pop(name) for name in list(head) if name in options})
+    return {**head, "strategy": options.pop("strategy", "auto")}
+
+
+def _checked_head(head: dict, not_fast: str | None = None, needs_fast: str | None = None) -> dict:
+    """The logit options (head_args) of _pop_head's dict, checked with its strategy."""
+    head = dict(head)
+    check_strategy(head.pop("strategy"), not_fast, needs_fast)
+    check_head_options(**head)
+    return head
 
 
 # Each loss's options, checked without a tensor: the function checks them first, its nn.Module at construction.
-# Each returns the logit options (head_args) and why the loss cannot run fast (None when it can).
+# Each takes the loss's options, the logit options and the strategy as keywords, and returns the logit options
+# (head_args) and why the loss cannot run fast (None when it can).
 
 
 def check_dpo_hidden_options(
-    *,
-    beta=0.1,
-    loss_type="sigmoid",
-    loss_weights=None,
-    label_smoothing=0.0,
-    ignore_index=-100,
-    temperature=1.0,
-    softcap=None,
-    logit_scale=1.0,
-    memory_budget=None,
-    strategy="auto",
-    return_per_example=False,
-    **options,
+    *, beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, return_per_example=False, **options
 ) -> tuple[dict, str | None]:
+    head = _pop_head(options)
     types = [t for t, _ in check_dpo_options(beta, loss_type, loss_weights, label_smoothing, **options)]
     check_flag("return_per_example", return_per_example)
-    head_args = _head_options(ignore_index, temperature, softcap, logit_scale, memory_budget)
     coupled = [t for t in types if t in ("aot", "aot_unpaired")]
     not_fast = f"loss_type {coupled} sorts the margins across the batch" if coupled else None
     if options.get("use_weighting") and "sft" in types:
         # The batch's NLL is a constant per pair times the pair's weight: its gradient at a pair's tokens is the
         # sum of every pair's weight, which no chunk knows before the last.
         not_fast = "use_weighting=True weights the batch-level 'sft' term by every pair's WPO weight"
-    check_strategy(strategy, not_fast)
-    return head_args, not_fast
+    return _checked_head(head, not_fast), not_fast
 
 
 def check_kto_hidden_options(
-    *,
-    beta=0.1,
-    desirable_weight=1.0,
-    undesirable_weight=1.0,
-    loss_type="kto",
-    ignore_index=-100,
-    temperature=1.0,
-    softcap=None,
-    logit_scale=1.0,
-    memory_budget=None,
-    strategy="auto",
-    return_per_example=False,
-    **options,
+    *, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto", return_per_example=False, **options
 ) -> tuple[dict, str | None]:
+    head = _pop_head(options)
     check_kto_options(beta, desirable_weight, undesirable_weight, loss_type, **options)
     check_flag("return_per_example", return_per_example)
-    check_strategy(strategy)  # every KTO loss type decomposes: the KL is an input
-    return _head_options(ignore_index, temperature, softcap, logit_scale, memory_budget), None
+    return _checked_head(head), None  # every KTO loss type decomposes: the KL is an input
 
 
-def check_ift_hidden_options(
-    *,
-    gamma=0.95,
-    ignore_index=-100,
-    temperature=1.0,
-    softcap=None,
-    logit_scale=1.0,
-    memory_budget=None,
-    strategy="auto",
-) -> tuple[dict, str | None]:
+def check_ift_hidden_options(*, gamma=0.95, **options) -> tuple[dict, str | None]:
+    head = _pop_head(options)
     check_gamma(gamma)
-    check_strategy(strategy)
-    return _head_options(ignore_index, temperature, softcap, logit_scale, memory_budget), None
+    if options:
+        raise TypeError(f"unexpected keyword arguments {sorted(options)}")
+    return _checked_head(head), None
 
 
 def check_cross_entropy_options(
-    *,
-    reduction="mean",
-    ignore_index=-100,
-    label_smoothing=0.0,
-    entropy=False,
-    accuracy=False,
-    temperature=1.0,
-    softcap=None,
-    logit_scale=1.0,
-    memory_budget=None,
-    strategy="auto",
+    *, reduction="mean", label_smoothing=0.0, entropy=False, accuracy=False, **options
 ) -> tuple[dict, str | None]:
+    head = _pop_head(options)
+    if options:
+        raise TypeError(f"unexpected keyword arguments {sorted(options)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)}; got {reduction!r}")
     if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1):
         raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
     check_flag("entropy", entropy)
     check_flag("accuracy", accuracy)
-    head_args = _head_options(ignore_index, temperature, softcap, logit_scale, memory_budget)
     # A per-token loss's weights in the weight gradient are unknown in the forward.
     not_fast = "reduction='none'" if reduction == "none" else None
-    check_strategy(strategy, not_fast, "label_smoothing > 0" if label_smoothing > 0 else None)
-    return head_args, not_fast
+    return _checked_head(head, not_fast, "label_smoothing > 0" if label_smoothing > 0 else None), not_fast
 
 
 # ---------------------------------------------------------------------------------------------- matmuls

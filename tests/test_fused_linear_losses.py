@@ -326,7 +326,9 @@ def test_a_second_order_gradient_is_refused_not_silently_wrong(op, backend, devi
     elif op == "linear_token_logprobs":
         loss = fastalign.linear_token_logprobs(*leaves[:2], labels, leaves[2]).sum()
     elif op == "ift_loss":
-        logps = torch.randn(2 * B, T, device=device, requires_grad=True)
+        # Log-probs (<= 0): with both signs a sequence's sum of discounted NLLs can be near 0, where IFT's weights
+        # (divided by it) and their second order are ill-conditioned (0.16 relative error in fp32, seed 199).
+        logps = (-5 * torch.rand(2 * B, T, device=device)).requires_grad_(True)
         leaves = [logps]
         loss = fastalign.ift_loss(logps, labels != IGNORE)
     else:
