@@ -67,6 +67,7 @@ from fastalign.linear_logprobs import (
     linear_token_logprobs,
     linear_token_stats,
 )
+from fastalign.logprobs import TokenStats
 from fastalign.vocab_parallel import (
     ROWS_DIFFER,
     VocabShard,
@@ -620,11 +621,13 @@ def _strategy_for(
     return "fast" if unit_bytes <= max(head.memory_budget, 4 * V * H) else "lean"
 
 
-def _fused_linear_loss(
+def fused_linear_loss(
     hidden, weight, labels, bias, objective: _Objective, head_args: dict, strategy: str, outputs: Outputs = _NONE
-) -> tuple[tuple, torch.Tensor | None, torch.Tensor | None]:
-    """(what objective.loss_of returns, entropy, argmax) on the log-probs of hidden [R, T, H] under weight [V, H];
-    entropy and argmax ([R, T], no gradient) when asked for in `outputs`, valid wherever the label counts."""
+) -> tuple[tuple, TokenStats]:
+    """(what objective.loss_of returns, TokenStats) on the log-probs of hidden [R, T, H] under weight [V, H]: every
+    loss of this module, and the fused loss a patched model computes inside its head (the TRL trainers' path).
+    The TokenStats ([R, T], no gradient; valid wherever the label counts) hold the log-probs, the entropy and argmax
+    when `outputs` asks for them, and the objective's extras (log_sum_sq_probs, mean_logits)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
         raise ValueError(f"hidden must have shape [batch, T, H]; got {got}")
@@ -649,16 +652,19 @@ def _fused_linear_loss(
             mean_logits="mean_logits" in objective.extras,
         )
         extras = {name: getattr(stats, name) for name in objective.extras}
+        result = objective.loss_of(stats.logprobs, extras)
         entropy = None if stats.entropy is None else stats.entropy.detach()
-        return objective.loss_of(stats.logprobs, extras), entropy, stats.argmax
+        return result, stats._replace(logprobs=stats.logprobs.detach(), entropy=entropy)
     if shard is not None:  # the slices; the gradients' DTensors come from to_local's backward
         hidden, weight, bias = local_operands(hidden, weight, bias, shard)
         shard = shard if shard.size < shard.vocab else None  # a one-rank group's slice is the whole vocabulary
     sized_for_gemms = use_kernels and head_args["memory_budget"] is None
     needs_grad = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
     plan = _Fast(objective, labels.to(torch.int64), head, outputs, use_kernels, shard, sized_for_gemms, needs_grad)
-    loss, _logps, entropy, argmax, *_values, metrics = _FastFusedLinearLoss.apply(hidden, weight, bias, plan)
-    return (loss, *metrics), entropy, argmax
+    loss, logps, entropy, argmax, log_sum_sq, mean_logits, _mean_logps, metrics = _FastFusedLinearLoss.apply(
+        hidden, weight, bias, plan
+    )
+    return (loss, *metrics), TokenStats(logps, entropy, argmax, log_sum_sq, mean_logits)
 
 
 def _references_and_mask(
@@ -743,15 +749,23 @@ def dpo_loss_from_hidden(
     (ref_chosen, ref_rejected), mask = _references_and_mask(
         given, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, token_options.get("ld_alpha")
     )
+    objective = dpo_objective(mask, ref_chosen, ref_rejected, not_fast, **kwargs, **options)
+    return fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0]
+
+
+def dpo_objective(mask, ref_chosen, ref_rejected, not_fast: str | None, **options) -> _Objective:
+    """The DPO loss of the pairs of mask [2B, T] (the B chosen rows first) from their per-token log-probs, with
+    `dpo_loss_from_token_logps`'s options and not_fast from check_dpo_hidden_options: dpo_loss_from_hidden's, and
+    the loss fastalign's DPOTrainer has its patched model compute in the head."""
 
     def loss_of(logps, extras):
-        return dpo_loss_from_token_logps(logps, mask, ref_chosen, ref_rejected, **extras, **kwargs, **options)
+        token_extras = {k: v for k, v in extras.items() if k in ("log_sum_sq_probs", "mean_logits")}
+        return dpo_loss_from_token_logps(logps, mask, ref_chosen, ref_rejected, **token_extras, **options)
 
     extras = ("log_sum_sq_probs",) * bool(options.get("use_weighting")) + ("mean_logits",) * bool(
         options.get("return_per_example")
     )
-    objective = _Objective(loss_of, "pair", not_fast, extras)
-    return _fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0]
+    return _Objective(loss_of, "pair", not_fast, extras)
 
 
 def kto_loss_from_hidden(
@@ -794,22 +808,27 @@ def kto_loss_from_hidden(
     (ref,), mask = _references_and_mask(
         {"ref_logps": ref_logps}, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, None
     )
+    objective = kto_objective(mask, ref, desirable, kl, loss_type=loss_type, **kwargs, **options)
+    return fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0]
+
+
+def kto_objective(mask, ref_logps, desirable, kl, **options) -> _Objective:
+    """The KTO loss of the sequences of mask [B, T] from their per-token log-probs, with `kto_loss`'s options (the
+    lengths from the mask; return_per_example adds logits, the mean logit over each completion's tokens):
+    kto_loss_from_hidden's, and the loss fastalign's KTOTrainer has its patched model compute in the head."""
     lengths = mask.sum(-1)
+    per_example = bool(options.get("return_per_example"))
 
     def loss_of(logps, extras):
-        result = kto_loss(
-            sequence_logps(logps, mask), ref, desirable, kl, loss_type=loss_type, lengths=lengths, **kwargs, **options
-        )
-        if "mean_logits" in extras:
+        result = kto_loss(sequence_logps(logps, mask), ref_logps, desirable, kl, lengths=lengths, **options)
+        if per_example:
             with torch.no_grad():
                 result[2]["logits"] = (torch.where(mask, extras["mean_logits"], 0.0).sum(-1) / lengths.clamp(min=1)).to(
                     result[0].dtype
                 )
         return result
 
-    extras = ("mean_logits",) * bool(options.get("return_per_example"))
-    objective = _Objective(loss_of, "sequence", not_fast, extras)
-    return _fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0]
+    return _Objective(loss_of, "sequence", None, ("mean_logits",) * per_example)  # the KL is an input
 
 
 def ift_loss_from_hidden(
@@ -840,7 +859,7 @@ def ift_loss_from_hidden(
         return (ift_loss(logps, mask, gamma=gamma),)
 
     objective = _Objective(loss_of, "sequence", not_fast)
-    return _fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0][0]
+    return fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0][0]
 
 
 def cross_entropy_from_hidden(
@@ -899,14 +918,14 @@ def cross_entropy_from_hidden(
         return (nll.sum() / count if reduction == "mean" else nll.sum(),)
 
     objective = _Objective(loss_of, "token", not_fast, ("mean_logps",) * (eps > 0))
-    (loss,), ent, amax = _fused_linear_loss(
+    (loss,), stats = fused_linear_loss(
         hidden, weight, labels, bias, objective, head_args, strategy, Outputs(entropy=entropy, argmax=accuracy)
     )
     if tokens and reduction == "none":
         loss = loss[0]
     metrics = {}
     if entropy:
-        metrics["entropy"] = torch.where(mask, ent, 0.0).sum() / count
+        metrics["entropy"] = torch.where(mask, stats.entropy, 0.0).sum() / count
     if accuracy:
-        metrics["mean_token_accuracy"] = (mask & (amax == labels)).sum() / count
+        metrics["mean_token_accuracy"] = (mask & (stats.argmax == labels)).sum() / count
     return loss, metrics

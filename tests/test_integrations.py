@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -454,6 +455,7 @@ def test_dpo_online_merge_applies_tau(tok, rows, tmp_path):
 
 
 def kto_trainer(cls, tok, rows, tmp_path, policy, reference, steps=8, **config):
+    kwargs = {k: config.pop(k) for k in ("strategy",) if k in config}  # the trainer's, not the config's
     data = []
     for r in rows[:16]:
         data += [{"prompt": r["prompt"], "completion": r["chosen"], "label": True}]
@@ -464,6 +466,7 @@ def kto_trainer(cls, tok, rows, tmp_path, policy, reference, steps=8, **config):
         args=training_args(trl.KTOConfig, tmp_path, steps=steps, **config),
         train_dataset=datasets.Dataset.from_list(data),
         processing_class=tok,
+        **kwargs,
     )
 
 
@@ -485,6 +488,54 @@ def test_step_zero_equals_trl(kind, tok, rows, tmp_path):
     loss, stock_loss = ours.compute_loss(ours.model, batch), stock.compute_loss(stock.model, batch)
     assert rel_err(loss, stock_loss) < LOSS_RTOL
     assert_same_metrics(ours, stock)
+
+
+class HeadMatmulFlops(TorchDispatchMode):
+    """FLOPs of the torch matrix products with a dimension of `vocab` (the lm_head's; the backbone has none)."""
+
+    _OPERANDS = {"mm": (0, 1), "addmm": (1, 2), "addmm_": (1, 2)}
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.flops = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        operands = self._OPERANDS.get(func.overloadpacket.__name__)
+        if operands is not None:
+            a, b = (args[i] for i in operands)
+            if self.vocab in (*a.shape, *b.shape):
+                self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("strategy", ["fast", "lean"])
+@pytest.mark.parametrize("kind", PREFERENCE)
+def test_step_zero_gradients_equal_trl_and_fast_takes_6_nhv(kind, strategy, tok, rows, tmp_path):
+    """The trainers' loss is computed inside the policy's head on either strategy: the gradient of every weight
+    equals stock TRL's, and fast's head takes 6 N H V matmul FLOPs (N the scored tokens) besides the reference's."""
+    make, ours_cls, stock_cls, _, _ = PREFERENCE[kind]
+    reference = tiny_llama(tok, hidden_size=HIDDEN)
+    policy = perturbed(reference)
+    with forced_backend("torch"):
+        ours = make(ours_cls, tok, rows, tmp_path, copy.deepcopy(policy), copy.deepcopy(reference), strategy=strategy)
+        stock = make(stock_cls, tok, rows, tmp_path, copy.deepcopy(policy), copy.deepcopy(reference))
+        batch = first_batch(ours)
+        counter = HeadMatmulFlops(len(tok))
+        with counter:
+            loss = ours.compute_loss(ours.model, batch)
+            loss.backward()
+        stock.compute_loss(stock.model, batch).backward()
+    assert rel_err(loss, stock.compute_loss(stock.model, batch)) < LOSS_RTOL
+    stock_grads = dict(stock.model.named_parameters())
+    for name, p in ours.model.named_parameters():
+        assert rel_err(p.grad, stock_grads[name].grad) < GRAD_RTOL, name
+    if strategy == "fast":
+        H, V = HIDDEN, len(tok)
+        scored = int(batch["completion_mask"][:, 1:].sum())
+        kl_scored = int(batch["KL_completion_mask"][:, 1:].sum()) if kind == "kto" else 0
+        # Besides, under no_grad on the scored tokens alone: the reference's forward, 2 N H V, and KTO's KL pass
+        # of the policy and of the reference, 2 N_KL H V each.
+        assert counter.flops == (6 * scored + 2 * scored + 4 * kl_scored) * H * V
 
 
 @pytest.mark.parametrize("kind", PREFERENCE)

@@ -9,6 +9,7 @@ patch survives PEFT wrapping and FSDP2 sharding applied after it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import sys
@@ -22,6 +23,8 @@ from transformers.utils import ModelOutput
 
 import fastalign
 from fastalign._backend import check_positive
+from fastalign.kernels.linear_logprobs import Outputs
+from fastalign.linear_losses import fused_linear_loss
 from fastalign.vocab_parallel import vocab_shard
 
 IGNORE_INDEX = -100
@@ -53,6 +56,9 @@ class FusedCausalLMOutput(ModelOutput):
     - log_sum_sq_probs: log(sum_v p_v^2) of the next-token distribution, float32, no gradient (with
       `return_log_sum_sq_probs=True`; WPO's weights).
     - label_mask: where the label is not ignored.
+    - aux_loss: the MoE load-balancing loss, when added.
+    - loss_outputs: with `fused_objective` (fastalign's TRL trainers), what its loss returned (the loss, then its
+      metrics); `loss` is then that loss (plus aux_loss), and logprobs and entropy carry no gradient.
     """
 
     loss: torch.Tensor | None = None
@@ -63,6 +69,7 @@ class FusedCausalLMOutput(ModelOutput):
     log_sum_sq_probs: torch.Tensor | None = None
     label_mask: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    loss_outputs: tuple | None = None
 
 
 def logit_transform(config: Any) -> tuple[float, float | None]:
@@ -155,9 +162,11 @@ def _moe_aux_loss(model, text_config, backbone_outputs, attention_mask) -> tuple
     return found["coefficient"], loss_func(router_logits, found["num_experts"], found["top_k"], attention_mask)
 
 
-def _call_head(lm_head, hidden, labels, head, extras: dict[str, bool]):
-    """TokenStats of the head on `hidden` (with the `extras` of linear_token_stats asked for), computed inside
-    lm_head's own call.
+def _call_head(lm_head, hidden, labels, head, extras: dict[str, bool], objective=None, strategy: str = "auto"):
+    """(TokenStats of the head on `hidden`, with the `extras` of linear_token_stats asked for; what the objective's
+    loss_of returned, or None), computed inside lm_head's own call. Without an objective the stats are
+    linear_token_stats' (differentiable log-probs); with one, fastalign.linear_losses.fused_linear_loss computes
+    the loss in the head (at 6 N H V on its fast strategy) and the stats carry no gradient.
 
     Calling the module rather than reading its weight lets FSDP2 gather a separately sharded head
     for this call and reduce-scatter its gradient, as for any other layer. A vocab-parallel head (ColwiseParallel:
@@ -165,18 +174,24 @@ def _call_head(lm_head, hidden, labels, head, extras: dict[str, bool]):
     logits back; linear_token_stats runs it on each rank's vocabulary slice.
     """
 
+    head_args = {
+        "ignore_index": IGNORE_INDEX,
+        "temperature": head["temperature"],
+        "softcap": head["softcap"],
+        "logit_scale": head["logit_scale"],
+    }
+
     def head_forward(hidden, labels):
-        return fastalign.linear_token_stats(
-            hidden,
-            lm_head.weight,
-            labels,
-            lm_head.bias,
-            ignore_index=IGNORE_INDEX,
-            temperature=head["temperature"],
-            softcap=head["softcap"],
-            logit_scale=head["logit_scale"],
-            **extras,
-        )
+        if objective is None:
+            stats = fastalign.linear_token_stats(hidden, lm_head.weight, labels, lm_head.bias, **head_args, **extras)
+            return stats, None
+        wanted = [name for name in ("log_sum_sq_probs", "mean_logits") if extras[name]]
+        with_extras = dataclasses.replace(objective, extras=tuple(dict.fromkeys((*objective.extras, *wanted))))
+        result, stats = fused_linear_loss(
+            hidden, lm_head.weight, labels, lm_head.bias, with_extras, {**head_args, "memory_budget": None}, strategy,
+            Outputs(entropy=extras["entropy"], argmax=extras["argmax"]),
+        )  # fmt: skip
+        return stats, result
 
     if vocab_shard(lm_head.weight) is not None:
         return head_forward(hidden, labels)
@@ -242,6 +257,8 @@ def _fused_forward(
     return_argmax: bool = False,
     return_mean_logits: bool = False,
     return_log_sum_sq_probs: bool = False,
+    fused_objective=None,
+    fused_strategy: str = "auto",
     **kwargs,
 ):
     head = self._fastalign_head
@@ -282,10 +299,14 @@ def _fused_forward(
     _check_lm_head(lm_head)
     # With the model split across devices (device_map), the backbone may end on another device.
     hidden, labels = hidden.to(lm_head.weight.device), labels.to(lm_head.weight.device)
-    stats = _call_head(lm_head, hidden, labels, head, extras)
+    objective = None if fused_objective is None else fused_objective(labels)
+    stats, loss_result = _call_head(lm_head, hidden, labels, head, extras, objective, fused_strategy)
     mask = labels != IGNORE_INDEX
-    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-    loss = -stats.logprobs.sum() / count
+    if loss_result is None:
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -stats.logprobs.sum() / count
+    else:
+        loss = loss_result[0]
     aux_loss = _moe_aux_loss(self, text_config, backbone_outputs, kwargs.get("attention_mask"))
     if aux_loss is not None:
         coefficient, aux_loss = aux_loss
@@ -303,6 +324,7 @@ def _fused_forward(
         log_sum_sq_probs=labelled(stats.log_sum_sq_probs),
         label_mask=mask,
         aux_loss=aux_loss,
+        loss_outputs=loss_result,
     )
     return output.to_tuple() if return_dict is False else output  # a tuple as the model's own: the loss first
 
@@ -327,7 +349,9 @@ def patch_causal_lm(
 
     The patched forward takes, besides the model's own arguments, `labels` (aligned with input_ids,
     shifted inside, -100 ignored) or pre-shifted `shift_labels`, `num_items_in_batch`, and the
-    flags `return_entropy`, `return_argmax`, `return_mean_logits`, `return_log_sum_sq_probs`. Called without
+    flags `return_entropy`, `return_argmax`, `return_mean_logits`, `return_log_sum_sq_probs`; fastalign's TRL trainers
+    also pass `fused_objective` (shifted labels -> a `fastalign.linear_losses` objective) and `fused_strategy`, so
+    that the head computes their loss itself, on the fused losses' strategies (fast: 6 N H V FLOPs). Called without
     labels it is the model's own forward. Patching again replaces the settings; `unpatch_causal_lm` undoes it.
 
     Stock TRL trainers call their own fused head (`add_fused_lm_head`), which bypasses this forward: it then

@@ -16,10 +16,10 @@ import torch
 import trl
 from trl.models.utils import disable_gradient_checkpointing
 
-import fastalign
-from fastalign.dpo import check_dpo_options, dpo_loss_from_token_logps, sequence_logps
+from fastalign.dpo import sequence_logps
 from fastalign.integrations.adapters import is_peft_model, reference_adapter
 from fastalign.integrations.causal_lm import IGNORE_INDEX, is_patched, patch_causal_lm
+from fastalign.linear_losses import check_dpo_hidden_options, check_strategy, dpo_objective, kto_objective
 
 _DPO_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 _KTO_NON_MODEL_KEYS = {
@@ -64,8 +64,17 @@ class _FastalignMixin:
     _non_model_keys: set[str]
     _reference_keys: tuple[str, ...]  # the precomputed reference columns
 
-    def __init__(self, *args, ref_adapter_name: str | None = None, online_merge: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        ref_adapter_name: str | None = None,
+        online_merge: dict | None = None,
+        strategy: str = "auto",
+        **kwargs,
+    ):
         # Set before TRL's __init__, which may precompute reference log-probs through our forward.
+        check_strategy(strategy)
+        self.fused_strategy = strategy
         self.ref_adapter_name = ref_adapter_name
         self.online_merge = dict(online_merge) if online_merge is not None else None
         if self.online_merge is not None and "base" not in self.online_merge:
@@ -213,6 +222,10 @@ class DPOTrainer(_FastalignMixin, trl.DPOTrainer):
       come from the DPOConfig. tau = reference - base is built once, at optimizer creation.
     - average_log_prob: the losses compare per-token means of the completion log-probs instead of sums
       (Liger's option; default False, as TRL).
+    - strategy: "auto" (default), "fast" or "lean", as `fastalign.FusedLinearDPOLoss`'s: the patched model's head
+      computes the loss itself, fast at 6 N H V matmul FLOPs (the gradient in the forward, an fp32 [V, H]
+      accumulator, as TRL's head holds one), lean at 8 as TRL's head. auto takes fast unless the loss type
+      couples the pairs (aot, aot_unpaired, sft with use_weighting).
 
     Every DPOConfig loss option is honoured: loss_type (lists, with loss_weights), label_smoothing,
     ld_alpha (LD-DPO), use_weighting (WPO), f_divergence_type with f_alpha_divergence_coef, discopop_tau.
@@ -231,7 +244,10 @@ class DPOTrainer(_FastalignMixin, trl.DPOTrainer):
 
     def _check_supported(self, args) -> None:
         # fastalign's messages (the argument and its valid values) before TRL's set-up work.
-        check_dpo_options(args.beta, args.loss_type, args.loss_weights, args.label_smoothing, **self._dpo_options(args))
+        kwargs = dict(beta=args.beta, loss_type=args.loss_type, loss_weights=args.loss_weights)
+        check_dpo_hidden_options(
+            **kwargs, label_smoothing=args.label_smoothing, strategy=self.fused_strategy, **self._dpo_options(args)
+        )
 
     def _dpo_options(self, args) -> dict[str, Any]:
         """The DPOConfig options that `fastalign.dpo.dpo_loss_from_token_logps` takes beside beta and loss types."""
@@ -257,30 +273,34 @@ class DPOTrainer(_FastalignMixin, trl.DPOTrainer):
         model_kwargs = self._model_kwargs(inputs)
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, IGNORE_INDEX)
-        wpo = {"return_log_sum_sq_probs": True} if self.use_weighting else {}
-        outputs = self._fused(model)(
-            **model_kwargs, labels=labels, return_entropy=True, return_argmax=True, return_mean_logits=True, **wpo
-        )
-        shift_mask = completion_mask[:, 1:]
-        seq_len = shift_mask.size(1)
+        # The reference first: the loss is computed inside the policy's head, at 6 N H V on the fast strategy.
         if self.precompute_ref_logps:
             ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(None, inputs)
-        # The scored tokens: ipo and sigmoid_norm divide by their count (TRL counts the unshifted completion
-        # mask there, one more only when a completion starts at the first position, i.e. without a prompt).
-        loss, metrics = dpo_loss_from_token_logps(
-            _real_positions(outputs.logprobs, seq_len),
-            shift_mask.bool(),
-            ref_chosen_logps,
-            ref_rejected_logps,
-            log_sum_sq_probs=_real_positions(getattr(outputs, "log_sum_sq_probs", None), seq_len),
+        options = dict(
             beta=self.beta,
             loss_type=self.loss_types,
             loss_weights=self.loss_weights,
             label_smoothing=self.label_smoothing,
             **self._dpo_options(self.args),
         )
+        _, not_fast = check_dpo_hidden_options(**options, strategy=self.fused_strategy)
+
+        def objective(shifted_labels):
+            # The scored tokens (those of the head's labels, PEFT's virtual tokens ignored): ipo and sigmoid_norm
+            # divide by their count, as TRL (its unshifted completion mask has one more only when a completion
+            # starts at the first position, i.e. without a prompt).
+            mask = shifted_labels != IGNORE_INDEX
+            return dpo_objective(mask, ref_chosen_logps, ref_rejected_logps, not_fast, **options)
+
+        outputs = self._fused(model)(
+            **model_kwargs, labels=labels, return_entropy=True, return_argmax=True, return_mean_logits=True,
+            fused_objective=objective, fused_strategy=self.fused_strategy,
+        )  # fmt: skip
+        loss, metrics = outputs.loss_outputs
+        shift_mask = completion_mask[:, 1:]
+        seq_len = shift_mask.size(1)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
 
@@ -298,8 +318,8 @@ class DPOTrainer(_FastalignMixin, trl.DPOTrainer):
 
 class KTOTrainer(_FastalignMixin, trl.KTOTrainer):
     """`trl.KTOTrainer` with fastalign's fused log-prob head, `fastalign.kto_loss` and, optionally,
-    `fastalign.optim.OnlineMergeAdamW`. Takes TRL's arguments plus `ref_adapter_name` and
-    `online_merge`, as `fastalign.integrations.DPOTrainer`. Logs TRL's metrics under TRL's names."""
+    `fastalign.optim.OnlineMergeAdamW`. Takes TRL's arguments plus `ref_adapter_name`, `online_merge` and
+    `strategy`, as `fastalign.integrations.DPOTrainer`. Logs TRL's metrics under TRL's names."""
 
     _trl_trainer = trl.KTOTrainer
     _non_model_keys = _KTO_NON_MODEL_KEYS
@@ -327,11 +347,11 @@ class KTOTrainer(_FastalignMixin, trl.KTOTrainer):
         batch = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         model_kwargs = self._model_kwargs(batch)
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
-        outputs = self._fused(model)(**model_kwargs, labels=labels, return_entropy=True, return_mean_logits=True)
         shift_mask = batch["completion_mask"][:, 1:]
-        logps = _real_positions(outputs.logprobs, shift_mask.size(1)).sum(-1)
-        desirable = torch.as_tensor(batch["label"], dtype=torch.bool, device=logps.device)
+        desirable = torch.as_tensor(batch["label"], dtype=torch.bool, device=labels.device)
 
+        # The reference and the KL estimate first (TRL's order for the KL): the loss is computed inside the
+        # policy's head, at 6 N H V on the fast strategy.
         if self.precompute_ref_logps:
             ref_logps, ref_kl_logps = batch["ref_logps"], batch.get("ref_KL_logps")
         else:
@@ -343,16 +363,21 @@ class KTOTrainer(_FastalignMixin, trl.KTOTrainer):
                 kl_outputs = self._fused(model)(**kl_kwargs, labels=kl_labels)
             kl = (_real_positions(kl_outputs.logprobs, kl_labels.size(1) - 1).sum(-1) - ref_kl_logps).mean()
             kl = self.accelerator.gather_for_metrics(kl.detach().reshape(1)).mean()
-        loss, metrics = fastalign.kto_loss(
-            logps,
-            ref_logps,
-            desirable,
-            kl,
+        options = dict(
             beta=self.beta,
             desirable_weight=self.desirable_weight,
             undesirable_weight=self.undesirable_weight,
             loss_type=self.loss_type,
         )
+
+        def objective(shifted_labels):
+            return kto_objective(shifted_labels != IGNORE_INDEX, ref_logps, desirable, kl, **options)
+
+        outputs = self._fused(model)(
+            **model_kwargs, labels=labels, return_entropy=True, return_mean_logits=True,
+            fused_objective=objective, fused_strategy=self.fused_strategy,
+        )  # fmt: skip
+        loss, metrics = outputs.loss_outputs
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
 
