@@ -851,15 +851,19 @@ def ift_loss_from_hidden(
         gamma=gamma, ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
         memory_budget=memory_budget, strategy=strategy,
     )  # fmt: skip
-    gamma = float(gamma)
     check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
-    mask = labels != ignore_index
+    objective = ift_objective(labels != ignore_index, float(gamma))
+    return fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0][0]
+
+
+def ift_objective(mask, gamma: float) -> _Objective:
+    """The IFT loss of the sequences of mask [B, T] from their per-token log-probs: ift_loss_from_hidden's, and the
+    loss fastalign's IFTTrainer has its patched model compute in the head (every IFT loss decomposes per sequence)."""
 
     def loss_of(logps, _extras):
         return (ift_loss(logps, mask, gamma=gamma),)
 
-    objective = _Objective(loss_of, "sequence", not_fast)
-    return fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0][0]
+    return _Objective(loss_of, "sequence")
 
 
 def cross_entropy_from_hidden(

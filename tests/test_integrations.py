@@ -329,8 +329,7 @@ def assert_same_metrics(ours, stock):
 
 
 def eager_ift_loss(model, batch, lam, gamma):
-    """The two-pass IFT step on the model's logits with the eager references."""
-    model = unpatch_causal_lm(copy.deepcopy(model))
+    """The two-pass IFT step on the logits of `model` (unpatched) with the eager references."""
     input_ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     with torch.no_grad():
         predicted = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].argmax(-1)
@@ -350,11 +349,21 @@ def ift_trainer(tok, rows, tmp_path, model=None, **kwargs):
     )
 
 
-def test_ift_step_zero_equals_eager(tok, rows, tmp_path):
-    trainer = ift_trainer(tok, rows, tmp_path, model=perturbed(tiny_llama(tok, hidden_size=HIDDEN), 0.5))
+@pytest.mark.parametrize("strategy", ["fast", "lean"])
+def test_ift_step_zero_equals_eager_with_its_gradients(strategy, tok, rows, tmp_path):
+    model = perturbed(tiny_llama(tok, hidden_size=HIDDEN), 0.5)
+    trainer = ift_trainer(tok, rows, tmp_path, model=model, strategy=strategy)
     batch = first_batch(trainer)
     loss = trainer.compute_loss(trainer.model, batch)
-    assert rel_err(loss, eager_ift_loss(trainer.model, batch, trainer.lam, trainer.gamma)) < LOSS_RTOL
+    loss.backward()
+    eager = unpatch_causal_lm(copy.deepcopy(trainer.model)).double()
+    eager.zero_grad()
+    loss64 = eager_ift_loss(eager, batch, trainer.lam, trainer.gamma)
+    loss64.backward()
+    assert rel_err(loss, loss64) < LOSS_RTOL
+    eager_params = dict(eager.named_parameters())
+    for name, p in trainer.model.named_parameters():
+        assert rel_err(p.grad, eager_params[name].grad) < GRAD_RTOL, name
     assert trainer.lam == 0.2 and trainer.gamma == 0.95
 
 

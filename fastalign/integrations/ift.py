@@ -4,7 +4,8 @@ Each step makes two passes over the batch:
 1. a greedy pass under no_grad, whose argmax comes straight from the fused head's hidden states;
 2. a pass whose input embeddings mix, on response positions, the ground-truth token with the token
    the model predicted at the previous position: (1 - lam) E[y_t] + lam E[y^_{t-1}];
-and takes the IFT loss (`fastalign.ift_loss`) on the second pass's per-token log-probs.
+and takes the IFT loss (`fastalign.ift_loss`) on the second pass's per-token log-probs, inside its lm_head call
+(the fused-linear losses' strategies: fast at 6 N H V).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer
 
 import fastalign
 from fastalign.integrations.causal_lm import IGNORE_INDEX, is_patched, patch_causal_lm
+from fastalign.linear_losses import check_strategy, ift_objective
 
 RESPONSE_COLUMNS = ("completion", "response")
 
@@ -55,6 +57,8 @@ class IFTTrainer(Trainer):
         lam: weight of the model's own previous prediction in the input embeddings (default 0.2).
         gamma: discount of the IFT loss's reverse cumulative sum (default 0.95; 0 is plain SFT).
         max_length: truncate tokenized examples to this many tokens (default: no truncation).
+        strategy: "auto" (default), "fast" or "lean", as `fastalign.FusedLinearIFTLoss`'s: the second pass's head
+            computes the loss, fast at 6 N H V matmul FLOPs, lean at 8.
 
     Datasets hold either text columns "prompt" and "completion" (or "response"), tokenized here
     with `processing_class`, or token columns "input_ids" and "labels" (-100 on the prompt). No
@@ -75,8 +79,11 @@ class IFTTrainer(Trainer):
         lam: float = 0.2,
         gamma: float = 0.95,
         max_length: int | None = None,
+        strategy: str = "auto",
         **kwargs,
     ):
+        check_strategy(strategy)
+        self.fused_strategy = strategy
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1]; got {lam}")
         if not 0.0 <= gamma <= 1.0:
@@ -158,9 +165,13 @@ class IFTTrainer(Trainer):
             greedy = model(**kwargs, labels=labels, return_argmax=True)
         # predicted[:, t] is the argmax at position t, read only where token t + 1 is a response token.
         predicted = torch.where(greedy.label_mask, greedy.argmax, input_ids[:, :-1])
+        # The loss inside the head's call: at 6 N H V on the fast strategy (linear_token_stats, then the loss: 8).
         with self._mixed_embeddings(model, input_ids, predicted, labels):
-            outputs = model(**kwargs, labels=labels)
-        loss = fastalign.ift_loss(outputs.logprobs, outputs.label_mask, gamma=self.gamma)
+            outputs = model(
+                **kwargs, labels=labels, fused_strategy=self.fused_strategy,
+                fused_objective=lambda shifted_labels: ift_objective(shifted_labels != IGNORE_INDEX, self.gamma),
+            )  # fmt: skip
+        loss = outputs.loss_outputs[0]
 
         mask = outputs.label_mask
         tokens = self.accelerator.gather_for_metrics(mask.sum().reshape(1)).sum().clamp(min=1)
