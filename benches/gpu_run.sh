@@ -10,5 +10,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?OUT must name the folder whose files come back}"
 export PYTHONUNBUFFERED=1
+# The copied tree has no .git: without the hash typed in, the results would name no commit.
+if [ ! -d .git ] && [ -z "${FASTALIGN_COMMIT:-}" ] && [[ " $* " != *" --rehearse "* ]]; then
+  echo "gpu_run.sh: set FASTALIGN_COMMIT=<the short hash> (this tree has no .git to read it from)" >&2
+  exit 2
+fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python3 -m fastalign.cli gpu-check --budget 300 --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu-check.out"

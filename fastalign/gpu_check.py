@@ -254,8 +254,14 @@ def _profiles(env, cases: list, wanted: tuple, clock: Clock, cut: list[str]) -> 
 
 
 def results_path(device: str, folder: Path = REPO / "benches" / "results") -> Path:
+    """<folder>/<gpu>-<date>.json, or -2, -3, ... after it: a second run on a day never overwrites the first."""
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    return folder / f"{slug}-{datetime.date.today().isoformat()}.json"
+    stem = f"{slug}-{datetime.date.today().isoformat()}"
+    path, n = folder / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}.json"
+    return path
 
 
 def _correctness(clock: Clock, rehearse: bool, log: Path, cut: list[str]) -> dict:
@@ -286,6 +292,10 @@ def main(budget: float = 300, rehearse: bool = False, out: str | None = None) ->
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         return subprocess.call([*cmd, *(["--out", out] if out else [])], env=env)
+    if not rehearse and os.environ.get("TRITON_INTERPRET") == "1":
+        print("gpu-check: TRITON_INTERPRET=1 would time Triton's interpreter as the GPU's kernels; unset it "
+              "(`--rehearse` is the interpreter run)")  # fmt: skip
+        return 2
     clock = Clock(budget)
     import torch
 
@@ -306,33 +316,57 @@ def main(budget: float = 300, rehearse: bool = False, out: str | None = None) ->
     print("peers: " + ", ".join(f"{name} {peers[name]}" for name in PEERS) + note, flush=True)
     cut = [f"peer {name}: {peers[name]}" for name in PEERS if peers[name].startswith("missing")]
 
-    if out and Path(out).is_dir():
+    if out and (Path(out).is_dir() or Path(out).suffix != ".json"):  # a folder, made if need be
+        Path(out).mkdir(parents=True, exist_ok=True)
         path = results_path(meta["device"], Path(out))
     elif out:
         path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
     else:
         path = work / "results.json" if rehearse else results_path(meta["device"])
-    # Beside the results when --out says where (on the GPU machine only $OUT comes back), else with the scratch files.
-    tests = _correctness(clock, rehearse, path.with_suffix(".pytest.log") if out else work / "pytest.log", cut)
+    summary = {"budget_s": budget, "rehearse": rehearse, "peers": peers}
+    latest = {"records": [], "skipped": [], "ceilings": bench.Ceilings(env)}
 
-    cases = prioritized(bench.collect_cases(env, REHEARSE_OPS if rehearse else None))
-    profiles = _profiles(env, cases, REHEARSE_PROFILED if rehearse else PROFILED, clock, cut)
-    print(f"benchmarks: {len(cases)} cases, for {max(0.0, clock.left() - RESERVE_SECONDS):.0f} s", flush=True)
-    records, skipped, ceilings = bench.run_cases(env, cases, deadline=clock.deadline - RESERVE_SECONDS)
+    def save(records, skipped, ceilings) -> None:
+        """The results file as it stands: written after the tests and after every group of cases (a run killed
+        midway, as by the device tool's timeout, or an error, keeps what it measured)."""
+        latest.update(records=records, skipped=skipped, ceilings=ceilings)
+        summary["seconds"] = round(time.monotonic() - clock.start, 1)
+        every_cut = cut + [f"{s['case']}: {s['reason']}" for s in skipped]
+        bench.write_results(path, env, records, skipped, ceilings, gpu_check={**summary, "cut": every_cut})
+
+    # Beside the results when --out says where (on the GPU machine only $OUT comes back), else with the scratch files.
+    summary["correctness"] = tests = _correctness(
+        clock, rehearse, path.with_suffix(".pytest.log") if out else work / "pytest.log", cut
+    )
+    try:
+        save(**latest)
+        cases = prioritized(bench.collect_cases(env, REHEARSE_OPS if rehearse else None))
+        summary["profiles"] = _profiles(env, cases, REHEARSE_PROFILED if rehearse else PROFILED, clock, cut)
+        print(f"benchmarks: {len(cases)} cases, for {max(0.0, clock.left() - RESERVE_SECONDS):.0f} s", flush=True)
+        bench.run_cases(env, cases, deadline=clock.deadline - RESERVE_SECONDS, after_group=save)
+    finally:
+        save(**latest)
+    records, skipped, ceilings = latest["records"], latest["skipped"], latest["ceilings"]
     bench.print_table(records, ceilings)
     if rehearse:  # the kernels ran in Triton's interpreter: the table proves the code path, not the speed
         print("rehearsal: fastalign's rows ran the Triton interpreter, so their times say nothing about speed")
-    cut += [f"{s['case']}: {s['reason']}" for s in skipped]
-
-    seconds = round(time.monotonic() - clock.start, 1)
-    summary = {"budget_s": budget, "rehearse": rehearse, "seconds": seconds, "peers": peers, "correctness": tests}
-    summary["profiles"] = profiles
-    bench.write_results(path, env, records, skipped, ceilings, gpu_check={**summary, "cut": cut})
     print(f"wrote {path}" + ("" if rehearse else "; commit it, then `fastalign report --write` for README's table"))
+    return _verdict(records, skipped, tests, cut, summary["seconds"])
+
+
+def _verdict(records: list[dict], skipped: list[dict], tests: dict, cut: list[str], seconds: float) -> int:
+    """Prints the outcome; 1 unless the run proved something and found nothing wrong: no wrong result, no failed or
+    unrun tests, no fastalign case that raised (a compile error raises in the check and the set-up alike), and at
+    least one measurement."""
     wrong = [r for r in records if r["correct"] not in (None, "ok")]
     failed_tests = bool(tests.get("failed")) or tests.get("returncode") not in (None, 0)
-    print(f"gpu-check: {len(records)} measurements, {len(wrong)} wrong results, tests "
-          f"{'FAILED' if failed_tests else 'ok'}, {seconds} s; cut or skipped ({len(cut)}):", flush=True)  # fmt: skip
-    for item in cut:
+    tests_run = "skipped" not in tests
+    raised = [s for s in skipped if s.get("impl", "").startswith("fastalign") and s["reason"] != "budget"]
+    test_state = "NOT RUN" if not tests_run else "FAILED" if failed_tests else "ok"
+    every_cut = cut + [f"{s['case']}: {s['reason']}" for s in skipped]
+    print(f"gpu-check: {len(records)} measurements, {len(wrong)} wrong results, {len(raised)} fastalign cases that "
+          f"raised, tests {test_state}, {seconds} s; cut or skipped ({len(every_cut)}):", flush=True)  # fmt: skip
+    for item in every_cut:
         print(f"  {item}")
-    return 1 if wrong or failed_tests else 0
+    return 1 if wrong or failed_tests or raised or not tests_run or not records else 0

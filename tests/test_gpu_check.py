@@ -54,7 +54,9 @@ def test_records_carry_ceilings_checks_and_speedups_only_when_correct():
              impl="eager"), _case(impl="trl", setup=broken)]  # fmt: skip
     records, skipped, ceilings = bench.run_cases(env, cases, progress=False)
     assert [(r["impl"], r["shape"]) for r in records] == [(c.impl, c.shape) for c in cases[:4]]
-    assert skipped == [{"case": "token_logprobs trl fwd N=4 fp32", "reason": "RuntimeError: no such peer"}]
+    assert skipped == [
+        {"case": "token_logprobs trl fwd N=4 fp32", "impl": "trl", "reason": "RuntimeError: no such peer"}
+    ]
     ok, _, bad, _ = records
     assert ok["correct"] == "ok" and ok["speedup_vs_eager"] is not None
     assert bad["correct"] == "AssertionError: off by one" and bad["speedup_vs_eager"] is None
@@ -140,11 +142,24 @@ def test_suites_take_turns_under_a_budget():
     ]
 
 
-def test_results_file_and_the_generated_table(tmp_path):
+def _gpu_results(tmp_path, name="nvidia-h200-2026-12-01.json", ms=None, cut=(), correct="ok", **gpu_check):
+    """A results file as gpu-check writes it on a GPU: the CPU's records, relabelled as an H200's."""
     env = bench.Env(torch.device("cpu"), "small")
     records, skipped, ceilings = bench.run_cases(env, [_case(check=lambda: None), _case(impl="eager")], progress=False)
-    path = tmp_path / "results" / "nvidia-h200-2026-12-01.json"
-    bench.write_results(path, env, records, skipped, ceilings, gpu_check={"budget_s": 300, "cut": []})
+    for r in records:
+        r["device"], r["correct"] = "NVIDIA H200", correct if r["impl"] == "fastalign" else None
+        r["ms"] = ms or r["ms"]
+    path = tmp_path / "results" / name
+    bench.write_results(
+        path, env, records, skipped, ceilings, gpu_check={"budget_s": 300, "cut": list(cut), **gpu_check}
+    )
+    results = json.loads(path.read_text())
+    path.write_text(json.dumps({**results, "device": "NVIDIA H200"}))
+    return path
+
+
+def test_results_file_and_the_generated_table(tmp_path):
+    path = _gpu_results(tmp_path)
     results = json.loads(path.read_text())
     for key in ("device", "torch", "triton", "commit", "date", "ceilings", "records", "skipped", "gpu_check"):
         assert key in results, key
@@ -157,12 +172,37 @@ def test_results_file_and_the_generated_table(tmp_path):
     assert report.table(tmp_path / "none") == report.EMPTY
 
 
+def test_the_table_keeps_the_newest_record_and_only_gpu_runs_and_says_what_was_cut(tmp_path, capsys):
+    folder = _gpu_results(tmp_path, ms=1.0).parent
+    _gpu_results(tmp_path, "nvidia-h200-2026-12-01-2.json", ms=2.0, cut=["peer trl: missing"])  # later, same day
+    _gpu_results(tmp_path, "nvidia-h200-2026-12-01-10.json", ms=3.0, correct="AssertionError: off\nby | one")
+    _gpu_results(tmp_path, "cpu-x86-64-x2-2026-12-02.json", ms=9.0, rehearse=True)  # a rehearsal: not a GPU's
+    table = report.table(folder).splitlines()
+    rows = [line for line in table if line.startswith("| NVIDIA H200")]
+    assert len(rows) == 2 and all("| 3.000 |" in row for row in rows)  # -10 is the newest, not a name sort's -2
+    assert "| AssertionError: off |" in rows[0]  # one line of the message, its "|" gone from the cell
+    assert "- nvidia-h200-2026-12-01-2.json (NVIDIA H200, commit" in table[-1] and "peer trl: missing" in table[-1]
+    assert "cpu-x86-64-x2-2026-12-02.json is no gpu-check run on a GPU" in capsys.readouterr().err
+    (folder / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json is not a results file"):
+        report.table(folder)
+
+
+def test_a_results_name_taken_today_gets_the_next_number(tmp_path):
+    first = gpu_check.results_path("NVIDIA H200", tmp_path)
+    first.write_text("{}")
+    assert first.name.startswith("nvidia-h200-") and gpu_check.results_path("NVIDIA H200", tmp_path).stem.endswith("-2")
+
+
 def test_readme_performance_table_is_the_generated_one():
     assert report.readme_table() == report.table(), "run `fastalign report --write`"
 
 
 def test_report_write_replaces_only_the_table(tmp_path):
     readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="lacks the performance table markers"):
+        report.main(write=True, readme=readme)
     readme.write_text(f"# x\n\n## Performance\n\nintro\n\n{report.BEGIN}\nold\n{report.END}\n\n## Next\n")
     assert report.main(write=True, readme=readme) == 0
     assert (
@@ -204,7 +244,7 @@ def test_out_folder_gets_the_results_under_their_name_and_pytest_log_beside(tmp_
     out.mkdir()
     assert gpu_check.main(budget=60, rehearse=True, out=str(out)) == 0  # an upper bound: a loaded machine is slow
     (results,) = out.glob("*.json")
-    assert results.name == gpu_check.results_path(json.loads(results.read_text())["device"], out).name
+    assert results.name == gpu_check.results_path(json.loads(results.read_text())["device"], tmp_path).name
     assert "test_sample.py::test_ok PASSED" in results.with_suffix(".pytest.log").read_text()
     summary = json.loads(results.read_text())["gpu_check"]
     assert summary["correctness"]["outcomes"] == {"PASSED": 1}
@@ -282,3 +322,59 @@ def test_every_profiled_case_is_a_case_of_the_target_run():
         (c.op, c.impl, c.mode) for c in bench.collect_cases(bench.Env(env.device, "small"), gpu_check.REHEARSE_OPS)
     }
     assert set(gpu_check.REHEARSE_PROFILED) <= rehearsal
+
+
+def test_gpu_check_fails_when_it_proved_nothing_or_a_fastalign_case_raised(tmp_path, monkeypatch, capsys):
+    sample = tmp_path / "test_sample.py"
+    sample.write_text("def test_ok():\n    pass\n")
+    monkeypatch.setattr(gpu_check, "REHEARSE_SELECTION", (str(sample),))
+    monkeypatch.setattr(gpu_check, "REHEARSE_OPS", ["ift_loss"])
+    monkeypatch.setattr(gpu_check, "WHEELS_DIR", tmp_path / "no-wheels")
+    out = tmp_path / "new" / "folder"  # made, and the results go into it under their name
+    assert gpu_check.main(budget=0, rehearse=True, out=str(out)) == 1  # no test ran, nothing measured
+    assert "tests NOT RUN" in capsys.readouterr().out and len(list(out.glob("*.json"))) == 1
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("compile error")
+
+    real_collect = bench.collect_cases
+
+    def collect_with_a_broken_kernel(env, only=None):
+        cases = real_collect(env, only)
+        first = next(c for c in cases if c.impl.startswith("fastalign"))
+        first.setup = broken
+        return cases
+
+    monkeypatch.setattr(bench, "collect_cases", collect_with_a_broken_kernel)
+    assert gpu_check.main(budget=60, rehearse=True, out=str(out)) == 1
+    assert "1 fastalign cases that raised" in capsys.readouterr().out
+
+
+def test_gpu_check_keeps_its_results_when_it_is_stopped_midway(tmp_path, monkeypatch):
+    sample = tmp_path / "test_sample.py"
+    sample.write_text("def test_ok():\n    pass\n")
+    monkeypatch.setattr(gpu_check, "REHEARSE_SELECTION", (str(sample),))
+    monkeypatch.setattr(gpu_check, "REHEARSE_OPS", ["ift_loss", "token_logprobs"])
+    monkeypatch.setattr(gpu_check, "REHEARSE_PROFILED", ())
+    monkeypatch.setattr(gpu_check, "WHEELS_DIR", tmp_path / "no-wheels")
+    real_run = bench.run_cases
+
+    def killed_after_the_first_group(env, cases, deadline=None, progress=True, after_group=None):
+        def stop(records, skipped, ceilings):
+            after_group(records, skipped, ceilings)
+            raise KeyboardInterrupt  # as a kill would land, after the first group's write
+
+        return real_run(env, cases, deadline, progress, stop)
+
+    monkeypatch.setattr(bench, "run_cases", killed_after_the_first_group)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(budget=60, rehearse=True, out=str(tmp_path))
+    (results,) = tmp_path.glob("*.json")
+    saved = json.loads(results.read_text())
+    assert saved["records"] and saved["gpu_check"]["correctness"]["outcomes"] == {"PASSED": 1}
+
+
+def test_gpu_check_refuses_the_interpreter_on_a_gpu_run(monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert gpu_check.main(budget=1, rehearse=False) == 2
+    assert "TRITON_INTERPRET=1 would time Triton's interpreter" in capsys.readouterr().out

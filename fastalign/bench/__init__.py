@@ -236,7 +236,9 @@ def _git_commit() -> str:
     try:
         root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+        # Changes to tracked files; an untracked file (a demo's plot) changes no code that ran.
+        status = ["git", "status", "--porcelain", "--untracked-files=no"]
+        dirty = subprocess.run(status, cwd=root, capture_output=True, text=True).stdout
         return out.stdout.strip() + ("-dirty" if dirty.strip() else "") if out.returncode == 0 else "unknown"
     except OSError:
         return "unknown"
@@ -324,7 +326,7 @@ def headline(env: Env) -> str:
 
 
 def run_cases(
-    env: Env, cases: list[Case], deadline: float | None = None, progress: bool = True
+    env: Env, cases: list[Case], deadline: float | None = None, progress: bool = True, after_group=None
 ) -> tuple[list[dict], list[dict], Ceilings]:
     """Checks and times the cases, grouped by what they compare (`_comparisons`). Returns (records, skipped,
     ceilings).
@@ -332,7 +334,9 @@ def run_cases(
     On a GPU each case is timed by do_bench in turn. On a CPU a group's implementations are timed in turns
     (`interleaved_ms`), each after its memory measurement, which is its warm-up call.
     With a `deadline` (time.monotonic()), no case starts after it: those are skipped with the reason "budget".
-    A case that raises is skipped with its error; a failed correctness check is recorded, never a speedup.
+    A case that raises is skipped with its error (and its check's outcome, when one ran); a failed correctness check
+    is recorded, never a speedup. after_group(records, skipped, ceilings), when given, runs after each group: gpu-check
+    writes its results file there, so a run killed midway keeps what it measured.
     """
     from tqdm.auto import tqdm
 
@@ -360,7 +364,7 @@ def run_cases(
             if progress and not tty:  # a log gets a line per case instead of a bar
                 print(f"[{done}/{len(cases)}] {name}", file=sys.stderr, flush=True)
             if deadline is not None and time.monotonic() > deadline:
-                skipped.append({"case": name, "reason": "budget"})
+                skipped.append({"case": name, "impl": case.impl, "reason": "budget"})
                 continue
             if case.check is not None and id(case.check) not in checked:
                 try:
@@ -376,7 +380,10 @@ def run_cases(
                 else:
                     warm.append((case, fn, peak_extra_bytes(fn, False)))
             except Exception as exc:  # a peer that fails at this size is reported, not fatal
-                skipped.append({"case": name, "reason": f"{type(exc).__name__}: {exc}"})
+                skip = {"case": name, "impl": case.impl, "reason": f"{type(exc).__name__}: {exc}"}
+                if case.check is not None and id(case.check) in checked:
+                    skip["check"] = checked[id(case.check)]
+                skipped.append(skip)
                 bar.write(f"skipped {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
             finally:
                 fn = None
@@ -387,11 +394,15 @@ def run_cases(
                 times = interleaved_ms([fn for _, fn, _ in warm], 0.3 * len(warm))
             except Exception as exc:  # a call that worked once and then raised: the group is reported, not fatal
                 times = None
-                skipped += [{"case": _name(case), "reason": f"{type(exc).__name__}: {exc}"} for case, _, _ in warm]
+                reason = f"{type(exc).__name__}: {exc}"
+                skipped += [{"case": _name(case), "impl": case.impl, "reason": reason} for case, _, _ in warm]
             for (case, _, peak), ms in zip(warm, times or ()):
                 record(case, ms, peak)
             warm = []
             _free(env)
+        if after_group is not None:
+            _add_speedups(records)
+            after_group(records, skipped, ceilings)
     bar.close()
     _add_speedups(records)
     return records, skipped, ceilings
@@ -409,8 +420,12 @@ def write_results(path: str | Path, env: Env, records: list[dict], skipped: list
         "records": records,
         "skipped": skipped,
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(results, indent=1) + "\n")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Whole or not at all: gpu-check rewrites it after every group, and a kill may land mid-write.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(partial, path)
 
 
 def main(json_path: str | None = None, plot_path: str | None = None, size: str | None = None, only=None) -> int:

@@ -7,6 +7,8 @@ Performance section. A test checks that README's table is what this module gener
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,48 +36,95 @@ COLUMNS = (
 )
 
 
-def load(results_dir: Path) -> list[dict]:
-    """The results files, oldest name first (names are <gpu>-<date>.json)."""
-    return [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+def _run_order(path: Path) -> tuple[str, int]:
+    """<gpu>-<date>.json, then the same day's -2, -3, ... (a plain name sort puts "-2" before ".json")."""
+    match = re.fullmatch(r"(.*-\d{4}-\d{2}-\d{2})(?:-(\d+))?", path.stem)
+    return (path.stem, 1) if match is None else (match[1], int(match[2] or 1))
+
+
+def load(results_dir: Path) -> list[tuple[Path, dict]]:
+    """The results files as (path, contents), oldest name first (names are <gpu>-<date>[-n].json)."""
+    runs = []
+    for path in sorted(results_dir.glob("*.json"), key=_run_order):
+        try:
+            runs.append((path, json.loads(path.read_text())))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not a results file: {exc}") from None
+    return runs
+
+
+def _is_gpu_run(run: dict) -> bool:
+    """A gpu-check run on a GPU: not a rehearsal (the interpreter's times), not a CPU `fastalign bench`."""
+    return "gpu_check" in run and not run["gpu_check"].get("rehearse") and not run["device"].startswith("CPU")
+
+
+def _text(value, limit: int = 80) -> str:
+    """One table cell: the first line, no '|', at most `limit` characters (a compile error runs to pages)."""
+    first = str(value).strip().splitlines()[0] if str(value).strip() else ""
+    first = first.replace("|", "/")
+    return first if len(first) <= limit else first[: limit - 1] + "…"
+
+
+def _number(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.3g}"
 
 
 def table(results_dir: Path = REPO / "benches" / "results") -> str:
-    """The Markdown table of every record in every results file, or a sentence saying there is none yet."""
-    rows = []
-    for run in load(results_dir):
+    """The Markdown table of the GPU runs' records, the newest file's record of each (GPU, op, mode, shape, dtype,
+    impl); then a line per file for what it cut or skipped. Or a sentence saying there is none yet."""
+    newest: dict[tuple, tuple[dict, dict]] = {}
+    notes = []
+    for path, run in load(results_dir):
+        if not _is_gpu_run(run):
+            print(f"report: {path.name} is no gpu-check run on a GPU (a rehearsal, a CPU run)", file=sys.stderr)
+            continue
         for r in run["records"]:
-            speedup = r.get("speedup_vs_eager")
-            rows.append(
-                (
-                    run["device"],
-                    run["date"],
-                    run["commit"],
-                    r["op"],
-                    r["mode"],
-                    r["shape"],
-                    r["dtype"],
-                    r["impl"],
-                    f"{r['ms']:.3f}",
-                    f"{r['throughput']:.3g} {r['throughput_unit']}",
-                    f"{r['pct_of_peak']:.1f} ({r.get('ceiling', '')})",
-                    "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}",
-                    "" if speedup is None else f"{speedup:.2f}x",
-                    r.get("correct") or "",
-                )
+            newest[(run["device"], r["op"], r["mode"], r["shape"], r["dtype"], r["impl"])] = (run, r)
+        cut = run["gpu_check"].get("cut", [])
+        if cut:
+            shown = "; ".join(_text(c, 60) for c in cut[:6])
+            more = f"; and {len(cut) - 6} more" if len(cut) > 6 else ""
+            notes.append(f"- {path.name} ({run['device']}, commit {run['commit']}) cut or skipped: {shown}{more}")
+    rows = []
+    for run, r in newest.values():
+        speedup, peak = r.get("speedup_vs_eager"), r.get("peak_mem_mb")
+        rows.append(
+            (
+                run["device"],
+                run["date"],
+                run["commit"],
+                r["op"],
+                r["mode"],
+                r["shape"],
+                r["dtype"],
+                r["impl"],
+                f"{r['ms']:.3f}",
+                f"{_number(r['throughput'])} {r['throughput_unit']}",
+                f"{r['pct_of_peak']:.1f} ({r.get('ceiling', '')})",
+                "" if peak is None else f"{peak:.1f}",
+                "" if speedup is None else f"{speedup:.2f}x",
+                r.get("correct") or "",
             )
+        )
     if not rows:
-        return EMPTY
+        return "\n".join([EMPTY, "", *notes]) if notes else EMPTY
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    lines += ["| " + " | ".join(_text(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _split(text: str, readme: Path) -> tuple[str, str, str]:
+    """(before the table, the table, after it) of README's text."""
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme} lacks the performance table markers")
+    head, rest = text.split(BEGIN, 1)
+    body, tail = rest.split(END, 1)
+    return head, body, tail
 
 
 def readme_table(readme: Path = REPO / "README.md") -> str:
     """What README.md holds between the markers."""
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{readme} lacks the performance table markers")
-    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    return _split(readme.read_text(), readme)[1].strip()
 
 
 def main(write: bool = False, readme: Path = REPO / "README.md") -> int:
@@ -83,9 +132,7 @@ def main(write: bool = False, readme: Path = REPO / "README.md") -> int:
     if not write:
         print(generated)
         return 0
-    text = readme.read_text()
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
+    head, _, tail = _split(readme.read_text(), readme)
     readme.write_text(f"{head}{BEGIN}\n{generated}\n{END}{tail}")
     print(f"wrote the performance table into {readme}")
     return 0
