@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu.add_argument(
         "--out",
         metavar="PATH",
-        help="results JSON, or a folder for <gpu>-<date>.json and pytest's log (default: benches/results)",
+        help="results JSON, or a folder (made if missing) for <gpu>-<date>.json and pytest's log (default: "
+        "benches/results; with --rehearse, a scratch folder)",
     )
 
     report = sub.add_parser("report", help="README's Performance table from the results files in benches/results")
