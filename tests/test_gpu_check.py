@@ -330,6 +330,7 @@ def test_gpu_check_fails_when_it_proved_nothing_or_a_fastalign_case_raised(tmp_p
     monkeypatch.setattr(gpu_check, "REHEARSE_SELECTION", (str(sample),))
     monkeypatch.setattr(gpu_check, "REHEARSE_OPS", ["ift_loss"])
     monkeypatch.setattr(gpu_check, "WHEELS_DIR", tmp_path / "no-wheels")
+    monkeypatch.setattr(gpu_check, "REHEARSE_PROFILED", ())
     out = tmp_path / "new" / "folder"  # made, and the results go into it under their name
     assert gpu_check.main(budget=0, rehearse=True, out=str(out)) == 1  # no test ran, nothing measured
     assert "tests NOT RUN" in capsys.readouterr().out and len(list(out.glob("*.json"))) == 1
@@ -354,7 +355,7 @@ def test_gpu_check_keeps_its_results_when_it_is_stopped_midway(tmp_path, monkeyp
     sample = tmp_path / "test_sample.py"
     sample.write_text("def test_ok():\n    pass\n")
     monkeypatch.setattr(gpu_check, "REHEARSE_SELECTION", (str(sample),))
-    monkeypatch.setattr(gpu_check, "REHEARSE_OPS", ["ift_loss", "token_logprobs"])
+    monkeypatch.setattr(gpu_check, "REHEARSE_OPS", ["ift_loss"])
     monkeypatch.setattr(gpu_check, "REHEARSE_PROFILED", ())
     monkeypatch.setattr(gpu_check, "WHEELS_DIR", tmp_path / "no-wheels")
     real_run = bench.run_cases
