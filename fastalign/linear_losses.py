@@ -133,46 +133,56 @@ def _checked_head(head: dict, not_fast: str | None = None, needs_fast: str | Non
     return head
 
 
+def _dpo_not_fast(loss_type, use_weighting: bool) -> str | None:
+    """Why a DPO loss cannot run fast (it couples the pairs), or None."""
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if use_weighting and "sft" in types:
+        # The batch's NLL is a constant per pair times the pair's weight: its gradient at a pair's tokens is the
+        # sum of every pair's weight, which no chunk knows before the last.
+        return "use_weighting=True weights the batch-level 'sft' term by every pair's WPO weight"
+    coupled = [t for t in types if t in ("aot", "aot_unpaired")]
+    return f"loss_type {coupled} sorts the margins across the batch" if coupled else None
+
+
+def _cross_entropy_not_fast(reduction: str) -> str | None:
+    # A per-token loss's weights in the weight gradient are unknown in the forward.
+    return "reduction='none'" if reduction == "none" else None
+
+
 # Each loss's options, checked without a tensor: the function checks them first, its nn.Module at construction.
 # Each takes the loss's options, the logit options and the strategy as keywords, and returns the logit options
-# (head_args) and why the loss cannot run fast (None when it can).
+# (head_args).
 
 
 def check_dpo_hidden_options(
     *, beta=0.1, loss_type="sigmoid", loss_weights=None, label_smoothing=0.0, return_per_example=False, **options
-) -> tuple[dict, str | None]:
+) -> dict:
     head = _pop_head(options)
-    types = [t for t, _ in check_dpo_options(beta, loss_type, loss_weights, label_smoothing, **options)]
+    check_dpo_options(beta, loss_type, loss_weights, label_smoothing, **options)
     check_flag("return_per_example", return_per_example)
-    coupled = [t for t in types if t in ("aot", "aot_unpaired")]
-    not_fast = f"loss_type {coupled} sorts the margins across the batch" if coupled else None
-    if options.get("use_weighting") and "sft" in types:
-        # The batch's NLL is a constant per pair times the pair's weight: its gradient at a pair's tokens is the
-        # sum of every pair's weight, which no chunk knows before the last.
-        not_fast = "use_weighting=True weights the batch-level 'sft' term by every pair's WPO weight"
-    return _checked_head(head, not_fast), not_fast
+    return _checked_head(head, _dpo_not_fast(loss_type, options.get("use_weighting", False)))
 
 
 def check_kto_hidden_options(
     *, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0, loss_type="kto", return_per_example=False, **options
-) -> tuple[dict, str | None]:
+) -> dict:
     head = _pop_head(options)
     check_kto_options(beta, desirable_weight, undesirable_weight, loss_type, **options)
     check_flag("return_per_example", return_per_example)
-    return _checked_head(head), None  # every KTO loss type decomposes: the KL is an input
+    return _checked_head(head)  # every KTO loss type decomposes: the KL is an input
 
 
-def check_ift_hidden_options(*, gamma=0.95, **options) -> tuple[dict, str | None]:
+def check_ift_hidden_options(*, gamma=0.95, **options) -> dict:
     head = _pop_head(options)
     check_gamma(gamma)
     if options:
         raise TypeError(f"unexpected keyword arguments {sorted(options)}")
-    return _checked_head(head), None
+    return _checked_head(head)
 
 
 def check_cross_entropy_options(
     *, reduction="mean", label_smoothing=0.0, entropy=False, accuracy=False, **options
-) -> tuple[dict, str | None]:
+) -> dict:
     head = _pop_head(options)
     if options:
         raise TypeError(f"unexpected keyword arguments {sorted(options)}")
@@ -182,9 +192,8 @@ def check_cross_entropy_options(
         raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
     check_flag("entropy", entropy)
     check_flag("accuracy", accuracy)
-    # A per-token loss's weights in the weight gradient are unknown in the forward.
-    not_fast = "reduction='none'" if reduction == "none" else None
-    return _checked_head(head, not_fast, "label_smoothing > 0" if label_smoothing > 0 else None), not_fast
+    needs_fast = "label_smoothing > 0" if label_smoothing > 0 else None
+    return _checked_head(head, _cross_entropy_not_fast(reduction), needs_fast)
 
 
 # ---------------------------------------------------------------------------------------------- matmuls
@@ -739,7 +748,7 @@ def dpo_loss_from_hidden(
         (loss, metrics), or (loss, metrics, per_example) with return_per_example, as `fastalign.dpo_loss`.
     """
     kwargs = dict(beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing)
-    head_args, not_fast = check_dpo_hidden_options(
+    head_args = check_dpo_hidden_options(
         **kwargs, ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
         memory_budget=memory_budget, strategy=strategy, **options,
     )  # fmt: skip
@@ -749,14 +758,14 @@ def dpo_loss_from_hidden(
     (ref_chosen, ref_rejected), mask = _references_and_mask(
         given, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, token_options.get("ld_alpha")
     )
-    objective = dpo_objective(mask, ref_chosen, ref_rejected, not_fast, **kwargs, **options)
+    objective = dpo_objective(mask, ref_chosen, ref_rejected, **kwargs, **options)
     return fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0]
 
 
-def dpo_objective(mask, ref_chosen, ref_rejected, not_fast: str | None, **options) -> _Objective:
+def dpo_objective(mask, ref_chosen, ref_rejected, **options) -> _Objective:
     """The DPO loss of the pairs of mask [2B, T] (the B chosen rows first) from their per-token log-probs, with
-    `dpo_loss_from_token_logps`'s options and not_fast from check_dpo_hidden_options: dpo_loss_from_hidden's, and
-    the loss fastalign's DPOTrainer has its patched model compute in the head."""
+    `dpo_loss_from_token_logps`'s options: dpo_loss_from_hidden's, and the loss fastalign's DPOTrainer has its
+    patched model compute in the head."""
 
     def loss_of(logps, extras):
         token_extras = {k: v for k, v in extras.items() if k in ("log_sum_sq_probs", "mean_logits")}
@@ -765,6 +774,7 @@ def dpo_objective(mask, ref_chosen, ref_rejected, not_fast: str | None, **option
     extras = ("log_sum_sq_probs",) * bool(options.get("use_weighting")) + ("mean_logits",) * bool(
         options.get("return_per_example")
     )
+    not_fast = _dpo_not_fast(options.get("loss_type", "sigmoid"), options.get("use_weighting", False))
     return _Objective(loss_of, "pair", not_fast, extras)
 
 
@@ -801,7 +811,7 @@ def kto_loss_from_hidden(
     `dpo_loss_from_hidden`, with a sequence as the unit (every KTO loss type decomposes: the KL is an input).
     """
     kwargs = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
-    head_args, not_fast = check_kto_hidden_options(
+    head_args = check_kto_hidden_options(
         **kwargs, loss_type=loss_type, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
         logit_scale=logit_scale, memory_budget=memory_budget, strategy=strategy, **options,
     )  # fmt: skip
@@ -847,7 +857,7 @@ def ift_loss_from_hidden(
 ) -> torch.Tensor:
     """`fastalign.ift_loss` straight from hidden [B, T, H], weight [V, H] and labels [B, T] (aligned; the caller
     shifts). strategy: as in `dpo_loss_from_hidden`, with a sequence as the unit."""
-    head_args, not_fast = check_ift_hidden_options(
+    head_args = check_ift_hidden_options(
         gamma=gamma, ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
         memory_budget=memory_budget, strategy=strategy,
     )  # fmt: skip
@@ -902,7 +912,7 @@ def cross_entropy_from_hidden(
     Returns:
         (loss, metrics): the loss (float32) and the metrics asked for.
     """
-    head_args, not_fast = check_cross_entropy_options(
+    head_args = check_cross_entropy_options(
         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, entropy=entropy,
         accuracy=accuracy, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
         memory_budget=memory_budget, strategy=strategy,
@@ -921,7 +931,7 @@ def cross_entropy_from_hidden(
             return (nll,)
         return (nll.sum() / count if reduction == "mean" else nll.sum(),)
 
-    objective = _Objective(loss_of, "token", not_fast, ("mean_logps",) * (eps > 0))
+    objective = _Objective(loss_of, "token", _cross_entropy_not_fast(reduction), ("mean_logps",) * (eps > 0))
     (loss,), stats = fused_linear_loss(
         hidden, weight, labels, bias, objective, head_args, strategy, Outputs(entropy=entropy, argmax=accuracy)
     )

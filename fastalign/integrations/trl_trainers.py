@@ -285,14 +285,13 @@ class DPOTrainer(_FastalignMixin, trl.DPOTrainer):
             label_smoothing=self.label_smoothing,
             **self._dpo_options(self.args),
         )
-        _, not_fast = check_dpo_hidden_options(**options, strategy=self.fused_strategy)
 
         def objective(shifted_labels):
             # The scored tokens (those of the head's labels, PEFT's virtual tokens ignored): ipo and sigmoid_norm
             # divide by their count, as TRL (its unshifted completion mask has one more only when a completion
             # starts at the first position, i.e. without a prompt).
             mask = shifted_labels != IGNORE_INDEX
-            return dpo_objective(mask, ref_chosen_logps, ref_rejected_logps, not_fast, **options)
+            return dpo_objective(mask, ref_chosen_logps, ref_rejected_logps, **options)
 
         outputs = self._fused(model)(
             **model_kwargs, labels=labels, return_entropy=True, return_argmax=True, return_mean_logits=True,
