@@ -233,13 +233,18 @@ def test_a_pytest_that_reaches_no_test_fails_the_check_and_says_why(tmp_path, mo
     assert "  pytest: " in capsys.readouterr().out
 
 
-def test_out_folder_gets_the_results_under_their_name_and_pytest_log_beside(tmp_path, monkeypatch):
-    # The GPU machine returns only the files under one folder ($OUT): `--out $OUT` must put everything there.
+@pytest.fixture
+def small_rehearsal(tmp_path, monkeypatch):
+    """gpu-check --rehearse cut down: one passing test, the ift_loss cases, no peers."""
     sample = tmp_path / "test_sample.py"
     sample.write_text("def test_ok():\n    pass\n")
     monkeypatch.setattr(gpu_check, "REHEARSE_SELECTION", (str(sample),))
     monkeypatch.setattr(gpu_check, "REHEARSE_OPS", ["ift_loss"])
     monkeypatch.setattr(gpu_check, "WHEELS_DIR", tmp_path / "no-wheels")
+
+
+def test_out_folder_gets_the_results_under_their_name_and_pytest_log_beside(tmp_path, small_rehearsal):
+    # The GPU machine returns only the files under one folder ($OUT): `--out $OUT` must put everything there.
     out = tmp_path / "out"
     out.mkdir()
     assert gpu_check.main(budget=60, rehearse=True, out=str(out)) == 0  # an upper bound: a loaded machine is slow
@@ -324,12 +329,9 @@ def test_every_profiled_case_is_a_case_of_the_target_run():
     assert set(gpu_check.REHEARSE_PROFILED) <= rehearsal
 
 
-def test_gpu_check_fails_when_it_proved_nothing_or_a_fastalign_case_raised(tmp_path, monkeypatch, capsys):
-    sample = tmp_path / "test_sample.py"
-    sample.write_text("def test_ok():\n    pass\n")
-    monkeypatch.setattr(gpu_check, "REHEARSE_SELECTION", (str(sample),))
-    monkeypatch.setattr(gpu_check, "REHEARSE_OPS", ["ift_loss"])
-    monkeypatch.setattr(gpu_check, "WHEELS_DIR", tmp_path / "no-wheels")
+def test_gpu_check_fails_when_it_proved_nothing_or_a_fastalign_case_raised(
+    tmp_path, monkeypatch, capsys, small_rehearsal
+):
     monkeypatch.setattr(gpu_check, "REHEARSE_PROFILED", ())
     out = tmp_path / "new" / "folder"  # made, and the results go into it under their name
     assert gpu_check.main(budget=0, rehearse=True, out=str(out)) == 1  # no test ran, nothing measured
@@ -351,13 +353,8 @@ def test_gpu_check_fails_when_it_proved_nothing_or_a_fastalign_case_raised(tmp_p
     assert "1 fastalign cases that raised" in capsys.readouterr().out
 
 
-def test_gpu_check_keeps_its_results_when_it_is_stopped_midway(tmp_path, monkeypatch):
-    sample = tmp_path / "test_sample.py"
-    sample.write_text("def test_ok():\n    pass\n")
-    monkeypatch.setattr(gpu_check, "REHEARSE_SELECTION", (str(sample),))
-    monkeypatch.setattr(gpu_check, "REHEARSE_OPS", ["ift_loss"])
+def test_gpu_check_keeps_its_results_when_it_is_stopped_midway(tmp_path, monkeypatch, small_rehearsal):
     monkeypatch.setattr(gpu_check, "REHEARSE_PROFILED", ())
-    monkeypatch.setattr(gpu_check, "WHEELS_DIR", tmp_path / "no-wheels")
     real_run = bench.run_cases
 
     def killed_after_the_first_group(env, cases, deadline=None, progress=True, after_group=None):
