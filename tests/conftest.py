@@ -1,7 +1,8 @@
 """Shared test set-up.
 
 - On the CPU (the default) the Triton kernels run in the interpreter: TRITON_INTERPRET must be set
-  before anything decorates a kernel, so it is set here, before fastalign is imported.
+  before anything decorates a kernel, so it is set here, before fastalign is imported. The interpreter
+  then patches triton.language once per launch instead of once per helper call (tests/fast_interpreter.py).
   FASTALIGN_TEST_DEVICE=cuda runs the same tests with compiled kernels on a GPU.
 - Every float tensor from torch.empty / empty_like is NaN-filled (FLA's trick), so an output
   element a kernel forgot to write fails loudly instead of passing by luck.
@@ -16,6 +17,10 @@ import random
 DEVICE = os.environ.get("FASTALIGN_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from fast_interpreter import patch_language_once_per_launch
+
+    patch_language_once_per_launch()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

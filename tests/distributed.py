@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from fast_interpreter import patch_language_once_per_launch
 
 WORLD = 2  # the default number of processes
 
@@ -61,6 +62,8 @@ def exit_cleanly(destroy: bool) -> None:
 
 
 def _entry(rank: int, worker: Callable[..., None], port: int, world: int, args: tuple) -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":  # spawned: conftest did not run here
+        patch_language_once_per_launch()
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
         worker(rank, *args)
