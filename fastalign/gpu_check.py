@@ -49,7 +49,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from fastalign.bench.report import REPO, in_checkout
+
 WHEELS_DIR = REPO / ".gpu-wheels"
 # module -> distribution
 PEERS = {"trl": "trl", "liger_kernel": "liger-kernel", "cut_cross_entropy": "cut-cross-entropy", "peft": "peft"}
@@ -286,6 +287,8 @@ def _correctness(clock: Clock, rehearse: bool, log: Path, cut: list[str]) -> dic
 
 
 def main(budget: float = 300, rehearse: bool = False, out: str | None = None) -> int:
+    if not in_checkout("gpu-check"):
+        return 2
     if rehearse and os.environ.get("TRITON_INTERPRET") != "1":
         # The interpreter must be chosen before the kernels are decorated, i.e. before fastalign is imported.
         cmd = [sys.executable, "-m", "fastalign.cli", "gpu-check", "--rehearse", "--budget", str(budget)]
@@ -332,8 +335,9 @@ def main(budget: float = 300, rehearse: bool = False, out: str | None = None) ->
         midway, as by the device tool's timeout, or an error, keeps what it measured)."""
         latest.update(records=records, skipped=skipped, ceilings=ceilings)
         summary["seconds"] = round(time.monotonic() - clock.start, 1)
-        every_cut = cut + [f"{s['case']}: {s['reason']}" for s in skipped]
-        bench.write_results(path, env, records, skipped, ceilings, gpu_check={**summary, "cut": every_cut})
+        bench.write_results(
+            path, env, records, skipped, ceilings, gpu_check={**summary, "cut": _every_cut(cut, skipped)}
+        )
 
     # Beside the results when --out says where (on the GPU machine only $OUT comes back), else with the scratch files.
     summary["correctness"] = tests = _correctness(
@@ -355,6 +359,11 @@ def main(budget: float = 300, rehearse: bool = False, out: str | None = None) ->
     return _verdict(records, skipped, tests, cut, summary["seconds"])
 
 
+def _every_cut(cut: list[str], skipped: list[dict]) -> list[str]:
+    """What the run left out, one line each: the steps the budget cut, then the benchmark cases skipped and why."""
+    return cut + [f"{s['case']}: {s['reason']}" for s in skipped]
+
+
 def _verdict(records: list[dict], skipped: list[dict], tests: dict, cut: list[str], seconds: float) -> int:
     """Prints the outcome; 1 unless the run proved something and found nothing wrong: no wrong result, no failed or
     unrun tests, no fastalign case that raised (a compile error raises in the check and the set-up alike), and at
@@ -364,7 +373,7 @@ def _verdict(records: list[dict], skipped: list[dict], tests: dict, cut: list[st
     tests_run = "skipped" not in tests
     raised = [s for s in skipped if s.get("impl", "").startswith("fastalign") and s["reason"] != "budget"]
     test_state = "NOT RUN" if not tests_run else "FAILED" if failed_tests else "ok"
-    every_cut = cut + [f"{s['case']}: {s['reason']}" for s in skipped]
+    every_cut = _every_cut(cut, skipped)
     print(f"gpu-check: {len(records)} measurements, {len(wrong)} wrong results, {len(raised)} fastalign cases that "
           f"raised, tests {test_state}, {seconds} s; cut or skipped ({len(every_cut)}):", flush=True)  # fmt: skip
     for item in every_cut:

@@ -376,3 +376,15 @@ def test_gpu_check_refuses_the_interpreter_on_a_gpu_run(monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert gpu_check.main(budget=1, rehearse=False) == 2
     assert "TRITON_INTERPRET=1 would time Triton's interpreter" in capsys.readouterr().out
+
+
+def test_report_and_gpu_check_outside_a_checkout_say_so(tmp_path, monkeypatch, capsys):
+    """A wheel install has no benches/ or tests/ beside the package: both commands refuse, naming what they need,
+    instead of writing into site-packages or running no test."""
+    monkeypatch.setattr(report, "REPO", tmp_path)
+    assert report.main(write=True, readme=tmp_path / "README.md") == 2
+    assert gpu_check.main(budget=1, rehearse=True, out=str(tmp_path)) == 2
+    out = capsys.readouterr().out
+    for command in ("report", "gpu-check"):
+        assert f"fastalign {command}: runs from a fastalign checkout" in out
+    assert list(tmp_path.iterdir()) == []

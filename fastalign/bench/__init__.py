@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from fastalign.bench.report import REPO
 from fastalign.kernels import tuned_configs
 
 # Suite module -> the ops its cases time (`--only` takes these names; a test keeps them equal to the cases').
@@ -234,11 +235,10 @@ def _git_commit() -> str:
     if os.environ.get("FASTALIGN_COMMIT"):
         return os.environ["FASTALIGN_COMMIT"]
     try:
-        root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
         # Changes to tracked files; an untracked file (a demo's plot) changes no code that ran.
         status = ["git", "status", "--porcelain", "--untracked-files=no"]
-        dirty = subprocess.run(status, cwd=root, capture_output=True, text=True).stdout
+        dirty = subprocess.run(status, cwd=REPO, capture_output=True, text=True).stdout
         return out.stdout.strip() + ("-dirty" if dirty.strip() else "") if out.returncode == 0 else "unknown"
     except OSError:
         return "unknown"
