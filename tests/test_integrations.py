@@ -639,5 +639,24 @@ def test_demo_command_runs_end_to_end(tmp_path, monkeypatch, capsys):
         assert cli.main(["demo", "--plot", str(plot), "--size", "small"]) == 0
     out = capsys.readouterr().out
     assert plot.stat().st_size > 10_000
-    for text in ("IFT loss", "DPO loss", "prefers right answer", "IFT+DPO", "fused", "eager"):
+    for text in ("IFT loss", "DPO loss", "prefers right answer", "IFT+DPO", "fused", "eager", "differs from eager by"):
         assert text in out, text
+
+
+def test_demo_difference_sees_a_gradient_the_fused_step_got_wrong():
+    """The demo exits 1 when its fused step and eager step differ: the measure sees one weight's gradient off."""
+    from fastalign import demo
+
+    models = [torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(5, 3)
+
+    def step(model, scale=1.0):
+        model.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        model.bias.grad *= scale
+        return loss.detach(), model
+
+    assert demo._difference(lambda: step(models[0]), lambda: step(models[1])) < 1e-12
+    assert demo._difference(lambda: step(models[0], 1.01), lambda: step(models[1])) == pytest.approx(0.01, rel=1e-4)
