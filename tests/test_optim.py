@@ -1066,7 +1066,11 @@ def test_bad_input(device):
         ({"online_step": 0}, ValueError, "online_step"),
         ({"betas": (0.9, 1.0)}, ValueError, "betas"),
         ({"betas": (torch.tensor(0.9), torch.tensor(0.999))}, ValueError, "betas must be two numbers"),
-        ({"lr": torch.tensor(1e-3)}, ValueError, "lr must be a number"),
+        ({"lr": torch.tensor(1e-3)}, ValueError, "lr must be a Python int or float"),
+        ({"eps": 0.0}, ValueError, "eps must be"),
+        ({"reserve_p": 1e-300}, ValueError, "reserve_p"),
+        ({"rescale": "no"}, TypeError, "rescale must be True or False"),
+        ({"skip_nonfinite": "no"}, TypeError, "skip_nonfinite must be True or False"),
         ({"ref_delta_dtype": torch.float16}, ValueError, "ref_delta_dtype"),
         ({"ref_delta": {"layer.weight": torch.zeros(3, 4, device=device)}}, ValueError, "layer.weight must have shape"),
         ({"ref_delta": {"layer.weight": torch.zeros(4, 3, device="meta")}}, ValueError, "layer.weight must be on"),
@@ -1083,6 +1087,89 @@ def test_bad_input(device):
         OnlineMergeAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))])
     with pytest.raises(ValueError, match="contiguous"):
         OnlineMergeAdamW([torch.nn.Parameter(torch.zeros(3, 4, device=device).t())])
+    with pytest.raises(ValueError, match="the same parameter more than once"):  # it would step twice
+        OnlineMergeAdamW([p, p])
+    with pytest.raises(ValueError, match="the same parameter more than once"):
+        OnlineMergeAdamW(named + named)
+
+
+def test_settings_changed_after_construction_are_checked_at_the_step(backend, device):
+    """A group's values set directly (by a user, or an LR scheduler) are checked before the step changes anything:
+    a tensor lr crashed the kernels, betas above 1 turned every parameter NaN."""
+    p = torch.nn.Parameter(torch.randn(8, 4, device=device))
+    opt = OnlineMergeAdamW([p], lr=1e-2)
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    for key, value, match in [
+        ("lr", torch.tensor(1e-3), "lr must be a Python int or float"),
+        ("betas", (1.5, 2.0), "betas must be"),
+        ("eps", float("nan"), "eps must be"),
+        ("method", "bogus", "method must be"),
+    ]:
+        good = opt.param_groups[0][key]
+        opt.param_groups[0][key] = value
+        with pytest.raises((ValueError, TypeError), match=match):
+            opt.step()
+        opt.param_groups[0][key] = good
+    assert torch.equal(p, before) and int(opt.state[p]["step"]) == 0
+    opt.step()
+    assert int(opt.state[p]["step"]) == 1
+
+
+def _edited(saved: dict, where: str, key: str, value) -> dict:
+    """A deep copy of a state dict with one group value or one state value of parameter 0 replaced (or removed)."""
+    saved = copy.deepcopy(saved)
+    entry = saved["param_groups"][0] if where == "group" else saved["state"][0]
+    if value is _REMOVED:
+        del entry[key]
+    else:
+        entry[key] = value
+    return saved
+
+
+_REMOVED = object()
+
+
+@pytest.mark.parametrize(
+    "where, key, value, error, match",
+    [
+        ("group", "betas", (1.5, 2.0), ValueError, "betas must be"),
+        ("group", "eps", float("nan"), ValueError, "eps must be"),
+        ("group", "lr", -1.0, ValueError, "lr must be"),
+        ("group", "method", "bogus", ValueError, "method must be"),
+        ("group", "reserve_p", 0.0, ValueError, "reserve_p must be"),
+        ("group", "lr", _REMOVED, ValueError, r"a param group has no \['lr'\]"),
+        ("state", "step", torch.tensor(float("nan")), ValueError, "'step' of parameter 0 .* must be a finite count"),
+        ("state", "step", torch.tensor(-5.0), ValueError, "'step' of parameter 0 .* must be a finite count"),
+        ("state", "exp_avg_sq", -torch.ones(8, 4), ValueError, "'exp_avg_sq' .* must be finite and >= 0"),
+        ("state", "exp_avg", torch.full((8, 4), float("inf")), ValueError, "'exp_avg' .* must be finite"),
+        ("state", "exp_avg", torch.ones(8, 4, dtype=torch.complex64), TypeError, "real floating-point tensor"),
+        ("state", "exp_avg", [0.0] * 32, TypeError, "real floating-point tensor; got list"),
+        ("state", "ref_delta", torch.ones(8, 4, dtype=torch.long), TypeError, "real floating-point tensor"),
+        ("state", "ref_delta", torch.ones(8, 4, dtype=torch.float64), TypeError, "bfloat16 or float32"),
+    ],
+)
+def test_load_state_dict_refuses_settings_and_state_no_step_recovers_from(where, key, value, error, match, device):
+    """Each of these loaded silently and turned every parameter NaN at the next step (or stepped with lr < 0, or an
+    unknown method as another, or crashed the kernels); now it raises, naming it, and the optimizer is unchanged."""
+    p = torch.nn.Parameter(torch.randn(8, 4, device=device))
+    opt = OnlineMergeAdamW([p], lr=1e-2, ref_delta=[torch.randn(8, 4, device=device) * 0.01])
+    saved = opt.state_dict()
+    before = copy.deepcopy(saved)
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(_edited(saved, where, key, value))
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(v, after["state"][0][k]) for k, v in before["state"][0].items())
+
+
+def test_load_state_dict_takes_a_python_step_count(device):
+    p = torch.nn.Parameter(torch.randn(8, 4, device=device))
+    opt = OnlineMergeAdamW([p], lr=1e-2)
+    opt.load_state_dict(_edited(opt.state_dict(), "state", "step", 3))
+    assert opt.state[p]["step"].dtype == torch.float32 and int(opt.state[p]["step"]) == 3
+    with pytest.raises(TypeError, match="state_dict must be a dict"):
+        opt.load_state_dict(None)
 
 
 def test_add_param_group_that_raises_changes_nothing(backend, device):

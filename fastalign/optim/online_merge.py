@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from fastalign._backend import backend_for
+from fastalign._backend import backend_for, check_flag
 from fastalign.optim import _torch_path
 from fastalign.optim._dare import dare_keep, dare_key
 from fastalign.optim._launch import Launch, LayoutCache, Slot, kernel_nonfinite, kernel_step, step_sizes
@@ -26,6 +26,19 @@ METHODS = ("ondare", "onties")
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REF_DELTA_DTYPES = (torch.bfloat16, torch.float32)
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "cached_delta")
+_GROUP_KEYS = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "method",
+    "reserve_p",
+    "alpha",
+    "rescale",
+    "clip",
+    "online_step",
+    "seed",
+)
 
 # A launch covers at most this many elements of whole parameters (more only for one larger
 # parameter): it bounds OnTIES's fp32 Δ buffer. Whole-parameter sizes, so every process of a
@@ -50,18 +63,27 @@ def _is_number(x: Any) -> bool:
 
 
 def _check_group(group: Mapping[str, Any]) -> None:
+    """Raises ValueError/TypeError naming the first bad hyperparameter. Run at construction, by add_param_group, on
+    a state dict's groups before they are loaded, and at every step (an LR scheduler or a user may set a group's
+    values directly; the kernels take them as scalar arguments)."""
+    missing = [key for key in _GROUP_KEYS if key not in group]
+    if missing:
+        raise ValueError(f"a param group has no {missing}")
+
     def real(name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
         x = group[name]
         ok = _is_number(x) and (lo < x if lo_open else lo <= x) and (x < hi if hi_open else x <= hi)
         if not ok:
             lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-            raise ValueError(f"{name} must be a number in {lb}{lo}, {hi}{rb}; got {x!r}")
+            raise ValueError(f"{name} must be a Python int or float in {lb}{lo}, {hi}{rb}; got {x!r}")
 
     inf = float("inf")
     real("lr", 0.0, inf, hi_open=True)
-    real("eps", 0.0, inf, hi_open=True)
+    # eps = 0 would divide 0 by 0 wherever a gradient element has been exactly 0 so far (an unused embedding row).
+    real("eps", 0.0, inf, lo_open=True, hi_open=True)
     real("weight_decay", 0.0, inf, hi_open=True)
-    real("reserve_p", 0.0, 1.0, lo_open=True)
+    # At least float32's smallest normal: ondare scales the kept entries by 1 / reserve_p, in float32.
+    real("reserve_p", torch.finfo(torch.float32).tiny, 1.0)
     real("alpha", 0.0, 1.0)
     real("clip", 0.0, inf, lo_open=True)
     betas = group["betas"]
@@ -69,6 +91,7 @@ def _check_group(group: Mapping[str, Any]) -> None:
         raise ValueError(f"betas must be two numbers in [0, 1); got {betas!r}")
     if group["method"] not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {group['method']!r}")
+    check_flag("rescale", group["rescale"])
     if group["rescale"] and group["method"] != "ondare":
         raise ValueError("rescale is defined for method='ondare' only (OnTIES keeps the top-k Δ as it is)")
     step = group["online_step"]
@@ -93,7 +116,7 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
             FSDP x TP), or flat shards (see flat_shards).
         lr, betas, eps, weight_decay: AdamW's (defaults 1e-3, (0.9, 0.999), 1e-8, 0.0).
         method: "ondare" or "onties" (default "ondare").
-        reserve_p: fraction of entries kept, in (0, 1] (default 1.0).
+        reserve_p: fraction of entries kept, in (0, 1] (default 1.0; at least float32's smallest normal).
         alpha: weight of τ in the merge, in [0, 1] (default 0.0).
         rescale: ondare only: scale the kept Δ back to its L1 norm before the drop, then clamp
             it to ±clip (default False).
@@ -139,8 +162,9 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
     ):
         if ref_delta_dtype not in REF_DELTA_DTYPES:
             raise ValueError(f"ref_delta_dtype must be torch.bfloat16 or torch.float32; got {ref_delta_dtype}")
+        check_flag("skip_nonfinite", skip_nonfinite)
         self.ref_delta_dtype = ref_delta_dtype
-        self.skip_nonfinite = bool(skip_nonfinite)
+        self.skip_nonfinite = skip_nonfinite
         self._flat_shards = dict(flat_shards or {})
         self._params: list[torch.Tensor] = []  # in param_groups order: what each position held
         self._index: dict[torch.Tensor, int] = {}
@@ -156,7 +180,7 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
             method=method,
             reserve_p=reserve_p,
             alpha=alpha,
-            rescale=bool(rescale),
+            rescale=rescale,
             clip=clip,
             online_step=online_step,
             seed=seed,
@@ -184,6 +208,12 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         _check_group({**self.defaults, **param_group})
+        if not isinstance(param_group["params"], (torch.Tensor, set)):  # torch.optim refuses a set
+            param_group["params"] = params = list(param_group["params"])  # once: it may be a generator
+            ids = [id(p[1] if isinstance(p, tuple) else p) for p in params]  # (name, parameter) pairs too
+            if len(set(ids)) != len(ids):
+                # torch.optim only warns: each copy would take its own step, one after the other.
+                raise ValueError("a param group holds the same parameter more than once")
         if self._constructed:
             self._follow_swapped_params()
         super().add_param_group(param_group)
@@ -456,6 +486,8 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:
+            _check_group(group)
         self._follow_swapped_params()
         self._tables.new_step()
         launches = self._launches()
@@ -492,13 +524,17 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
         parameter's dtype). Values are copied to the parameter's device and layout. The hooks run
         as torch.optim.Optimizer's do: the pre-hooks first (one may return a new state dict), the
         post-hooks once all is loaded. A state dict that does not fit raises before anything changes."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict (from state_dict()); got {type(state_dict).__name__}")
         self._follow_swapped_params()
-        state_dict = state_dict.copy()  # shallow, as torch.optim's: a pre-hook may change it in place
+        state_dict = dict(state_dict)  # shallow, as torch.optim's: a pre-hook may change it in place
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
         saved_groups = copy.deepcopy(state_dict["param_groups"])
+        for saved_group in saved_groups:  # the values every later step runs with
+            _check_group(saved_group)
         sizes, saved_sizes = ([len(g["params"]) for g in groups] for groups in (self.param_groups, saved_groups))
         if saved_sizes != sizes:
             raise ValueError(
@@ -520,20 +556,42 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
     def _loaded(self, p: torch.Tensor, key: str, value):
         """A state value for p: this process's part of it, on p's device, in the state's dtype.
         value is laid out like p, or whole, or a DTensor of another layout (gathered first), or
-        on the meta device (a model built there before it was sharded: only zeros can be kept)."""
-        if not isinstance(value, torch.Tensor):
-            return value
+        on the meta device (a model built there before it was sharded: only zeros can be kept).
+        Values no step could recover from raise: a step that is not a finite count >= 0, a moment
+        or τ that is not a real float tensor, a NaN/inf moment, a negative second moment."""
+        what = f"state {key!r} of {self._names[p]}"
+        if key == "step" and _is_number(value):
+            value = torch.tensor(float(value))
+        if key not in (*_MOMENT_KEYS, "ref_delta", "step"):
+            return value  # not ours: kept as it is, as torch.optim does
+        if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+            kind = type(value).__name__ if not isinstance(value, torch.Tensor) else value.dtype
+            raise TypeError(f"{what} must be a real floating-point tensor; got {kind}")
+        if key == "ref_delta" and value.dtype not in REF_DELTA_DTYPES:
+            raise TypeError(f"{what} must be bfloat16 or float32 (how τ is stored); got {value.dtype}")
+        loaded = self._loaded_tensor(p, key, value, what)
+        if loaded.device.type != "meta" and key != "ref_delta":  # τ was checked finite when it was given
+            local_value = local_tensor(loaded)
+            bad = not bool(torch.isfinite(local_value).all())  # a host sync, once per state value at load time
+            if key == "step":
+                bad = bad or bool(local_value < 0)
+            elif key == "exp_avg_sq":
+                bad = bad or bool((local_value < 0).any())
+            if bad:
+                expected = "a finite count >= 0" if key == "step" else "finite" + " and >= 0" * (key == "exp_avg_sq")
+                raise ValueError(f"{what} must be {expected}; the state dict holds other values")
+        return loaded
+
+    def _loaded_tensor(self, p: torch.Tensor, key: str, value: torch.Tensor, what: str) -> torch.Tensor:
         local = local_tensor(p)
         dtype = torch.float32 if key in _MOMENT_KEYS or key == "step" else value.dtype
         if value.device.type == "meta" and local.device.type != "meta":
             if key not in _MOMENT_KEYS and key != "step":
-                raise ValueError(f"state {key!r} of {self._names[p]} is on the meta device; its values are lost")
+                raise ValueError(f"{what} is on the meta device; its values are lost")
             value = torch.zeros(value.shape, dtype=dtype)
         if key == "step":
             if value.numel() != 1:
-                raise ValueError(
-                    f"state 'step' of {self._names[p]} must hold one number; got shape {tuple(value.shape)}"
-                )
+                raise ValueError(f"{what} must hold one number; got shape {tuple(value.shape)}")
             return local_tensor(value).detach().to(local.device, torch.float32).reshape(()).clone()
         if isinstance(value, DTensor) and _laid_out_like(value, p):
             value = value.to_local()
@@ -541,7 +599,7 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
             if isinstance(value, DTensor):
                 value = value.full_tensor()
             if isinstance(p, DTensor) or tuple(value.shape) != tuple(local.shape):
-                value = self._local_part(p, f"state {key!r} of {self._names[p]}", value)
+                value = self._local_part(p, what, value)
         return like_param(value.detach().to(local.device, dtype).contiguous().clone(), p)
 
 
