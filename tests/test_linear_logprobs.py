@@ -462,8 +462,9 @@ def test_loss_kernels_on_padded_rows_match_float64(V, device):
     for layout, rows, b in (("padded", padded, nan_padded_bias), ("contiguous", a.clone(), bias)):
         stats = loss_kernels.logits_stats(rows, b, labels, *args, linear_kernels.Outputs(*[True] * 4))
         for name, got, want in zip(("lse", "z_label", "entropy", "argmax", "log_sum_sq", "mean"), stats, expected):
-            if name == "argmax":
-                assert torch.equal(got, want), layout
+            if name == "argmax":  # softcap's tanh saturates: fp32 ties logits that float64 tells apart
+                z = z64.detach()
+                assert (z.gather(1, got[:, None])[:, 0] >= z.max(1).values - 1e-5).all(), layout
             else:
                 assert rel_err(got, want) < 1e-5, (layout, name)
         lse = stats[0]
