@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,6 +83,12 @@ def backend_for(tensor: torch.Tensor) -> Backend:
     return "torch"
 
 
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """torch.autocast(device.type, enabled=False), or nothing for meta tensors (shape inference), which have no
+    autocast state: torch raises on it."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
+
+
 def check_float(name: str, tensor: torch.Tensor) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
@@ -88,8 +96,11 @@ def check_float(name: str, tensor: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16; got {tensor.dtype}")
 
 
-def check_labels(name: str, labels: torch.Tensor, shape: torch.Size, device: torch.device, what: str) -> None:
-    """labels must be an integer tensor of `shape` on `device`; `what` names where the shape comes from."""
+def check_labels(
+    name: str, labels: torch.Tensor, shape: torch.Size, device: torch.device, what: str, on: str = "the logits"
+) -> None:
+    """labels must be an integer tensor of `shape` on `device`; `what` names where the shape comes from, `on` the
+    tensor whose device it is."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -97,7 +108,7 @@ def check_labels(name: str, labels: torch.Tensor, shape: torch.Size, device: tor
     if labels.shape != shape:
         raise ValueError(f"{name} must have shape {what} = {tuple(shape)}; got {tuple(labels.shape)}")
     if labels.device != device:
-        raise ValueError(f"{name} must be on the same device as the logits ({device}); got {labels.device}")
+        raise ValueError(f"{name} must be on the same device as {on} ({device}); got {labels.device}")
 
 
 def check_label_range(name: str, labels: torch.Tensor, vocab: int, ignore_index: int | None) -> None:
@@ -123,10 +134,52 @@ def label_range_error(
     return ValueError(f"{name} holds {first}, outside [0, {vocab}){allowed}")
 
 
-def check_positive(name: str, value: float) -> None:
-    # numbers.Real: numpy scalars too (a temperature read from a config array); callers take float(value).
-    if not (isinstance(value, numbers.Real) and 0 < float(value) < float("inf")):
+# The options' numbers are passed on as Python floats and ints: a kernel takes them as scalar arguments, which a
+# NumPy scalar is not (the interpreter fails on it), and torch ops promote them as Python numbers.
+
+
+def check_real(name: str, value, expected: str = "a real number") -> float:
+    """value (a real number, Python's or NumPy's) as a float; TypeError naming `name` otherwise."""
+    # bool is a numbers.Real: temperature=True would silently be 1.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}; got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value, expected: str = "an int") -> int:
+    """value (an integer, Python's or NumPy's) as an int; TypeError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {expected}; got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+# float32's smallest normal number: 1 / x overflows float32 below it (the kernels divide by a temperature in
+# float32, and a temperature of 1e-39 gave NaN log-probs).
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
+
+
+def check_positive(name: str, value: float) -> float:
+    """value as a float, finite and at least float32's smallest normal number."""
+    number = check_real(name, value, "a finite number > 0")
+    if not 0 < number < float("inf"):
         raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    if number < FLOAT32_TINY:
+        raise ValueError(
+            f"{name} must be at least float32's smallest normal number {FLOAT32_TINY} (its reciprocal overflows "
+            f"float32 below it); got {value!r}"
+        )
+    return number
+
+
+def check_values(name: str, x: torch.Tensor, ok: torch.Tensor, expected: str) -> torch.Tensor:
+    """x, whose values `ok` (a bool tensor like x) marks as valid. On the CPU a bad value raises ValueError. On an
+    accelerator a check would sync with the host at every training step, so a bad value becomes NaN instead, which
+    the loss then shows (meta tensors hold no values)."""
+    if x.device.type == "cpu":
+        if not ok.all():
+            raise ValueError(f"{name} must be {expected}; got {x[~ok].flatten()[0].item()}")
+        return x
+    return x if x.device.type == "meta" else torch.where(ok, x, math.nan)
 
 
 def check_flag(name: str, value: bool) -> None:
@@ -134,10 +187,13 @@ def check_flag(name: str, value: bool) -> None:
         raise TypeError(f"{name} must be True or False; got {value!r}")
 
 
-def check_ignore_index(ignore_index: int) -> None:
-    # bool is an int, and ignore_index=True would ignore every label 1.
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+def check_ignore_index(ignore_index: int) -> int:
+    """ignore_index as an int: bool is refused (ignore_index=True would ignore every label 1), and it must fit the
+    labels' int64."""
+    ignore_index = check_int("ignore_index", ignore_index)
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, as the labels; got {ignore_index}")
+    return ignore_index
 
 
 SECOND_ORDER = (

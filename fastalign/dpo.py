@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fastalign._backend import check_flag, check_positive
+from fastalign._backend import check_flag, check_float, check_positive, check_real, check_values
 from fastalign.logprobs import token_logprobs, token_stats
 
 DPO_LOSS_TYPES = (
@@ -241,11 +241,33 @@ def _check_lengths(name: str, lengths: torch.Tensor, like: torch.Tensor) -> torc
         raise ValueError(f"{name} must have shape {tuple(like.shape)}, one length per pair; got {tuple(lengths.shape)}")
     if lengths.device != like.device:
         raise ValueError(f"{name} must be on the log-probs' device ({like.device}); got {lengths.device}")
-    return lengths.to(LOSS_MATH_DTYPE)
+    if lengths.dtype == torch.bool or lengths.dtype.is_complex:  # True would count as 1 token
+        raise TypeError(f"{name} must be an integer or floating-point tensor (token counts); got {lengths.dtype}")
+    lengths = lengths.to(LOSS_MATH_DTYPE)  # 0 is a fully masked completion: its per-token means clamp it to 1
+    return check_values(name, lengths, torch.isfinite(lengths) & (lengths >= 0), "finite and >= 0")
+
+
+def _check_kl(kl: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """kl, a real number or a one-element real tensor (on the log-probs' device or the CPU), as a float64 scalar on
+    `device`."""
+    expected = "a real number or a one-element real tensor"
+    if not isinstance(kl, torch.Tensor):
+        value = check_real("kl", kl, expected)
+        if not math.isfinite(value):
+            raise ValueError(f"kl must be finite; got {kl!r}")
+        return torch.tensor(value, dtype=LOSS_MATH_DTYPE, device=device)
+    if kl.dtype == torch.bool or kl.dtype.is_complex:
+        raise TypeError(f"kl must be {expected}; got a {kl.dtype} tensor")
+    if kl.numel() != 1:
+        raise ValueError(f"kl must be a scalar (a float or a one-element tensor); got shape {tuple(kl.shape)}")
+    if kl.device not in (device, torch.device("cpu")):
+        raise ValueError(f"kl must be on the log-probs' device ({device}) or the CPU; got {kl.device}")
+    kl = kl.detach().reshape(()).to(LOSS_MATH_DTYPE)
+    return check_values("kl", kl, torch.isfinite(kl), "finite").to(device)
 
 
 def _check_ld_alpha(ld_alpha: float | None) -> None:
-    if ld_alpha is not None and not (isinstance(ld_alpha, (int, float)) and 0 <= ld_alpha <= 1):
+    if ld_alpha is not None and not 0 <= check_real("ld_alpha", ld_alpha, "None or a number in [0, 1]") <= 1:
         raise ValueError(f"ld_alpha must be None or a number in [0, 1]; got {ld_alpha!r}")
 
 
@@ -272,18 +294,25 @@ def check_dpo_options(
 ) -> list[tuple[str, float]]:
     """Validates the DPO options (DPOLoss calls it at construction); returns [(loss type, weight)]."""
     check_positive("beta", beta)
+    if not isinstance(loss_type, (str, Sequence)):
+        raise TypeError(f"loss_type must be a str or a list of str; got {type(loss_type).__name__}")
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if not types:
         raise ValueError(f"loss_type must name at least one of {list(DPO_LOSS_TYPES)}")
     for t in types:
         if t not in DPO_LOSS_TYPES:
             raise ValueError(f"Unsupported loss_type {t!r}: not one of {list(DPO_LOSS_TYPES)}")
+    # Any finite weights, negative ones too: TRL 1.16 checks only their count.
+    if loss_weights is not None and (isinstance(loss_weights, str) or not isinstance(loss_weights, Sequence)):
+        raise TypeError(f"loss_weights must be a list of numbers, one per loss_type; got {type(loss_weights).__name__}")
     weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
     if len(weights) != len(types):
         raise ValueError(f"loss_weights must have one weight per loss_type ({len(types)}); got {len(weights)}")
+    weights = [check_real(f"loss_weights[{i}]", w, "a finite number") for i, w in enumerate(weights)]
+    if not all(map(math.isfinite, weights)):
+        raise ValueError(f"loss_weights must hold finite numbers; got {loss_weights!r}")
     # The texts of the robust and exo_pair cases are Liger's, whose own tests match them.
-    if not isinstance(label_smoothing, (int, float)):
-        raise ValueError(f"label_smoothing must be a number in [0, 1); got {label_smoothing!r}")
+    check_real("label_smoothing", label_smoothing, "a number in [0, 1)")
     if "robust" in types and not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0.0, 0.5) for loss_type='robust'; got {label_smoothing!r}")
     if not 0 <= label_smoothing < 1:
@@ -299,7 +328,7 @@ def check_dpo_options(
             f"f_divergence_type {f_divergence_type!r} works only with loss_type in {list(F_DIVERGENCE_LOSS_TYPES)} "
             f"(f-DPO's log Z(x) cancels only in the chosen-minus-rejected difference); got {unsupported}"
         )
-    if not (isinstance(f_alpha_divergence_coef, (int, float)) and math.isfinite(f_alpha_divergence_coef)):
+    if not math.isfinite(check_real("f_alpha_divergence_coef", f_alpha_divergence_coef, "a finite number")):
         raise ValueError(f"f_alpha_divergence_coef must be a finite number; got {f_alpha_divergence_coef!r}")
     check_positive("discopop_tau", discopop_tau)
     _check_ld_alpha(ld_alpha)
@@ -310,7 +339,7 @@ def check_dpo_options(
             f"use_weighting=True cannot be combined with loss_type {sorted_types}: they sort the pairs across the "
             "batch, so a pair's weight would land on another pair's loss"
         )
-    return list(zip(types, (float(w) for w in weights)))
+    return list(zip(types, weights))
 
 
 def check_kto_options(
@@ -325,7 +354,7 @@ def check_kto_options(
     """Validates kto_loss's hyper-parameters (KTOLoss calls it at construction)."""
     check_positive("beta", beta)
     for name, w in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
-        if not (isinstance(w, (int, float)) and 0 <= w < math.inf):
+        if not 0 <= check_real(name, w, "a finite number >= 0") < math.inf:
             raise ValueError(f"{name} must be a finite number >= 0; got {w!r}")
     if loss_type not in KTO_LOSS_TYPES:
         raise ValueError(f"Unsupported loss_type {loss_type!r}: not one of {list(KTO_LOSS_TYPES)}")
@@ -444,11 +473,13 @@ def dpo_loss(
         ref_chosen_logps, ref_rejected_logps: [B] float, the same under the reference model (detached here).
         beta: > 0 (default 0.1); for "ipo" it is the paper's tau.
         loss_type: one of DPO_LOSS_TYPES, or a list of them (default "sigmoid").
-        loss_weights: one weight per loss type (default all 1.0); the loss is sum_i w_i * mean(loss_i).
+        loss_weights: a list of one weight per loss type (default all 1.0); the loss is sum_i w_i * mean(loss_i).
+            Any finite numbers, negative ones too, as TRL 1.16 (which checks only their count).
         label_smoothing: in [0, 1) (default 0.0): the flip probability of "robust" (< 0.5), EXO's epsilon of
             "exo_pair" (> 0), and the smoothing of "aot"/"aot_unpaired". The other types ignore it, as in TRL.
-        chosen_lengths, rejected_lengths: [B] completion token counts, needed by "ipo", "sigmoid_norm", "sft"
-            and average_log_prob (clamped to >= 1).
+        chosen_lengths, rejected_lengths: [B] completion token counts (integer or float tensors, finite, >= 0; 0
+            for a fully masked completion), needed by "ipo", "sigmoid_norm", "sft" and average_log_prob (clamped
+            to >= 1). A bad count raises on the CPU; on an accelerator it makes the loss NaN (no host sync).
         average_log_prob: the losses compare per-token means: all four inputs are divided by the lengths
             (default False). "sft" still averages the NLL over all chosen tokens of the batch; "ipo" and
             "sigmoid_norm", which compare per-token means anyway, take the means as they are (no second
@@ -627,6 +658,9 @@ def reference_logps(
     if not isinstance(source, torch.Tensor) or source.shape[:-1] != like.shape[:-1]:
         got = tuple(source.shape) if isinstance(source, torch.Tensor) else type(source).__name__
         raise ValueError(f"{source_name} must have shape [*{tuple(like.shape[:-1])}, ...] like {like_name}; got {got}")
+    check_float(source_name, source)  # here, or the log-prob op would name the policy's argument
+    if source.device != like.device:
+        raise ValueError(f"{source_name} must be on the device of {like_name} ({like.device}); got {source.device}")
     with torch.no_grad():
         ref = compute(source.detach())
     return list(ref.chunk(len(ref_logps)))
@@ -835,7 +869,8 @@ def kto_loss(
         policy_logps: [B] float, summed over each completion; gradients flow to it only.
         ref_logps: [B] float, the same under the reference model (detached here).
         desirable: [B] bool, True for a desirable (chosen) completion, as TRL's "label".
-        kl: the batch KL estimate, a float or a one-element tensor: TRL takes mean(policy - reference
+        kl: the batch KL estimate, finite, a real number or a one-element real tensor (a bad tensor value raises on
+            the CPU and makes the loss NaN on an accelerator, without a host sync): TRL takes mean(policy - reference
             log-probs) over mismatched (prompt, completion) pairs, averaged across ranks. It is detached here.
             Required for "kto"; "apo_zero_unpaired" uses none (None means 0).
         beta: > 0 (default 0.1).
@@ -912,10 +947,8 @@ def _kto(
         if loss_type == "kto":
             raise ValueError("kl (the batch KL estimate) is required for loss_type 'kto'")
         kl = 0.0
-    kl = torch.as_tensor(kl, device=first.device).detach().to(LOSS_MATH_DTYPE)
-    if kl.numel() != 1:
-        raise ValueError(f"kl must be a scalar (a float or a one-element tensor); got shape {tuple(kl.shape)}")
-    kl = kl.reshape(())
+    kl = _check_kl(kl, first.device)
+    beta, desirable_weight, undesirable_weight = float(beta), float(desirable_weight), float(undesirable_weight)
     if clamp_kl:
         kl = kl.clamp(min=0)
 

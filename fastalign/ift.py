@@ -12,7 +12,15 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from fastalign._backend import backend_for, check_float, check_label_range, check_labels, first_order_only
+from fastalign._backend import (
+    backend_for,
+    check_float,
+    check_ignore_index,
+    check_label_range,
+    check_labels,
+    check_real,
+    first_order_only,
+)
 from fastalign.kernels.ift import ift_bwd, ift_fwd, ift_inputs_embeds_fwd
 from fastalign.logprobs import token_logprobs
 
@@ -81,7 +89,7 @@ def _ift_loss_torch(token_logps: torch.Tensor, mask: torch.Tensor, gamma: float)
 
 def check_gamma(gamma: float) -> float:
     """Validates IFT's discount (IFTLoss calls it at construction)."""
-    if not (isinstance(gamma, (int, float)) and 0 <= gamma <= 1):
+    if not 0 <= check_real("gamma", gamma, "a number in [0, 1]") <= 1:
         raise ValueError(f"gamma must be a number in [0, 1]; got {gamma!r}")
     return float(gamma)
 
@@ -236,24 +244,25 @@ def ift_inputs_embeds(
         [B, T, D] in the weight's dtype.
     """
     check_float("embedding_weight", embedding_weight)
-    if embedding_weight.dim() != 2:
-        raise ValueError(f"embedding_weight must have shape [V, D]; got {tuple(embedding_weight.shape)}")
+    if embedding_weight.dim() != 2 or embedding_weight.shape[0] == 0:
+        raise ValueError(f"embedding_weight must have shape [V, D] with V > 0; got {tuple(embedding_weight.shape)}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must have shape [B, T]; got {got}")
-    if not (isinstance(lam, (int, float)) and 0 <= lam <= 1):
+    if not 0 <= check_real("lam", lam, "a number in [0, 1]") <= 1:
         raise ValueError(f"lam must be a number in [0, 1]; got {lam!r}")
+    lam, ignore_index = float(lam), check_ignore_index(ignore_index)
     device, (B, T), vocab = embedding_weight.device, input_ids.shape, embedding_weight.shape[0]
-    check_labels("input_ids", input_ids, input_ids.shape, device, "[B, T]")
-    check_labels("labels", labels, input_ids.shape, device, "input_ids.shape")
+    check_labels("input_ids", input_ids, input_ids.shape, device, "[B, T]", "embedding_weight")
+    check_labels("labels", labels, input_ids.shape, device, "input_ids.shape", "embedding_weight")
     full = isinstance(predicted_ids, torch.Tensor) and predicted_ids.shape == (B, T)
     predicted_shape = torch.Size([B, T] if full else [B, max(T - 1, 0)])
     what = f"[B, T] or [B, T - 1] with (B, T) = {(B, T)}"
-    check_labels("predicted_ids", predicted_ids, predicted_shape, device, what)
+    check_labels("predicted_ids", predicted_ids, predicted_shape, device, what, "embedding_weight")
     input_ids, predicted_ids, labels = (x.to(torch.int64) for x in (input_ids, predicted_ids, labels))
     if backend_for(embedding_weight) == "torch":
-        return _ift_inputs_embeds_torch(embedding_weight, input_ids, predicted_ids, labels, float(lam), ignore_index)
+        return _ift_inputs_embeds_torch(embedding_weight, input_ids, predicted_ids, labels, lam, ignore_index)
     if device.type == "cpu":  # the interpreter; compiled kernels give NaN rows for bad ids instead
         _check_read_ids(input_ids, predicted_ids, labels, ignore_index, vocab)
     weight = embedding_weight if embedding_weight.stride(-1) == 1 else embedding_weight.contiguous()
-    return _IFTInputsEmbeds.apply(weight, input_ids, predicted_ids, labels, float(lam), ignore_index)
+    return _IFTInputsEmbeds.apply(weight, input_ids, predicted_ids, labels, lam, ignore_index)

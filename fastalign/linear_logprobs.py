@@ -21,17 +21,18 @@ keeps them), and one host sync, to count the rows that are scored and reject lab
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 
 from fastalign._backend import (
     as_btv,
+    autocast_off,
     backend_for,
     check_flag,
     check_float,
     check_ignore_index,
+    check_int,
     check_labels,
     check_positive,
     first_order_only,
@@ -67,7 +68,10 @@ class _Head:
 def _scored_rows(labels: torch.Tensor, vocab: int, ignore_index: int, every_row: bool) -> torch.Tensor:
     """[M] int64 indices of the rows to score: those whose label is not ignore_index, or every row.
 
-    The call's one host sync: it counts those rows and rejects a label outside [0, vocab)."""
+    The call's one host sync: it counts those rows and rejects a label outside [0, vocab). Meta tensors (shape
+    inference) hold no labels: every row is scored."""
+    if labels.device.type == "meta":
+        return torch.arange(labels.numel(), device=labels.device)
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= vocab))
     n_valid, n_bad = torch.stack([valid.sum(), bad.sum()]).tolist()
@@ -259,7 +263,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         bias = None if bias is None else bias.contiguous()
         rows = _scored_rows(flat_labels, weight.shape[0], head.ignore_index, any(outputs))
         use_kernels = backend_for(hidden) != "torch"
-        with torch.autocast(hidden.device.type, enabled=False):
+        with autocast_off(hidden.device):
             if use_kernels:
                 args = (head.ignore_index, head.temperature, head.softcap, head.logit_scale)
                 logp, lse, *extras = linear_logprobs_fwd(x, weight, bias, rows, flat_labels, *args, outputs)
@@ -288,7 +292,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dlse = rest[3] if ctx.with_lse else None  # after the non-differentiable argmax, log_sum_sq, mean
         x = as_btv(hidden)
-        with torch.autocast(hidden.device.type, enabled=False):
+        with autocast_off(hidden.device):
             B, T, H = x.shape
             V, M, dev = weight.shape[0], rows.numel(), x.device
             lab = labels[rows]
@@ -401,20 +405,24 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def check_head_options(ignore_index, temperature, softcap, logit_scale, memory_budget) -> None:
-    """The logit options every fused-linear entry point takes (the loss modules check them at construction)."""
-    check_ignore_index(ignore_index)
-    check_positive("temperature", temperature)
-    check_positive("logit_scale", logit_scale)
-    if softcap is not None:
-        check_positive("softcap", softcap)
-    if memory_budget is not None and not (
-        isinstance(memory_budget, numbers.Integral) and not isinstance(memory_budget, bool) and memory_budget > 0
-    ):
-        raise ValueError(f"memory_budget must be a positive int (bytes) or None; got {memory_budget!r}")
+def check_head_options(ignore_index, temperature, softcap, logit_scale, memory_budget) -> dict:
+    """The logit options every fused-linear entry point takes (the loss modules check them at construction), as
+    Python ints and floats (the head_args of the entry points)."""
+    if memory_budget is not None:
+        memory_budget = check_int("memory_budget", memory_budget, "a positive int (bytes) or None")
+        if memory_budget <= 0:
+            raise ValueError(f"memory_budget must be a positive int (bytes) or None; got {memory_budget!r}")
+    return {
+        "ignore_index": check_ignore_index(ignore_index),
+        "temperature": check_positive("temperature", temperature),
+        "softcap": None if softcap is None else check_positive("softcap", softcap),
+        "logit_scale": check_positive("logit_scale", logit_scale),
+        "memory_budget": memory_budget,
+    }
 
 
-def _check_head_args(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget):
+def _check_head_args(hidden, weight, labels, bias, **head_args) -> dict:
+    """Checks the arguments of a fused-linear entry point; returns the checked head_args."""
     check_float("hidden", hidden)
     check_float("weight", weight)
     if hidden.dim() < 1 or hidden.shape[-1] == 0:
@@ -430,8 +438,8 @@ def _check_head_args(hidden, weight, labels, bias, ignore_index, temperature, so
             raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},); got {tuple(bias.shape)}")
         if bias.device != hidden.device:
             raise ValueError(f"bias must be on hidden's device ({hidden.device}); got {bias.device}")
-    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
-    check_head_options(ignore_index, temperature, softcap, logit_scale, memory_budget)
+    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]", "hidden")
+    return check_head_options(**head_args)
 
 
 def _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget):
@@ -440,19 +448,19 @@ def _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap, l
     A vocab-parallel weight (fastalign.vocab_parallel) stays sharded."""
     if vocab_shard(weight) is None:
         weight, bias = _gathered(weight), _gathered(bias)
-    _check_head_args(hidden, weight, labels, bias, ignore_index, temperature, softcap, logit_scale, memory_budget)
+    head_args = _check_head_args(
+        hidden, weight, labels, bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+        logit_scale=logit_scale, memory_budget=memory_budget,
+    )  # fmt: skip
     device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    # Meta tensors (shape inference) have no autocast state: torch raises on the query.
+    autocast = device_type != "meta" and torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
-    head = _Head(
-        ignore_index,
-        float(temperature),
-        None if softcap is None else float(softcap),
-        float(logit_scale),
-        DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget),
-    )
-    return hidden, weight, bias, head
+    if head_args["memory_budget"] is None:
+        head_args["memory_budget"] = DEFAULT_MEMORY_BUDGET
+    return hidden, weight, bias, _Head(**head_args)
 
 
 def linear_token_stats(

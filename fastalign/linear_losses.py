@@ -42,7 +42,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fastalign._backend import as_btv, backend_for, check_flag, check_labels, first_order_only, label_range_error
+from fastalign._backend import (
+    as_btv,
+    autocast_off,
+    backend_for,
+    check_flag,
+    check_float,
+    check_labels,
+    check_real,
+    first_order_only,
+    label_range_error,
+)
 from fastalign.dpo import (
     check_dpo_options,
     check_kto_options,
@@ -126,11 +136,10 @@ def _pop_head(options: dict) -> dict:
 
 
 def _checked_head(head: dict, not_fast: str | None = None, needs_fast: str | None = None) -> dict:
-    """The logit options (head_args) of _pop_head's dict, checked with its strategy."""
+    """The logit options (head_args) of _pop_head's dict, checked with its strategy, as Python ints and floats."""
     head = dict(head)
     check_strategy(head.pop("strategy"), not_fast, needs_fast)
-    check_head_options(**head)
-    return head
+    return check_head_options(**head)
 
 
 def _dpo_not_fast(loss_type, use_weighting: bool) -> str | None:
@@ -188,7 +197,7 @@ def check_cross_entropy_options(
         raise TypeError(f"unexpected keyword arguments {sorted(options)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)}; got {reduction!r}")
-    if not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1):
+    if not 0 <= check_real("label_smoothing", label_smoothing, "a number in [0, 1)") < 1:
         raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
     check_flag("entropy", entropy)
     check_flag("accuracy", accuracy)
@@ -527,7 +536,7 @@ class _FastFusedLinearLoss(torch.autograd.Function):
 
         result = None
         labels_differ = []  # vocab-parallel: whether the group's ranks scored different rows, per chunk
-        with torch.autocast(dev.type, enabled=False):
+        with autocast_off(dev):
             for i_chunk, (r0, r1, whole) in enumerate(chunks):
                 rows_c, n = rows[r0:r1], r1 - r0
                 h_c, lab_c = _rows_of(x, rows_c, ascending), flat_labels[rows_c]
@@ -676,6 +685,12 @@ def fused_linear_loss(
     return (loss, *metrics), TokenStats(logps, entropy, argmax, log_sum_sq, mean_logits)
 
 
+def _check_hidden_labels(hidden, labels) -> None:
+    """The losses read labels (for the mask) before fused_linear_loss checks the rest."""
+    check_float("hidden", hidden)
+    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]", "hidden")
+
+
 def _references_and_mask(
     ref_logps: dict, ref_hidden, ref_weight, ref_bias, hidden, weight, labels, head_args, ld_alpha
 ):
@@ -684,6 +699,7 @@ def _references_and_mask(
     ref_hidden under no_grad (2 N H V FLOPs); then the labels are checked against hidden."""
     if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
         raise ValueError("ref_weight and ref_bias need ref_hidden")
+    _check_hidden_labels(hidden, labels)
     ref_w = (weight if ref_weight is None else ref_weight).detach()
     ref_b = None if ref_bias is None else ref_bias.detach()
     mask = labels != head_args["ignore_index"]
@@ -692,7 +708,6 @@ def _references_and_mask(
         return sequence_logps(linear_token_logprobs(h, ref_w, labels, ref_b, **head_args), mask, ld_alpha=ld_alpha)
 
     refs = reference_logps(ref_logps, "ref_hidden", ref_hidden, hidden, "hidden", compute)
-    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
     return refs, mask
 
 
@@ -861,8 +876,8 @@ def ift_loss_from_hidden(
         gamma=gamma, ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
         memory_budget=memory_budget, strategy=strategy,
     )  # fmt: skip
-    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
-    objective = ift_objective(labels != ignore_index, float(gamma))
+    _check_hidden_labels(hidden, labels)
+    objective = ift_objective(labels != head_args["ignore_index"], float(gamma))
     return fused_linear_loss(hidden, weight, labels, bias, objective, head_args, strategy)[0][0]
 
 
@@ -920,8 +935,8 @@ def cross_entropy_from_hidden(
     tokens = isinstance(hidden, torch.Tensor) and hidden.dim() == 2 and isinstance(labels, torch.Tensor)
     if tokens:  # [N, H] as one sequence of N tokens: a view
         hidden, labels = hidden[None], labels[None]
-    check_labels("labels", labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
-    mask = labels != ignore_index
+    _check_hidden_labels(hidden, labels)
+    mask = labels != head_args["ignore_index"]
     count = mask.sum().clamp(min=1)
     eps = float(label_smoothing)
 

@@ -361,15 +361,15 @@ def token_stats(
     if shard is not None and isinstance(labels, torch.distributed.tensor.DTensor):
         labels = labels.to_local()
     check_labels("labels", labels, logits.shape[:-1], logits.device, "logits.shape[:-1]")
-    check_positive("temperature", temperature)
-    check_ignore_index(ignore_index)
+    temperature = check_positive("temperature", temperature)
+    ignore_index = check_ignore_index(ignore_index)
     flags = dict(entropy=entropy, argmax=argmax, log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits)
     for name, value in {**flags, "inplace_backward": inplace_backward, "strict": strict}.items():
         check_flag(name, value)
     if strict or logits.device.type == "cpu":
         check_label_range("labels", labels, vocab, ignore_index)
     extras = tuple(flags.values())
-    outputs = _TokenLogprobs.apply(logits, labels, ignore_index, float(temperature), extras, inplace_backward, shard)
+    outputs = _TokenLogprobs.apply(logits, labels, ignore_index, temperature, extras, inplace_backward, shard)
     return TokenStats(*outputs)
 
 

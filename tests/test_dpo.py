@@ -437,6 +437,84 @@ def test_dpo_bad_inputs(device):
         fastalign.DPOLoss(loss_type="nope")
 
 
+A = torch.randn(4)
+DESIRABLE = torch.tensor([True, False, True, False])
+NAN, INF = math.nan, math.inf
+
+
+def _dpo(**options):
+    return fastalign.dpo_loss(A, A, A, A, **options)
+
+
+def _ipo_lengths(chosen):
+    return _dpo(loss_type="ipo", chosen_lengths=chosen, rejected_lengths=torch.ones(4))
+
+
+def _kto(kl, module=False):
+    if module:
+        return fastalign.KTOLoss()(torch.randn(4, 3, 5), torch.zeros(4, 3, dtype=torch.long), DESIRABLE, A, kl)
+    return fastalign.kto_loss(A, A, DESIRABLE, kl)
+
+
+# (call, error, message): each a silent wrong answer or an unnamed error before (bad-input audit).
+BAD_LOSS_CALLS = [
+    (lambda: _dpo(loss_weights=[NAN]), ValueError, r"loss_weights must hold finite numbers; got \[nan\]"),
+    (lambda: _dpo(loss_weights=[INF]), ValueError, r"loss_weights must hold finite numbers; got \[inf\]"),
+    (lambda: fastalign.DPOLoss(loss_weights=[NAN]), ValueError, "loss_weights must hold finite numbers"),
+    (lambda: _dpo(loss_weights=["a"]), TypeError, "loss_weights\\[0\\] must be a finite number; got str 'a'"),
+    (lambda: _dpo(loss_weights=2.0), TypeError, "loss_weights must be a list of numbers, one per loss_type; got float"),
+    (lambda: _dpo(loss_type=None), TypeError, "loss_type must be a str or a list of str; got NoneType"),
+    (lambda: _dpo(beta=True), TypeError, "beta must be a finite number > 0; got bool True"),
+    (lambda: _dpo(beta=1e-39), ValueError, "beta must be at least float32's smallest normal number"),
+    (
+        lambda: _dpo(f_alpha_divergence_coef=True),
+        TypeError,
+        "f_alpha_divergence_coef must be a finite number; got bool",
+    ),
+    (lambda: _dpo(loss_type="robust", label_smoothing="0.1"), TypeError, "label_smoothing must be a number in"),
+    (lambda: _ipo_lengths(torch.ones(4, dtype=torch.bool)), TypeError, "chosen_lengths must be an integer or floating"),
+    (lambda: _ipo_lengths(torch.ones(4, dtype=torch.complex64)), TypeError, "chosen_lengths must be an integer or"),
+    (lambda: _ipo_lengths(torch.full((4,), NAN)), ValueError, "chosen_lengths must be finite and >= 0; got nan"),
+    (lambda: _ipo_lengths(torch.tensor([1, -2, 3, 4])), ValueError, "chosen_lengths must be finite and >= 0; got -2"),
+    (
+        lambda: fastalign.kto_loss(A, A, DESIRABLE, 0.0, lengths=torch.full((4,), INF)),
+        ValueError,
+        "lengths must be finite and >= 0; got inf",
+    ),  # fmt: skip
+    (lambda: _kto(NAN), ValueError, "kl must be finite; got nan"),
+    (lambda: _kto(torch.tensor([INF])), ValueError, "kl must be finite; got inf"),
+    (lambda: _kto(NAN, module=True), ValueError, "kl must be finite; got nan"),
+    (lambda: _kto(1 + 2j), TypeError, r"kl must be a real number or a one-element real tensor; got complex"),
+    (lambda: _kto(torch.tensor(1 + 2j)), TypeError, "kl must be a real number .*; got a torch.complex64 tensor"),
+    (lambda: _kto("0.1"), TypeError, "kl must be a real number or a one-element real tensor; got str '0.1'"),
+    (lambda: _kto(torch.tensor(0.1, device="meta")), ValueError, r"kl must be on the log-probs' device \(cpu\)"),
+    (lambda: fastalign.kto_loss(A, A, DESIRABLE, 0.0, desirable_weight=True), TypeError, "desirable_weight must be"),
+    (lambda: fastalign.IFTLoss(gamma=True), TypeError, r"gamma must be a number in \[0, 1\]; got bool True"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "message"), BAD_LOSS_CALLS)
+def test_bad_loss_inputs_name_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_loss_inputs_accept_what_trl_passes():
+    """A fully masked completion (length 0), negative loss weights (TRL 1.16 checks only their count), NumPy scalars
+    (converted to Python numbers) and kl as a one-element tensor."""
+    np = pytest.importorskip("numpy")
+    lengths = torch.tensor([0, 3, 0, 2])
+    assert torch.isfinite(_dpo(loss_type="ipo", chosen_lengths=lengths, rejected_lengths=lengths)[0])
+    types = ["sigmoid", "hinge"]
+    weighted = _dpo(loss_type=types, loss_weights=[1.0, -0.5])[0]
+    torch.testing.assert_close(weighted, _dpo()[0] - 0.5 * _dpo(loss_type="hinge")[0])
+    numpy_options = {"beta": np.float32(0.25), "label_smoothing": np.float64(0.1), "loss_weights": [np.float32(2)]}
+    plain = {"beta": 0.25, "label_smoothing": 0.1, "loss_weights": [2.0]}
+    assert _dpo(loss_type="robust", **numpy_options)[0] == _dpo(loss_type="robust", **plain)[0]
+    kto = fastalign.kto_loss(A, A, DESIRABLE, np.float32(0.5), beta=np.float64(0.2), desirable_weight=np.int64(2))
+    assert kto[0] == fastalign.kto_loss(A, A, DESIRABLE, torch.tensor([0.5]), beta=0.2, desirable_weight=2)[0]
+
+
 def test_fused_dpo_bad_inputs(device):
     logits, labels = preference_batch(2, 4, 31, torch.float32, device)
     ref_logps = torch.zeros(2, device=device)
@@ -452,6 +530,10 @@ def test_fused_dpo_bad_inputs(device):
         fastalign.DPOLoss()(logits, labels, torch.zeros(3, device=device), ref_logps)
     with pytest.raises(ValueError, match="labels must have shape"):
         fastalign.DPOLoss()(logits, labels[:, :-1], ref_logps, ref_logps)
+    with pytest.raises(TypeError, match="ref_logits must be float32, bfloat16 or float16; got torch.int64"):
+        fastalign.DPOLoss()(logits, labels, ref_logits=logits.long())
+    with pytest.raises(ValueError, match=r"ref_logits must be on the device of the logits \(.*\); got meta"):
+        fastalign.DPOLoss()(logits, labels, ref_logits=logits.to("meta"))
 
 
 def test_kto_bad_inputs(device):

@@ -61,11 +61,11 @@ def test_alpha_divergence_clamps_its_exponent_as_trl():
     """(alpha - 1) * u is clamped at 80 (TRL keeps exp finite in float32): beyond it the score is constant."""
     chosen = torch.tensor([-200.0, -10.0], dtype=torch.float64, requires_grad=True)
     zero = torch.zeros(2, dtype=torch.float64)
-    options = {"loss_type": "hinge", "beta": 1e-40, "f_divergence_type": "alpha_divergence"}
+    options = {"loss_type": "hinge", "beta": 1e-30, "f_divergence_type": "alpha_divergence"}
     loss = fastalign.dpo_loss(chosen, zero, zero, zero, f_alpha_divergence_coef=0.5, **options)[0]
     (grad,) = torch.autograd.grad(loss, chosen)
     assert grad[0] == 0 and grad[1] != 0  # -0.5 * -200 = 100 > 80: clamped
-    expected = 1 - 1e-40 * ((math.exp(80) - 1) / -0.5 + (math.exp(5) - 1) / -0.5) / 2
+    expected = 1 - 1e-30 * ((math.exp(80) - 1) / -0.5 + (math.exp(5) - 1) / -0.5) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-12)
 
 

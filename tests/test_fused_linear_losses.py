@@ -587,6 +587,9 @@ BAD_MODULE_OPTIONS = [
     ("dpo", {"return_per_example": "yes"}, TypeError, "return_per_example must be True or False"),
     ("kto", {"beta": 0.0}, ValueError, "beta must be a finite number > 0; got 0.0"),
     ("ift", {"gamma": 2}, ValueError, r"gamma must be a number in \[0, 1\]; got 2"),
+    ("dpo", {"loss_weights": [math.nan]}, ValueError, r"loss_weights must hold finite numbers; got \[nan\]"),
+    ("dpo", {"beta": True}, TypeError, "beta must be a finite number > 0; got bool True"),
+    ("kto", {"desirable_weight": True}, TypeError, "desirable_weight must be a finite number >= 0; got bool True"),
 ]
 for name in MODULES:  # the logit options, the same in every module
     BAD_MODULE_OPTIONS += [
@@ -594,7 +597,17 @@ for name in MODULES:  # the logit options, the same in every module
         (name, {"softcap": 0.0}, ValueError, "softcap must be a finite number > 0; got 0.0"),
         (name, {"logit_scale": math.nan}, ValueError, "logit_scale must be a finite number > 0; got nan"),
         (name, {"memory_budget": -1}, ValueError, r"memory_budget must be a positive int \(bytes\) or None; got -1"),
-        (name, {"memory_budget": "1GB"}, ValueError, "memory_budget must be a positive int.*got '1GB'"),
+        (name, {"memory_budget": "1GB"}, TypeError, "memory_budget must be a positive int.*got str '1GB'"),
+        (name, {"temperature": True}, TypeError, "temperature must be a finite number > 0; got bool True"),
+        (name, {"softcap": True}, TypeError, "softcap must be a finite number > 0; got bool True"),
+        (name, {"temperature": 1e-45}, ValueError, "temperature must be at least float32's smallest normal number"),
+        (
+            name,
+            {"ignore_index": 2**64},
+            ValueError,
+            "ignore_index must fit in int64, as the labels; got 18446744073709551616",
+        ),
+        (name, {"ignore_index": -(2**63) - 1}, ValueError, "ignore_index must fit in int64"),
         (name, {"ignore_index": 0.5}, TypeError, "ignore_index must be an int; got float"),
         (name, {"ignore_index": None}, TypeError, "ignore_index must be an int; got NoneType"),
         (name, {"strategy": "quick"}, ValueError, r"strategy must be one of \['auto', 'fast', 'lean'\]"),
@@ -606,6 +619,30 @@ for name in MODULES:  # the logit options, the same in every module
 def test_modules_refuse_bad_options_at_construction_naming_them(name, options, error, message):
     with pytest.raises(error, match=message):
         MODULES[name](**options)
+
+
+def test_modules_refuse_bad_tensors_naming_them(device):
+    hidden, weight, bias, labels = make_batch(device)
+    for module in (fastalign.FusedLinearCrossEntropyLoss(), fastalign.FusedLinearIFTLoss()):
+        with pytest.raises(TypeError, match="hidden must be a torch.Tensor; got NoneType"):
+            module(None, weight, labels)
+    desirable = torch.arange(2 * B, device=device) % 2 == 0
+    ref_logps = torch.zeros(2 * B, device=device)
+    with pytest.raises(ValueError, match="kl must be finite; got nan"):
+        fastalign.FusedLinearKTOLoss()(hidden, weight, labels, desirable, ref_logps=ref_logps, kl=math.nan)
+
+
+def test_module_options_take_numpy_scalars(backend, device):
+    """Converted to Python numbers before they reach a kernel (a NumPy ignore_index crashed the interpreter)."""
+    np = pytest.importorskip("numpy")
+    hidden, weight, bias, labels = make_batch(device)
+    plain = {"ignore_index": IGNORE, "temperature": 0.5, "label_smoothing": 0.25, "memory_budget": 2**20}
+    numpy_options = {"ignore_index": np.int64(IGNORE), "temperature": np.float32(0.5),
+                     "label_smoothing": np.float64(0.25), "memory_budget": np.int64(2**20)}  # fmt: skip
+    expected = fastalign.FusedLinearCrossEntropyLoss(**plain)(hidden, weight, labels)
+    torch.testing.assert_close(fastalign.FusedLinearCrossEntropyLoss(**numpy_options)(hidden, weight, labels), expected)
+    ift = fastalign.FusedLinearIFTLoss(gamma=np.float32(0.5), ignore_index=np.int64(IGNORE))(hidden, weight, labels)
+    torch.testing.assert_close(ift, fastalign.FusedLinearIFTLoss(gamma=0.5)(hidden, weight, labels))
 
 
 def test_module_options_are_attributes_checked_when_set(backend, device):

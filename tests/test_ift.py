@@ -332,6 +332,36 @@ def test_bad_inputs(device):
         fastalign.ift_inputs_embeds(weight, ids, ids, ids, lam=2.0)
     with pytest.raises(ValueError, match=r"embedding_weight must have shape \[V, D\]"):
         fastalign.ift_inputs_embeds(weight[0], ids, ids, ids)
+    with pytest.raises(ValueError, match=r"input_ids must be on the same device as embedding_weight \(meta\)"):
+        fastalign.ift_inputs_embeds(weight.to("meta"), ids, ids, ids)
+
+
+@pytest.mark.parametrize(
+    ("ignore_index", "error", "message"),
+    [
+        (None, TypeError, "ignore_index must be an int; got NoneType"),
+        ("x", TypeError, "ignore_index must be an int; got str"),
+        (True, TypeError, "ignore_index must be an int; got bool"),  # would treat label 1 as prompt
+        (1.5, TypeError, "ignore_index must be an int; got float"),
+        (2**64, ValueError, "ignore_index must fit in int64"),
+    ],
+)
+def test_inputs_embeds_checks_ignore_index(ignore_index, error, message, backend):
+    weight, ids = torch.randn(10, 4), torch.randint(0, 10, (2, 5))
+    with pytest.raises(error, match=message):
+        fastalign.ift_inputs_embeds(weight, ids, ids, ids, ignore_index=ignore_index)
+
+
+def test_inputs_embeds_empty_weight_and_numpy_options(backend):
+    """An empty weight gave index_select's RuntimeError on the torch path; a NumPy ignore_index crashed the kernel."""
+    np = pytest.importorskip("numpy")
+    weight, ids = torch.randn(10, 4), torch.randint(0, 10, (2, 5))
+    with pytest.raises(ValueError, match=r"embedding_weight must have shape \[V, D\] with V > 0; got \(0, 4\)"):
+        fastalign.ift_inputs_embeds(weight[:0], ids, ids, ids)
+    labels = ids.masked_fill(ids < 5, IGNORE)
+    expected = fastalign.ift_inputs_embeds(weight, ids, ids, labels, lam=0.25)
+    got = fastalign.ift_inputs_embeds(weight, ids, ids, labels, lam=np.float32(0.25), ignore_index=np.int64(IGNORE))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["input_ids", "predicted_ids"])

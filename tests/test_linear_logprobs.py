@@ -405,9 +405,23 @@ def test_bad_inputs_name_the_argument(device):
         f(hidden, weight, labels, memory_budget=0)
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         f(hidden, weight, labels, ignore_index=-100.0)
+    with pytest.raises(ValueError, match="temperature must be at least float32's smallest normal number"):
+        f(hidden, weight, labels, temperature=1e-45)  # NaN before
+    with pytest.raises(TypeError, match="logit_scale must be a finite number > 0; got bool True"):
+        f(hidden, weight, labels, logit_scale=True)
     for flag in ("entropy", "argmax", "log_sum_sq_probs", "mean_logits"):
         with pytest.raises(TypeError, match=f"{flag} must be True or False; got 'no'"):  # "no" is truthy
             fastalign.linear_token_stats(hidden, weight, labels, **{flag: "no"})
+
+
+def test_meta_tensors_infer_shapes(backend):
+    """As token_logprobs: the autocast query raised 'unknown device type for autocast' on meta tensors."""
+    hidden = torch.empty(2, 3, 8, device="meta", requires_grad=True)
+    labels = torch.empty(2, 3, dtype=torch.int64, device="meta")
+    stats = fastalign.linear_token_stats(hidden, torch.empty(11, 8, device="meta"), labels)
+    assert stats.logprobs.shape == stats.argmax.shape == (2, 3) and stats.logprobs.device.type == "meta"
+    (stats.logprobs.sum() + stats.entropy.sum()).backward()
+    assert hidden.grad.shape == hidden.shape
 
 
 @pytest.mark.parametrize("bad", [11, 12345, -1])

@@ -354,6 +354,22 @@ def test_bad_shapes_dtypes_devices(device):
             fastalign.token_stats(logits, labels, **{flag: "no"})
     with pytest.raises(TypeError, match="ignore_index must be an int; got bool"):
         fastalign.token_logprobs(logits, labels, ignore_index=True)
+    for bad in (2**64, -(2**63) - 1):  # OverflowError before
+        with pytest.raises(ValueError, match=f"ignore_index must fit in int64, as the labels; got {bad}"):
+            fastalign.token_logprobs(logits, labels, ignore_index=bad)
+    with pytest.raises(TypeError, match="temperature must be a finite number > 0; got bool True"):
+        fastalign.token_logprobs(logits, labels, temperature=True)
+    with pytest.raises(ValueError, match="temperature must be at least float32's smallest normal number"):
+        fastalign.token_logprobs(logits, labels, temperature=1e-39)  # 1 / 1e-39 overflows float32: NaN before
+
+
+def test_numpy_scalar_options_are_python_numbers(backend, device):
+    np = pytest.importorskip("numpy")
+    logits = torch.randn(2, 3, 11, device=device)
+    labels = torch.tensor([[0, IGNORE, 4], [10, 2, IGNORE]], device=device)
+    expected = fastalign.token_logprobs(logits, labels, temperature=0.5)
+    got = fastalign.token_logprobs(logits, labels, temperature=np.float32(0.5), ignore_index=np.int64(IGNORE))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bad", [11, 12345, -1, -101])
