@@ -254,6 +254,51 @@ def test_shift_labels_and_num_items_in_batch(tok, rows):
     assert torch.allclose(summed.loss, -shifted.logprobs.sum() / 7)
 
 
+def test_zero_num_items_in_batch_is_a_zero_loss_not_inf(tok, rows):
+    """No token counts anywhere (num_items_in_batch 0, as an int or HF's tensor): the loss is 0, fastalign's mean of
+    nothing (inf or NaN before); a fraction (a rank's share under FSDP) is divided by as it is."""
+    model = patch_causal_lm(tiny_llama(tok, hidden_size=HIDDEN))
+    enc, labels = encode(tok, rows[:2])
+    with forced_backend("torch"):
+        for n in (0, torch.tensor(0)):
+            assert model(**enc, labels=torch.full_like(labels, -100), num_items_in_batch=n).loss == 0
+        summed = -model(**enc, labels=labels).logprobs.sum()
+        torch.testing.assert_close(model(**enc, labels=labels, num_items_in_batch=torch.tensor(0.5)).loss, summed * 2)
+
+
+BAD_FORWARD_ARGS = [
+    ({"num_items_in_batch": -3}, ValueError, "num_items_in_batch must be finite and >= 0; got -3"),
+    ({"num_items_in_batch": float("nan")}, ValueError, "num_items_in_batch must be finite and >= 0; got nan"),
+    ({"num_items_in_batch": "x"}, TypeError, "num_items_in_batch must be a number or a one-element real tensor"),
+    ({"num_items_in_batch": True}, TypeError, "num_items_in_batch must be a number .*; got bool"),
+    ({"num_items_in_batch": torch.tensor([1, 2])}, TypeError, r"num_items_in_batch must be .* shape \(2,\)"),
+    ({"num_items_in_batch": torch.tensor(-1.0)}, ValueError, "num_items_in_batch must be finite and >= 0; got -1"),
+    ({"labels": "T + 1"}, ValueError, r"labels must have the shape \[B, T\] of input_ids, \(2, \d+\); got \(2, \d+\)"),
+    ({"labels": "1-D"}, ValueError, r"labels must have the shape \[B, T\] of input_ids"),  # IndexError before
+    ({"fused_strategy": "bogus"}, ValueError, r"strategy must be one of \['auto', 'fast', 'lean'\]; got 'bogus'"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), BAD_FORWARD_ARGS)
+def test_patched_forward_refuses_bad_arguments_naming_them(kwargs, error, message, tok, rows):
+    model = patch_causal_lm(tiny_llama(tok, hidden_size=HIDDEN))
+    enc, labels = encode(tok, rows[:2])
+    kwargs = {"labels": labels, **kwargs}
+    kwargs["labels"] = {"T + 1": torch.cat([labels, labels[:, :1]], 1), "1-D": labels[0]}.get(kwargs["labels"], labels)
+    with forced_backend("torch"), pytest.raises(error, match=message):
+        model(**enc, **kwargs)
+
+
+@pytest.mark.parametrize("option", ["temperature", "logit_scale", "softcap"])
+def test_patch_refuses_bad_logit_options_naming_them(option, tok):
+    model = tiny_llama(tok, hidden_size=HIDDEN)
+    with pytest.raises(TypeError, match=f"{option} must be a finite number > 0; got str 'x'"):
+        patch_causal_lm(model, **{option: "x"})
+    with pytest.raises(ValueError, match=f"{option} must be a finite number > 0; got -1"):
+        patch_causal_lm(model, **{option: -1})
+    assert "forward" not in model.__dict__  # refused before patching anything
+
+
 def test_generation_and_plain_forward_unchanged(tok, rows):
     model = tiny_llama(tok, hidden_size=HIDDEN).eval()
     enc, _ = encode(tok, rows[:2])

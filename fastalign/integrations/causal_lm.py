@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import sys
 import types
 import warnings
@@ -22,9 +23,9 @@ import torch
 from transformers.utils import ModelOutput
 
 import fastalign
-from fastalign._backend import check_positive
+from fastalign._backend import check_positive, check_real, check_values
 from fastalign.kernels.linear_logprobs import Outputs
-from fastalign.linear_losses import fused_linear_loss
+from fastalign.linear_losses import check_strategy, fused_linear_loss
 from fastalign.vocab_parallel import vocab_shard
 
 IGNORE_INDEX = -100
@@ -46,7 +47,7 @@ class FusedCausalLMOutput(ModelOutput):
     passed. Only labelled positions are scored: elsewhere the float fields are 0 and argmax is -100.
 
     - loss: summed negative log-likelihood of the labelled tokens divided by `num_items_in_batch`
-      (their count when not passed), plus the MoE load-balancing loss when router logits were
+      (their count when not passed; 0 when no token counts), plus the MoE load-balancing loss when router logits were
       requested: the loss the model's own forward returns, at temperature 1.
     - logprobs: log-prob of each next-token label; differentiable.
     - entropy: entropy of the next-token distribution (with `return_entropy=True`); differentiable.
@@ -263,6 +264,7 @@ def _fused_forward(
 ):
     head = self._fastalign_head
     original = types.MethodType(head["original_forward"], self)
+    check_strategy(fused_strategy)
     if kwargs.pop("fused_lm_head", False):
         # TRL's head was installed before the patch and its trainer calls it through this forward: let it run.
         if head["previous_forward"] is None:
@@ -290,10 +292,15 @@ def _fused_forward(
         kwargs.setdefault("output_router_logits", True)
     backbone_outputs = self.base_model(*args, **kwargs)
     hidden = backbone_outputs.last_hidden_state
+    name, given = ("labels", labels) if shift_labels is None else ("shift_labels", shift_labels)
+    if not isinstance(given, torch.Tensor) or given.shape != hidden.shape[:-1]:
+        got = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
+        raise ValueError(f"{name} must have the shape [B, T] of input_ids, {tuple(hidden.shape[:-1])}; got {got}")
     if shift_labels is None:
         hidden, labels = hidden[:, :-1], labels[:, 1:]
     else:
         labels = shift_labels
+    count = None if num_items_in_batch is None else _checked_count(num_items_in_batch)
 
     lm_head = self.get_output_embeddings()
     _check_lm_head(lm_head)
@@ -303,8 +310,7 @@ def _fused_forward(
     stats, loss_result = _call_head(lm_head, hidden, labels, head, extras, objective, fused_strategy)
     mask = labels != IGNORE_INDEX
     if loss_result is None:
-        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        loss = -stats.logprobs.sum() / count
+        loss = -stats.logprobs.sum() / (mask.sum().clamp(min=1) if count is None else count)
     else:
         loss = loss_result[0]
     aux_loss = _moe_aux_loss(self, text_config, backbone_outputs, kwargs.get("attention_mask"))
@@ -327,6 +333,25 @@ def _fused_forward(
         loss_outputs=loss_result,
     )
     return output.to_tuple() if return_dict is False else output  # a tuple as the model's own: the loss first
+
+
+def _checked_count(num_items_in_batch: torch.Tensor | float) -> torch.Tensor | float:
+    """What the summed NLL is divided by: num_items_in_batch (an int, as HF passes it, or a one-element real tensor),
+    with 0 read as 1 (no token counts anywhere, so the sum is 0: the loss is 0, fastalign's mean of nothing, not
+    NaN). Not max(n, 1): under FSDP a rank's share (total / world) may be a fraction. A tensor's values are checked
+    without a host sync (see check_values)."""
+    if isinstance(num_items_in_batch, torch.Tensor):
+        n = num_items_in_batch
+        if n.dtype == torch.bool or n.dtype.is_complex or n.numel() != 1:
+            got = f"a {n.dtype} tensor of shape {tuple(n.shape)}"
+            raise TypeError(f"num_items_in_batch must be a number or a one-element real tensor; got {got}")
+        n = n.detach().reshape(()).to(torch.float32)  # the log-probs' dtype, which the loss keeps
+        n = check_values("num_items_in_batch", n, torch.isfinite(n) & (n >= 0), "finite and >= 0")
+        return torch.where(n == 0, 1.0, n)
+    n = check_real("num_items_in_batch", num_items_in_batch, "a number or a one-element real tensor")
+    if not 0 <= n < math.inf:
+        raise ValueError(f"num_items_in_batch must be finite and >= 0; got {num_items_in_batch!r}")
+    return n or 1.0
 
 
 def patch_causal_lm(
@@ -363,8 +388,12 @@ def patch_causal_lm(
     if not hasattr(target, "get_output_embeddings") or target.get_output_embeddings() is None:
         raise TypeError(f"model must be a transformers causal LM with an lm_head; got {type(target).__name__}")
     _check_plain_head(target)
-    check_positive("temperature", temperature)
     config_scale, config_softcap = logit_transform(target.config)
+    settings = {
+        "temperature": check_positive("temperature", temperature),
+        "logit_scale": config_scale if logit_scale is None else check_positive("logit_scale", logit_scale),
+        "softcap": config_softcap if softcap is None else check_positive("softcap", softcap),
+    }
     head = getattr(target, "_fastalign_head", None)
     if head is None:
         # An instance-level forward installed before us (e.g. TRL's fused head) is kept for unpatching.
@@ -376,11 +405,7 @@ def patch_causal_lm(
         backbone = _backbone(target)
         if backbone is not None:
             backbone.register_forward_pre_hook(head["bypass"])
-    head.update(
-        temperature=float(temperature),
-        logit_scale=config_scale if logit_scale is None else float(logit_scale),
-        softcap=config_softcap if softcap is None else float(softcap),
-    )
+    head.update(settings)
     target._fastalign_head = head
 
     # wraps() keeps the model's own signature: generate() and Trainer inspect it.
