@@ -565,8 +565,9 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                 logps.view(-1)[rows_c] = logp_c
                 if mean_c is not None:
                     per_token["mean_logps"].view(-1)[rows_c] = mean_c
-                extras = {name: per_token[name] for name in objective.extras}
-                coef, coef_mean, result = _loss_gradient(objective, logps, extras, rows_c, logp_c, mean_c)
+                if grads:  # else the loss is taken once, after the chunks (no autograd under inference_mode)
+                    extras = {name: per_token[name] for name in objective.extras}
+                    coef, coef_mean, result = _loss_gradient(objective, logps, extras, rows_c, logp_c, mean_c)
                 if whole and grads:
                     _dlogits(a, d, bias, grad_labels, lse, coef, coef_mean, head, plan.use_kernels, vocab)
                     h_w = h_c
@@ -586,7 +587,7 @@ class _FastFusedLinearLoss(torch.autograd.Function):
                         db += coef[s0 : s0 + slice_rows] @ d[s0 : s0 + slice_rows].float()
 
         check_same_rows(labels_differ)  # one host sync for every chunk's check
-        if result is None:  # no scored row
+        if result is None:  # no gradient asked for, or no scored row
             result = objective.loss_of(logps, {name: per_token[name] for name in objective.extras})
         loss, *metrics = result
         ctx.grads = (None if dh is None else dh.view(hidden.shape), dw, db)

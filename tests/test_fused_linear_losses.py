@@ -999,6 +999,9 @@ def test_matmul_flops_fast_6_lean_8_and_2_more_for_a_computed_reference(name, ba
                 want = 2 + 2 * with_reference
                 assert want * nhv <= counter.flops <= (want + 0.05) * nhv, (strategy, budget, counter.flops / nhv)
                 assert rel_err(evaluated, loss.detach()) < 1e-6
+                with torch.inference_mode():  # as an evaluation loop's; fast differentiated its objective here
+                    inferred = calls[name](*leaves[:2], labels, leaves[2], **kwargs)
+                assert not inferred.requires_grad and rel_err(inferred, loss.detach()) < 1e-6
 
 
 # ----------------------------------------------------------------------------- FSDP2

@@ -579,7 +579,10 @@ def test_step_zero_gradients_equal_trl_and_fast_takes_6_nhv(kind, strategy, tok,
             loss = ours.compute_loss(ours.model, batch)
             loss.backward()
         stock.compute_loss(stock.model, batch).backward()
+        with torch.inference_mode():  # an evaluation loop's: the same loss, no autograd anywhere
+            evaluated = ours.compute_loss(ours.model, batch)
     assert rel_err(loss, stock.compute_loss(stock.model, batch)) < LOSS_RTOL
+    assert rel_err(evaluated, loss.detach()) < 1e-6
     stock_grads = dict(stock.model.named_parameters())
     for name, p in ours.model.named_parameters():
         assert rel_err(p.grad, stock_grads[name].grad) < GRAD_RTOL, name
