@@ -61,6 +61,14 @@ if INTERPRET:
     _patch_interpreter_index()
 
 
+def eager_under_compile(op):
+    """op runs as it is under torch.compile, a graph break around it. Dynamo would otherwise trace into the
+    launchers (their host syncs, the chunk loops, Triton's interpreter on the CPU, which it cannot run on fake
+    tensors) and into autograd Functions whose gradients the forward computes; the kernels are fused already, so
+    compiling around them loses nothing."""
+    return torch.compiler.disable(op)
+
+
 @contextmanager
 def forced_backend(backend: Backend) -> Iterator[None]:
     """Run every op in this block on `backend` whatever the device: tests and benchmarks use it

@@ -19,6 +19,7 @@ from fastalign._backend import (
     check_label_range,
     check_labels,
     check_real,
+    eager_under_compile,
     first_order_only,
 )
 from fastalign.kernels.ift import ift_bwd, ift_fwd, ift_inputs_embeds_fwd
@@ -94,6 +95,7 @@ def check_gamma(gamma: float) -> float:
     return float(gamma)
 
 
+@eager_under_compile
 def ift_loss(token_logps: torch.Tensor, mask: torch.Tensor, *, gamma: float = 0.95) -> torch.Tensor:
     """The IFT loss: the batch mean of each sequence's propagation-weighted negative log-likelihood.
 
@@ -211,6 +213,7 @@ def _ift_inputs_embeds_torch(weight, input_ids, predicted_ids, labels, lam, igno
         raise
 
 
+@eager_under_compile
 def ift_inputs_embeds(
     embedding_weight: torch.Tensor,
     input_ids: torch.Tensor,

@@ -35,6 +35,7 @@ from fastalign._backend import (
     check_int,
     check_labels,
     check_positive,
+    eager_under_compile,
     first_order_only,
     label_range_error,
 )
@@ -463,6 +464,7 @@ def _prepare(hidden, weight, labels, bias, ignore_index, temperature, softcap, l
     return hidden, weight, bias, _Head(**head_args)
 
 
+@eager_under_compile
 def linear_token_stats(
     hidden: torch.Tensor,
     weight: torch.Tensor,

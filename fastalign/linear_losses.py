@@ -50,6 +50,7 @@ from fastalign._backend import (
     check_float,
     check_labels,
     check_real,
+    eager_under_compile,
     first_order_only,
     label_range_error,
 )
@@ -640,6 +641,7 @@ def _strategy_for(
     return "fast" if unit_bytes <= max(head.memory_budget, 4 * V * H) else "lean"
 
 
+@eager_under_compile
 def fused_linear_loss(
     hidden, weight, labels, bias, objective: _Objective, head_args: dict, strategy: str, outputs: Outputs = _NONE
 ) -> tuple[tuple, TokenStats]:

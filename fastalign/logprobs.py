@@ -15,6 +15,7 @@ from fastalign._backend import (
     check_label_range,
     check_labels,
     check_positive,
+    eager_under_compile,
     first_order_only,
     row_chunks,
 )
@@ -313,6 +314,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return dlogits, None, None, None, None, None, None
 
 
+@eager_under_compile
 def token_stats(
     logits: torch.Tensor,
     labels: torch.Tensor,

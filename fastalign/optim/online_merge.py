@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from fastalign._backend import backend_for, check_flag
+from fastalign._backend import backend_for, check_flag, eager_under_compile
 from fastalign.optim import _torch_path
 from fastalign.optim._dare import dare_keep, dare_key
 from fastalign.optim._launch import Launch, LayoutCache, Slot, kernel_nonfinite, kernel_step, step_sizes
@@ -479,6 +479,7 @@ class OnlineMergeAdamW(torch.optim.Optimizer):
             dist.all_reduce(flags[launch.device], op=dist.ReduceOp.MAX, group=launch.group)
         return flags
 
+    @eager_under_compile
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step over every parameter with a gradient; returns closure()'s loss."""
