@@ -8,6 +8,7 @@ meta tensors, records every kernel launch and compiles exactly the specializatio
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,26 @@ AUTOTUNE: bool = not INTERPRET and os.environ.get("FASTALIGN_AUTOTUNE", "1") != 
 first candidate of each, for runs that must be bitwise reproducible across processes."""
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64"}
+
+
+Launcher = TypeVar("Launcher", bound=Callable[..., Any])
+
+
+def on_tensors_device(launcher: Launcher) -> Launcher:
+    """Runs `launcher` with the device of its first tensor argument current. Triton launches a kernel (and
+    `pick_fastest` times it) on the current CUDA device, not on its tensors' one: a model split across GPUs
+    (transformers' device_map="auto", its head on cuda:1 while cuda:0 is current) would run the kernel on cuda:0
+    with cuda:1's pointers. Every launcher of this package wears it."""
+
+    @functools.wraps(launcher)
+    def on_device(*args, **kwargs):
+        tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if tensor is None or tensor.device.type != "cuda":
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(tensor.device):
+            return launcher(*args, **kwargs)
+
+    return on_device  # type: ignore[return-value]
 
 
 def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

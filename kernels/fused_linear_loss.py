@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta
+from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta, on_tensors_device
 from .linear_logprobs import Outputs, _logit_chain
 
 # Columns per iteration: 16 KB of fp32 logits per load.
@@ -232,6 +232,7 @@ def _chain_args(temperature: float, softcap: float | None, logit_scale: float) -
     return logit_scale, 1.0 if softcap is None else softcap, 1.0 / temperature
 
 
+@on_tensors_device
 def logits_stats(
     a: torch.Tensor,
     bias: torch.Tensor | None,
@@ -281,6 +282,7 @@ def logits_stats(
     return lse, z_label, entropy, argmax, log_sum_sq, mean
 
 
+@on_tensors_device
 def logits_grad(
     a: torch.Tensor,
     out: torch.Tensor,

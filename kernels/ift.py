@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import TRITON_DTYPE, LaunchCase, meta
+from . import TRITON_DTYPE, LaunchCase, meta, on_tensors_device
 
 _MAX_BLOCK_T = 1024
 _MAX_BLOCK_D = 2048
@@ -182,6 +182,7 @@ def _embeds_config(D: int) -> tuple[int, int]:
     return block_d, 8 if block_d >= 2048 else 4
 
 
+@on_tensors_device
 def ift_fwd(
     logp: torch.Tensor, mask: torch.Tensor, gamma: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -203,6 +204,7 @@ def ift_fwd(
     return loss, c, s, n
 
 
+@on_tensors_device
 def ift_bwd(
     logp: torch.Tensor,
     mask: torch.Tensor,
@@ -238,6 +240,7 @@ def ift_bwd(
     return dlogp
 
 
+@on_tensors_device
 def ift_inputs_embeds_fwd(
     weight: torch.Tensor,
     input_ids: torch.Tensor,

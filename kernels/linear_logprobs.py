@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta, pick_fastest
+from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta, on_tensors_device, pick_fastest
 
 # Row tiles that sweep the vocabulary side by side, so the weight tiles they share are read from L2.
 _GROUP_M = 8
@@ -500,6 +500,7 @@ def _check_layout(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 # ----------------------------------------------------------------------------- launchers
 
 
+@on_tensors_device
 def linear_logprobs_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -603,6 +604,7 @@ def linear_logprobs_fwd(
     return logp, lse, *extras
 
 
+@on_tensors_device
 def linear_logprobs_bwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import TRITON_DTYPE, LaunchCase, meta
+from . import TRITON_DTYPE, LaunchCase, meta, on_tensors_device
 
 _LOAD_BYTES = 16  # one 128-bit load
 _REPS = 4  # 16-byte loads per thread per iteration: 16 KiB tiles at 8 warps
@@ -376,6 +376,7 @@ def _config(logits: torch.Tensor) -> dict:
     return dict(REPS=reps, THREADS=32 * num_warps, VEC=vec, ALIGNED=aligned, PAIRS=pairs, num_warps=num_warps)
 
 
+@on_tensors_device
 def token_logprobs_fwd(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -430,6 +431,7 @@ def token_logprobs_fwd(
     return logp, lse, entropy, argmax, log_sum_sq, mean
 
 
+@on_tensors_device
 def token_logprobs_bwd(
     logits: torch.Tensor,
     dlogits: torch.Tensor,

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta
+from . import INTERPRET, TRITON_DTYPE, LaunchCase, meta, on_tensors_device
 from .radix_select import CANDIDATE_SHARE, HISTOGRAM_CANDIDATES, RADIX_DIGITS, append_candidates, radix_histogram
 
 # Columns of the slot table.
@@ -543,6 +543,7 @@ def keep_threshold(reserve_p: float) -> int:
     return min(max(round(reserve_p * 2**31), 1), 2**31 - 1) - 2**30
 
 
+@on_tensors_device
 def ondare_step(
     slots: torch.Tensor,
     tiles: torch.Tensor,
@@ -606,6 +607,7 @@ def ondare_step(
     return sums
 
 
+@on_tensors_device
 def ties_delta(
     slots: torch.Tensor,
     tiles: torch.Tensor,
@@ -664,6 +666,7 @@ def ties_delta(
     return delta, hist
 
 
+@on_tensors_device
 def ties_apply(
     slots: torch.Tensor,
     tiles: torch.Tensor,
@@ -701,6 +704,7 @@ def ties_apply(
     )
 
 
+@on_tensors_device
 def nonfinite(
     slots: torch.Tensor, tiles: torch.Tensor, flag: torch.Tensor, *, param_dtype: torch.dtype, aligned: bool
 ) -> None:

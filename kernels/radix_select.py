@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, LaunchCase, meta
+from . import INTERPRET, LaunchCase, meta, on_tensors_device
 
 # (shift, bits) of each digit of the 31-bit magnitude key, most significant first. The first digit is histogrammed (or
 # guessed) in the Δ pass (online_merge's _ties_delta_kernel); each later one costs a pass over the keys (4 bytes per
@@ -187,6 +187,7 @@ def _radix_histogram_kernel(
         tl.store(p_tile_hist + i_t * 2**BITS + tl.arange(0, 2**BITS), b_hist.to(tl.int64))
 
 
+@on_tensors_device
 def radix_histogram(
     x: torch.Tensor,
     tiles: torch.Tensor,
