@@ -18,6 +18,34 @@ import torch
 import triton
 
 
+def _hand_over_the_top_level_name() -> None:
+    """Imported as top-level ``kernels``, this folder hides the ``kernels`` distribution (Hugging Face's hub
+    kernels) that transformers imports, whenever a checkout's root is on sys.path: ``python -m``/``-c`` or
+    ``PYTHONPATH=.`` there. transformers >= 5.25 then fails on ``from kernels import CUDAProperties``, so the
+    name goes to that distribution when it is installed. Without it this module stays, and lacking a
+    ``__version__`` it reads as unavailable to transformers."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    elsewhere = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != checkout]
+    spec = importlib.machinery.PathFinder.find_spec(__name__, elsewhere)
+    if spec is None or spec.loader is None:
+        return
+    ours = sys.modules[__name__]
+    sys.modules[__name__] = module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules[__name__] = ours
+        raise
+
+
+if __name__ == "kernels":
+    _hand_over_the_top_level_name()
+
+
 def _interpreting() -> bool:
     # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this package is imported.
     knobs = getattr(triton, "knobs", None)

@@ -345,6 +345,28 @@ def test_imports_stay_optional():
         assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_a_checkouts_root_on_sys_path_hides_no_hub_kernels_from_transformers():
+    """`python -m`/`-c` in a checkout puts its root on sys.path, where kernels/ would shadow Hugging Face's `kernels`
+    (a transformers dependency since 5.25) and break `import transformers`; fastalign.kernels stays ours."""
+    hub = pytest.importorskip("kernels")  # pytest's sys.path has no checkout root: this is the installed one
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.dirname(os.path.abspath(hub.__file__)) == os.path.join(checkout, "kernels"):
+        pytest.fail("the checkout's kernels/ was imported as top-level `kernels`")
+    both_orders = (
+        "import kernels, fastalign.kernels as ours",
+        "import fastalign.kernels as ours, kernels",
+    )
+    for imports in both_orders:
+        src = (
+            f"{imports}; import transformers.integrations.hub_kernels; import sys; "
+            f"assert kernels.__file__ == {hub.__file__!r}, kernels.__file__; "
+            "assert ours.INTERPRET in (True, False) and hasattr(ours, 'LaunchCase'), ours; "
+            "assert sys.modules['kernels'] is kernels"
+        )
+        result = subprocess.run([sys.executable, "-c", src], cwd=checkout, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, (imports, result.stderr[-2000:])
+
+
 # ------------------------------------------------------------------------------------- trainers
 
 
