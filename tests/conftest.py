@@ -6,7 +6,8 @@
   FASTALIGN_TEST_DEVICE=cuda runs the same tests with compiled kernels on a GPU.
 - Every float tensor from torch.empty / empty_like is NaN-filled (FLA's trick), so an output
   element a kernel forgot to write fails loudly instead of passing by luck.
-- Each test gets a fresh random seed, printed when it fails; FASTALIGN_SEED=<n> replays one.
+- Each test gets a fresh random seed, printed when it fails; FASTALIGN_SEED=<n> replays one (a hypothesis test's
+  examples included).
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def seed(request):
     request.node.fastalign_seed = value
     torch.manual_seed(value)
     random.seed(value)
+    if getattr(request.function, "is_hypothesis_test", False):
+        # Hypothesis draws its examples from its own random source (and replays its database's first): without
+        # this, FASTALIGN_SEED=<n> reran other examples on other tensors and the failure it named did not recur.
+        import hypothesis
+
+        hypothesis.seed(value)(request.function)
     return value
 
 
