@@ -8,7 +8,7 @@ import torch
 from distributed import run_on_processes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from utils import GRAD_RTOL, VALUE_RTOL, rel_err
+from utils import GRAD_RTOL, VALUE_RTOL, assert_norm_close, rel_err
 
 import fastalign
 from fastalign._backend import as_btv
@@ -23,12 +23,6 @@ def make_inputs(shape, V, dtype, device, ignore_frac=0.25, scale=3.0):
     labels = torch.randint(0, V, shape, device=device)
     labels[torch.rand(shape, device=device) < ignore_frac] = IGNORE
     return logits, labels
-
-
-def assert_norm_close(actual, expected, rtol, floor, what):
-    """||actual - expected|| <= rtol ||expected|| + floor (an absolute floor for values at fp32's resolution)."""
-    error = (actual.double() - expected.double()).norm().item()
-    assert error <= rtol * expected.double().norm().item() + floor, (what, error, expected.double().norm().item())
 
 
 def check_against_reference(logits, labels, temperature=1.0, grad_scale=None, entropy_grad=True):
@@ -63,8 +57,8 @@ def check_against_reference(logits, labels, temperature=1.0, grad_scale=None, en
         assert torch.equal(extra[~finite], expected[~finite].float())
         # Relative to the norm, with a floor of float32 rounding of a log near 0: log sum p^2 is -1e-7 when one p is
         # 1 - 5e-8, and both ways of summing the p round 1 + 5e-8.
-        error = (extra[finite].double() - expected[finite]).norm().item()
-        assert error <= VALUE_RTOL[dtype] * 10 * expected[finite].norm().item() + 1e-6 * finite.sum().item() ** 0.5
+        rows = finite.sum().item() ** 0.5
+        assert_norm_close(extra[finite], expected[finite], VALUE_RTOL[dtype] * 10, 1e-6 * rows, "extra")
     assert (stats.logprobs[labels == IGNORE] == 0).all()
     assert x.grad.dtype == dtype and x.grad.shape == logits.shape
     assert torch.isfinite(x.grad).all()

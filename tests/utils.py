@@ -16,6 +16,12 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
+def assert_norm_close(actual, expected, rtol, floor, what):
+    """||actual - expected|| <= rtol ||expected|| + floor (an absolute floor for values at fp32's resolution)."""
+    error = (actual.double() - expected.double()).norm().item()
+    assert error <= rtol * expected.double().norm().item() + floor, (what, error, expected.double().norm().item())
+
+
 # TrainingArguments of the tests' short CPU runs: every step logged, nothing saved or reported, float32, seeded.
 QUIET_TRAINING = dict(
     logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False, seed=0
