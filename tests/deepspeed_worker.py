@@ -22,7 +22,6 @@ os.environ.pop("TRITON_INTERPRET", None)  # the torch path, as a CPU user runs i
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from distributed import exit_cleanly  # noqa: E402  (this script's directory is on sys.path)
 
 CASES = ("sft", "dpo-fast")
@@ -53,14 +52,13 @@ def fastalign_loss(model, case: str, ids, labels, ref) -> torch.Tensor:
 
 
 def eager_loss(model, case: str, ids, labels, ref) -> torch.Tensor:
-    """The stock model's loss ("sft"), or TRL's sigmoid DPO loss from its logits."""
+    """The stock model's loss ("sft"), or the eager DPO reference (fastalign.reference) on its logits."""
     if case == "sft":
         return model(input_ids=ids, labels=labels).loss
-    logits, shifted = model(input_ids=ids).logits[:, :-1], labels[:, 1:]
-    mask = shifted != -100
-    token_logps = logits.float().log_softmax(-1).gather(-1, shifted.clamp(min=0)[..., None]).squeeze(-1)
-    logps = torch.where(mask, token_logps, 0.0).sum(1) - ref
-    return -F.logsigmoid(BETA * (logps[: ROWS // 2] - logps[ROWS // 2 :])).mean()
+    from fastalign.reference.dpo import dpo_loss_from_logits
+
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    return dpo_loss_from_logits(logits, labels[:, 1:], ref[: ROWS // 2], ref[ROWS // 2 :], beta=BETA)[0]
 
 
 def main(case: str, tied: bool) -> None:
@@ -114,4 +112,6 @@ def main(case: str, tied: bool) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in CASES or sys.argv[2] not in ("tied", "untied"):
+        sys.exit(f"usage: deepspeed_worker.py {'|'.join(CASES)} tied|untied")
     main(sys.argv[1], sys.argv[2] == "tied")
